@@ -1,0 +1,36 @@
+"""Shared command-line plumbing: one-line errors with exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+from study.config import ConfigError
+
+EXIT_USAGE = 2
+
+
+def fail(message: str) -> NoReturn:
+    """Print ``error: message`` on one line to stderr and exit with code 2."""
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+    raise SystemExit(EXIT_USAGE)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (``error: prog: ...``) with exit code 2."""
+
+    def error(self, message: str) -> NoReturn:  # noqa: D102
+        fail(f"{self.prog}: {message}")
+
+
+def run_cli(body: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None) -> int:
+    """Run a CLI body, turning user errors (ConfigError) into a one-line exit-2 error."""
+    try:
+        return body(argv)
+    except ConfigError as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,219 @@
+"""Hyperparameters: names, defaults, types, allowed values, and which ones are structural.
+
+A population shares its *structural* hyperparameters (they fix array shapes or the code
+path); every other hyperparameter is a per-member scalar, so a grid over them trains as
+one population. The names here are the keys of sweep files and of ``--set key=value``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """Invalid user input; the message is one line, meant to be shown as is."""
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    default: Any
+    kind: str  # "int" | "float" | "bool" | "choice" | "intlist"
+    structural: bool
+    allowed: str  # human-readable description of the allowed values
+    choices: tuple[str, ...] = ()
+    low: float | None = None  # bounds for int/float
+    high: float | None = None
+    low_open: bool = False
+    allow_inf: bool = False
+    help: str = ""
+
+
+def _f(name, default, allowed, low=None, high=None, low_open=False, allow_inf=False, help=""):
+    return Spec(name, default, "float", False, allowed, low=low, high=high, low_open=low_open,
+                allow_inf=allow_inf, help=help)
+
+
+def _i(name, default, low, help=""):
+    return Spec(name, default, "int", True, f"an integer >= {low}", low=low, help=help)
+
+
+SPECS: dict[str, Spec] = {
+    s.name: s
+    for s in [
+        _i("num_envs", 8, 1, "environments per member"),
+        _i("n_steps", 5, 1, "rollout length T per update"),
+        _f("gamma", 0.99, "a float in (0, 1]", 0.0, 1.0, low_open=True, help="discount"),
+        _f("lam", 1.0, "a float in [0, 1]", 0.0, 1.0, help="GAE lambda"),
+        _f("policy_lr", 7e-4, "a float > 0", 0.0, low_open=True),
+        _f("value_lr", 7e-4, "a float > 0", 0.0, low_open=True),
+        Spec("policy_optimizer", "rmsprop", "choice", True, "one of rmsprop, adam",
+             choices=("rmsprop", "adam")),
+        Spec("value_optimizer", "rmsprop", "choice", True, "one of rmsprop, adam",
+             choices=("rmsprop", "adam")),
+        _i("value_iters", 1, 1, "value-function passes over the rollout per update"),
+        _i("n_minibatches", 1, 1, "minibatches per pass over the rollout"),
+        _f("entropy_coef", 0.0, "a float >= 0", 0.0),
+        _f("value_coef", 0.5, "a float > 0", 0.0, low_open=True),
+        _f("max_grad_norm", 0.5, 'a float > 0 or "inf"', 0.0, low_open=True, allow_inf=True),
+        _f("value_max_grad_norm", 0.5, 'a float > 0 or "inf"', 0.0, low_open=True,
+           allow_inf=True),
+        Spec("normalize_advantage", False, "bool", False, "true or false"),
+        Spec("value_target", "gae", "choice", False, "one of gae, mc", choices=("gae", "mc")),
+        Spec("policy_hidden_sizes", (64, 64), "intlist", True,
+             "a list of positive integers, e.g. [64, 64] ([] = linear)"),
+        Spec("value_hidden_sizes", (64, 64), "intlist", True,
+             "a list of positive integers, e.g. [64, 64] ([] = linear)"),
+        Spec("activation", "tanh", "choice", True, "one of tanh, relu", choices=("tanh", "relu")),
+        _f("log_std_init", 0.0, "a finite float", allow_inf=False),
+        Spec("normalize_obs", False, "bool", False, "true or false"),
+        Spec("share_trunk", False, "bool", True, "true or false"),
+    ]
+}
+
+NAMES: tuple[str, ...] = tuple(SPECS)
+STRUCTURAL: tuple[str, ...] = tuple(n for n, s in SPECS.items() if s.structural)
+SCALAR: tuple[str, ...] = tuple(n for n, s in SPECS.items() if not s.structural)
+
+
+def defaults() -> dict[str, Any]:
+    """Every hyperparameter at its default."""
+    return {n: s.default for n, s in SPECS.items()}
+
+
+def _close_match(name: str) -> str:
+    import difflib
+
+    m = difflib.get_close_matches(name, NAMES, n=1)
+    return f" (did you mean {m[0]!r}?)" if m else ""
+
+
+def check_name(name: str, where: str = "") -> Spec:
+    """The spec of ``name``; ConfigError listing the known names if there is none."""
+    if name not in SPECS:
+        raise ConfigError(
+            f"{where}unknown hyperparameter {name!r}{_close_match(name)}; "
+            f"known: {', '.join(NAMES)}"
+        )
+    return SPECS[name]
+
+
+def coerce(name: str, value: Any, where: str = "") -> Any:
+    """Validate one value and return it in canonical form (float, int, bool, str, tuple).
+
+    Raises ConfigError naming the key and what is allowed.
+    """
+    spec = check_name(name, where)
+
+    def bad(extra: str = "") -> ConfigError:
+        return ConfigError(f"{where}{name} = {value!r} is invalid{extra}: expected {spec.allowed}")
+
+    if spec.kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise bad()
+    if spec.kind == "choice":
+        if isinstance(value, str) and value.lower() in spec.choices:
+            return value.lower()
+        raise bad()
+    if spec.kind == "intlist":
+        if isinstance(value, str):
+            text = value.strip().strip("[]()").strip()
+            try:
+                value = [int(v) for v in text.replace(",", " ").split()] if text else []
+            except ValueError:
+                raise bad() from None
+        if isinstance(value, (list, tuple)) and all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value
+        ):
+            return tuple(int(v) for v in value)
+        raise bad()
+    if spec.kind == "int":
+        if isinstance(value, str):
+            try:
+                value = int(value.replace("_", ""))
+            except ValueError:
+                raise bad() from None
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise bad()
+        if spec.low is not None and value < spec.low:
+            raise bad()
+        return int(value)
+    # float
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise bad() from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise bad()
+    value = float(value)
+    if math.isnan(value):
+        raise bad()
+    if math.isinf(value):
+        if spec.allow_inf and value > 0:
+            return value
+        raise bad()
+    if spec.low is not None and (value < spec.low or (spec.low_open and value == spec.low)):
+        raise bad()
+    if spec.high is not None and value > spec.high:
+        raise bad()
+    return value
+
+
+def resolve(overrides: Mapping[str, Any], where: str = "") -> dict[str, Any]:
+    """Defaults updated with validated ``overrides``; checks cross-key constraints."""
+    hp = defaults()
+    for k, v in overrides.items():
+        hp[k] = coerce(k, v, where)
+    batch = hp["num_envs"] * hp["n_steps"]
+    if hp["n_minibatches"] > batch:
+        raise ConfigError(
+            f"{where}n_minibatches = {hp['n_minibatches']} is invalid: expected at most "
+            f"num_envs * n_steps = {batch}"
+        )
+    if hp["share_trunk"] and tuple(hp["policy_hidden_sizes"]) != tuple(hp["value_hidden_sizes"]):
+        raise ConfigError(
+            f"{where}share_trunk = true needs policy_hidden_sizes == value_hidden_sizes "
+            f"(got {list(hp['policy_hidden_sizes'])} and {list(hp['value_hidden_sizes'])})"
+        )
+    if hp["share_trunk"] and not hp["policy_hidden_sizes"]:
+        raise ConfigError(f"{where}share_trunk = true needs a non-empty policy_hidden_sizes")
+    return hp
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """Parse ``--set key=value`` items (values validated later by :func:`resolve`)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r} is invalid: expected key=value")
+        k, v = item.split("=", 1)
+        k = k.strip()
+        check_name(k, "--set: ")
+        out[k] = v.strip()
+    return out
+
+
+def structural_key(hp: Mapping[str, Any]) -> tuple:
+    """Members can share a population iff their structural keys are equal."""
+    return tuple((n, hp[n]) for n in STRUCTURAL)
+
+
+def to_jsonable(hp: Mapping[str, Any]) -> dict[str, Any]:
+    """Lists instead of tuples and "inf" instead of float inf (TOML/JSON friendly)."""
+    out: dict[str, Any] = {}
+    for k, v in hp.items():
+        if isinstance(v, tuple):
+            v = list(v)
+        elif isinstance(v, float) and math.isinf(v):
+            v = "inf"
+        out[k] = v
+    return out

@@ -1,0 +1,77 @@
+"""Stacked MLPs: one set of weights per member, evaluated with batched matmuls.
+
+Weights are shaped ``[S, in, out]`` and activations ``[S, B, features]``, so a population
+of S small networks costs one ``baddbmm`` per layer instead of S tiny matmuls.
+
+Bit-identity: on CPU, ``bmm`` picks a different kernel (a gemv path) when a matrix dimension
+is 1, and that choice depends on S, so a member's result could change with its population.
+Linear layers therefore pad an input or output width of 1 to 2 with zeros; every other
+shape takes the same per-member kernel whatever S is (see tests/test_population.py).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from study.rng import STREAM_INIT, torch_seed
+
+_ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu}
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``x @ w + b`` per member: x ``[S, B, in]``, w ``[S, in, out]``, b ``[S, 1, out]``."""
+    n_in, n_out = w.shape[1], w.shape[2]
+    if n_in == 1:
+        x = torch.cat([x, torch.zeros_like(x)], dim=-1)
+        w = torch.cat([w, torch.zeros_like(w)], dim=1)
+    if n_out == 1:
+        w = torch.cat([w, torch.zeros_like(w)], dim=2)
+        b = torch.cat([b, torch.zeros_like(b)], dim=2)
+        return torch.baddbmm(b, x, w)[..., :1]
+    return torch.baddbmm(b, x, w)
+
+
+def init_layers(
+    seeds: Sequence[int],
+    sizes: Sequence[int],
+    gains: Sequence[float],
+    stream_offset: int,
+    dtype: torch.dtype = torch.float32,
+) -> list[torch.Tensor]:
+    """Orthogonally initialised ``[w0, b0, w1, b1, ...]`` stacked over members.
+
+    Member i draws from its own ``torch.Generator`` seeded by ``(seeds[i], stream)``, so
+    its initial weights do not depend on the rest of the population. Biases start at 0.
+    ``gains[l]`` scales layer l (SB3 convention: sqrt(2) hidden, 0.01 policy head, 1 value).
+    """
+    params: list[torch.Tensor] = []
+    n_layers = len(sizes) - 1
+    ws = [torch.empty(len(seeds), sizes[i], sizes[i + 1], dtype=dtype) for i in range(n_layers)]
+    for m, seed in enumerate(seeds):
+        gen = torch.Generator().manual_seed(torch_seed(seed, STREAM_INIT + 100 * stream_offset))
+        for layer in range(n_layers):
+            w = torch.empty(sizes[layer + 1], sizes[layer], dtype=dtype)
+            torch.nn.init.orthogonal_(w, gain=gains[layer], generator=gen)
+            ws[layer][m] = w.T
+    for layer in range(n_layers):
+        params.append(ws[layer])
+        params.append(torch.zeros(len(seeds), 1, sizes[layer + 1], dtype=dtype))
+    return params
+
+
+def mlp(x: torch.Tensor, params: Sequence[torch.Tensor], activation: str) -> torch.Tensor:
+    """Apply stacked layers ``[w0, b0, ...]``; the activation follows every layer but the last."""
+    act = _ACTIVATIONS[activation]
+    n_layers = len(params) // 2
+    for layer in range(n_layers):
+        x = linear(x, params[2 * layer], params[2 * layer + 1])
+        if layer < n_layers - 1:
+            x = act(x)
+    return x
+
+
+def hidden_gains(n_hidden: int, head_gain: float) -> list[float]:
+    return [math.sqrt(2.0)] * n_hidden + [head_gain]

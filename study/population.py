@@ -1,0 +1,681 @@
+"""Population A2C/GAE: S members (hyperparameters, seed) trained as one vectorized computation.
+
+Read it top to bottom like a CleanRL script: :func:`train_population` collects a rollout of
+``n_steps`` steps from ``num_envs`` environments per member, computes GAE advantages, takes
+policy and value gradient steps, and logs, for all members at once.
+
+Members never touch each other:
+
+* every member owns its random streams (init, actions, env resets, shuffles; see rng.py);
+* weights are stacked ``[S, ...]`` and applied with batched matmuls (nets.py);
+* advantage normalization, gradient clipping, optimizer state and learning rates are per
+  member, and the loss is the sum over members of per-member means, so the gradient of a
+  member depends on nothing but its own data.
+
+Hence a member's results are bit-identical alone or inside any population.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from study import config as cfg
+from study.envs import make_population_env
+from study.gae import gae_advantages
+from study.nets import hidden_gains, init_layers, mlp
+from study.optim import MemberOptimizer, clip_coefficients, member_grad_norm
+from study.rng import STREAM_ACTIONS, STREAM_EVAL_RESET, STREAM_SHUFFLE, MemberStreams
+
+CURVE_COLUMNS: tuple[str, ...] = (
+    "step",
+    "episode_return",
+    "episode_length",
+    "entropy",
+    "policy_loss",
+    "value_loss",
+    "explained_variance",
+    "grad_norm",
+    "eval_return",
+)
+_UPDATE_METRICS = ("entropy", "policy_loss", "value_loss", "explained_variance", "grad_norm")
+_LOG_2PI = math.log(2.0 * math.pi)
+_EVAL_MAX_STEPS = 100_000  # safety cap for environments without a time limit
+
+
+@dataclass(frozen=True)
+class Member:
+    """One member of a population: resolved hyperparameters (all keys) and a seed."""
+
+    hyperparameters: dict[str, Any]
+    seed: int
+
+
+@dataclass
+class RunResult:
+    """Everything a run produced; ``curve`` maps CURVE_COLUMNS to arrays of log points."""
+
+    seed: int
+    hyperparameters: dict[str, Any]
+    status: str  # "ok" | "diverged" | "pruned"
+    diverged_at_step: int | None
+    final_return: float
+    final_eval_return: float
+    wall_s: float
+    env_steps: int
+    curve: dict[str, np.ndarray]
+    policy_state: dict[str, np.ndarray] | None = field(default=None, repr=False)
+
+
+# --------------------------------------------------------------------------------------
+# The actor-critic: stacked weights of the learning members
+# --------------------------------------------------------------------------------------
+
+
+class ActorCritic:
+    """Policy and value networks of the learning members, weights stacked ``[S, ...]``.
+
+    Discrete actions: the policy outputs logits (Categorical). Box actions: it outputs the
+    mean of a diagonal Gaussian whose log-std is a state-independent parameter per member.
+    With ``share_trunk`` one hidden trunk feeds a policy head and a value head.
+    """
+
+    def __init__(
+        self,
+        hp: dict[str, Any],
+        seeds: Sequence[int],
+        obs_dim: int,
+        action_space: gym.spaces.Space,
+        log_std_init: torch.Tensor,
+        device: torch.device,
+    ) -> None:
+        self.activation = hp["activation"]
+        self.share_trunk = bool(hp["share_trunk"])
+        self.discrete = isinstance(action_space, gym.spaces.Discrete)
+        self.act_dim = int(action_space.n) if self.discrete else int(np.prod(action_space.shape))
+        pi_hidden = list(hp["policy_hidden_sizes"])
+        v_hidden = list(hp["value_hidden_sizes"])
+        if self.share_trunk:
+            trunk = init_layers(seeds, [obs_dim, *pi_hidden], [math.sqrt(2.0)] * len(pi_hidden), 0)
+            pi_head = init_layers(seeds, [pi_hidden[-1], self.act_dim], [0.01], 1)
+            v_head = init_layers(seeds, [pi_hidden[-1], 1], [1.0], 2)
+            self.trunk = trunk
+            self.pi = pi_head
+            self.v = v_head
+        else:
+            self.trunk = []
+            self.pi = init_layers(
+                seeds, [obs_dim, *pi_hidden, self.act_dim], hidden_gains(len(pi_hidden), 0.01), 1
+            )
+            self.v = init_layers(
+                seeds, [obs_dim, *v_hidden, 1], hidden_gains(len(v_hidden), 1.0), 2
+            )
+        self.log_std = (
+            None
+            if self.discrete
+            else log_std_init.reshape(-1, 1).repeat(1, self.act_dim).to(torch.float32)
+        )
+        for p in self.all_params():
+            p.data = p.data.to(device)
+            p.requires_grad_(True)
+
+    # parameter groups -------------------------------------------------------------
+    def policy_params(self) -> list[torch.Tensor]:
+        """What the policy optimizer updates (everything, when the trunk is shared)."""
+        extra = [self.log_std] if self.log_std is not None else []
+        if self.share_trunk:
+            return [*self.trunk, *self.pi, *self.v, *extra]
+        return [*self.pi, *extra]
+
+    def value_params(self) -> list[torch.Tensor]:
+        return [] if self.share_trunk else list(self.v)
+
+    def all_params(self) -> list[torch.Tensor]:
+        return self.policy_params() + self.value_params()
+
+    def set_params(self, new: list[torch.Tensor]) -> None:
+        """Replace all parameters, in the order of :meth:`all_params`."""
+        new = [p.detach().requires_grad_(True) for p in new]
+        n_trunk, n_pi, n_v = len(self.trunk), len(self.pi), len(self.v)
+        if self.share_trunk:
+            self.trunk = new[:n_trunk]
+            self.pi = new[n_trunk : n_trunk + n_pi]
+            self.v = new[n_trunk + n_pi : n_trunk + n_pi + n_v]
+            rest = new[n_trunk + n_pi + n_v :]
+        else:
+            self.pi = new[:n_pi]
+            self.v = new[n_pi + (0 if self.log_std is None else 1) :]
+            rest = new[n_pi : n_pi + (0 if self.log_std is None else 1)]
+        if self.log_std is not None:
+            self.log_std = rest[0]
+
+    # forward passes -------------------------------------------------------------------
+    def _features(self, obs: torch.Tensor) -> torch.Tensor:
+        if not self.share_trunk:
+            return obs
+        return getattr(torch, self.activation)(mlp(obs, self.trunk, self.activation))
+
+    def policy_out(self, obs: torch.Tensor) -> torch.Tensor:
+        """Logits (discrete) or Gaussian means (Box), ``[S, B, act_dim]``."""
+        return mlp(self._features(obs), self.pi, self.activation)
+
+    def values(self, obs: torch.Tensor) -> torch.Tensor:
+        """State values ``[S, B]``."""
+        return mlp(self._features(obs), self.v, self.activation).squeeze(-1)
+
+    def log_prob_entropy(
+        self, out: torch.Tensor, actions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probability of ``actions`` and entropy, both ``[S, B]``."""
+        if self.discrete:
+            logp_all = torch.log_softmax(out, dim=-1)
+            logp = torch.take_along_dim(logp_all, actions.long().unsqueeze(-1), dim=-1)
+            entropy = -(logp_all.exp() * logp_all).sum(-1)
+            return logp.squeeze(-1), entropy
+        log_std = self.log_std.unsqueeze(1)  # [S, 1, A]
+        z = (actions - out) * torch.exp(-log_std)
+        logp = (-0.5 * z * z - log_std - 0.5 * _LOG_2PI).sum(-1)
+        entropy = (log_std + 0.5 * (1.0 + _LOG_2PI)).sum(-1).expand_as(logp)
+        return logp, entropy
+
+    def select(self, idx: torch.Tensor) -> None:
+        """Keep only the members at ``idx`` (population compaction)."""
+        self.set_params([p.detach()[idx] for p in self.all_params()])
+
+    def member_state(self, i: int) -> dict[str, np.ndarray]:
+        """Member i's weights as NumPy arrays (for saved policies)."""
+        out: dict[str, np.ndarray] = {}
+        for name, group in (("trunk", self.trunk), ("pi", self.pi), ("v", self.v)):
+            for j, p in enumerate(group):
+                out[f"{name}.{j}"] = p.detach()[i].cpu().numpy()
+        if self.log_std is not None:
+            out["log_std"] = self.log_std.detach()[i].cpu().numpy()
+        return out
+
+
+# --------------------------------------------------------------------------------------
+# Observation normalization (per member running mean/std, as SB3's VecNormalize)
+# --------------------------------------------------------------------------------------
+
+
+class ObsNormalizer:
+    """Running mean/variance per member over its own observations; clip to +-10."""
+
+    def __init__(self, n_members: int, obs_dim: int, enabled: np.ndarray) -> None:
+        self.mean = np.zeros((n_members, obs_dim))
+        self.var = np.ones((n_members, obs_dim))
+        self.count = np.full(n_members, 1e-4)
+        self.enabled = enabled.reshape(-1, 1, 1)
+
+    def update(self, obs: np.ndarray) -> None:
+        """Chan et al.'s parallel update with the batch ``obs [S, E, D]``."""
+        n = obs.shape[1]
+        batch_mean = obs.mean(axis=1)
+        batch_var = obs.var(axis=1)
+        delta = batch_mean - self.mean
+        total = self.count + n
+        self.mean = self.mean + delta * (n / total)[:, None]
+        m2 = self.var * self.count[:, None] + batch_var * n + delta**2 * (
+            self.count * n / total
+        )[:, None]
+        self.var = m2 / total[:, None]
+        self.count = total
+
+    def __call__(self, obs: np.ndarray) -> np.ndarray:
+        normed = np.clip((obs - self.mean[:, None]) / np.sqrt(self.var[:, None] + 1e-8), -10, 10)
+        return np.where(self.enabled, normed, obs).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------
+
+
+def _member_tensor(members: Sequence[Member], name: str, device: torch.device) -> torch.Tensor:
+    return torch.tensor(
+        [float(m.hyperparameters[name]) for m in members], dtype=torch.float32, device=device
+    )
+
+
+def _explained_variance(values: torch.Tensor, returns: torch.Tensor) -> torch.Tensor:
+    """``1 - Var[returns - values] / Var[returns]`` per member (NaN when Var[returns] = 0)."""
+    var_y = returns.var(dim=1, unbiased=False)
+    ev = 1 - (returns - values).var(dim=1, unbiased=False) / var_y
+    return torch.where(var_y > 0, ev, torch.full_like(ev, float("nan")))
+
+
+def _minibatches(n: int, n_minibatches: int) -> list[tuple[int, int]]:
+    bounds = np.linspace(0, n, n_minibatches + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows ``idx [S, M]`` of ``x [S, N, ...]`` per member."""
+    if x.dim() == 2:
+        return torch.take_along_dim(x, idx, dim=1)
+    shape = (*idx.shape, *([1] * (x.dim() - 2)))
+    return torch.take_along_dim(x, idx.reshape(shape), dim=1)
+
+
+def _check_members(members: Sequence[Member]) -> dict[str, Any]:
+    if not members:
+        raise cfg.ConfigError("a population needs at least one member")
+    first = members[0].hyperparameters
+    key = cfg.structural_key(first)
+    for m in members[1:]:
+        if cfg.structural_key(m.hyperparameters) != key:
+            raise ValueError("members of one population must share structural hyperparameters")
+    return dict(first)
+
+
+class _Windows:
+    """Per-member accumulators for one logging window and for the final 10% of steps."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.reset()
+        self.final_sum = np.zeros(n)
+        self.final_count = np.zeros(n)
+
+    def reset(self) -> None:
+        self.ret_sum = np.zeros(self.n)
+        self.len_sum = np.zeros(self.n)
+        self.ep_count = np.zeros(self.n)
+        self.metric_sum = {k: np.zeros(self.n) for k in _UPDATE_METRICS}
+        self.updates = np.zeros(self.n)
+
+    def episodes(self, done: np.ndarray, ret: np.ndarray, length: np.ndarray, final: bool) -> None:
+        self.ret_sum += np.where(done, ret, 0.0).sum(axis=1)
+        self.len_sum += np.where(done, length, 0.0).sum(axis=1)
+        n_done = done.sum(axis=1)
+        self.ep_count += n_done
+        if final:
+            self.final_sum += np.where(done, ret, 0.0).sum(axis=1)
+            self.final_count += n_done
+
+    def row(self) -> dict[str, np.ndarray]:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out = {
+                "episode_return": np.where(self.ep_count > 0, self.ret_sum / self.ep_count, np.nan),
+                "episode_length": np.where(self.ep_count > 0, self.len_sum / self.ep_count, np.nan),
+            }
+            for k in _UPDATE_METRICS:
+                out[k] = np.where(self.updates > 0, self.metric_sum[k] / self.updates, np.nan)
+        return out
+
+
+# --------------------------------------------------------------------------------------
+# The trainer
+# --------------------------------------------------------------------------------------
+
+
+def train_population(
+    env_id: str,
+    members: Sequence[Member],
+    total_steps: int,
+    log_every: int = 1000,
+    eval_every: int = 0,
+    eval_episodes: int = 10,
+    device: str = "cpu",
+    save_policies: bool = False,
+    on_log: Callable[[int, dict[str, np.ndarray]], np.ndarray | None] | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> list[RunResult]:
+    """Train every member for ``total_steps`` env steps; results in the order of ``members``.
+
+    ``on_log(step, row)`` is called at every log point with ``row[column]`` shaped ``[S]``
+    (NaN for members no longer training); it may return a bool ``[S]`` mask of members to
+    stop now (status "pruned"). ``on_progress(n)`` receives env steps done since its last
+    call, summed over members. A member whose loss or parameters go non-finite is frozen
+    at its last finite weights and reported "diverged"; the others carry on.
+    """
+    t_start = time.perf_counter()
+    hp = _check_members(members)
+    dev = torch.device(device)
+    seeds = [int(m.seed) for m in members]
+    n_mem = len(members)
+    n_envs, n_steps = int(hp["num_envs"]), int(hp["n_steps"])
+    n_batch = n_envs * n_steps
+    n_updates = max(1, math.ceil(total_steps / n_batch))
+    total_effective = n_updates * n_batch
+    final_from = 0.9 * total_effective
+
+    env = make_population_env(env_id, seeds, n_envs)
+    n_evals = 0
+    obs_space, act_space = env.observation_space, env.action_space
+    obs_dim = int(np.prod(obs_space.shape))
+    discrete = isinstance(act_space, gym.spaces.Discrete)
+    act_shape: tuple[int, ...] = () if discrete else tuple(act_space.shape)
+    if not discrete:
+        act_low = np.broadcast_to(act_space.low, act_shape).astype(np.float64)
+        act_high = np.broadcast_to(act_space.high, act_shape).astype(np.float64)
+
+    # Per-member scalar hyperparameters; rows follow `alive` (members still learning).
+    hps = {n: _member_tensor(members, n, dev) for n in cfg.SCALAR if n not in ("value_target",)}
+    hps["mc"] = torch.tensor([m.hyperparameters["value_target"] == "mc" for m in members],
+                             device=dev)
+    agent = ActorCritic(hp, seeds, obs_dim, act_space, hps["log_std_init"], dev)
+    pi_opt = MemberOptimizer(hp["policy_optimizer"], agent.policy_params())
+    v_opt = MemberOptimizer(hp["value_optimizer"], agent.value_params())
+    alive = np.arange(n_mem)  # members still learning, in population order
+    normalizer = ObsNormalizer(
+        n_mem, obs_dim, np.array([bool(m.hyperparameters["normalize_obs"]) for m in members])
+    )
+    action_rng = MemberStreams(seeds, STREAM_ACTIONS)
+    shuffle_rng = MemberStreams(seeds, STREAM_SHUFFLE)
+
+    status = np.array(["ok"] * n_mem, dtype=object)
+    diverged_at: list[int | None] = [None] * n_mem
+    stopped_at = np.full(n_mem, -1)  # global step at which a member stopped learning
+    policy_states: list[dict[str, np.ndarray] | None] = [None] * n_mem
+    curves: dict[str, list[np.ndarray]] = {c: [] for c in CURVE_COLUMNS}
+    windows = _Windows(n_mem)
+    ep_ret = np.zeros((n_mem, n_envs))
+    ep_len = np.zeros((n_mem, n_envs))
+    last_eval = np.full(n_mem, np.nan)
+
+    def to_torch(x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(x).to(dev)
+
+    def act(out: torch.Tensor, deterministic: bool, rng: MemberStreams | None) -> np.ndarray:
+        """Actions for all S members from the policy output of the alive ones."""
+        out_np = out.detach().cpu().numpy().astype(np.float64)
+        if discrete:
+            full = np.zeros((n_mem, out.shape[1]), dtype=np.int64)
+            if deterministic:
+                full[alive] = out_np.argmax(-1)
+                return full
+            u = rng.uniform((out.shape[1],))  # drawn for every member: keeps streams aligned
+            with np.errstate(invalid="ignore", over="ignore"):  # a diverging member's logits
+                logits = out_np - out_np.max(-1, keepdims=True)
+                probs = np.exp(logits)
+                cdf = np.cumsum(probs, axis=-1) / probs.sum(-1, keepdims=True)
+            full[alive] = np.minimum((u[alive][..., None] >= cdf).sum(-1), out.shape[2] - 1)
+            return full
+        full = np.zeros((n_mem, out.shape[1], *act_shape))
+        if deterministic:
+            full[alive] = out_np
+        else:
+            noise = rng.normal((out.shape[1], *act_shape))
+            std = np.exp(agent.log_std.detach().cpu().numpy().astype(np.float64))
+            full[alive] = out_np + std[:, None] * noise[alive]
+        return full
+
+    def env_actions(a: np.ndarray) -> np.ndarray:
+        # The env gets clipped actions; the log-prob is of the unclipped sample.
+        return a if discrete else np.clip(a, act_low, act_high).astype(np.float32)
+
+    def evaluate() -> np.ndarray:
+        """Mean return of one deterministic episode per eval env, per member.
+
+        Evaluation k gets fresh environments seeded from (seed, k): how long another
+        member's evaluation runs must not shift this member's starting states.
+        """
+        nonlocal n_evals
+        eval_env = make_population_env(
+            env_id, seeds, eval_episodes, stream=STREAM_EVAL_RESET + 1000 * (n_evals + 1)
+        )
+        n_evals += 1
+        obs = eval_env.reset()
+        returns = np.zeros((n_mem, eval_episodes))
+        finished = np.zeros((n_mem, eval_episodes), dtype=bool)
+        for _ in range(_EVAL_MAX_STEPS):
+            x = normalizer(obs.reshape(n_mem, eval_episodes, -1))[alive]
+            with torch.no_grad():
+                out = agent.policy_out(to_torch(x))
+            step = eval_env.step(env_actions(act(out, True, None)))
+            returns += np.where(finished, 0.0, step.reward)
+            finished |= step.terminated | step.truncated
+            obs = step.obs
+            if finished[alive].all():
+                break
+        eval_env.close()
+        result = np.full(n_mem, np.nan)
+        result[alive] = returns[alive].mean(axis=1)
+        return result
+
+    def stop(local: np.ndarray, why: str, step: int) -> None:
+        """Stop members at positions ``local`` of `alive`; compact the learner tensors."""
+        nonlocal alive
+        if not local.any():
+            return
+        for pos in np.flatnonzero(local):
+            i = alive[pos]
+            status[i] = why
+            stopped_at[i] = step
+            if why == "diverged":
+                diverged_at[i] = step
+            if save_policies:
+                policy_states[i] = agent.member_state(int(pos))
+        keep = torch.from_numpy(np.flatnonzero(~local)).to(dev)
+        agent.select(keep)
+        pi_opt.select(keep)
+        v_opt.select(keep)
+        for k in hps:
+            hps[k] = hps[k][keep]
+        alive = alive[~local]
+
+    def optimize(
+        opt: MemberOptimizer,
+        params: list[torch.Tensor],
+        loss_per_member: torch.Tensor,
+        lr: torch.Tensor,
+        max_norm: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One clipped gradient step; returns (pre-clip grad norm, finite mask) per member."""
+        grads = torch.autograd.grad(loss_per_member.sum(), params, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+        norm = member_grad_norm(grads)
+        coef = clip_coefficients(norm, max_norm)
+        grads = [g * coef.reshape(-1, *([1] * (g.dim() - 1))) for g in grads]
+        new_params, new_state = opt.step(params, grads, lr)
+        finite = torch.isfinite(loss_per_member) & torch.isfinite(norm)
+        for p in new_params:
+            finite &= torch.isfinite(p.flatten(1)).all(dim=1)
+        opt.commit(new_state, finite)
+        committed = [
+            torch.where(finite.reshape(-1, *([1] * (p.dim() - 1))), new, p.detach())
+            for p, new in zip(params, new_params, strict=True)
+        ]
+        by_id = {id(p): c for p, c in zip(params, committed, strict=True)}
+        agent.set_params([by_id.get(id(p), p.detach()) for p in agent.all_params()])
+        return norm.detach(), finite
+
+    # ---------------------------------------------------------------- the training loop
+    obs_raw = env.reset().reshape(n_mem, n_envs, -1).astype(np.float64)
+    normalizer.update(obs_raw)
+    obs = normalizer(obs_raw)
+    next_log = log_every
+    next_eval = eval_every if eval_every > 0 else math.inf
+    global_step = 0
+
+    for update in range(n_updates):
+        if len(alive) == 0:
+            break
+        # 1. Rollout: n_steps vectorized steps of every environment of every member.
+        buf_obs = np.zeros((n_steps, n_mem, n_envs, obs_dim), dtype=np.float32)
+        buf_next = np.zeros_like(buf_obs)
+        buf_act = np.zeros((n_steps, n_mem, n_envs, *act_shape))
+        buf_rew = np.zeros((n_steps, n_mem, n_envs))
+        buf_term = np.zeros((n_steps, n_mem, n_envs), dtype=bool)
+        buf_done = np.zeros((n_steps, n_mem, n_envs), dtype=bool)
+        for t in range(n_steps):
+            with torch.no_grad():
+                out = agent.policy_out(to_torch(obs[alive]))
+            actions = act(out, False, action_rng)
+            step = env.step(env_actions(actions))
+            global_step += n_envs
+            done = step.terminated | step.truncated
+            buf_obs[t], buf_act[t], buf_rew[t] = obs, actions, step.reward
+            buf_term[t], buf_done[t] = step.terminated, done
+
+            ep_ret += step.reward
+            ep_len += 1
+            windows.episodes(done, ep_ret, ep_len, final=global_step > final_from)
+            ep_ret[done] = 0.0
+            ep_len[done] = 0
+
+            next_raw = step.obs.reshape(n_mem, n_envs, -1).astype(np.float64)
+            normalizer.update(next_raw)
+            buf_next[t] = normalizer(step.final_obs.reshape(n_mem, n_envs, -1).astype(np.float64))
+            obs = normalizer(next_raw)
+        if on_progress is not None:
+            on_progress(n_batch * len(alive))
+
+        # 2. Advantages and value targets from the pre-update value function.
+        a_idx = alive
+        b_obs = to_torch(np.ascontiguousarray(buf_obs[:, a_idx].swapaxes(0, 1))).reshape(
+            len(a_idx), n_batch, obs_dim
+        )
+        b_next = to_torch(np.ascontiguousarray(buf_next[:, a_idx].swapaxes(0, 1))).reshape(
+            len(a_idx), n_batch, obs_dim
+        )
+        with torch.no_grad():
+            values = agent.values(b_obs).reshape(len(a_idx), n_steps, n_envs).transpose(0, 1)
+            next_values = agent.values(b_next).reshape(len(a_idx), n_steps, n_envs).transpose(0, 1)
+            rewards = to_torch(buf_rew[:, a_idx]).float()
+            term = to_torch(buf_term[:, a_idx])
+            dones = to_torch(buf_done[:, a_idx])
+            gamma, lam = hps["gamma"][:, None], hps["lam"][:, None]
+            adv = gae_advantages(rewards, values, next_values, term, dones, gamma, lam)
+            returns = adv + values
+            if bool(hps["mc"].any()):
+                # Monte-Carlo targets: discounted returns bootstrapped at truncations and at
+                # the end of the rollout, which is GAE with lambda = 1 plus V.
+                mc = gae_advantages(rewards, values, next_values, term, dones, gamma, 1.0)
+                returns = torch.where(hps["mc"][None, :, None], mc + values, returns)
+            # [T, S, E] -> [S, T*E]
+            adv = adv.transpose(0, 1).reshape(len(a_idx), n_batch)
+            returns = returns.transpose(0, 1).reshape(len(a_idx), n_batch)
+            values_flat = values.transpose(0, 1).reshape(len(a_idx), n_batch)
+            if n_batch > 1:
+                mean, std = adv.mean(dim=1, keepdim=True), adv.std(dim=1, keepdim=True)
+                normed = (adv - mean) / (std + 1e-8)
+                adv = torch.where(hps["normalize_advantage"][:, None] > 0, normed, adv)
+            ev = _explained_variance(values_flat, returns)
+        b_act = to_torch(np.ascontiguousarray(buf_act[:, a_idx].swapaxes(0, 1))).reshape(
+            len(a_idx), n_batch, *act_shape
+        )
+        if not discrete:
+            b_act = b_act.float()
+
+        # 3. Gradient steps: one policy pass and `value_iters` value passes over minibatches.
+        n_mb = int(hp["n_minibatches"])
+        spans = _minibatches(n_batch, n_mb)
+
+        def permutation() -> torch.Tensor:
+            if n_mb == 1:
+                return torch.arange(n_batch, device=dev).expand(len(alive), n_batch)
+            u = shuffle_rng.uniform((n_batch,))[alive]
+            return torch.from_numpy(np.argsort(u, axis=1, kind="stable")).to(dev)
+
+        stats = {k: torch.zeros(len(a_idx), device=dev) for k in _UPDATE_METRICS}
+        diverged = torch.zeros(len(a_idx), dtype=torch.bool, device=dev)
+        perm = permutation()
+        for lo, hi in spans:
+            idx = perm[:, lo:hi]
+            mb_obs, mb_act, mb_adv = _gather(b_obs, idx), _gather(b_act, idx), _gather(adv, idx)
+            out = agent.policy_out(mb_obs)
+            logp, entropy = agent.log_prob_entropy(out, mb_act)
+            pg_loss = -(logp * mb_adv).mean(dim=1)
+            ent = entropy.mean(dim=1)
+            loss = pg_loss - hps["entropy_coef"] * ent
+            if agent.share_trunk:
+                v_loss = ((agent.values(mb_obs) - _gather(returns, idx)) ** 2).mean(dim=1)
+                loss = loss + hps["value_coef"] * v_loss
+                stats["value_loss"] += v_loss.detach() / len(spans)
+            norm, finite = optimize(
+                pi_opt, agent.policy_params(), loss, hps["policy_lr"], hps["max_grad_norm"]
+            )
+            diverged |= ~finite
+            stats["policy_loss"] += pg_loss.detach() / len(spans)
+            stats["entropy"] += ent.detach() / len(spans)
+            stats["grad_norm"] += norm / len(spans)
+        for _ in range(0 if agent.share_trunk else int(hp["value_iters"])):
+            perm = permutation()
+            v_loss_sum = torch.zeros(len(a_idx), device=dev)
+            for lo, hi in spans:
+                idx = perm[:, lo:hi]
+                v_pred = agent.values(_gather(b_obs, idx))
+                v_loss = ((v_pred - _gather(returns, idx)) ** 2).mean(dim=1)
+                _, finite = optimize(
+                    v_opt,
+                    agent.value_params(),
+                    hps["value_coef"] * v_loss,
+                    hps["value_lr"],
+                    hps["value_max_grad_norm"],
+                )
+                diverged |= ~finite
+                v_loss_sum += v_loss.detach()
+            stats["value_loss"] = v_loss_sum / len(spans)
+        stats["explained_variance"] = ev
+
+        for k in _UPDATE_METRICS:
+            windows.metric_sum[k][a_idx] += stats[k].cpu().numpy()
+        windows.updates[a_idx] += 1
+        stop(diverged.cpu().numpy(), "diverged", global_step)
+
+        # 4. Logging (and evaluation) every `log_every` env steps; the last update always logs.
+        last = update == n_updates - 1
+        if global_step >= next_log or last:
+            while next_log <= global_step:
+                next_log += log_every
+            row = windows.row()
+            row["step"] = np.full(n_mem, float(global_step))
+            row["eval_return"] = np.full(n_mem, np.nan)
+            if eval_every > 0 and (global_step >= next_eval or last) and len(alive):
+                while next_eval <= global_step:
+                    next_eval += eval_every
+                last_eval = evaluate()
+                row["eval_return"] = last_eval
+            learning = np.zeros(n_mem, dtype=bool)
+            learning[alive] = True
+            for k in CURVE_COLUMNS:
+                if k != "step":
+                    row[k] = np.where(learning, row[k], np.nan)
+            for k in CURVE_COLUMNS:
+                curves[k].append(row[k])
+            windows.reset()
+            if on_log is not None and len(alive):
+                prune = on_log(global_step, row)
+                if prune is not None:
+                    stop(np.asarray(prune, dtype=bool)[alive], "pruned", global_step)
+
+    if save_policies:
+        for pos, i in enumerate(alive):
+            policy_states[i] = agent.member_state(pos)
+    env.close()
+
+    wall = (time.perf_counter() - t_start) / n_mem
+    stacked = {k: np.stack(v, axis=1) if v else np.zeros((n_mem, 0)) for k, v in curves.items()}
+    results = []
+    for i, m in enumerate(members):
+        n_points = stacked["step"].shape[1]
+        if stopped_at[i] >= 0:  # the curve ends at the last log point while learning
+            n_points = int((stacked["step"][i] <= stopped_at[i]).sum())
+        curve = {k: stacked[k][i, :n_points].copy() for k in CURVE_COLUMNS}
+        ok = status[i] == "ok"
+        with np.errstate(invalid="ignore"):
+            final = windows.final_sum[i] / windows.final_count[i] if windows.final_count[i] else np.nan
+        results.append(
+            RunResult(
+                seed=m.seed,
+                hyperparameters=dict(m.hyperparameters),
+                status=str(status[i]),
+                diverged_at_step=diverged_at[i],
+                final_return=float(final) if ok else float("nan"),
+                final_eval_return=float(last_eval[i]) if ok else float("nan"),
+                wall_s=wall,
+                env_steps=int(stopped_at[i]) if stopped_at[i] >= 0 else total_effective,
+                curve=curve,
+                policy_state=policy_states[i],
+            )
+        )
+    return results
