@@ -1,0 +1,136 @@
+"""Population environments: fast NumPy CartPole/SwingUp and a generic gymnasium path.
+
+:func:`make_population_env` is the single entry point: the ids in :data:`FAST_ENVS` get
+the vectorized NumPy implementations, every other gymnasium id is simulated with one
+``gym.make`` instance per (member, environment).
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from collections.abc import Sequence
+
+import gymnasium as gym
+
+from study.config import ConfigError
+from study.envs.base import PopulationEnv, Step
+from study.envs.cartpole import CartPolePopulation, cartpole_spaces
+from study.envs.generic import GymPopulationEnv, check_spaces, flat_box
+from study.envs.swingup import SwingUpPopulation, swingup_spaces
+from study.rng import STREAM_RESET
+
+__all__ = [
+    "FAST_ENVS",
+    "PopulationEnv",
+    "Step",
+    "env_spaces",
+    "make_population_env",
+    "register_envs",
+]
+
+# Ids with a NumPy population implementation (same dynamics as their gymnasium version).
+FAST_ENVS: tuple[str, ...] = (
+    "CartPole-v0",
+    "CartPole-v1",
+    "CartPoleSwingUp-v0",
+    "CartPoleSwingUp-v1",
+)
+
+
+def register_envs() -> None:
+    """Register CartPoleSwingUp-v0/v1 with gymnasium (idempotent)."""
+    for version in ("v0", "v1"):
+        env_id = f"CartPoleSwingUp-{version}"
+        if env_id not in gym.registry:
+            gym.register(
+                id=env_id,
+                entry_point=f"study.envs.swingup:CartPoleSwingUp{version.upper()}",
+                max_episode_steps=500,
+            )
+
+
+def _resolve(env_id: str) -> None:
+    """ConfigError (one line, with close matches) unless ``env_id`` can be made."""
+    register_envs()
+    name = env_id
+    if ":" in env_id:  # gymnasium's "module:EnvName-v0": importing registers the env
+        module, name = env_id.split(":", 1)
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            msg = f"environment {env_id!r}: cannot import module {module!r} ({e})"
+            raise ConfigError(msg) from e
+    if name not in gym.registry:
+        close = difflib.get_close_matches(name, list(gym.registry), n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise ConfigError(f"unknown environment id {env_id!r}{hint}")
+
+
+def env_spaces(env_id: str) -> tuple[gym.spaces.Box, gym.spaces.Space]:
+    """``(observation_space, action_space)`` of one environment, as a population env
+    built from ``env_id`` reports them (observations flattened to 1-D float32).
+
+    Cheap for :data:`FAST_ENVS` (no ``gym.make``); otherwise makes and closes one
+    instance. Raises ConfigError for unknown ids and unsupported spaces.
+    """
+    if env_id in ("CartPole-v0", "CartPole-v1"):
+        return cartpole_spaces()
+    if env_id in ("CartPoleSwingUp-v0", "CartPoleSwingUp-v1"):
+        return swingup_spaces()
+    _resolve(env_id)
+    env = _make(env_id)
+    try:
+        obs_space, act_space = env.observation_space, env.action_space
+    finally:
+        env.close()
+    check_spaces(env_id, obs_space, act_space)
+    return flat_box(obs_space), act_space
+
+
+def _cannot_make(env_id: str, e: Exception) -> ConfigError:
+    # e.g. a missing optional dependency (box2d, mujoco); keep the message to one line.
+    text = str(e).strip()
+    first_line = text.splitlines()[0] if text else type(e).__name__
+    return ConfigError(f"environment {env_id!r} cannot be made: {first_line}")
+
+
+def _make(env_id: str) -> gym.Env:
+    try:
+        return gym.make(env_id)
+    except gym.error.Error as e:
+        raise _cannot_make(env_id, e) from e
+
+
+def make_population_env(
+    env_id: str,
+    seeds: Sequence[int],
+    num_envs: int,
+    stream: int = STREAM_RESET,
+) -> PopulationEnv:
+    """A population of ``len(seeds)`` members x ``num_envs`` environments of ``env_id``.
+
+    ``stream`` picks the members' reset streams (``STREAM_RESET`` for training,
+    ``STREAM_EVAL_RESET`` for evaluation), so training and evaluation environments of
+    the same member never share initial states. Call ``reset()`` before ``step()``.
+    """
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ConfigError("a population needs at least one seed")
+    if min(seeds) < 0:  # SeedSequence, behind every stream, needs non-negative entropy
+        raise ConfigError(f"seeds must be integers >= 0, got {min(seeds)}")
+    if int(num_envs) < 1:
+        raise ConfigError(f"num_envs must be an integer >= 1, got {num_envs!r}")
+    if env_id == "CartPole-v0":
+        return CartPolePopulation(seeds, num_envs, stream, max_episode_steps=200)
+    if env_id == "CartPole-v1":
+        return CartPolePopulation(seeds, num_envs, stream, max_episode_steps=500)
+    if env_id == "CartPoleSwingUp-v0":
+        return SwingUpPopulation(seeds, num_envs, stream, reward_version=0)
+    if env_id == "CartPoleSwingUp-v1":
+        return SwingUpPopulation(seeds, num_envs, stream, reward_version=1)
+    _resolve(env_id)
+    try:
+        return GymPopulationEnv(env_id, seeds, num_envs, stream)
+    except gym.error.Error as e:
+        raise _cannot_make(env_id, e) from e

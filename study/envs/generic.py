@@ -1,0 +1,136 @@
+"""Population environment for any gymnasium id: ``S x E`` ``gym.make`` instances.
+
+Slow compared with the NumPy CartPole/SwingUp, but works for every environment with a
+Box observation space and a Discrete or Box action space. Each instance is seeded once,
+with a seed derived from ``(member seed, env index, stream)``, and then keeps its own
+RNG across resets, so a member's environments never depend on the other members.
+Autoreset is done here (not by a gymnasium vector env) so the semantics are exactly
+those of :class:`study.envs.base.Step` whatever gymnasium's autoreset mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import gymnasium as gym
+import numpy as np
+
+from study.config import ConfigError
+from study.envs.base import Step
+from study.rng import STREAM_RESET
+
+
+def check_spaces(env_id: str, observation_space: gym.Space, action_space: gym.Space) -> None:
+    """ConfigError naming the space unless observations are Box and actions Discrete/Box."""
+    if not isinstance(observation_space, gym.spaces.Box):
+        raise ConfigError(
+            f"environment {env_id!r} has observation space {observation_space}; "
+            "only Box observation spaces are supported"
+        )
+    if not isinstance(action_space, gym.spaces.Discrete | gym.spaces.Box):
+        raise ConfigError(
+            f"environment {env_id!r} has action space {action_space}; "
+            "only Discrete and Box action spaces are supported"
+        )
+
+
+def flat_box(space: gym.spaces.Box) -> gym.spaces.Box:
+    """``space`` flattened to 1-D float32 (how the population env reports observations)."""
+    return gym.spaces.Box(
+        space.low.reshape(-1).astype(np.float32),
+        space.high.reshape(-1).astype(np.float32),
+        dtype=np.float32,
+    )
+
+
+def instance_seed(member_seed: int, env_index: int, stream: int) -> int:
+    """Seed for ``reset(seed=...)`` of environment ``env_index`` of a member (63 bits)."""
+    ss = np.random.SeedSequence(entropy=int(member_seed), spawn_key=(int(stream), int(env_index)))
+    return int(ss.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+class GymPopulationEnv:
+    """``S x E`` gymnasium environments (with their registered ``TimeLimit``) in a loop.
+
+    Observations are flattened to ``[S, E, obs_dim]`` float32. Discrete actions arrive as
+    ``[S, E]`` indices ``0..n-1`` (the space's ``start`` is added here); Box actions as
+    ``[S, E, *shape]``, cast to the space's dtype.
+    """
+
+    def __init__(
+        self,
+        env_id: str,
+        seeds: Sequence[int],
+        num_envs: int,
+        stream: int = STREAM_RESET,
+    ) -> None:
+        if len(seeds) == 0 or num_envs < 1:
+            raise ValueError("need at least one seed and num_envs >= 1")
+        self.env_id = env_id
+        self.n_members = len(seeds)
+        self.n_envs = int(num_envs)
+        first = gym.make(env_id)
+        single_obs, single_act = first.observation_space, first.action_space
+        try:
+            check_spaces(env_id, single_obs, single_act)
+        except ConfigError:
+            first.close()
+            raise
+        others = [gym.make(env_id) for _ in range(self.n_members * self.n_envs - 1)]
+        self.envs: list[gym.Env] = [first, *others]
+        self.single_observation_space: gym.spaces.Box = single_obs
+        self.observation_space = flat_box(single_obs)
+        self.action_space = single_act
+        self._seeds = [instance_seed(seed, e, stream) for seed in seeds for e in range(self.n_envs)]
+        self._seeded = False
+        obs_dim = self.observation_space.shape[0]
+        self._obs = np.zeros((self.n_members * self.n_envs, obs_dim), dtype=np.float32)
+
+    def _shape(self, flat: np.ndarray) -> np.ndarray:
+        return flat.reshape(self.n_members, self.n_envs, *flat.shape[1:])
+
+    def _reset_one(self, i: int) -> np.ndarray:
+        # Seed only the first reset: afterwards each env continues its own RNG.
+        seed = None if self._seeded else self._seeds[i]
+        obs, _ = self.envs[i].reset(seed=seed)
+        return np.asarray(obs, dtype=np.float32).reshape(-1)
+
+    def reset(self) -> np.ndarray:
+        """Reset every environment; ``[S, E, obs_dim]`` float32."""
+        for i in range(len(self.envs)):
+            self._obs[i] = self._reset_one(i)
+        self._seeded = True
+        return self._shape(self._obs.copy())
+
+    def step(self, actions: np.ndarray) -> Step:
+        """Step every environment, resetting those whose episode ended."""
+        if not self._seeded:
+            raise RuntimeError("call reset() before step()")
+        n = len(self.envs)
+        space = self.action_space
+        if isinstance(space, gym.spaces.Discrete):
+            flat_actions = [int(a) + int(space.start) for a in np.asarray(actions).reshape(n)]
+        else:
+            acts = np.asarray(actions, dtype=space.dtype).reshape(n, *space.shape)
+            flat_actions = [acts[i].copy() for i in range(n)]
+        reward = np.zeros(n, dtype=np.float64)
+        terminated = np.zeros(n, dtype=bool)
+        truncated = np.zeros(n, dtype=bool)
+        final_obs = np.empty_like(self._obs)
+        for i, env in enumerate(self.envs):
+            obs, r, term, trunc, _ = env.step(flat_actions[i])
+            final_obs[i] = np.asarray(obs, dtype=np.float32).reshape(-1)
+            reward[i], terminated[i], truncated[i] = float(r), bool(term), bool(trunc)
+            self._obs[i] = self._reset_one(i) if term or trunc else final_obs[i]
+        return Step(
+            obs=self._shape(self._obs.copy()),
+            reward=self._shape(reward),
+            terminated=self._shape(terminated),
+            truncated=self._shape(truncated),
+            final_obs=self._shape(final_obs),
+        )
+
+    def close(self) -> None:
+        """Close every instance."""
+        for env in self.envs:
+            env.close()
