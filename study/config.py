@@ -33,8 +33,18 @@ class Spec:
 
 
 def _f(name, default, allowed, low=None, high=None, low_open=False, allow_inf=False, help=""):
-    return Spec(name, default, "float", False, allowed, low=low, high=high, low_open=low_open,
-                allow_inf=allow_inf, help=help)
+    return Spec(
+        name,
+        default,
+        "float",
+        False,
+        allowed,
+        low=low,
+        high=high,
+        low_open=low_open,
+        allow_inf=allow_inf,
+        help=help,
+    )
 
 
 def _i(name, default, low, help=""):
@@ -50,23 +60,44 @@ SPECS: dict[str, Spec] = {
         _f("lam", 1.0, "a float in [0, 1]", 0.0, 1.0, help="GAE lambda"),
         _f("policy_lr", 7e-4, "a float > 0", 0.0, low_open=True),
         _f("value_lr", 7e-4, "a float > 0", 0.0, low_open=True),
-        Spec("policy_optimizer", "rmsprop", "choice", True, "one of rmsprop, adam",
-             choices=("rmsprop", "adam")),
-        Spec("value_optimizer", "rmsprop", "choice", True, "one of rmsprop, adam",
-             choices=("rmsprop", "adam")),
+        Spec(
+            "policy_optimizer",
+            "rmsprop",
+            "choice",
+            True,
+            "one of rmsprop, adam",
+            choices=("rmsprop", "adam"),
+        ),
+        Spec(
+            "value_optimizer",
+            "rmsprop",
+            "choice",
+            True,
+            "one of rmsprop, adam",
+            choices=("rmsprop", "adam"),
+        ),
         _i("value_iters", 1, 1, "value-function passes over the rollout per update"),
         _i("n_minibatches", 1, 1, "minibatches per pass over the rollout"),
         _f("entropy_coef", 0.0, "a float >= 0", 0.0),
         _f("value_coef", 0.5, "a float > 0", 0.0, low_open=True),
         _f("max_grad_norm", 0.5, 'a float > 0 or "inf"', 0.0, low_open=True, allow_inf=True),
-        _f("value_max_grad_norm", 0.5, 'a float > 0 or "inf"', 0.0, low_open=True,
-           allow_inf=True),
+        _f("value_max_grad_norm", 0.5, 'a float > 0 or "inf"', 0.0, low_open=True, allow_inf=True),
         Spec("normalize_advantage", False, "bool", False, "true or false"),
         Spec("value_target", "gae", "choice", False, "one of gae, mc", choices=("gae", "mc")),
-        Spec("policy_hidden_sizes", (64, 64), "intlist", True,
-             "a list of positive integers, e.g. [64, 64] ([] = linear)"),
-        Spec("value_hidden_sizes", (64, 64), "intlist", True,
-             "a list of positive integers, e.g. [64, 64] ([] = linear)"),
+        Spec(
+            "policy_hidden_sizes",
+            (64, 64),
+            "intlist",
+            True,
+            "a list of positive integers, e.g. [64, 64] ([] = linear)",
+        ),
+        Spec(
+            "value_hidden_sizes",
+            (64, 64),
+            "intlist",
+            True,
+            "a list of positive integers, e.g. [64, 64] ([] = linear)",
+        ),
         Spec("activation", "tanh", "choice", True, "one of tanh, relu", choices=("tanh", "relu")),
         _f("log_std_init", 0.0, "a finite float", allow_inf=False),
         Spec("normalize_obs", False, "bool", False, "true or false"),
@@ -95,8 +126,7 @@ def check_name(name: str, where: str = "") -> Spec:
     """The spec of ``name``; ConfigError listing the known names if there is none."""
     if name not in SPECS:
         raise ConfigError(
-            f"{where}unknown hyperparameter {name!r}{_close_match(name)}; "
-            f"known: {', '.join(NAMES)}"
+            f"{where}unknown hyperparameter {name!r}{_close_match(name)}; known: {', '.join(NAMES)}"
         )
     return SPECS[name]
 

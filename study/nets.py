@@ -18,7 +18,38 @@ import torch
 
 from study.rng import STREAM_INIT, torch_seed
 
-_ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu}
+
+class _Tanh(torch.autograd.Function):
+    """tanh(x) = 2 sigmoid(2x) - 1, with the usual derivative 1 - tanh(x)^2.
+
+    The CPU build of ``torch.tanh`` is about 2.5x slower than ``sigmoid`` on these small
+    tensors, and tanh is the single largest cost of a default-sized population; the result
+    differs from ``torch.tanh`` by at most ~2e-7.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        y = torch.sigmoid(x * 2.0).mul_(2.0).sub_(1.0)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        (y,) = ctx.saved_tensors
+        return torch.addcmul(grad, grad * y, y, value=-1.0)  # grad * (1 - y^2)
+
+
+def tanh(x: torch.Tensor) -> torch.Tensor:
+    """Fast tanh (see :class:`_Tanh`)."""
+    return _Tanh.apply(x)
+
+
+_ACTIVATIONS = {"tanh": tanh, "relu": torch.relu}
+
+
+def activation_fn(name: str):
+    """The activation function called ``name`` ("tanh" or "relu")."""
+    return _ACTIVATIONS[name]
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -31,8 +31,9 @@ def clip_coefficients(norm: torch.Tensor, max_norm: torch.Tensor) -> torch.Tenso
 class MemberOptimizer:
     """RMSprop (alpha 0.99, eps 1e-5, as SB3's A2C) or Adam (betas 0.9/0.999, eps 1e-8).
 
-    ``step`` returns the new parameters rather than mutating them, so the caller can keep
-    the old values for members whose update came out non-finite (divergence).
+    Updates parameters and state in place. A member whose learning rate is 0 keeps its
+    parameters exactly (the update is ``0 * finite``); the trainer uses that to freeze a
+    member whose gradients came out non-finite.
     """
 
     def __init__(self, kind: str, params: Sequence[torch.Tensor]) -> None:
@@ -47,33 +48,24 @@ class MemberOptimizer:
         else:
             raise ValueError(f"unknown optimizer {kind!r}")
 
+    @torch.no_grad()
     def step(
         self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], lr: torch.Tensor
-    ) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
-        """Proposed ``(new_params, new_state)``; commit with :meth:`commit`."""
+    ) -> None:
+        """One step for every member, with per-member learning rates ``lr [S]``."""
         self.t += 1
-        new_params, new_state = [], []
         for p, g, st in zip(params, grads, self.state, strict=True):
             lr_p = _per_member(lr, p)
             if self.kind == "rmsprop":
-                sq = st[0] * self.alpha + (1 - self.alpha) * g * g
-                new_params.append(p - lr_p * g / (sq.sqrt() + self.eps))
-                new_state.append([sq])
+                sq = st[0].mul_(self.alpha).addcmul_(g, g, value=1 - self.alpha)
+                p.sub_(g.mul(lr_p).div_(sq.sqrt().add_(self.eps)))
             else:
-                m = st[0] * self.beta1 + (1 - self.beta1) * g
-                v = st[1] * self.beta2 + (1 - self.beta2) * g * g
+                m = st[0].mul_(self.beta1).add_(g, alpha=1 - self.beta1)
+                v = st[1].mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
                 bc1 = 1 - self.beta1**self.t
                 bc2 = 1 - self.beta2**self.t
-                denom = v.sqrt() / (bc2**0.5) + self.eps
-                new_params.append(p - (lr_p / bc1) * m / denom)
-                new_state.append([m, v])
-        return new_params, new_state
-
-    def commit(self, new_state: list[list[torch.Tensor]], keep: torch.Tensor) -> None:
-        """Accept the proposed state for members where ``keep`` ([S] bool) is true."""
-        for st, new in zip(self.state, new_state, strict=True):
-            for i in range(len(st)):
-                st[i] = torch.where(_per_member(keep, st[i]), new[i], st[i])
+                denom = v.sqrt().div_(bc2**0.5).add_(self.eps)
+                p.sub_(m.mul(lr_p / bc1).div_(denom))
 
     def select(self, idx: torch.Tensor) -> None:
         """Keep only the members at ``idx`` (population compaction)."""

@@ -30,7 +30,7 @@ import torch
 from study import config as cfg
 from study.envs import make_population_env
 from study.gae import gae_advantages
-from study.nets import hidden_gains, init_layers, mlp
+from study.nets import activation_fn, hidden_gains, init_layers, mlp
 from study.optim import MemberOptimizer, clip_coefficients, member_grad_norm
 from study.rng import STREAM_ACTIONS, STREAM_EVAL_RESET, STREAM_SHUFFLE, MemberStreams
 
@@ -160,7 +160,7 @@ class ActorCritic:
     def _features(self, obs: torch.Tensor) -> torch.Tensor:
         if not self.share_trunk:
             return obs
-        return getattr(torch, self.activation)(mlp(obs, self.trunk, self.activation))
+        return activation_fn(self.activation)(mlp(obs, self.trunk, self.activation))
 
     def policy_out(self, obs: torch.Tensor) -> torch.Tensor:
         """Logits (discrete) or Gaussian means (Box), ``[S, B, act_dim]``."""
@@ -222,9 +222,11 @@ class ObsNormalizer:
         delta = batch_mean - self.mean
         total = self.count + n
         self.mean = self.mean + delta * (n / total)[:, None]
-        m2 = self.var * self.count[:, None] + batch_var * n + delta**2 * (
-            self.count * n / total
-        )[:, None]
+        m2 = (
+            self.var * self.count[:, None]
+            + batch_var * n
+            + delta**2 * (self.count * n / total)[:, None]
+        )
         self.var = m2 / total[:, None]
         self.count = total
 
@@ -333,8 +335,8 @@ def train_population(
     ``on_log(step, row)`` is called at every log point with ``row[column]`` shaped ``[S]``
     (NaN for members no longer training); it may return a bool ``[S]`` mask of members to
     stop now (status "pruned"). ``on_progress(n)`` receives env steps done since its last
-    call, summed over members. A member whose loss or parameters go non-finite is frozen
-    at its last finite weights and reported "diverged"; the others carry on.
+    call, summed over members. A member whose loss, gradients or weights go non-finite stops
+    learning at that update and is reported "diverged"; the others carry on.
     """
     t_start = time.perf_counter()
     hp = _check_members(members)
@@ -359,8 +361,9 @@ def train_population(
 
     # Per-member scalar hyperparameters; rows follow `alive` (members still learning).
     hps = {n: _member_tensor(members, n, dev) for n in cfg.SCALAR if n not in ("value_target",)}
-    hps["mc"] = torch.tensor([m.hyperparameters["value_target"] == "mc" for m in members],
-                             device=dev)
+    hps["mc"] = torch.tensor(
+        [m.hyperparameters["value_target"] == "mc" for m in members], device=dev
+    )
     agent = ActorCritic(hp, seeds, obs_dim, act_space, hps["log_std_init"], dev)
     pi_opt = MemberOptimizer(hp["policy_optimizer"], agent.policy_params())
     v_opt = MemberOptimizer(hp["value_optimizer"], agent.value_params())
@@ -469,23 +472,25 @@ def train_population(
         lr: torch.Tensor,
         max_norm: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One clipped gradient step; returns (pre-clip grad norm, finite mask) per member."""
+        """One clipped gradient step; returns (pre-clip grad norm, finite mask) per member.
+
+        A member with a non-finite loss or gradient takes no step (its learning rate is
+        zeroed for this step) and is reported so the caller can freeze it.
+        """
         grads = torch.autograd.grad(loss_per_member.sum(), params, allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
-        norm = member_grad_norm(grads)
-        coef = clip_coefficients(norm, max_norm)
-        grads = [g * coef.reshape(-1, *([1] * (g.dim() - 1))) for g in grads]
-        new_params, new_state = opt.step(params, grads, lr)
-        finite = torch.isfinite(loss_per_member) & torch.isfinite(norm)
-        for p in new_params:
-            finite &= torch.isfinite(p.flatten(1)).all(dim=1)
-        opt.commit(new_state, finite)
-        committed = [
-            torch.where(finite.reshape(-1, *([1] * (p.dim() - 1))), new, p.detach())
-            for p, new in zip(params, new_params, strict=True)
+        grads = [
+            torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)
         ]
-        by_id = {id(p): c for p, c in zip(params, committed, strict=True)}
-        agent.set_params([by_id.get(id(p), p.detach()) for p in agent.all_params()])
+        norm = member_grad_norm(grads)
+        finite = torch.isfinite(loss_per_member) & torch.isfinite(norm)
+        coef = clip_coefficients(norm, max_norm)
+        if not bool(finite.all()):
+            coef = torch.where(finite, coef, torch.zeros_like(coef))
+            grads = [torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0) for g in grads]
+            lr = torch.where(finite, lr, torch.zeros_like(lr))
+        if bool((coef < 1.0).any()):  # skip a pass over every weight when nobody clips
+            grads = [g * coef.reshape(-1, *([1] * (g.dim() - 1))) for g in grads]
+        opt.step(params, grads, lr)
         return norm.detach(), finite
 
     # ---------------------------------------------------------------- the training loop
@@ -496,6 +501,7 @@ def train_population(
     next_eval = eval_every if eval_every > 0 else math.inf
     global_step = 0
 
+    n_mb = int(hp["n_minibatches"])
     for update in range(n_updates):
         if len(alive) == 0:
             break
@@ -524,22 +530,35 @@ def train_population(
 
             next_raw = step.obs.reshape(n_mem, n_envs, -1).astype(np.float64)
             normalizer.update(next_raw)
-            buf_next[t] = normalizer(step.final_obs.reshape(n_mem, n_envs, -1).astype(np.float64))
+            if step.truncated.any():  # V(final obs) is only needed to bootstrap truncations
+                buf_next[t] = normalizer(step.final_obs.reshape(n_mem, n_envs, -1))
             obs = normalizer(next_raw)
         if on_progress is not None:
             on_progress(n_batch * len(alive))
 
         # 2. Advantages and value targets from the pre-update value function.
-        a_idx = alive
+        a_idx, n_alive = alive, len(alive)
         b_obs = to_torch(np.ascontiguousarray(buf_obs[:, a_idx].swapaxes(0, 1))).reshape(
-            len(a_idx), n_batch, obs_dim
+            n_alive, n_batch, obs_dim
         )
-        b_next = to_torch(np.ascontiguousarray(buf_next[:, a_idx].swapaxes(0, 1))).reshape(
-            len(a_idx), n_batch, obs_dim
-        )
+        # V(s_0..s_T) in one pass: row t*E + e of the rollout is followed by row (t+1)*E + e.
+        # With one value step on the whole batch that pass doubles as the value-loss forward.
+        fused_value = not agent.share_trunk and int(hp["value_iters"]) * n_mb == 1
+        with torch.set_grad_enabled(fused_value):
+            v_all = agent.values(torch.cat([b_obs, to_torch(obs[a_idx])], dim=1))
+        v_pred_cached = v_all[:, :n_batch] if fused_value else None
+        v_all = v_all.detach()
         with torch.no_grad():
-            values = agent.values(b_obs).reshape(len(a_idx), n_steps, n_envs).transpose(0, 1)
-            next_values = agent.values(b_next).reshape(len(a_idx), n_steps, n_envs).transpose(0, 1)
+            values = v_all[:, :n_batch].reshape(n_alive, n_steps, n_envs).transpose(0, 1)
+            next_values = v_all[:, n_envs:].reshape(n_alive, n_steps, n_envs).transpose(0, 1)
+            trunc = buf_done[:, a_idx] & ~buf_term[:, a_idx]
+            if trunc.any():
+                # Time-limit truncation bootstraps from V(final obs), not V(reset obs). Only
+                # whether this pass runs depends on the population, never its per-member values.
+                b_next = to_torch(np.ascontiguousarray(buf_next[:, a_idx].swapaxes(0, 1)))
+                v_final = agent.values(b_next.reshape(n_alive, n_batch, obs_dim))
+                v_final = v_final.reshape(n_alive, n_steps, n_envs).transpose(0, 1)
+                next_values = torch.where(to_torch(trunc), v_final, next_values)
             rewards = to_torch(buf_rew[:, a_idx]).float()
             term = to_torch(buf_term[:, a_idx])
             dones = to_torch(buf_done[:, a_idx])
@@ -567,12 +586,11 @@ def train_population(
             b_act = b_act.float()
 
         # 3. Gradient steps: one policy pass and `value_iters` value passes over minibatches.
-        n_mb = int(hp["n_minibatches"])
         spans = _minibatches(n_batch, n_mb)
 
-        def permutation() -> torch.Tensor:
+        def permutation() -> torch.Tensor | None:
             if n_mb == 1:
-                return torch.arange(n_batch, device=dev).expand(len(alive), n_batch)
+                return None
             u = shuffle_rng.uniform((n_batch,))[alive]
             return torch.from_numpy(np.argsort(u, axis=1, kind="stable")).to(dev)
 
@@ -580,15 +598,19 @@ def train_population(
         diverged = torch.zeros(len(a_idx), dtype=torch.bool, device=dev)
         perm = permutation()
         for lo, hi in spans:
-            idx = perm[:, lo:hi]
-            mb_obs, mb_act, mb_adv = _gather(b_obs, idx), _gather(b_act, idx), _gather(adv, idx)
+            idx = None if perm is None else perm[:, lo:hi]
+            if n_mb == 1:
+                mb_obs, mb_act, mb_adv, mb_ret = b_obs, b_act, adv, returns
+            else:
+                mb_obs, mb_act, mb_adv = _gather(b_obs, idx), _gather(b_act, idx), _gather(adv, idx)
+                mb_ret = _gather(returns, idx)
             out = agent.policy_out(mb_obs)
             logp, entropy = agent.log_prob_entropy(out, mb_act)
             pg_loss = -(logp * mb_adv).mean(dim=1)
             ent = entropy.mean(dim=1)
             loss = pg_loss - hps["entropy_coef"] * ent
             if agent.share_trunk:
-                v_loss = ((agent.values(mb_obs) - _gather(returns, idx)) ** 2).mean(dim=1)
+                v_loss = ((agent.values(mb_obs) - mb_ret) ** 2).mean(dim=1)
                 loss = loss + hps["value_coef"] * v_loss
                 stats["value_loss"] += v_loss.detach() / len(spans)
             norm, finite = optimize(
@@ -602,9 +624,14 @@ def train_population(
             perm = permutation()
             v_loss_sum = torch.zeros(len(a_idx), device=dev)
             for lo, hi in spans:
-                idx = perm[:, lo:hi]
-                v_pred = agent.values(_gather(b_obs, idx))
-                v_loss = ((v_pred - _gather(returns, idx)) ** 2).mean(dim=1)
+                if v_pred_cached is not None:
+                    v_pred, mb_ret = v_pred_cached, returns
+                elif n_mb == 1:
+                    v_pred, mb_ret = agent.values(b_obs), returns
+                else:
+                    idx = perm[:, lo:hi]
+                    v_pred, mb_ret = agent.values(_gather(b_obs, idx)), _gather(returns, idx)
+                v_loss = ((v_pred - mb_ret) ** 2).mean(dim=1)
                 _, finite = optimize(
                     v_opt,
                     agent.value_params(),
@@ -616,6 +643,9 @@ def train_population(
                 v_loss_sum += v_loss.detach()
             stats["value_loss"] = v_loss_sum / len(spans)
         stats["explained_variance"] = ev
+        with torch.no_grad():  # a huge step can overflow weights even from finite gradients
+            for p in agent.all_params():
+                diverged |= ~torch.isfinite(p.flatten(1).sum(dim=1))
 
         for k in _UPDATE_METRICS:
             windows.metric_sum[k][a_idx] += stats[k].cpu().numpy()
@@ -663,7 +693,9 @@ def train_population(
         curve = {k: stacked[k][i, :n_points].copy() for k in CURVE_COLUMNS}
         ok = status[i] == "ok"
         with np.errstate(invalid="ignore"):
-            final = windows.final_sum[i] / windows.final_count[i] if windows.final_count[i] else np.nan
+            final = (
+                windows.final_sum[i] / windows.final_count[i] if windows.final_count[i] else np.nan
+            )
         results.append(
             RunResult(
                 seed=m.seed,

@@ -71,8 +71,13 @@ def _main(argv: Sequence[str] | None) -> int:
     p.add_argument("--log-every", default="1000", help="env steps between curve points")
     p.add_argument("--eval-every", default="0", help="env steps between evaluations (0: none)")
     p.add_argument("--eval-episodes", default="10", help="episodes per evaluation")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="hyperparameter override (repeatable); keys: " + ", ".join(cfg.NAMES))
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="hyperparameter override (repeatable); keys: " + ", ".join(cfg.NAMES),
+    )
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -80,8 +85,9 @@ def _main(argv: Sequence[str] | None) -> int:
 
     total_steps = _positive_int("--total-steps", args.total_steps)
     log_every = _positive_int("--log-every", args.log_every)
-    eval_every = 0 if str(args.eval_every) == "0" else _positive_int("--eval-every",
-                                                                       args.eval_every)
+    eval_every = (
+        0 if str(args.eval_every) == "0" else _positive_int("--eval-every", args.eval_every)
+    )
     eval_episodes = _positive_int("--eval-episodes", args.eval_episodes)
     seeds = parse_seeds(args.seeds)
     hp = cfg.resolve(cfg.parse_set(args.set), where="--set: ")
@@ -105,13 +111,27 @@ def _main(argv: Sequence[str] | None) -> int:
 
     from tqdm import tqdm
 
-    bar = tqdm(total=effective * len(seeds), unit="step", unit_scale=True, file=sys.stderr,
-               disable=args.quiet, desc=f"{args.env} x{len(seeds)}", smoothing=0.1)
+    bar = tqdm(
+        total=effective * len(seeds),
+        unit="step",
+        unit_scale=True,
+        file=sys.stderr,
+        disable=args.quiet,
+        desc=f"{args.env} x{len(seeds)}",
+        smoothing=0.1,
+        mininterval=0.5,
+    )
     t0 = time.perf_counter()
     try:
         results = train_population(
-            args.env, members, total_steps, log_every=log_every, eval_every=eval_every,
-            eval_episodes=eval_episodes, device=args.device, on_progress=bar.update,
+            args.env,
+            members,
+            total_steps,
+            log_every=log_every,
+            eval_every=eval_every,
+            eval_episodes=eval_episodes,
+            device=args.device,
+            on_progress=bar.update,
         )
     finally:
         bar.close()
@@ -119,8 +139,11 @@ def _main(argv: Sequence[str] | None) -> int:
     steps_per_s = effective * len(seeds) / wall
 
     has_eval = eval_every > 0
-    header = f"{'seed':>10}  {'final_return':>12}  " + (
-        f"{'final_eval':>10}  " if has_eval else "") + "status"
+    header = (
+        f"{'seed':>10}  {'final_return':>12}  "
+        + (f"{'final_eval':>10}  " if has_eval else "")
+        + "status"
+    )
     print(header)
     for r in results:
         line = f"{r.seed:>10}  {_fmt(r.final_return):>12}  "
@@ -131,14 +154,17 @@ def _main(argv: Sequence[str] | None) -> int:
     finite = finals[np.isfinite(finals)]
     if finite.size:
         q25, med, q75 = np.percentile(finite, [25, 50, 75])
-        print(f"final_return over {finite.size} seeds: median {med:.2f}, IQR [{q25:.2f}, "
-              f"{q75:.2f}] ({q75 - q25:.2f})")
+        print(
+            f"final_return over {finite.size} seeds: median {med:.2f}, IQR [{q25:.2f}, "
+            f"{q75:.2f}] ({q75 - q25:.2f})"
+        )
     n_div = sum(r.status == "diverged" for r in results)
     if n_div:
         print(f"{n_div} of {len(results)} seeds diverged")
     print(f"{effective * len(seeds):,} env steps in {wall:.1f} s ({steps_per_s:,.0f} steps/s)")
 
     if args.json:
+
         def num(x: float) -> float | None:
             return float(x) if x is not None and math.isfinite(x) else None
 
@@ -155,8 +181,10 @@ def _main(argv: Sequence[str] | None) -> int:
                     "final_eval_return": num(r.final_eval_return),
                     "status": r.status,
                     "diverged_at_step": r.diverged_at_step,
-                    "curve": [[int(s), num(v)] for s, v in
-                              zip(r.curve["step"], r.curve["episode_return"], strict=True)],
+                    "curve": [
+                        [int(s), num(v)]
+                        for s, v in zip(r.curve["step"], r.curve["episode_return"], strict=True)
+                    ],
                 }
                 for r in results
             ],

@@ -45,11 +45,13 @@ def test_torch_in_torch_out_and_per_member_parameters():
     r, v, nv, term, done = _random_rollout(rng, n=4)
     gamma = np.array([0.9, 0.99, 0.5, 1.0])
     lam = np.array([0.0, 0.95, 1.0, 0.5])
-    got = gae_advantages(*(torch.tensor(x) for x in (r, v, nv, term, done)),
-                         torch.tensor(gamma), torch.tensor(lam))
+    got = gae_advantages(
+        *(torch.tensor(x) for x in (r, v, nv, term, done)), torch.tensor(gamma), torch.tensor(lam)
+    )
     assert isinstance(got, torch.Tensor)
-    np.testing.assert_allclose(got.numpy(), _reference(r, v, nv, term, done, gamma, lam),
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        got.numpy(), _reference(r, v, nv, term, done, gamma, lam), rtol=1e-12
+    )
 
 
 def test_lambda_zero_is_td_error():
@@ -60,7 +62,8 @@ def test_lambda_zero_is_td_error():
 
 
 def test_lambda_one_is_discounted_return_minus_value():
-    # One episode, no ending inside the rollout: A_t = sum_k gamma^k r_{t+k} + gamma^(T-t) V_T - V_t.
+    # One episode, no ending inside the rollout:
+    # A_t = sum_k gamma^k r_{t+k} + gamma^(T-t) V_T - V_t.
     T, gamma = 6, 0.9
     r = np.arange(1.0, T + 1)[:, None]
     v = np.linspace(0.5, 2.0, T)[:, None]

@@ -38,8 +38,12 @@ VARIANTS = [
     ),
     (
         "CartPole-v1",
-        {"share_trunk": True, "policy_hidden_sizes": [32], "value_hidden_sizes": [32],
-         "activation": "relu"},
+        {
+            "share_trunk": True,
+            "policy_hidden_sizes": [32],
+            "value_hidden_sizes": [32],
+            "activation": "relu",
+        },
     ),
     ("CartPole-v0", {"policy_hidden_sizes": [], "value_hidden_sizes": [16]}),
     ("CartPoleSwingUp-v0", {"normalize_advantage": True, "log_std_init": -0.5}),
@@ -48,8 +52,9 @@ VARIANTS = [
 ]
 
 
-@pytest.mark.parametrize("env_id,overrides", VARIANTS, ids=[f"{e}-{i}" for i, (e, _) in
-                                                            enumerate(VARIANTS)])
+@pytest.mark.parametrize(
+    "env_id,overrides", VARIANTS, ids=[f"{e}-{i}" for i, (e, _) in enumerate(VARIANTS)]
+)
 def test_member_is_bit_identical_alone_and_in_any_population(env_id, overrides):
     # Three configs that differ in scalar hyperparameters share one population.
     hps = [
@@ -79,8 +84,9 @@ def test_rerun_is_bit_identical_and_seeds_differ():
 
 def test_divergent_member_is_frozen_and_others_unaffected():
     good = cfg.resolve({"policy_lr": 1e-3})
-    bad = cfg.resolve({"policy_lr": 1e37, "max_grad_norm": "inf", "value_lr": 1e37,
-                       "value_max_grad_norm": "inf"})
+    bad = cfg.resolve(
+        {"policy_lr": 1e37, "max_grad_norm": "inf", "value_lr": 1e37, "value_max_grad_norm": "inf"}
+    )
     pop = [Member(good, 3), Member(bad, 4), Member(good, 5)]
     res = train_population("CartPole-v1", pop, 4000, log_every=400)
     assert res[1].status == "diverged"
@@ -112,8 +118,9 @@ def test_pruning_callback_stops_members():
         calls.append(step)
         return np.array([False, step >= 1000])
 
-    res = train_population("CartPole-v1", [Member(hp, 0), Member(hp, 1)], 2000, log_every=500,
-                           on_log=on_log)
+    res = train_population(
+        "CartPole-v1", [Member(hp, 0), Member(hp, 1)], 2000, log_every=500, on_log=on_log
+    )
     assert res[0].status == "ok" and res[1].status == "pruned"
     assert res[1].curve["step"][-1] == 1000 and res[0].curve["step"][-1] == 2000
 
@@ -142,9 +149,16 @@ def test_unsupported_space_is_a_clear_error():
 
 def test_learns_cartpole_with_small_budget():
     # Several seeds and the median, not one lucky seed. Random play scores about 22.
-    hp = cfg.resolve({"policy_optimizer": "adam", "policy_lr": 1e-3, "value_optimizer": "adam",
-                      "value_lr": 1e-3, "normalize_advantage": True, "n_steps": 16})
-    res = train_population("CartPole-v1", [Member(hp, s) for s in range(6)], 25_000,
-                           log_every=2500)
+    hp = cfg.resolve(
+        {
+            "policy_optimizer": "adam",
+            "policy_lr": 1e-3,
+            "value_optimizer": "adam",
+            "value_lr": 1e-3,
+            "normalize_advantage": True,
+            "n_steps": 16,
+        }
+    )
+    res = train_population("CartPole-v1", [Member(hp, s) for s in range(6)], 25_000, log_every=2500)
     finals = np.array([r.final_return for r in res])
     assert np.nanmedian(finals) > 100, finals

@@ -1,0 +1,678 @@
+"""Paper figures of a sweep: pure functions from DataFrames to matplotlib Figures.
+
+Every function here takes plain DataFrames (and small mappings), builds a new
+:class:`matplotlib.figure.Figure` without pyplot (no global figure registry to leak, no GUI
+backend: rendering goes through Agg), and returns it; nothing is read from or written to
+disk except by :func:`save_figure`. ``study.report`` decides what to plot and where it goes.
+
+Conventions, so that every figure can go into a paper as is:
+
+* sizes for a two-column paper: :data:`COLUMN_WIDTH` (3.5 in) for single-panel figures,
+  :data:`TEXT_WIDTH` (7 in) for panels side by side; every font is 8 pt (:data:`STYLE`);
+* the Okabe-Ito palette (:data:`OKABE_ITO`), distinguishable with the common colour-vision
+  deficiencies, plus line styles that vary with colour so curves survive greyscale print;
+* axes say what and in which unit ("environment steps"), legends name the hyperparameters
+  that differ between the configs shown ("policy_lr=0.01, gamma=0.99");
+* no titles (captions belong to the document), no top/right spines, no grid.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import textwrap
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.collections import LineCollection
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from matplotlib.text import Text
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullLocator
+
+# Headless: Optuna's plots go through pyplot, which must never try a GUI backend (none of
+# the imports above loads pyplot, so this still takes effect).
+matplotlib.use("Agg")
+
+__all__ = [
+    "CLASS_COLORS",
+    "COLUMN_WIDTH",
+    "METRIC_LABELS",
+    "OKABE_ITO",
+    "STYLE",
+    "TEXT_WIDTH",
+    "final_distribution_figure",
+    "learning_curves_figure",
+    "optuna_figures",
+    "save_figure",
+    "seed_curves_figure",
+    "sensitivity_figure",
+    "small_multiples_figure",
+    "steps_formatter",
+]
+
+#: Okabe & Ito (2008), "Color Universal Design": blue, orange, bluish green, vermillion,
+#: reddish purple, sky blue, black. Yellow (#F0E442) is left out: unreadable as a thin line
+#: on white.
+OKABE_ITO: tuple[str, ...] = (
+    "#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#000000",
+)
+#: Paired with the colours so that the 8th curve differs from the 1st by dash, not only hue.
+LINESTYLES: tuple[Any, ...] = ("-", "--", "-.", ":", (0, (5, 1, 1, 1, 1, 1)))
+
+#: Colours of the failure classes (study.failures.CLASSES). Trapped runs get the one warm,
+#: saturated colour, so they are what the eye finds first.
+CLASS_COLORS: dict[str, str] = {
+    "ok": "#56B4E9",
+    "learning": "#009E73",
+    "trapped": "#D55E00",
+    "diverged": "#000000",
+    "pruned": "#999999",
+}
+CLASS_ORDER: tuple[str, ...] = ("ok", "learning", "trapped", "diverged", "pruned")
+
+COLUMN_WIDTH = 3.5  # inches: one column of a two-column paper
+TEXT_WIDTH = 7.0  # inches: the full text width
+
+#: Axis labels of the metrics a report can rank by.
+METRIC_LABELS: dict[str, str] = {
+    "episode_return": "episode return",
+    "eval_return": "evaluation return",
+    "final_return": "final return",
+    "final_eval_return": "final evaluation return",
+    "auc": "mean episode return over training",
+    "entropy": "policy entropy (nats)",
+}
+
+FONT_SIZE = 8
+#: Applied while a figure is built (text sizes are fixed when the artists are created).
+STYLE: dict[str, Any] = {
+    "font.size": FONT_SIZE,
+    "axes.labelsize": FONT_SIZE,
+    "axes.titlesize": FONT_SIZE,
+    "xtick.labelsize": FONT_SIZE,
+    "ytick.labelsize": FONT_SIZE,
+    "legend.fontsize": FONT_SIZE,
+    "figure.titlesize": FONT_SIZE,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": False,
+    "axes.linewidth": 0.6,
+    "xtick.major.width": 0.6,
+    "ytick.major.width": 0.6,
+    "axes.prop_cycle": matplotlib.cycler(color=OKABE_ITO),
+    "legend.frameon": False,
+    "legend.handlelength": 2.2,
+    "lines.linewidth": 1.2,
+    # Text stays text in SVG (small files, editable in the paper's tools).
+    "svg.fonttype": "none",
+    "svg.hashsalt": "study",  # stable ids: the same store gives byte-identical SVGs
+    "figure.dpi": 100,
+}
+PNG_DPI = 200
+
+F = TypeVar("F", bound=Callable[..., Figure])
+
+
+def _styled(fn: F) -> F:
+    """Build the figure under :data:`STYLE` without touching the caller's rcParams."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Figure:
+        with matplotlib.rc_context(STYLE):
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    # Constrained layout keeps labels and outside legends inside the canvas without the
+    # second draw that bbox_inches="tight" costs at save time.
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def _fmt_steps(x: float, _pos: int | None = None) -> str:
+    a = abs(x)
+    if a >= 1e6:
+        return f"{x / 1e6:g}M"
+    if a >= 1e3:
+        return f"{x / 1e3:g}k"
+    return f"{x:g}"
+
+
+#: Tick labels for environment steps: 0, 250k, 1.5M (shorter than 1.5e6 with an offset).
+steps_formatter = FuncFormatter(_fmt_steps)
+
+
+def _wrap(label: str, width: int) -> str:
+    """Wrap a "k=v, k=v" label at the commas, so no hyperparameter is split in two."""
+    return "\n".join(textwrap.wrap(label, width=width, break_long_words=False,
+                                   break_on_hyphens=False)) or label
+
+
+def _style_for(i: int) -> dict[str, Any]:
+    return {"color": OKABE_ITO[i % len(OKABE_ITO)],
+            "linestyle": LINESTYLES[(i // len(OKABE_ITO) + i) % len(LINESTYLES)]}
+
+
+def _metric_label(metric: str) -> str:
+    return METRIC_LABELS.get(metric, metric.replace("_", " "))
+
+
+# --------------------------------------------------------------------------------------
+# learning curves
+
+
+def _agg_metrics(agg: pd.DataFrame, metrics: Sequence[str] | None) -> list[str]:
+    have = list(pd.unique(agg["metric"])) if "metric" in agg else ["episode_return"]
+    if metrics is None:
+        return [m for m in ("episode_return", "eval_return") if m in have] or have
+    return [m for m in metrics if m in have]
+
+
+def _agg_rows(agg: pd.DataFrame, metric: str) -> pd.DataFrame:
+    return agg[agg["metric"] == metric] if "metric" in agg else agg
+
+
+@_styled
+def learning_curves_figure(
+    agg: pd.DataFrame,
+    config_ids: Sequence[str],
+    labels: Mapping[str, str],
+    *,
+    metrics: Sequence[str] | None = None,
+    center: str = "median",
+    width: float = COLUMN_WIDTH,
+) -> Figure:
+    """Median (line) and inter-quartile band over seeds against environment steps.
+
+    ``agg`` is :func:`study.curves.learning_curves` or ``aggregate_curves`` output
+    (``metric, config_id, step, median, q25, q75, iqm, iqm_lo, iqm_hi``; a frame without
+    ``metric`` is one metric). One panel per metric (episode return, then evaluation return
+    when present), configs in ``config_ids`` order with a shared legend below naming each
+    config by ``labels``. ``center="iqm"`` draws the IQM and its bootstrap band instead.
+    """
+    if center not in ("median", "iqm"):
+        raise ValueError(f"center must be 'median' or 'iqm', got {center!r}")
+    mid, lo, hi = (("median", "q25", "q75") if center == "median"
+                   else ("iqm", "iqm_lo", "iqm_hi"))
+    what = "median, IQR over seeds" if center == "median" else "IQM, 95% bootstrap CI"
+    metrics = _agg_metrics(agg, metrics)
+    n = max(1, len(metrics))
+    fig = _new_figure(width, 1.9 * n + 0.35 * len(config_ids) + 0.3)
+    axes = fig.subplots(n, 1, sharex=True, squeeze=False)[:, 0]
+    handles = []
+    for ax, metric in zip(axes, metrics, strict=False):
+        sub = _agg_rows(agg, metric)
+        by_cfg = dict(tuple(sub.groupby("config_id", sort=False)))
+        for i, cid in enumerate(config_ids):
+            g = by_cfg.get(cid)
+            if g is None or g.empty:
+                continue
+            st = _style_for(i)
+            x = g["step"].to_numpy(float)
+            (line,) = ax.plot(x, g[mid].to_numpy(float), lw=1.2, **st,
+                              label=_wrap(labels.get(cid, cid), 55))
+            ax.fill_between(x, g[lo].to_numpy(float), g[hi].to_numpy(float),
+                            color=st["color"], alpha=0.18, lw=0)
+            if ax is axes[0]:
+                handles.append(line)
+        ax.set_ylabel(f"{_metric_label(metric)}\n({what})")
+    axes[-1].set_xlabel("environment steps")
+    axes[-1].xaxis.set_major_formatter(steps_formatter)
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", ncols=1)
+    return fig
+
+
+@_styled
+def small_multiples_figure(
+    agg: pd.DataFrame,
+    config_ids: Sequence[str],
+    labels: Mapping[str, str],
+    *,
+    metric: str = "episode_return",
+    max_panels: int = 24,
+    ncols: int = 4,
+    total_configs: int | None = None,
+) -> Figure:
+    """One small panel per config (median and IQR band), shared axes, at most ``max_panels``.
+
+    Panels follow ``config_ids`` (best first), so a capped grid keeps the configs worth
+    looking at; the best config's median is repeated in grey in every panel as a common
+    reference. ``total_configs`` (for the note under the grid) defaults to
+    ``len(config_ids)``.
+    """
+    shown = list(config_ids)[:max_panels]
+    total = len(config_ids) if total_configs is None else total_configs
+    ncols = max(1, min(ncols, len(shown)))
+    nrows = max(1, math.ceil(len(shown) / ncols))
+    width = TEXT_WIDTH if ncols > 2 else COLUMN_WIDTH
+    # A fixed grid instead of constrained layout: with dozens of panels the layout solver
+    # (which measures every tick label) would cost more than drawing the curves.
+    axes_h, title_h, bottom, left, top = 1.0, 0.42, 0.62, 0.62, 0.02
+    height = nrows * (axes_h + title_h) + bottom + top
+    fig = Figure(figsize=(width, height))
+    gs = fig.add_gridspec(nrows, ncols, left=left / width, right=1 - 0.08 / width,
+                          bottom=bottom / height, top=1 - (top + title_h) / height,
+                          hspace=title_h / axes_h,
+                          wspace=0.15 / ((width - left) / ncols - 0.15))
+    axes = gs.subplots(sharex=True, sharey=True, squeeze=False)
+    sub = _agg_rows(agg, metric)
+    by_cfg = dict(tuple(sub.groupby("config_id", sort=False)))
+    ref = by_cfg.get(shown[0]) if shown else None
+    chars = max(14, int(width / ncols * 72 / (0.55 * FONT_SIZE)) - 2)
+    for k, ax in enumerate(axes.ravel()):
+        if k >= len(shown):
+            ax.set_axis_off()
+            continue
+        cid = shown[k]
+        g = by_cfg.get(cid)
+        if ref is not None and k > 0:
+            ax.plot(ref["step"].to_numpy(float), ref["median"].to_numpy(float),
+                    color="#999999", lw=0.8)
+        if g is not None and not g.empty:
+            x = g["step"].to_numpy(float)
+            ax.plot(x, g["median"].to_numpy(float), color=OKABE_ITO[0], lw=1.0)
+            ax.fill_between(x, g["q25"].to_numpy(float), g["q75"].to_numpy(float),
+                            color=OKABE_ITO[0], alpha=0.25, lw=0)
+        ax.set_title(_wrap(labels.get(cid, cid), chars), loc="left", pad=2)
+        ax.xaxis.set_major_formatter(steps_formatter)
+        ax.xaxis.set_major_locator(MaxNLocator(3))
+    for ax in axes[-1, :]:
+        ax.set_xlabel("environment steps")
+    for ax in axes[:, 0]:
+        ax.set_ylabel(_metric_label(metric))
+    note = "median and IQR over seeds; grey: the best config"
+    if total > len(shown):
+        note += f"; best {len(shown)} of {total} configs shown"
+    fig.text(0.5, 0.05 / height, note, ha="center", va="bottom", color="#555555")
+    return fig
+
+
+# --------------------------------------------------------------------------------------
+# per-seed curves
+
+
+def _segments(curves: pd.DataFrame, run_ids: Sequence[str], column: str) -> list[np.ndarray]:
+    """``[n_points, 2]`` (step, value) arrays, one per run in ``run_ids`` order.
+
+    NaN values stay in: LineCollection leaves a gap there, as a windowless log point
+    should (joining across it would draw a return nobody observed).
+    """
+    sub = curves[curves["run_id"].isin(run_ids)]
+    order = pd.Index(run_ids).get_indexer(sub["run_id"])
+    idx = np.lexsort((sub["step"].to_numpy(float), order))
+    rows = order[idx]
+    xy = np.column_stack([sub["step"].to_numpy(float)[idx],
+                          sub[column].to_numpy(float)[idx] if column in sub
+                          else np.full(idx.size, np.nan)])
+    cuts = np.searchsorted(rows, np.arange(1, len(run_ids)))
+    return np.split(xy, cuts)
+
+
+@_styled
+def seed_curves_figure(
+    curves: pd.DataFrame,
+    classes: pd.DataFrame,
+    label: str,
+    *,
+    metric: str = "episode_return",
+    show_entropy: bool = True,
+) -> Figure:
+    """Every seed of one config, coloured by its failure class (trapped runs stand out).
+
+    ``classes`` has one row per run of the config: ``run_id, classification`` and
+    optionally ``plateau_step`` (marked on trapped runs). Runs are drawn as one
+    LineCollection per class (one draw call, whatever the number of seeds), with a second
+    panel of policy entropy when ``curves`` has any, because a trapped run's story is
+    usually told there (entropy collapsed at its plateau). ``label`` names the config.
+    """
+    cls = classes.assign(classification=classes["classification"].astype(str))
+    has_ent = (show_entropy and "entropy" in curves
+               and np.isfinite(curves.loc[curves["run_id"].isin(cls["run_id"]),
+                                          "entropy"].to_numpy(float)).any())
+    columns = [metric] + (["entropy"] if has_ent else [])
+    fig = _new_figure(COLUMN_WIDTH, 2.0 * len(columns) + 0.75)
+    axes = fig.subplots(len(columns), 1, sharex=True, squeeze=False)[:, 0]
+    run_ids = cls["run_id"].astype(str).tolist()
+    handles: list[Any] = []
+    for ax, column in zip(axes, columns, strict=True):
+        segs = _segments(curves, run_ids, column)
+        for c in CLASS_ORDER:
+            mask = (cls["classification"] == c).to_numpy()
+            if not mask.any():
+                continue
+            emphasis = c in ("trapped", "diverged")
+            lc = LineCollection(
+                [s for s, m in zip(segs, mask, strict=True) if m],
+                colors=CLASS_COLORS[c], linewidths=1.1 if emphasis else 0.8,
+                linestyles="--" if c == "diverged" else "-",
+                alpha=1.0 if emphasis else 0.7, zorder=3 if emphasis else 2,
+            )
+            ax.add_collection(lc)
+            if ax is axes[0]:
+                handles.append(Line2D([], [], color=CLASS_COLORS[c],
+                                      ls="--" if c == "diverged" else "-",
+                                      label=f"{c} ({int(mask.sum())})"))
+        ax.autoscale_view()
+        ax.set_ylabel(_metric_label(column))
+    # Plateau points of trapped runs: where the run stopped improving.
+    if "plateau_step" in cls:
+        tr = cls[(cls["classification"] == "trapped") & cls["plateau_step"].notna()]
+        if len(tr):
+            segs = _segments(curves, tr["run_id"].astype(str).tolist(), metric)
+            px = tr["plateau_step"].to_numpy(float)
+            py = np.array([_interp_finite(x, s) for x, s in zip(px, segs, strict=True)])
+            axes[0].scatter(px, py, s=16, marker="o", facecolor="white",
+                            edgecolor="#000000", lw=0.9, zorder=4)
+            handles.append(Line2D([], [], ls="", marker="o", mfc="white", mec="#000000",
+                                  label="plateau start"))
+    axes[-1].set_xlabel("environment steps")
+    axes[-1].xaxis.set_major_formatter(steps_formatter)
+    fig.legend(handles=handles, loc="outside lower center", ncols=3,
+               title=_wrap(label, 55), title_fontsize=FONT_SIZE)
+    return fig
+
+
+# --------------------------------------------------------------------------------------
+# final-return distributions
+
+
+def _interp_finite(x: float, seg: np.ndarray) -> float:
+    """The curve ``seg`` at step ``x``, read across NaN windows (a marker needs a place)."""
+    ok = np.isfinite(seg[:, 1])
+    return float(np.interp(x, seg[ok, 0], seg[ok, 1])) if ok.any() else np.nan
+
+
+class ModeLike(Protocol):
+    """What the distribution figure needs of a mode (``study.failures.Mode`` has it)."""
+
+    index: int
+    level: float
+    lo: float
+    hi: float
+
+
+def _boxplot(ax: Any, data: list[np.ndarray], positions: np.ndarray, **kw: Any) -> Any:
+    # ``orientation`` replaced ``vert`` in matplotlib 3.10; support both.
+    try:
+        return ax.boxplot(data, positions=positions, orientation="horizontal", **kw)
+    except TypeError:
+        return ax.boxplot(data, positions=positions, vert=False, **kw)
+
+
+@_styled
+def final_distribution_figure(
+    values: pd.DataFrame,
+    config_ids: Sequence[str],
+    labels: Mapping[str, str],
+    *,
+    modes: Mapping[str, Sequence[ModeLike]] | None = None,
+    trapped_modes: Iterable[tuple[str, int]] = (),
+    metric: str = "final_return",
+    seed: int = 0,
+) -> Figure:
+    """Box plot plus every seed (jittered points) per config, with the detected modes.
+
+    ``values``: one row per run with ``config_id, value`` and optionally
+    ``classification`` (point colour). Configs are rows, in ``config_ids`` order from the
+    top (best first), named by ``labels`` on the axis: horizontal boxes keep long
+    hyperparameter labels readable. ``modes`` (config -> modes, lowest first) are marked
+    for configs with more than one mode: a band over each mode's range with a tick at its
+    level, vermillion for the modes in ``trapped_modes`` (``(config_id, mode.index)``).
+    Runs without a finite value (diverged) are counted in the row label. Jitter is seeded.
+    """
+    modes = modes or {}
+    trapped = set(trapped_modes)
+    cids = list(config_ids)
+    n = len(cids)
+    pos = {c: float(n - 1 - i) for i, c in enumerate(cids)}  # best at the top
+    v = values[values["config_id"].isin(cids)]
+    val = v["value"].to_numpy(float)
+    finite = np.isfinite(val)
+    ylabels = []
+    for c in cids:
+        lab = labels.get(c, c)
+        bad = int((~finite[(v["config_id"] == c).to_numpy()]).sum())
+        ylabels.append(lab + (f" ({bad} non-finite)" if bad else ""))
+    longest = max((len(s) for s in ylabels), default=0)
+    width = TEXT_WIDTH if longest > 28 else COLUMN_WIDTH
+    fig = _new_figure(width, 0.27 * n + 1.1)
+    ax = fig.subplots()
+
+    # Mode bands first, so boxes and points are drawn over them.
+    band_y, band_lo, band_w, band_c, lev_x, lev_y, lev_c = [], [], [], [], [], [], []
+    for c in cids:
+        ms = list(modes.get(c, ()))
+        if len(ms) < 2:
+            continue
+        for m in ms:
+            col = CLASS_COLORS["trapped"] if (c, m.index) in trapped else "#777777"
+            band_y.append(pos[c])
+            band_lo.append(m.lo)
+            band_w.append(max(m.hi - m.lo, 0.0))
+            band_c.append(col)
+            lev_x.append(m.level)
+            lev_y.append(pos[c])
+            lev_c.append(col)
+    if band_y:
+        ax.barh(band_y, band_w, left=band_lo, height=0.82, color=band_c, alpha=0.15, lw=0,
+                zorder=1)
+        ly = np.asarray(lev_y)
+        ax.vlines(lev_x, ly - 0.41, ly + 0.41, colors=lev_c, lw=1.2, zorder=1.5)
+
+    codes = pd.Categorical(v["config_id"], categories=cids).codes
+    data = [val[(codes == i) & finite] for i in range(n)]
+    _boxplot(ax, data, positions=np.array([pos[c] for c in cids]), widths=0.55,
+             showfliers=False, whis=1.5, manage_ticks=False, patch_artist=False,
+             medianprops={"color": "#000000", "lw": 1.2},
+             boxprops={"color": "#444444", "lw": 0.8},
+             whiskerprops={"color": "#444444", "lw": 0.8},
+             capprops={"color": "#444444", "lw": 0.8})
+
+    rng = np.random.default_rng(seed)
+    y = np.array([pos[c] for c in cids])[codes] + rng.uniform(-0.2, 0.2, size=len(v))
+    klass = (v["classification"].astype(str).to_numpy() if "classification" in v
+             else np.full(len(v), "ok"))
+    colors = np.array([CLASS_COLORS.get(k, "#0072B2") for k in klass], dtype=object)
+    ax.scatter(val[finite], y[finite], s=7, c=list(colors[finite]), lw=0, alpha=0.85,
+               zorder=3)
+
+    ax.margins(x=0.03)
+    ax.autoscale_view()
+    ax.set_yticks(np.arange(n), ylabels[::-1])  # position 0 is the bottom row
+    ax.set_ylim(-0.6, n - 0.4)
+    ax.set_xlabel(_metric_label(metric))
+    ax.spines["left"].set_visible(False)
+    ax.tick_params(axis="y", length=0)
+
+    present = [k for k in CLASS_ORDER if k in set(klass[finite])]
+    handles: list[Any] = [Line2D([], [], ls="", marker="o", ms=4, mfc=CLASS_COLORS[k],
+                                 mec="none", label=f"{k} run") for k in present]
+    if band_y:
+        handles.append(Patch(color="#777777", alpha=0.3, lw=0, label="mode (range, level)"))
+        if trapped:
+            handles.append(Patch(color=CLASS_COLORS["trapped"], alpha=0.3, lw=0,
+                                 label="trapped mode"))
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", ncols=min(3, len(handles)))
+    return fig
+
+
+# --------------------------------------------------------------------------------------
+# hyperparameter sensitivity
+
+
+def _is_numeric(s: pd.Series) -> bool:
+    if pd.api.types.is_bool_dtype(s) or not pd.api.types.is_numeric_dtype(s):
+        return False
+    a = s.to_numpy(float)
+    return bool(np.isfinite(a).all())  # inf (max_grad_norm = inf) cannot sit on an axis
+
+
+def _log_axis(name: str, x: np.ndarray) -> bool:
+    """Learning rates always; other positive values spanning two decades or more."""
+    if x.size == 0 or (x <= 0).any():
+        return False
+    return name.endswith("_lr") or "lr" in name.split("_") or x.max() / x.min() >= 100
+
+
+@_styled
+def sensitivity_figure(
+    values: pd.DataFrame,
+    hyperparameters: Sequence[str],
+    *,
+    metric: str = "final_return",
+    ncols: int = 3,
+) -> Figure:
+    """Final return against each hyperparameter, marginalised over everything else.
+
+    ``values``: one row per run with ``value`` and the hyperparameter columns. Per value
+    of a hyperparameter: the median (markers) and IQR (error bars) over every run with
+    that value, i.e. over seeds *and* over the other hyperparameters, and each config's
+    median as a faint dot, so the spread a marginal hides stays visible. Numeric values sit
+    on a numeric axis (logarithmic for learning rates and ranges over two decades);
+    choices, booleans and layer sizes are categories. Panels share the y axis. The IQR is
+    drawn as error bars (a band would suggest values between the grid points).
+    """
+    hps = [h for h in hyperparameters if h in values.columns]
+    n = max(1, len(hps))
+    ncols = max(1, min(ncols, n))
+    nrows = math.ceil(n / ncols)
+    width = TEXT_WIDTH if ncols > 1 else COLUMN_WIDTH
+    fig = _new_figure(width, 1.9 * nrows + 0.2)
+    axes = fig.subplots(nrows, ncols, sharey=True, squeeze=False)
+    val = values["value"].to_numpy(float)
+    ok = np.isfinite(val)
+    v = values.loc[ok]
+    for k, ax in enumerate(axes.ravel()):
+        if k >= len(hps):
+            ax.set_axis_off()
+            continue
+        h = hps[k]
+        col = v[h]
+        numeric = _is_numeric(col)
+        key = col if numeric else col.map(_category)
+        g = v["value"].groupby(key.to_numpy(), sort=True)
+        q = g.quantile([0.25, 0.5, 0.75]).unstack()
+        xs = q.index.to_numpy()
+        if numeric:
+            x = xs.astype(float)
+            ax.set_xscale("log" if _log_axis(h, x) else "linear")
+        else:
+            x = np.arange(len(xs), dtype=float)
+            ax.set_xticks(x)
+            ax.set_xticklabels([str(s) for s in xs])
+            ax.set_xlim(-0.5, len(xs) - 0.5)
+        lookup = pd.Series(x, index=xs)
+        if "config_id" in v:
+            per_cfg = v.groupby("config_id", sort=False).agg(
+                value=("value", "median"), key=(h, "first"))
+            ck = per_cfg["key"] if numeric else per_cfg["key"].map(_category)
+            ax.scatter(lookup.reindex(ck.to_numpy()).to_numpy(float),
+                       per_cfg["value"].to_numpy(float), s=6, color="#999999", lw=0,
+                       zorder=1)
+        med = q[0.5].to_numpy(float)
+        # Error bars, not a band: the grid has values only where the bars are.
+        ax.errorbar(x, med, yerr=[med - q[0.25].to_numpy(float), q[0.75].to_numpy(float) - med],
+                    color=OKABE_ITO[0], marker="o", ms=3.5, lw=1.2, capsize=2.5,
+                    ls="-" if numeric else "none",  # no line between unordered choices
+                    elinewidth=1.0, zorder=3)
+        if numeric and len(xs) <= 8:
+            # Few grid values: tick exactly those, so each value reads off the axis.
+            ax.set_xticks(x, [_category(float(a)) for a in xs])
+            ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xlabel(h)
+    for ax in axes[:, 0]:
+        ax.set_ylabel(f"{_metric_label(metric)}\n(median, IQR over runs)")
+    return fig
+
+
+def _category(x: object) -> str:
+    if isinstance(x, (bool, np.bool_)):
+        return "true" if x else "false"
+    if isinstance(x, (float, np.floating)):
+        return "inf" if np.isinf(x) else f"{float(x):g}"
+    return str(x)
+
+
+# --------------------------------------------------------------------------------------
+# Optuna
+
+
+def optuna_figures(study: Any) -> tuple[dict[str, Figure], dict[str, str]]:
+    """Optuna's own matplotlib plots of ``study``: history, importances, intermediates.
+
+    Returns ``(figures, notes)``: the figures that could be drawn, and for each that could
+    not a one-line reason for the report (no completed trial, fewer than two for
+    importances, no intermediate values, or the error Optuna raised). Optuna draws through
+    pyplot; the caller must ``matplotlib.pyplot.close`` the figures after saving them.
+    """
+    import warnings
+
+    import optuna
+    import optuna.visualization.matplotlib as ovm
+
+    complete = [t for t in study.get_trials(deepcopy=False)
+                if t.state == optuna.trial.TrialState.COMPLETE]
+    with_inter = [t for t in study.get_trials(deepcopy=False) if t.intermediate_values]
+    figures: dict[str, Figure] = {}
+    notes: dict[str, str] = {}
+    plots: list[tuple[str, Callable[[Any], Any], str | None]] = [
+        ("optuna_history", ovm.plot_optimization_history,
+         None if complete else "no completed trial"),
+        ("optuna_importances", ovm.plot_param_importances,
+         None if len(complete) >= 2 else
+         f"needs at least 2 completed trials (the study has {len(complete)})"),
+        ("optuna_intermediate", ovm.plot_intermediate_values,
+         None if with_inter else "no trial reported intermediate values"),
+    ]
+    for name, plot, skip in plots:
+        if skip:
+            notes[name] = skip
+            continue
+        try:
+            with warnings.catch_warnings(), matplotlib.rc_context(STYLE):
+                warnings.simplefilter("ignore")  # ExperimentalWarning on every call
+                ax = plot(study)
+            fig = ax.figure if hasattr(ax, "figure") else np.ravel(ax)[0].figure
+            fig.set_size_inches(TEXT_WIDTH * 0.8, 3.2)
+            for a in fig.axes:
+                a.set_title("")  # the report's caption says what it is
+            for t in fig.findobj(Text):
+                if t.get_fontsize() < FONT_SIZE:
+                    t.set_fontsize(FONT_SIZE)
+            figures[name] = fig
+        except Exception as e:  # noqa: BLE001 - any plotting failure becomes a report note
+            notes[name] = f"{type(e).__name__}: {' '.join(str(e).split())}"
+    return figures, notes
+
+
+# --------------------------------------------------------------------------------------
+# saving
+
+
+def save_figure(fig: Figure, directory: str | Path, stem: str,
+                formats: Sequence[str] = ("png", "svg")) -> list[Path]:
+    """Write ``directory/stem.<fmt>`` for each format; returns the paths written.
+
+    PNG at :data:`PNG_DPI` for screens, SVG for papers; no timestamps in the metadata, so
+    the same store gives the same files.
+    """
+    out = []
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    with matplotlib.rc_context(STYLE):
+        for fmt in formats:
+            p = d / f"{stem}.{fmt}"
+            meta = {"Date": None} if fmt == "svg" else ({"Software": None} if fmt == "png"
+                                                          else None)
+            fig.savefig(p, format=fmt, dpi=PNG_DPI, metadata=meta, facecolor="white")
+            out.append(p)
+    return out

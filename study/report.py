@@ -1,0 +1,859 @@
+"""``python -m study.report RESULTS_DIR``: the whole analysis of a sweep as HTML and Markdown.
+
+Writes, under ``--out DIR`` (default ``RESULTS_DIR/report``)::
+
+    index.html        opens offline: no scripts or CDN, figures beside it, tables inline
+    report.md         the same content as Markdown
+    figures/*.png     200 dpi, for screens
+    figures/*.svg     text kept as text, for papers
+    tables/*.csv|md|tex
+
+with: median/IQR (and IQM) learning curves of the top configs and small multiples of the
+grid; every seed of one config with trapped/diverged runs highlighted; the final-return
+distribution per config with its modes; hyperparameter sensitivity (marginal medians and
+IQRs); the seed table; the failure report; and, for Optuna studies, Optuna's own plots.
+
+Every number comes from the store's Parquet files (:mod:`study.store`), the statistics from
+:mod:`study.curves`, :mod:`study.tables` and :mod:`study.failures`, the figures from
+:mod:`study.figures`. The report is built in a temporary directory beside ``DIR`` and
+renamed into place at the end, so a failed run never leaves a half-written report (and
+an earlier report stays as it was). Bad input (not a store, an empty store, a metric
+without data, unknown options) is one ``error:`` line and exit code 2, with nothing
+written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import html
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+import tomllib
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from study import curves as curves_mod
+from study import failures, figures, stats, store
+from study.config import NAMES, ConfigError
+
+__all__ = ["METRICS", "ReportResult", "build_report", "main", "markdown_to_html"]
+
+#: What configs can be ranked by (``--metric``); ``auc`` is the mean of the return curve.
+METRICS: tuple[str, ...] = ("final_return", "final_eval_return", "auc")
+#: Written into every report directory: only directories holding it are ever replaced.
+MARKER = ".study-report"
+#: At most this many configs in the final-return distribution figure.
+MAX_DISTRIBUTION_ROWS = 30
+#: Bootstrap resamples behind the IQM band of the top configs' learning curves.
+IQM_BOOT = 1000
+
+
+@dataclass
+class ReportResult:
+    """What :func:`build_report` wrote, how long each stage took, and what it skipped."""
+
+    out: Path
+    files: list[Path]
+    timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+class _Timer:
+    """Accumulates wall time per named stage (for the benchmark's breakdown)."""
+
+    def __init__(self) -> None:
+        self.t: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.t[stage] = self.t.get(stage, 0.0) + time.perf_counter() - t0
+
+
+# --------------------------------------------------------------------------------------
+# inputs
+
+
+def _run_values(runs: pd.DataFrame, curves: pd.DataFrame, metric: str) -> np.ndarray:
+    """The ranking metric per run, aligned with ``runs`` (NaN where a run has none).
+
+    :func:`study.tables.run_metric` when available (so figures and the seed table agree
+    on what a run's value is: diverged and pruned runs have none); ``auc`` is the mean of
+    the run's episode-return curve, NaN windows skipped.
+    """
+    try:
+        from study.tables import run_metric
+    except ImportError:
+        run_metric = None  # type: ignore[assignment]
+    if run_metric is not None:
+        return run_metric(runs, curves, metric).to_numpy(dtype=float)
+    if metric == "auc":
+        if curves.empty:
+            raise ConfigError("metric auc needs curves, and there are none")
+        auc = curves.groupby("run_id", sort=False)["episode_return"].mean()
+        values = runs["run_id"].map(auc).to_numpy(dtype=float)
+    else:
+        values = runs[metric].to_numpy(dtype=float)
+    bad = runs["status"].astype(str).isin(["diverged", "pruned"]).to_numpy()
+    return np.where(bad, np.nan, values)
+
+
+def _check_out(results: Path, out: Path) -> None:
+    """Refuse an output directory whose replacement would destroy something else."""
+    r, o = results.resolve(), out.resolve()
+    if r == o or r.is_relative_to(o):
+        raise ConfigError(f"--out {out}: is or contains the results store itself; "
+                          "refusing to replace it")
+    if o.exists():
+        if not o.is_dir():
+            raise ConfigError(f"--out {out}: exists and is not a directory")
+        if any(o.iterdir()) and not (o / MARKER).exists():
+            raise ConfigError(f"--out {out}: exists and is not a report written by "
+                              "study.report; choose another directory")
+
+
+# --------------------------------------------------------------------------------------
+# the seed table (study.tables), kept in one place because that module's API is young
+
+
+def _seed_table(runs: pd.DataFrame, curves: pd.DataFrame, metric: str, values: np.ndarray,
+                hps: list[str], per_run: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, str]]:
+    """The seed table (best config first) and its renderings ``{"md", "csv", "tex"}``.
+
+    Uses :func:`study.tables.seed_table` (given the failure report's classification, so
+    runs are not classified twice) and :func:`study.tables.format_table` when that module
+    exists; otherwise a minimal table of the same kind computed here.
+    """
+    try:
+        from study import tables
+    except ImportError:
+        tables = None  # type: ignore[assignment]
+    if tables is not None and hasattr(tables, "seed_table"):
+        tab = tables.seed_table(runs, curves if len(curves) else None, metric=metric,
+                                classification=per_run)
+        fmt = getattr(tables, "format_table", None)
+        if fmt is not None:
+            out = {"md": fmt(tab, "markdown"), "csv": fmt(tab, "csv"), "tex": fmt(tab, "latex")}
+        else:
+            out = {"md": _df_markdown(tab), "csv": tab.to_csv(index=False),
+                   "tex": _df_latex(tab)}
+        return tab, out
+    tab = _fallback_seed_table(runs, values, hps)
+    return tab, {"md": _df_markdown(tab), "csv": tab.to_csv(index=False), "tex": _df_latex(tab)}
+
+
+def _fallback_seed_table(runs: pd.DataFrame, values: np.ndarray,
+                         hps: list[str]) -> pd.DataFrame:
+    """Per config: n, median, quartiles, IQR, mean, std, IQM with a 95% bootstrap CI."""
+    v = pd.Series(values, index=runs.index)
+    rows = []
+    first = runs.drop_duplicates("config_id").set_index("config_id")
+    for cid, idx in runs.groupby("config_id", sort=True).groups.items():
+        x = v.loc[idx].to_numpy(float)
+        f = x[np.isfinite(x)]
+        q25, med, q75 = (stats.quantiles(f) if f.size else [np.nan] * 3)
+        point, lo, hi = (stats.stratified_bootstrap_ci(f, "iqm", n_boot=2000,
+                                                       seed=stats.key_seed(0, str(cid)))
+                         if f.size else (np.nan, np.nan, np.nan))
+        rows.append({"config_id": cid, **{h: first.at[cid, h] for h in hps},
+                     "n": int(x.size), "median": med, "q25": q25, "q75": q75,
+                     "iqr": q75 - q25, "mean": f.mean() if f.size else np.nan,
+                     "std": f.std(ddof=1) if f.size > 1 else np.nan, "iqm": point,
+                     "iqm_lo": lo, "iqm_hi": hi, "n_nonfinite": int(x.size - f.size)})
+    tab = pd.DataFrame(rows)
+    return tab.sort_values(["iqm", "median", "config_id"], ascending=[False, False, True],
+                           kind="stable", na_position="last").reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------------------
+# small writers (Markdown, LaTeX, HTML)
+
+
+def _cell(v: Any, decimals: int = 3) -> str:
+    if isinstance(v, (float, np.floating)):
+        f = float(v)
+        if math.isnan(f):
+            return "-"
+        if f.is_integer() and abs(f) < 1e15:
+            return str(int(f))
+        return f"{f:.{decimals}g}" if abs(f) < 1e-2 else f"{f:.{decimals}f}"
+    return failures.format_value(v)
+
+
+def _df_markdown(df: pd.DataFrame) -> str:
+    head = [str(c) for c in df.columns]
+    lines = ["| " + " | ".join(h.replace("|", "\\|") for h in head) + " |",
+             "|" + "|".join("---" for _ in head) + "|"]
+    for row in df.itertuples(index=False):
+        lines.append("| " + " | ".join(_cell(v).replace("|", "\\|") for v in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+_TEX_ESC = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
+            "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
+            "^": r"\textasciicircum{}"}
+
+
+def _tex(s: str) -> str:
+    return "".join(_TEX_ESC.get(ch, ch) for ch in s)
+
+
+def _df_latex(df: pd.DataFrame) -> str:
+    """A booktabs ``tabular`` (no pandas Styler, so no jinja2 dependency)."""
+    cols = "l" * len(df.columns)
+    lines = [f"\\begin{{tabular}}{{{cols}}}", "\\toprule",
+             " & ".join(_tex(str(c)) for c in df.columns) + r" \\", "\\midrule"]
+    for row in df.itertuples(index=False):
+        lines.append(" & ".join(_tex(_cell(v)) for v in row) + r" \\")
+    lines += ["\\bottomrule", "\\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def _shift_headings(md: str, by: int = 1) -> str:
+    """Demote Markdown headings (a module's ``#`` report becomes a ``##`` section)."""
+    return re.sub(r"^(#{1,5}) ", lambda m: "#" * (len(m.group(1)) + by) + " ", md,
+                  flags=re.MULTILINE)
+
+
+_INLINE = [
+    (re.compile(r"`([^`]+)`"), r"<code>\1</code>"),
+    (re.compile(r"\*\*(.+?)\*\*"), r"<strong>\1</strong>"),
+    (re.compile(r"(?<![\w*])\*(?!\s)(.+?)(?<!\s)\*(?![\w*])"), r"<em>\1</em>"),
+    (re.compile(r"\[([^\]]+)\]\(([^)\s]+)\)"), r'<a href="\2">\1</a>'),
+]
+
+
+def _inline(text: str) -> str:
+    s = html.escape(text, quote=False)
+    for pat, rep in _INLINE:
+        s = pat.sub(rep, s)
+    return s
+
+
+def _split_row(line: str) -> list[str]:
+    cells = re.split(r"(?<!\\)\|", line.strip().strip("|") if line.strip() != "|" else "")
+    return [c.strip().replace("\\|", "|") for c in cells]
+
+
+_IMAGE = re.compile(r"^!\[([^\]]*)\]\(([^)\s]+)\)$")
+
+
+def markdown_to_html(md: str) -> str:
+    """The small Markdown subset the report uses, as HTML body content.
+
+    Headings, paragraphs, ``- `` lists, pipe tables, images on their own line, and inline
+    code, bold, italics and links. Enough for this report (and the failure report and seed
+    table it embeds); not a general Markdown implementation.
+    """
+    out: list[str] = []
+    lines = md.splitlines()
+    i = 0
+    para: list[str] = []
+
+    def flush() -> None:
+        if para:
+            out.append("<p>" + _inline(" ".join(para)) + "</p>")
+            para.clear()
+
+    while i < len(lines):
+        line = lines[i].rstrip()
+        if not line.strip():
+            flush()
+            i += 1
+            continue
+        m = re.match(r"^(#{1,6}) (.*)$", line)
+        if m:
+            flush()
+            level = len(m.group(1))
+            text = m.group(2)
+            anchor = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+            out.append(f'<h{level} id="{anchor}">{_inline(text)}</h{level}>')
+            i += 1
+            continue
+        im = _IMAGE.match(line.strip())
+        if im:
+            flush()
+            alt, src = im.group(1), im.group(2)
+            i += 1
+            # A following "*Figure n.* ..." paragraph is the image's caption.
+            j = i
+            while j < len(lines) and not lines[j].strip():
+                j += 1
+            caption = []
+            if j < len(lines) and lines[j].lstrip().startswith("*Figure"):
+                while j < len(lines) and lines[j].strip():
+                    caption.append(lines[j].strip())
+                    j += 1
+                i = j
+            cap = f"<figcaption>{_inline(' '.join(caption))}</figcaption>" if caption else ""
+            out.append(f'<figure><img src="{html.escape(src)}" alt="{html.escape(alt)}">'
+                       f"{cap}</figure>")
+            continue
+        if line.lstrip().startswith("|"):
+            flush()
+            block = []
+            while i < len(lines) and lines[i].lstrip().startswith("|"):
+                block.append(lines[i])
+                i += 1
+            rows = [_split_row(b) for b in block]
+            if len(rows) >= 2 and all(re.fullmatch(r":?-{3,}:?", c) for c in rows[1]):
+                head, body = rows[0], rows[2:]
+            else:
+                head, body = None, rows
+            t = ['<div class="table"><table>']
+            if head:
+                t.append("<thead><tr>" + "".join(f"<th>{_inline(c)}</th>" for c in head)
+                         + "</tr></thead>")
+            t.append("<tbody>" + "".join(
+                "<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in body)
+                + "</tbody></table></div>")
+            out.append("".join(t))
+            continue
+        if line.lstrip().startswith("- "):
+            flush()
+            items = []
+            while i < len(lines) and lines[i].lstrip().startswith("- "):
+                items.append(f"<li>{_inline(lines[i].lstrip()[2:])}</li>")
+                i += 1
+            out.append("<ul>" + "".join(items) + "</ul>")
+            continue
+        para.append(line.strip())
+        i += 1
+    flush()
+    return "\n".join(out)
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;
+max-width:1000px;margin:2em auto;padding:0 1em;color:#222;line-height:1.45}
+h1{font-size:1.6em}h2{font-size:1.3em;border-bottom:1px solid #ddd;padding-bottom:.2em;
+margin-top:2em}h3{font-size:1.1em}
+figure{margin:1em 0}img{max-width:100%;height:auto;border:0}
+.table{overflow-x:auto;margin:.5em 0 1em}
+table{border-collapse:collapse;font-size:.85em;font-variant-numeric:tabular-nums}
+th,td{border-bottom:1px solid #e3e3e3;padding:.25em .6em;text-align:left;white-space:nowrap}
+th{border-bottom:2px solid #999}code{background:#f4f4f4;padding:0 .2em}
+figcaption{font-size:.9em;color:#444;margin-top:.3em}
+"""
+
+
+def _html_page(title: str, body: str) -> str:
+    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
+            f"<title>{html.escape(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+            f"{body}\n</body>\n</html>\n")
+
+
+# --------------------------------------------------------------------------------------
+# Optuna
+
+
+def _optuna_study(root: Path) -> tuple[Any | None, str]:
+    """The Optuna study of a store and where it came from, or ``(None, why not)``.
+
+    The journal (``optuna.journal``, an Optuna JournalFileBackend file) is preferred: it
+    has the exact search space. It is only read (loading a study appends nothing). The
+    study name is the sweep's name (``sweep.toml``, else the manifest's ``sweep``); a
+    journal holding one study is read whatever its name. Without a journal the study is
+    rebuilt in memory from ``trials.parquet``.
+    """
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    journal = root / "optuna.journal"
+    errors = []
+    if journal.is_file():
+        try:
+            from optuna.storages import JournalStorage
+            from optuna.storages.journal import JournalFileBackend
+
+            storage = JournalStorage(JournalFileBackend(str(journal)))
+            names = optuna.get_all_study_names(storage)
+            want = _sweep_name(root)
+            name = want if want in names else (names[0] if len(names) == 1 else None)
+            if name is None:
+                raise ValueError(f"no study named {want!r} among {names}")
+            return optuna.load_study(study_name=name, storage=storage), \
+                f"`optuna.journal` (study {name!r})"
+        except Exception as e:  # noqa: BLE001 - a broken journal is a note, not a crash
+            errors.append(f"optuna.journal unreadable ({type(e).__name__}: {e})")
+    trials = root / "trials.parquet"
+    if trials.is_file():
+        try:
+            return _study_from_trials(pd.read_parquet(trials)), "`trials.parquet`"
+        except Exception as e:  # noqa: BLE001
+            errors.append(f"trials.parquet unreadable ({type(e).__name__}: {e})")
+    return None, "; ".join(errors)
+
+
+def _sweep_name(root: Path) -> str | None:
+    try:
+        return str(tomllib.loads((root / "sweep.toml").read_text())["name"])
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        pass
+    try:
+        return str(store.read_manifest(root).get("sweep"))
+    except (OSError, ValueError):
+        return None
+
+
+def _intermediate(v: Any) -> dict[int, float]:
+    """Intermediate values from a trials.parquet cell: a mapping, pairs, or JSON text."""
+    import json
+
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return {}
+    if isinstance(v, str):
+        v = json.loads(v) if v.strip() else {}
+    if isinstance(v, Mapping):
+        items = v.items()
+    else:
+        items = [(p["step"], p["value"]) if isinstance(p, Mapping) else tuple(p) for p in v]
+    return {int(k): float(x) for k, x in items if x is not None and np.isfinite(float(x))}
+
+
+def _study_from_trials(df: pd.DataFrame) -> Any:
+    """An in-memory Optuna study (maximising) rebuilt from ``trials.parquet`` rows.
+
+    The search space is not stored there, so each parameter's distribution is inferred
+    from the values seen: numbers span their observed range (log scale when positive over
+    two decades or more), anything else is categorical.
+    """
+    import optuna
+    from optuna.distributions import (
+        CategoricalDistribution,
+        FloatDistribution,
+        IntDistribution,
+    )
+    from optuna.trial import TrialState, create_trial
+
+    pcols = [c for c in df.columns if c.startswith("param_")]
+    dists: dict[str, Any] = {}
+    for c in pcols:
+        s = df[c].dropna()
+        name = c[len("param_"):]
+        if s.empty:
+            continue
+        if pd.api.types.is_bool_dtype(s) or not pd.api.types.is_numeric_dtype(s):
+            dists[name] = CategoricalDistribution(sorted({str(x) for x in s}))
+        else:
+            lo, hi = float(s.min()), float(s.max())
+            log = lo > 0 and hi / lo >= 100
+            if pd.api.types.is_integer_dtype(s):
+                dists[name] = IntDistribution(int(lo), max(int(hi), int(lo) + 1), log=log)
+            else:
+                dists[name] = FloatDistribution(lo, hi if hi > lo else lo + abs(lo) + 1.0,
+                                                log=log)
+    inter_col = next((c for c in ("intermediate_values", "intermediate") if c in df), None)
+    study = optuna.create_study(direction="maximize")
+    states = {s.name: s for s in TrialState}
+    for row in df.sort_values("number").to_dict("records"):
+        state = states.get(str(row.get("state", "COMPLETE")).upper(), TrialState.COMPLETE)
+        params, pd_ = {}, {}
+        for c in pcols:
+            name = c[len("param_"):]
+            v = row[c]
+            if name not in dists or v is None or (isinstance(v, float) and math.isnan(v)):
+                continue
+            if isinstance(dists[name], CategoricalDistribution):
+                v = str(v)
+            elif isinstance(dists[name], IntDistribution):
+                v = int(v)
+            else:
+                v = float(v)
+            params[name], pd_[name] = v, dists[name]
+        value = row.get("value")
+        ok = value is not None and np.isfinite(float(value))
+        if state == TrialState.COMPLETE and not ok:
+            state = TrialState.FAIL
+        if state == TrialState.RUNNING or state == TrialState.WAITING:
+            state = TrialState.FAIL  # a finished study file cannot hold live trials
+        study.add_trial(create_trial(
+            state=state, value=float(value) if state == TrialState.COMPLETE else None,
+            params=params, distributions=pd_,
+            intermediate_values=_intermediate(row.get(inter_col)) if inter_col else {},
+        ))
+    return study
+
+
+# --------------------------------------------------------------------------------------
+# the report
+
+
+def _fig_block(n: int, stem: str, alt: str, caption: str) -> str:
+    return (f"![{alt}](figures/{stem}.png)\n\n*Figure {n}.* {caption} "
+            f"([SVG](figures/{stem}.svg), [PNG](figures/{stem}.png))\n")
+
+
+def _downloads(stem: str, exts: Sequence[str]) -> str:
+    return "Download: " + ", ".join(f"[{e.upper()}](tables/{stem}.{e})" for e in exts) + "."
+
+
+def build_report(
+    results_dir: str | Path,
+    out: str | Path | None = None,
+    *,
+    top: int = 5,
+    metric: str = "final_return",
+    max_panels: int = 24,
+) -> ReportResult:
+    """Analyse the store at ``results_dir`` and write the report to ``out``.
+
+    ``out`` defaults to ``results_dir/report``; an existing report there is replaced as a
+    whole at the end (a directory that is not a report is refused). ``top`` configs get
+    the learning-curve figures; ``metric`` ranks configs and is the y of the distribution
+    and sensitivity figures; the small multiples show at most ``max_panels`` configs.
+    Raises :class:`~study.config.ConfigError` (nothing written) for bad input.
+    """
+    timer = _Timer()
+    root = Path(results_dir)
+    out_dir = Path(out) if out is not None else root / "report"
+    if top < 1:
+        raise ConfigError(f"--top {top} is invalid: expected an integer >= 1")
+    if max_panels < 1:
+        raise ConfigError(f"--max-panels {max_panels} is invalid: expected an integer >= 1")
+    if metric not in METRICS:
+        raise ConfigError(f"--metric {metric!r} is invalid: expected one of "
+                          f"{', '.join(METRICS)}")
+    with timer("load store"):
+        runs = store.load_runs(root)  # StoreError (a ConfigError) if not a store or empty
+        curves = store.load_curves(root, allow_empty=True)
+    values = _run_values(runs, curves, metric)
+    if not np.isfinite(values).any():
+        raise ConfigError(f"{root}: metric {metric} has no data (no run has a finite value)")
+    _check_out(root, out_dir)
+
+    parent = out_dir.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=parent))
+    try:
+        with warnings.catch_warnings():
+            # All-NaN steps and empty slices are expected (NaN means "no value" here).
+            warnings.simplefilter("ignore", RuntimeWarning)
+            result = _write_report(root, tmp, runs, curves, values, metric, top, max_panels,
+                                   timer)
+        with timer("publish"):
+            _publish(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    files = sorted(out_dir / p.relative_to(tmp) for p in result.files)
+    return ReportResult(out_dir, files, timer.t, result.notes)
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Swap the finished report into place: two renames, the old report kept until then."""
+    (tmp / MARKER).write_text("written by python -m study.report; replaced as a whole\n")
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a report is meant to be shared
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            os.replace(old, out)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _write_report(root: Path, out: Path, runs: pd.DataFrame, curves: pd.DataFrame,
+                  values: np.ndarray, metric: str, top: int, max_panels: int,
+                  timer: _Timer) -> ReportResult:
+    import matplotlib.pyplot as plt
+
+    fig_dir, tab_dir = out / "figures", out / "tables"
+    fig_dir.mkdir()
+    tab_dir.mkdir()
+    files: list[Path] = []
+    notes: list[str] = []
+    has_curves = not curves.empty
+    hps_all = failures.hyperparameter_columns(runs)
+    hps = [h for h in hps_all if h in NAMES]  # env is not a hyperparameter to marginalise
+    labels = failures.config_labels(runs, hps_all)
+
+    def write(path: Path, text: str) -> None:
+        path.write_text(text, encoding="utf-8")
+        files.append(path)
+
+    def save(fig: Any, stem: str) -> None:
+        with timer(f"figure: {stem}"):
+            files.extend(figures.save_figure(fig, fig_dir, stem))
+
+    # ---- statistics
+    name = _sweep_name(root) or root.name
+    with timer("failure report"):
+        rep = failures.failure_report(runs, curves if has_curves else None, source=name)
+        fmd = rep.markdown()
+        rep.per_run.to_csv(tab_dir / "failures_per_run.csv", index=False)
+        files.append(tab_dir / "failures_per_run.csv")
+        pc = rep.per_config
+        write(tab_dir / "failures_per_config.csv", pc.to_csv(index=False))
+        write(tab_dir / "failures_per_config.md", _df_markdown(pc))
+        write(tab_dir / "failures_per_config.tex", _df_latex(pc))
+        write(tab_dir / "trapped_by_hyperparameter.csv",
+              rep.by_hyperparameter.to_csv(index=False))
+    with timer("seed table"):
+        table, rendered = _seed_table(runs, curves, metric, values, hps_all, rep.per_run)
+        for ext, key in (("md", "md"), ("csv", "csv"), ("tex", "tex")):
+            write(tab_dir / f"seed_table.{ext}", rendered[key])
+
+    # Ranking: the seed table's order when it names configs, else IQM of the metric.
+    cfg_all = sorted(runs["config_id"].astype(str).unique())
+    if "config_id" in table:
+        ranked = [str(c) for c in table["config_id"] if str(c) in set(cfg_all)]
+        ranked += [c for c in cfg_all if c not in set(ranked)]
+    else:
+        s = pd.Series(values).groupby(runs["config_id"].astype(str).to_numpy())
+        score = s.agg(lambda x: stats.iqm(x.to_numpy()))
+        ranked = list(score.sort_values(ascending=False, kind="stable").index)
+    top_ids = ranked[:top]
+    cls = rep.per_run.assign(classification=rep.per_run["classification"].astype(str))
+
+    md: list[str] = []
+    env = ", ".join(sorted(runs["env"].astype(str).unique())) if "env" in runs else "?"
+    seeds = runs.groupby("config_id").size()
+    md += [f"# Sweep report: {name}", "",
+           f"{len(runs):,} runs of {env} in {len(cfg_all)} configs "
+           f"({seeds.min()}{'' if seeds.min() == seeds.max() else f'-{seeds.max()}'} seeds "
+           f"each); configs ranked by **{metric}**"
+           + (f"; hyperparameters that differ: {', '.join(f'`{h}`' for h in hps)}."
+              if hps else "; a single config."), ""]
+    nfig = 0
+
+    # ---- 1. learning curves
+    md += ["## Learning curves", ""]
+    if has_curves:
+        with timer("curve aggregation"):
+            # Median and IQR only: one bootstrap replicate, since the IQM band is not
+            # drawn for the whole grid (a full bootstrap of every config would dominate
+            # the report's run time); the top configs get a real one below.
+            agg = curves_mod.learning_curves(runs, curves, n_boot=1)
+            top_runs = runs[runs["config_id"].astype(str).isin(top_ids)]
+            agg_iqm = curves_mod.aggregate_curves(top_runs, curves, "episode_return",
+                                                  n_boot=IQM_BOOT)
+        with timer("figure: learning_curves"):
+            fig = figures.learning_curves_figure(agg, top_ids, labels)
+        save(fig, "learning_curves")
+        nfig += 1
+        evals = "; evaluation returns below" if (agg["metric"] == "eval_return").any() else ""
+        md.append(_fig_block(
+            nfig, "learning_curves", "median learning curves of the top configs",
+            f"The {len(top_ids)} best configs by {metric}: median episode return over seeds "
+            f"(line) and inter-quartile range (band) against environment steps{evals}."))
+        with timer("figure: learning_curves_iqm"):
+            fig = figures.learning_curves_figure(agg_iqm, top_ids, labels, center="iqm")
+        save(fig, "learning_curves_iqm")
+        nfig += 1
+        md.append(_fig_block(
+            nfig, "learning_curves_iqm", "IQM learning curves of the top configs",
+            "The same configs: interquartile mean over seeds with a 95% stratified "
+            f"bootstrap interval ({IQM_BOOT:,} resamples of whole curves, seeded)."))
+        with timer("figure: small_multiples"):
+            fig = figures.small_multiples_figure(agg, ranked, labels, max_panels=max_panels)
+        save(fig, "small_multiples")
+        nfig += 1
+        shown = min(len(ranked), max_panels)
+        md.append(_fig_block(
+            nfig, "small_multiples", "learning curves of every config",
+            f"Median and IQR of the episode return per config, best first "
+            f"({shown} of {len(ranked)} configs"
+            + ("; raise --max-panels to see more" if shown < len(ranked) else "")
+            + "); grey: the best config, for reference."))
+    else:
+        md.append("The store has no curves: no learning-curve figures.")
+        notes.append("no curves in the store")
+    md.append("")
+
+    # ---- 2. per-seed curves of one config
+    md += ["## Seeds of one config", ""]
+    counts = cls.groupby("config_id")["classification"].agg(
+        trapped=lambda c: int((c == "trapped").sum()))
+    trapped_counts = counts["trapped"]
+    if (trapped_counts > 0).any():
+        rank_of = {c: i for i, c in enumerate(ranked)}
+        pick = min(trapped_counts[trapped_counts == trapped_counts.max()].index,
+                   key=lambda c: rank_of.get(c, 0))
+        why = f"the config with the most trapped runs ({int(trapped_counts[pick])})"
+    else:
+        pick = ranked[0]
+        why = "the best config (no config has trapped runs)"
+    if has_curves:
+        sub = cls[cls["config_id"] == pick]
+        with timer("figure: seed_curves"):
+            fig = figures.seed_curves_figure(curves, sub, labels.get(pick, pick))
+        save(fig, "seed_curves")
+        nfig += 1
+        md.append(_fig_block(
+            nfig, "seed_curves", "every seed of one config",
+            f"Every seed of {labels.get(pick, pick)}, {why}, coloured by its failure "
+            "class (study.failures); open circles: where a trapped run plateaued. The "
+            "lower panel shows policy entropy, which collapses in trapped runs."))
+    else:
+        md.append("No curves to draw.")
+    md.append("")
+
+    # ---- 3. final-return distributions
+    md += ["## Final-return distributions", ""]
+    trapped_modes = [(t.config_id, t.mode.index) for t in rep.trapped_levels]
+    rows = _distribution_rows(ranked, {c for c, _ in trapped_modes})
+    vals = pd.DataFrame({"config_id": runs["config_id"].astype(str).to_numpy(),
+                         "run_id": runs["run_id"].astype(str).to_numpy(), "value": values})
+    vals = vals.merge(cls[["run_id", "classification"]], on="run_id", how="left")
+    with timer("figure: final_distribution"):
+        fig = figures.final_distribution_figure(vals, rows, labels, modes=rep.modes,
+                                                trapped_modes=trapped_modes, metric=metric)
+    save(fig, "final_distribution")
+    nfig += 1
+    md.append(_fig_block(
+        nfig, "final_distribution", f"{metric} per config",
+        f"{metric} of every seed (points, coloured by failure class) with a box plot "
+        "(median, quartiles, whiskers at 1.5 IQR) per config, best at the top"
+        + (f" ({len(rows)} of {len(ranked)} configs: the best, and every config with a "
+           "trapped mode)" if len(rows) < len(ranked) else "")
+        + ". Shaded bands: the modes found in configs with more than one (range of their "
+        "seeds, tick at the level); vermillion: trapped modes."))
+    md.append("")
+
+    # ---- 4. sensitivity
+    md += ["## Hyperparameter sensitivity", ""]
+    if hps:
+        sv = runs[["config_id", *hps]].assign(value=values)
+        with timer("figure: sensitivity"):
+            fig = figures.sensitivity_figure(sv, hps, metric=metric)
+        save(fig, "sensitivity")
+        nfig += 1
+        md.append(_fig_block(
+            nfig, "sensitivity", "hyperparameter sensitivity",
+            f"{metric} against each hyperparameter that varies: median (markers) and IQR "
+            "(error bars) over every run with that value, i.e. over seeds and all other "
+            "hyperparameters; grey dots: each config's median. Learning rates on a log "
+            "axis."))
+    else:
+        md.append("No hyperparameter varies in this store.")
+    md.append("")
+
+    # ---- 5. tables
+    md += ["## Seed table", "",
+           f"One row per config, best first by {metric}.", "", rendered["md"].rstrip(), "",
+           _downloads("seed_table", ("csv", "md", "tex")), ""]
+    md += [_shift_headings(fmd).rstrip(), "",
+           "Per-run classifications: [CSV](tables/failures_per_run.csv); per config: "
+           + ", ".join(f"[{e.upper()}](tables/failures_per_config.{e})"
+                       for e in ("csv", "md", "tex"))
+           + "; trapped rate by hyperparameter value: "
+           "[CSV](tables/trapped_by_hyperparameter.csv).", ""]
+
+    # ---- 6. Optuna
+    if (root / "trials.parquet").is_file() or (root / "optuna.journal").is_file():
+        md += ["## Optuna study", ""]
+        with timer("optuna: load"):
+            study, source = _optuna_study(root)
+        if study is None:
+            md.append(f"The Optuna results could not be read: {source}.")
+            notes.append(f"optuna: {source}")
+        else:
+            with timer("optuna: figures"):
+                figs, fnotes = figures.optuna_figures(study)
+            md.append(f"Read from {source}: {len(study.trials)} trials.")
+            md.append("")
+            caps = {
+                "optuna_history": "Optimisation history: each trial's objective and the "
+                                  "best so far.",
+                "optuna_importances": "Hyperparameter importances (Optuna's default "
+                                      "evaluator, fANOVA) for the objective.",
+                "optuna_intermediate": "Intermediate values reported by each trial (the "
+                                       "objective over its seeds at each log point), as "
+                                       "seen by the pruner.",
+            }
+            for stem, cap in caps.items():
+                if stem in figs:
+                    save(figs[stem], stem)
+                    plt.close(figs[stem])
+                    nfig += 1
+                    md.append(_fig_block(nfig, stem, stem.replace("_", " "), cap))
+                else:
+                    md.append(f"*{cap.split(':')[0]}: not drawn* ({fnotes[stem]}).")
+                    md.append("")
+                    notes.append(f"{stem}: {fnotes[stem]}")
+        md.append("")
+
+    if notes:
+        md += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    md.append(f"*Generated by `python -m study.report` from `{root.name}`.*")
+    text = "\n".join(md).rstrip() + "\n"
+    with timer("markdown and html"):
+        write(out / "report.md", text)
+        write(out / "index.html", _html_page(f"Sweep report: {name}", markdown_to_html(text)))
+    return ReportResult(out, files, timer.t, notes)
+
+
+def _distribution_rows(ranked: Sequence[str], trapped: set[str]) -> list[str]:
+    """Configs for the distribution figure: all, or the best plus every trapped one."""
+    if len(ranked) <= MAX_DISTRIBUTION_ROWS:
+        return list(ranked)
+    keep = [c for c in ranked if c in trapped][: MAX_DISTRIBUTION_ROWS // 2]
+    for c in ranked:
+        if len(keep) >= MAX_DISTRIBUTION_ROWS:
+            break
+        if c not in keep:
+            keep.append(c)
+    order = {c: i for i, c in enumerate(ranked)}
+    return sorted(keep, key=order.__getitem__)
+
+
+# --------------------------------------------------------------------------------------
+# CLI
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m study.report RESULTS_DIR [--out DIR] [--top K] [--metric M]``."""
+    from study.cli_util import ArgumentParser, run_cli
+
+    def body(args_in: Sequence[str] | None) -> int:
+        ap = ArgumentParser(
+            prog="python -m study.report",
+            description="Write an offline HTML + Markdown report (figures, seed table, "
+                        "failure analysis) of a results store.")
+        ap.add_argument("results_dir", help="a results store written by a sweep")
+        ap.add_argument("--out", metavar="DIR",
+                        help="report directory (default RESULTS_DIR/report)")
+        ap.add_argument("--top", metavar="K", type=int, default=5,
+                        help="configs in the learning-curve figures (default 5)")
+        ap.add_argument("--metric", choices=METRICS, default="final_return",
+                        help="what ranks configs (default final_return)")
+        ap.add_argument("--max-panels", metavar="N", type=int, default=24,
+                        help="at most N configs in the small multiples (default 24)")
+        args = ap.parse_args(args_in)
+        res = build_report(args.results_dir, args.out, top=args.top, metric=args.metric,
+                           max_panels=args.max_panels)
+        n_fig = sum(1 for p in res.files if p.suffix == ".png")
+        print(f"wrote {res.out / 'index.html'} ({n_fig} figures, "
+              f"{sum(1 for p in res.files if p.parent.name == 'tables')} tables)")
+        return 0
+
+    return run_cli(body, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
