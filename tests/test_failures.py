@@ -1,0 +1,298 @@
+"""study.failures on synthetic sweeps whose trapped, learning and diverged runs are known."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as st
+
+from study import stats
+from study.failures import (
+    CLASSES,
+    Mode,
+    assign_modes,
+    classify_runs,
+    failure_report,
+    find_modes,
+    main,
+)
+
+N_POINTS, TOTAL = 100, 100_000
+
+
+def make_sweep(spec, seed=0, n_points=N_POINTS):
+    """(runs, curves) for ``spec = [(config_id, {hp: value}, [kind, ...]), ...]``.
+
+    Kinds: ("success", level) sigmoid rise from -50 to ``level``, entropy decaying slowly;
+    ("weak", level) the same to a low level; ("trapped", level) a quick fall to ``level``
+    then flat, with entropy collapsing to 0.05; ("learning", level) a straight ramp still
+    rising at the end; ("diverged",) stops half way with status "diverged".
+    """
+    rng = np.random.default_rng(seed)
+    steps = np.linspace(TOTAL / n_points, TOTAL, n_points).astype(int)
+    x = steps / TOTAL
+    runs, curves = [], []
+    for cid, hp, kinds in spec:
+        for s, kind in enumerate(kinds):
+            k, start = kind[0], -50.0
+            noise = rng.normal(size=n_points)
+            if k in ("success", "weak"):
+                lvl, mid = kind[1], rng.uniform(0.25, 0.4)
+                y = start + (lvl - start) / (1 + np.exp(-(x - mid) / 0.05))
+                y = y + noise * (0.05 * abs(lvl - start) + 1)
+                ent = 1.4 - 0.6 * x + rng.normal(0, 0.02, n_points)
+            elif k == "trapped":
+                y = kind[1] + (start - kind[1]) * np.exp(-x / 0.05) + 2 * noise
+                ent = 0.05 + 1.35 * np.exp(-x / 0.08) + rng.normal(0, 0.005, n_points)
+            elif k == "learning":
+                y = start + (kind[1] - start) * x + 10 * noise
+                ent = 1.4 - 0.3 * x
+            else:  # diverged
+                y, ent = start + 100 * x + 5 * noise, np.ones(n_points)
+            n = n_points // 2 if k == "diverged" else n_points
+            runs.append({
+                "run_id": f"{cid}-s{s}", "config_id": cid, "seed": s, "env": "Toy-v0",
+                "total_steps": TOTAL, **hp,
+                "final_return": np.nan if k == "diverged" else float(y[-5:].mean()),
+                "final_eval_return": np.nan,
+                "status": "diverged" if k == "diverged" else "ok",
+                "diverged_at_step": int(steps[n - 1]) if k == "diverged" else None,
+                "wall_s": 1.0,
+            })
+            curves.append(pd.DataFrame({
+                "run_id": f"{cid}-s{s}", "step": steps[:n], "episode_return": y[:n],
+                "episode_length": 100.0, "entropy": ent[:n], "policy_loss": 0.0,
+                "value_loss": 0.0, "explained_variance": 0.0, "grad_norm": 1.0,
+                "eval_return": np.nan,
+            }))
+    runs = pd.DataFrame(runs)
+    runs["diverged_at_step"] = runs["diverged_at_step"].astype("Int64")
+    return runs, pd.concat(curves, ignore_index=True)
+
+
+def write_store(path, runs, curves):
+    """A results store as the sweep driver lays it out (manifest + Parquet datasets)."""
+    from study import store
+
+    (path / "runs").mkdir(parents=True)
+    (path / "manifest.json").write_text(json.dumps({"format": store.FORMAT}))
+    runs.to_parquet(path / "runs" / "chunk-0.parquet", index=False)
+    if curves is not None:
+        (path / "curves").mkdir()
+        curves.to_parquet(path / "curves" / "chunk-0.parquet", index=False)
+    return path
+
+
+def labels(per_run):
+    return {c: g["classification"].astype(str).tolist() for c, g in per_run.groupby(
+        "config_id")}
+
+
+BIMODAL = [("bi", {"policy_lr": 1e-3}, [("trapped", -28)] * 7 + [("success", 350)] * 17)]
+
+
+# --------------------------------------------------------------------------------------
+# find_modes
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_unimodal_samples_give_one_mode(seed):
+    rng = np.random.default_rng(seed)
+    for x in (rng.normal(300, 20, 24), rng.normal(0, 1, 50), rng.standard_t(5, 30)):
+        modes = find_modes(x)
+        assert len(modes) == 1
+        assert modes[0].count == x.size and modes[0].level == pytest.approx(x.mean())
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_bimodal_sample_gives_both_modes(seed):
+    rng = np.random.default_rng(seed)
+    low, high = rng.normal(-28, 2, 7), rng.normal(350, 20, 17)
+    x = rng.permutation(np.r_[low, high])
+    modes = find_modes(x)
+    assert [m.count for m in modes] == [7, 17]
+    assert modes[0].level == pytest.approx(low.mean())
+    assert modes[0].spread == pytest.approx(low.std(ddof=1))
+    assert modes[1].level == pytest.approx(high.mean())
+    assert (modes[0].lo, modes[0].hi) == (low.min(), low.max())
+    assert assign_modes(x, modes).tolist() == (x > 100).astype(int).tolist()
+
+
+def test_mode_description_and_edge_cases():
+    m = Mode(index=0, level=-28.08, spread=2.01, count=7, total=24, lo=-31.0, hi=-25.0)
+    assert str(m) == "-28.1 +/- 2.0: 7 of 24 seeds"
+    assert find_modes([]) == []
+    assert find_modes([np.nan, 3.0])[0].count == 1
+    assert len(find_modes([5.0] * 10)) == 1  # all tied
+    # A single outlier is not a mode (min_count = 2)...
+    assert len(find_modes(np.r_[np.random.default_rng(0).normal(0, 1, 20), 50.0])) == 1
+    # ...but two far-off seeds are, even when the rest are tied at a capped return.
+    modes = find_modes([500.0] * 10 + [20.0, 22.0])
+    assert [m.count for m in modes] == [2, 10]
+    assert assign_modes([np.nan], modes).tolist() == [-1]
+
+
+# --------------------------------------------------------------------------------------
+# classify_runs
+
+
+def test_bimodal_flags_exactly_the_trapped_seeds():
+    runs, curves = make_sweep(BIMODAL)
+    pr = classify_runs(runs, curves)
+    assert list(pr.columns[:9]) == ["run_id", "config_id", "seed", "classification", "mode",
+                                    "plateau_step", "entropy_at_plateau",
+                                    "reference_entropy", "reason"]
+    trapped = pr[pr.classification == "trapped"]
+    assert trapped["seed"].tolist() == list(range(7))
+    assert (pr.classification[pr.seed >= 7] == "ok").all()
+    assert trapped["mode"].tolist() == [0] * 7
+    assert (pr["mode"][pr.seed >= 7] == 1).all()
+    # The trapped runs settle within ~20% of training (exp(-x/0.05)); entropy collapsed
+    # far below that of the successful seeds at the same step.
+    assert (trapped["plateau_step"] <= 0.3 * TOTAL).all()
+    assert (trapped["entropy_at_plateau"] < 0.5 * trapped["reference_entropy"]).all()
+    assert trapped["reason"].str.contains("entropy collapse").all()
+    ok = pr[pr.classification == "ok"]
+    assert ok[["plateau_step", "entropy_at_plateau"]].isna().all().all()
+
+
+def test_unimodal_sweep_reports_no_trapped_mode():
+    spec = [(f"c{i}", {"policy_lr": 10.0**-i}, [("success", 300 + 20 * i)] * 8)
+            for i in range(3)]
+    runs, curves = make_sweep(spec, seed=1)
+    rep = failure_report(runs, curves)
+    assert rep.trapped_levels == []
+    assert all(len(m) == 1 for m in rep.modes.values())
+    assert set(rep.per_run.classification) == {"ok"}
+    md = rep.markdown()
+    assert "single mode" in md and "No trapped mode" in md
+    assert "## Trapped runs\n\nNone." in md
+
+
+def test_weak_config_is_not_trapped():
+    spec = [("good", {"policy_lr": 1e-3}, [("success", 350)] * 6),
+            ("weak", {"policy_lr": 1e-1}, [("weak", 50)] * 6)]
+    pr = classify_runs(*make_sweep(spec, seed=2))
+    assert labels(pr) == {"good": ["ok"] * 6, "weak": ["ok"] * 6}
+
+
+def test_low_config_at_a_trapped_level_found_elsewhere_is_trapped():
+    spec = [("bi", {"policy_lr": 1e-3}, [("trapped", -28)] * 3 + [("success", 350)] * 5),
+            ("lowall", {"policy_lr": 1e-1}, [("trapped", -28)] * 5),
+            ("small", {"policy_lr": 1e-2}, [("trapped", -28)] + [("success", 350)] * 2),
+            ("weak", {"policy_lr": 1e-4}, [("weak", 100)] * 5)]
+    runs, curves = make_sweep(spec, seed=3)
+    pr = classify_runs(runs, curves)
+    assert labels(pr) == {"bi": ["trapped"] * 3 + ["ok"] * 5, "lowall": ["trapped"] * 5,
+                          "small": ["trapped", "ok", "ok"], "weak": ["ok"] * 5}
+    low = pr[pr.config_id == "lowall"]
+    assert low["reason"].str.contains("at the trapped level .* found in config bi").all()
+    # No success in that config: compared with the successful seeds of config bi.
+    assert (low["reference_entropy"] > 1.0).all()
+
+
+def test_learning_and_diverged_runs():
+    spec = [("c", {"policy_lr": 1e-3}, [("success", 300)] * 4 + [("learning", 300)] * 3
+             + [("diverged",)] * 2)]
+    runs, curves = make_sweep(spec, seed=4)
+    # A run with status ok but a non-finite final return also counts as diverged.
+    runs.loc[runs.seed == 0, "final_return"] = np.inf
+    pr = classify_runs(runs, curves)
+    assert labels(pr)["c"] == ["diverged", "ok", "ok", "ok", "learning", "learning",
+                               "learning", "diverged", "diverged"]
+    assert pr.reason[pr.seed == 7].str.contains("at step 50000").all()
+    assert pr.reason[pr.classification == "learning"].str.contains("still improving").all()
+
+
+def test_pruned_runs_and_missing_curves():
+    runs, curves = make_sweep(BIMODAL)
+    runs.loc[runs.seed == 23, "status"] = "pruned"
+    runs.loc[runs.seed == 23, "final_return"] = np.nan
+    pr = classify_runs(runs, curves)
+    assert pr.classification[pr.seed == 23].tolist() == ["pruned"]
+    assert (pr.classification == "trapped").sum() == 7
+    # Without curves nothing can be shown to have plateaued: no trapped runs.
+    runs.loc[runs.seed == 8, "status"] = "diverged"
+    pr = classify_runs(runs, None)
+    assert set(pr.classification) == {"ok", "diverged", "pruned"}
+    assert "no curves" in failure_report(runs, None).markdown()
+
+
+# --------------------------------------------------------------------------------------
+# failure_report
+
+
+def test_failure_report_rates_hyperparameters_and_seeds_needed():
+    spec = []
+    for i in range(6):
+        ent = 0.0 if i < 3 else 0.01
+        kinds = [("success", 300 + 10 * i)] * 6 + [("trapped", -28)] * (3 if ent == 0 else 0)
+        spec.append((f"c{i}", {"policy_lr": 10.0 ** -(1 + i % 3), "entropy_coef": ent},
+                     kinds))
+    runs, curves = make_sweep(spec, seed=5)
+    rep = failure_report(runs, curves)
+    assert rep.counts["trapped"] == 9 and set(rep.counts) == set(CLASSES)
+    assert rep.hyperparameters == ["policy_lr", "entropy_coef"]
+
+    pc = rep.per_config.set_index("config_id")
+    assert pc.loc["c0", "n_trapped"] == 3 and pc.loc["c0", "n_runs"] == 9
+    assert (pc.loc["c0", "trapped_lo"], pc.loc["c0", "trapped_hi"]) == pytest.approx(
+        stats.wilson_interval(3, 9))
+    assert pc.loc["c4", "trapped_rate"] == 0
+
+    bh = rep.by_hyperparameter.set_index(["hyperparameter", "value"])
+    row = bh.loc[("entropy_coef", "0")]
+    assert (row["n"], row["trapped"], row["rest_n"], row["rest_trapped"]) == (27, 9, 18, 0)
+    assert row["p_value"] == pytest.approx(st.fisher_exact([[9, 18], [0, 18]])[1])
+    assert bool(row["raises"]) and not bh["raises"].drop(("entropy_coef", "0")).any()
+
+    # The two best configs by IQM of final_return, and Welch's n for them.
+    s = rep.seeds_needed
+    assert (s.config_a, s.config_b) == ("c5", "c4")
+    fin = runs.set_index("config_id")["final_return"]
+    assert s.seeds == stats.welch_seeds_needed(fin["c5"], fin["c4"])
+
+    md = rep.markdown()
+    assert "**-" in md and "(trapped)**" in md
+    assert "entropy_coef | 0 | 9/27" in md and "**raises**" in md
+    assert f"**{s.seeds} seeds per config**" in md
+
+
+def test_speed_is_vectorized():
+    # 400 runs x 300 points here (the full benchmark is 1,000 x 500, well under 10 s).
+    import time
+
+    spec = [(f"c{i:02d}", {"policy_lr": 10.0 ** -(i % 4)},
+             [("success", 300)] * 7 + [("trapped", -28)] * (i % 2) + [("learning", 300)] * 2)
+            for i in range(40)]
+    runs, curves = make_sweep(spec, seed=6, n_points=300)
+    t0 = time.perf_counter()
+    rep = failure_report(runs, curves)
+    assert time.perf_counter() - t0 < 5.0
+    assert rep.counts["trapped"] == 20 and rep.counts["learning"] == 80
+
+
+# --------------------------------------------------------------------------------------
+# CLI
+
+
+def test_cli_prints_markdown_and_writes_csv(tmp_path, capsys):
+    store = write_store(tmp_path / "store", *make_sweep(BIMODAL))
+    out = tmp_path / "per_run.csv"
+    assert main([str(store), "--csv", str(out)]) == 0
+    md = capsys.readouterr().out
+    assert md.startswith(f"# Failure analysis: {store}")
+    assert "-27." in md or "-28." in md
+    per_run = pd.read_csv(out)
+    assert (per_run["classification"] == "trapped").sum() == 7
+
+
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys):
+    (tmp_path / "plain").mkdir()
+    for argv in ([str(tmp_path / "missing")], [str(tmp_path / "plain")], [], ["x", "--nope"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
