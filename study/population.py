@@ -246,10 +246,21 @@ def _member_tensor(members: Sequence[Member], name: str, device: torch.device) -
     )
 
 
+def _row_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean over dim 1, keepdim. Built on ``sum``: torch's ``var``/``std`` kernels pick a
+    reduction order that depends on the number of rows (members), ``sum`` does not."""
+    return x.sum(dim=1, keepdim=True) / x.shape[1]
+
+
+def _row_var(x: torch.Tensor, correction: int = 0) -> torch.Tensor:
+    """Two-pass variance over dim 1 (keepdim), population-independent (see _row_mean)."""
+    return ((x - _row_mean(x)) ** 2).sum(dim=1, keepdim=True) / (x.shape[1] - correction)
+
+
 def _explained_variance(values: torch.Tensor, returns: torch.Tensor) -> torch.Tensor:
     """``1 - Var[returns - values] / Var[returns]`` per member (NaN when Var[returns] = 0)."""
-    var_y = returns.var(dim=1, unbiased=False)
-    ev = 1 - (returns - values).var(dim=1, unbiased=False) / var_y
+    var_y = _row_var(returns).squeeze(1)
+    ev = 1 - _row_var(returns - values).squeeze(1) / var_y
     return torch.where(var_y > 0, ev, torch.full_like(ev, float("nan")))
 
 
@@ -602,7 +613,7 @@ def train_population(
             returns = returns.transpose(0, 1).reshape(len(a_idx), n_batch)
             values_flat = values.transpose(0, 1).reshape(len(a_idx), n_batch)
             if n_batch > 1:
-                mean, std = adv.mean(dim=1, keepdim=True), adv.std(dim=1, keepdim=True)
+                mean, std = _row_mean(adv), _row_var(adv, correction=1).sqrt()
                 normed = (adv - mean) / (std + 1e-8)
                 adv = torch.where(hps["normalize_advantage"][:, None] > 0, normed, adv)
             ev = _explained_variance(values_flat, returns)

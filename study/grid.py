@@ -1,0 +1,284 @@
+"""``python -m study.grid SWEEP.toml``: a hyperparameter grid x seeds, resumable.
+
+    python -m study.grid sweeps/quickstart.toml              # -> results/quickstart/
+    python -m study.grid sweeps/cartpole_grid.toml --dry-run
+    python -m study.grid sweeps/cartpole_grid.toml --backend dask --scheduler tcp://host:8786
+
+Re-running the same command skips the runs already stored and runs the rest, so an
+interrupted sweep (Ctrl-C, a crash, ``kill -9``) is resumed by running it again.
+With ``--scheduler`` the chunks go to an existing Dask cluster, whose workers must be able
+to import ``study`` (the same version) and send results back; only this process writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import shlex
+import sys
+from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from study import store
+from study.cli_util import ArgumentParser, run_cli
+from study.config import ConfigError
+from study.runner import BACKENDS, Outcome, Plan, execute, make_plan
+from study.sweep import Sweep, grid_axes, load_sweep, sweep_to_toml
+
+__all__ = ["best_configs", "main"]
+
+EXIT_INTERRUPTED = 130
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text.replace("_", ""))
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid: expected an integer >= 1")
+    return value
+
+
+def _available_cores() -> int:
+    # The cores this process may run on (container/taskset limits), not the machine's.
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _parser() -> ArgumentParser:
+    p = ArgumentParser(prog="study.grid", description=__doc__.split("\n")[0])
+    p.add_argument("sweep", help="sweep file (TOML), e.g. sweeps/quickstart.toml")
+    p.add_argument("--out", metavar="DIR", help="results directory (default results/<name>)")
+    p.add_argument("--n-jobs", type=_positive_int, default=None, metavar="N",
+                   help="parallel workers (default: all cores; with --scheduler the "
+                        "cluster's workers decide)")
+    p.add_argument("--backend", choices=BACKENDS, default=None,
+                   help="loky (default) or dask; --scheduler implies dask")
+    p.add_argument("--scheduler", metavar="ADDR",
+                   help="Dask scheduler address, e.g. tcp://host:8786 (default: a local "
+                        "cluster of --n-jobs worker processes)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan (configs, seeds, runs, populations, env steps) and exit")
+    p.add_argument("--fresh", action="store_true",
+                   help="delete the results directory first instead of resuming")
+    p.add_argument("--quiet", action="store_true", help="no plan, progress bar or table")
+    p.add_argument("--population-size", type=_positive_int, default=64, metavar="N",
+                   help="most runs trained together in one population (default 64)")
+    return p
+
+
+# --------------------------------------------------------------------------------------
+# manifest
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def _manifest(sweep: Sweep, command: str, plan: Plan, n_jobs: int, backend: str,
+              previous: dict[str, Any] | None) -> dict[str, Any]:
+    import study
+
+    history = []
+    if previous:
+        history = list(previous.pop("history", []))
+        history.append(previous)
+    return {
+        "format": store.FORMAT,
+        "sweep": sweep.name,
+        "env": sweep.env,
+        "sweep_file": sweep.source,
+        "command": command,
+        "cwd": os.getcwd(),
+        "started": _now(),
+        "finished": None,
+        "status": "running",
+        "backend": backend,
+        "n_jobs": n_jobs,
+        "population_size": plan.population_size,
+        "runs": {"in_sweep": len(plan.runs), "already_stored": len(plan.runs) - plan.pending,
+                 "to_run": plan.pending, "ran": 0},
+        "versions": {
+            "python": platform.python_version(),
+            "study": study.__version__,
+            **{name: _version(name) for name in
+               ("torch", "gymnasium", "numpy", "pandas", "pyarrow", "joblib", "distributed")},
+        },
+        "machine": {
+            "platform": platform.platform(),
+            "machine": platform.machine(),
+            "processor": platform.processor(),
+            "cpu_count": os.cpu_count(),
+        },
+        # Earlier invocations on this store (resumes, changed sweeps), oldest first.
+        "history": history,
+    }
+
+
+# --------------------------------------------------------------------------------------
+# summary
+
+
+def best_configs(runs: pd.DataFrame, k: int = 5) -> pd.DataFrame:
+    """The ``k`` configs with the highest median final_return across seeds.
+
+    Columns: config_id, median, q25, q75, iqr, seeds, diverged; NaN returns (diverged
+    runs) are left out of the quantiles and counted in ``diverged``.
+    """
+    g = runs.groupby("config_id", sort=False)["final_return"]
+    table = pd.DataFrame({
+        "median": g.median(),
+        "q25": g.quantile(0.25),
+        "q75": g.quantile(0.75),
+        "seeds": g.size(),
+        "diverged": runs.assign(d=runs["status"].eq("diverged")).groupby(
+            "config_id", sort=False)["d"].sum(),
+    })
+    table["iqr"] = table["q75"] - table["q25"]
+    table = table.sort_values(["median", "iqr"], ascending=[False, True], na_position="last",
+                              kind="stable")
+    return table.head(k).reset_index()
+
+
+def _fmt(x: Any) -> str:
+    if isinstance(x, float):
+        return "nan" if pd.isna(x) else f"{x:.4g}"
+    return str(x)
+
+
+def _summary(sweep: Sweep, plan: Plan, out: Path, outcome: Outcome) -> str:
+    runs = store.load_runs(out, allow_empty=True)
+    ids = {r.run_id for r in plan.runs}
+    mine = runs[runs["run_id"].isin(ids)]
+    counts = mine["status"].value_counts()
+    status = ", ".join(f"{n} {s}" for s, n in counts.items())
+    rate = outcome.env_steps / outcome.wall_s if outcome.wall_s > 0 else float("nan")
+    lines = [
+        f"results: {out} ({len(mine)} of {len(plan.runs)} runs of this sweep stored: {status})",
+    ]
+    if outcome.runs_done:
+        lines.append(f"ran {outcome.runs_done} runs, {outcome.env_steps:,} env steps in "
+                     f"{outcome.wall_s:.1f} s ({rate:,.0f} env steps/s)")
+    if len(mine):
+        best = best_configs(mine, 5)
+        axes = list(grid_axes(sweep))
+        first = mine.drop_duplicates("config_id").set_index("config_id")
+        header = ["rank", "median", "IQR", "[q25, q75]", "diverged", *axes, "config_id"]
+        rows = []
+        for i, b in best.iterrows():
+            hp = first.loc[b["config_id"]]
+            rows.append([
+                str(i + 1), _fmt(b["median"]), _fmt(b["iqr"]),
+                f"[{_fmt(b['q25'])}, {_fmt(b['q75'])}]", f"{b['diverged']}/{b['seeds']}",
+                *[_fmt(hp[a]) for a in axes], b["config_id"],
+            ])
+        widths = [max(len(r[j]) for r in [header, *rows]) for j in range(len(header))]
+        n_seeds = len(sweep.seeds)
+        lines.append(f"best configs by median final_return over {n_seeds} seed"
+                     f"{'s' if n_seeds != 1 else ''}:")
+        for r in [header, *rows]:
+            lines.append("  " + "  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)))
+        lines.append(f'load with: study.store.load("{out}")  or  '
+                     f'pandas.read_parquet("{out / store.RUNS_DIR}")')
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------
+# main
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args = _parser().parse_args(argv)
+    backend = args.backend or ("dask" if args.scheduler else "loky")
+    if args.scheduler and backend != "dask":
+        raise ConfigError("--scheduler is invalid with --backend loky: expected --backend dask")
+    n_jobs = args.n_jobs or _available_cores()
+
+    sweep = load_sweep(args.sweep)
+    out = Path(args.out) if args.out else Path("results") / sweep.name
+    if args.fresh:
+        if out.exists() and not store.is_store(out) and any(out.iterdir()):
+            raise store.StoreError(
+                f"{out}: --fresh refuses to delete a directory that is not a results store"
+            )
+        stored: set[str] = set()
+    else:
+        store.check_compatible(out, sweep.env)
+        stored = store.stored_run_ids(out) if store.is_store(out) else set()
+    plan = make_plan(sweep, args.population_size, stored)
+
+    if args.dry_run:
+        print(plan.describe(out))
+        if args.fresh and store.is_store(out):
+            print(f"  --fresh:     would delete the existing results in {out} first")
+        return 0
+
+    # Validation is over: from here on the store is written.
+    command = shlex.join(["python", "-m", "study.grid",
+                          *(sys.argv[1:] if argv is None else argv)])
+    if args.fresh:
+        store.remove_store(out)
+    out.mkdir(parents=True, exist_ok=True)
+    previous = store.read_manifest(out) if store.is_store(out) else None
+    manifest = _manifest(sweep, command, plan, n_jobs, backend, previous)
+    store.atomic_write_text(out / store.SWEEP_FILE, sweep_to_toml(sweep))
+    store.write_manifest(out, manifest)
+    if not args.quiet:
+        print(plan.describe(out), flush=True)
+
+    def finish(status: str, outcome: Outcome | None) -> None:
+        manifest["finished"] = _now()
+        manifest["status"] = status
+        if outcome is not None:
+            manifest["runs"]["ran"] = outcome.runs_done
+            manifest["wall_s"] = round(outcome.wall_s, 3)
+            manifest["env_steps"] = outcome.env_steps
+        store.write_manifest(out, manifest)
+
+    try:
+        outcome = execute(plan, out, n_jobs=n_jobs, backend=backend, scheduler=args.scheduler,
+                          show_progress=not args.quiet)
+    except BaseException:
+        finish("failed", None)
+        raise
+    if outcome.interrupted:
+        finish("interrupted", outcome)
+        kept = len(store.stored_run_ids(out) & {r.run_id for r in plan.runs})
+        print(f"interrupted: dropped the populations in flight; kept {outcome.runs_done} runs "
+              f"finished now, {kept} of {len(plan.runs)} runs of this sweep are stored in "
+              f"{out}; run the same command again to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finish("complete", outcome)
+    if args.quiet:
+        print(f"results: {out}")
+    else:
+        print(_summary(sweep, plan, out, outcome))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code (2 for bad input, 130 after Ctrl-C)."""
+    try:
+        return run_cli(_main, argv)
+    except SystemExit as e:  # cli_util.fail and --help exit; callers get the code back
+        return e.code if isinstance(e.code, int) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,364 @@
+"""The results store of a sweep: ``results/<name>/``.
+
+Layout::
+
+    sweep.toml            the sweep as resolved (defaults filled in)
+    manifest.json         versions, machine, command line, start/end times
+    runs/*.parquet        one row per finished run          (one file per finished chunk)
+    curves/*.parquet      one row per (run, log point)      (one file per finished chunk)
+    policies/<run_id>.npz final policy parameters, when the sweep saves policies
+
+Only the driver writes, and every file is written atomically (temp file in the same
+directory, fsync, ``os.replace``), so readers never see a partial file; temp files start
+with "." and are skipped by pyarrow/pandas dataset discovery as well as by this module.
+A chunk's curves (and policies) are written before its runs file: the runs file is the
+commit record, so a crash between the two leaves orphan curves (ignored, re-run later)
+rather than a run without its curve. If a crash or a concurrent driver stores a run in two
+chunk files, the readers here keep one copy, so every run appears exactly once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from study.config import SPECS, ConfigError
+
+__all__ = [
+    "CURVE_SCHEMA",
+    "FORMAT",
+    "RUNS_SCHEMA",
+    "StoreError",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "check_compatible",
+    "is_store",
+    "load",
+    "load_curves",
+    "load_curves_with_hparams",
+    "load_runs",
+    "read_manifest",
+    "remove_store",
+    "stored_run_ids",
+    "write_chunk",
+    "write_manifest",
+]
+
+FORMAT = "study-results/1"
+MANIFEST = "manifest.json"
+SWEEP_FILE = "sweep.toml"
+RUNS_DIR = "runs"
+CURVES_DIR = "curves"
+POLICIES_DIR = "policies"
+
+# The curve columns of the trainer contract (study.population.CURVE_COLUMNS), repeated here
+# so reading a store never imports torch.
+_CURVE_COLUMNS = ("step", "episode_return", "episode_length", "entropy", "policy_loss",
+                  "value_loss", "explained_variance", "grad_norm", "eval_return")
+
+
+class StoreError(ConfigError):
+    """A path is not a results store, is empty, or cannot take this sweep (one line)."""
+
+
+def _hp_type(name: str) -> pa.DataType:
+    kind = SPECS[name].kind
+    if kind == "int":
+        return pa.int64()
+    if kind == "float":
+        return pa.float64()
+    if kind == "bool":
+        return pa.bool_()
+    return pa.string()  # choices, and int lists written as "[64, 64]"
+
+
+#: One schema for every runs file, so files written by different chunks (or by a later,
+#: changed sweep under the same name) always concatenate.
+RUNS_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("config_id", pa.string()),
+        ("seed", pa.int64()),
+        ("env", pa.string()),
+        ("total_steps", pa.int64()),
+        ("log_every", pa.int64()),
+        *[(name, _hp_type(name)) for name in SPECS],
+        ("final_return", pa.float64()),
+        ("final_eval_return", pa.float64()),
+        ("status", pa.string()),
+        ("diverged_at_step", pa.int64()),
+        ("wall_s", pa.float64()),
+        ("sweep", pa.string()),
+    ]
+)
+
+CURVE_SCHEMA = pa.schema(
+    [("run_id", pa.string()), ("step", pa.int64())]
+    + [(c, pa.float64()) for c in _CURVE_COLUMNS if c != "step"]
+)
+
+#: Columns that measure time rather than results; they differ between identical re-runs.
+TIMING_COLUMNS = ("wall_s",)
+
+
+# --------------------------------------------------------------------------------------
+# atomic writes
+
+
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
+def _fsync_dir(path: Path) -> None:
+    # Makes the rename itself durable; not every platform can open a directory.
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def _atomic(path: Path) -> Iterator[Any]:
+    """Yield a binary file object; on success it replaces ``path`` in one rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
+    try:
+        # mkstemp creates 0600 files; give results the usual permissions (umask applies).
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (readers see the old file or the new one)."""
+    with _atomic(Path(path)) as f:
+        f.write(data)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _write_parquet(path: Path, table: pa.Table) -> None:
+    with _atomic(path) as f:
+        pq.write_table(table, f)
+
+
+# --------------------------------------------------------------------------------------
+# writing
+
+
+def _to_table(df: pd.DataFrame, schema: pa.Schema, what: str) -> pa.Table:
+    missing = [n for n in schema.names if n not in df.columns]
+    if missing:
+        raise ValueError(f"{what} lacks columns {missing}")
+    return pa.Table.from_pandas(df[schema.names], schema=schema, preserve_index=False)
+
+
+def write_chunk(path: str | Path, runs_df: pd.DataFrame, curves_df: pd.DataFrame,
+                chunk_key: str,
+                policies: Mapping[str, Mapping[str, np.ndarray]] | None = None) -> None:
+    """Store one finished chunk: its policies and curves first, then its runs (the commit).
+
+    ``chunk_key`` names the files (``chunk-<key>.parquet``); writing the same key again
+    replaces them, which is harmless because a chunk's values are deterministic.
+    """
+    root = Path(path)
+    # Nullable Int64 in the frame makes pandas' metadata in the file restore it as Int64
+    # when a user reads the dataset with pandas.read_parquet directly.
+    runs_df = runs_df.astype({"diverged_at_step": "Int64"})
+    runs_table = _to_table(runs_df, RUNS_SCHEMA, "runs_df")
+    curves_table = _to_table(curves_df, CURVE_SCHEMA, "curves_df")
+    for rid, state in (policies or {}).items():
+        buf = _npz_bytes(state)
+        atomic_write_bytes(root / POLICIES_DIR / f"{rid}.npz", buf)
+    _write_parquet(root / CURVES_DIR / f"chunk-{chunk_key}.parquet", curves_table)
+    _write_parquet(root / RUNS_DIR / f"chunk-{chunk_key}.parquet", runs_table)
+
+
+def _npz_bytes(state: Mapping[str, np.ndarray]) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(v) for k, v in state.items()})
+    return buf.getvalue()
+
+
+def write_manifest(path: str | Path, manifest: Mapping[str, Any]) -> None:
+    atomic_write_text(Path(path) / MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest of a store; StoreError if ``path`` is not one."""
+    if not is_store(path):
+        raise StoreError(f"{path}: not a results store (no {MANIFEST} written by study)")
+    return json.loads((Path(path) / MANIFEST).read_text())
+
+
+def remove_store(path: str | Path) -> None:
+    """Delete a store (``--fresh``). Refuses directories that are not stores."""
+    p = Path(path)
+    if not p.exists():
+        return
+    if not is_store(p):
+        raise StoreError(f"{p}: refusing to delete, it is not a results store")
+    shutil.rmtree(p)
+
+
+# --------------------------------------------------------------------------------------
+# reading
+
+
+def is_store(path: str | Path) -> bool:
+    """Whether ``path`` is a directory holding a manifest written by this module."""
+    manifest = Path(path) / MANIFEST
+    try:
+        data = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and str(data.get("format", "")).startswith("study-results/")
+
+
+def _files(root: Path, sub: str) -> list[Path]:
+    d = root / sub
+    if not d.is_dir():
+        return []
+    # Sorted so that which duplicate is kept never depends on directory order; names
+    # starting with "." or "_" are temp files and metadata, as pyarrow datasets treat them.
+    return sorted(p for p in d.glob("*.parquet") if not p.name.startswith((".", "_")))
+
+
+def _read(files: list[Path], columns: list[str] | None = None) -> pa.Table | None:
+    tables = [pq.read_table(f, columns=columns) for f in files]
+    if not tables:
+        return None
+    # "default" promotion fills columns missing from older files with nulls.
+    return pa.concat_tables(tables, promote_options="default")
+
+
+def _require_store(path: str | Path) -> Path:
+    p = Path(path)
+    if not is_store(p):
+        if not p.exists():
+            raise StoreError(f"{p}: no such results store")
+        raise StoreError(f"{p}: not a results store (no {MANIFEST} written by study)")
+    return p
+
+
+def stored_run_ids(path: str | Path) -> set[str]:
+    """Ids of the runs a store holds (empty if ``path`` does not exist yet)."""
+    p = Path(path)
+    table = _read(_files(p, RUNS_DIR), ["run_id"])
+    return set() if table is None else set(table.column("run_id").to_pylist())
+
+
+def load_runs(path: str | Path, allow_empty: bool = False) -> pd.DataFrame:
+    """Every stored run, once each, sorted by (config_id, seed).
+
+    StoreError if ``path`` is not a store, or holds no runs and ``allow_empty`` is false.
+    """
+    p = _require_store(path)
+    table = _read(_files(p, RUNS_DIR))
+    if table is None:
+        if allow_empty:
+            return _runs_frame(RUNS_SCHEMA.empty_table())
+        raise StoreError(f"{p}: the store holds no finished runs yet")
+    df = _runs_frame(table)
+    df = df.drop_duplicates(subset="run_id", keep="first")
+    return df.sort_values(["config_id", "seed"], kind="stable").reset_index(drop=True)
+
+
+def _runs_frame(table: pa.Table) -> pd.DataFrame:
+    # ignore_metadata: build dtypes from the Arrow types, whatever pandas wrote in the file.
+    df = table.to_pandas(ignore_metadata=True)
+    # diverged_at_step is nullable: keep it integer (pandas Int64) rather than float NaN.
+    df["diverged_at_step"] = pd.array(table.column("diverged_at_step").to_pylist(),
+                                      dtype="Int64")
+    return df
+
+
+def load_curves(path: str | Path, allow_empty: bool = False) -> pd.DataFrame:
+    """Curve points of every stored run, once each, sorted by (run_id, step).
+
+    Curves whose run was never committed to ``runs/`` (a crash between the two writes)
+    are left out; their runs are re-run by the next invocation.
+    """
+    p = _require_store(path)
+    ids = stored_run_ids(p)
+    table = _read(_files(p, CURVES_DIR))
+    if table is None or not ids:
+        if allow_empty:
+            return CURVE_SCHEMA.empty_table().to_pandas()
+        raise StoreError(f"{p}: the store holds no finished runs yet")
+    df = table.to_pandas()
+    df = df[df["run_id"].isin(ids)]
+    # A run stored twice has identical curves in both files; keep the first of each point.
+    df = df.drop_duplicates(subset=["run_id", "step"], keep="first")
+    return df.sort_values(["run_id", "step"], kind="stable").reset_index(drop=True)
+
+
+def load(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(runs, curves)`` of a store: :func:`load_runs` and :func:`load_curves`."""
+    return load_runs(path), load_curves(path)
+
+
+def load_curves_with_hparams(path: str | Path) -> pd.DataFrame:
+    """Curves with each run's config_id, seed, env and hyperparameter columns joined on."""
+    runs, curves = load(path)
+    keep = ["run_id", "config_id", "seed", "env", *[n for n in SPECS if n in runs.columns]]
+    return curves.merge(runs[keep], on="run_id", how="inner", validate="many_to_one")
+
+
+def check_compatible(path: str | Path, env: str) -> None:
+    """StoreError unless the store at ``path`` (if any) may take runs of ``env``.
+
+    A missing or empty directory is fine; a non-store directory with files, or a store
+    whose runs were made on another environment, is refused (``--fresh`` deletes it).
+    """
+    p = Path(path)
+    if not p.exists():
+        return
+    if not p.is_dir():
+        raise StoreError(f"{p}: exists and is not a directory")
+    if not is_store(p):
+        if any(p.iterdir()):
+            raise StoreError(
+                f"{p}: exists and is not a results store; choose another --out directory"
+            )
+        return
+    envs = {str(read_manifest(p).get("env", env))}
+    table = _read(_files(p, RUNS_DIR), ["env"])
+    if table is not None:
+        envs.update(table.column("env").unique().to_pylist())
+    other = sorted(envs - {env})
+    if other:
+        raise StoreError(
+            f"{p}: holds results for env {other[0]!r}, but this sweep uses {env!r}; "
+            f"pass --fresh to delete them, or --out DIR to write elsewhere"
+        )

@@ -1,0 +1,427 @@
+"""Sweep files: parsing, validation, expansion into runs, and a resolved TOML form.
+
+A sweep file (``sweeps/*.toml``) names an environment, a training budget, seeds, fixed
+hyperparameters and a grid of hyperparameter axes. :func:`load_sweep` validates all of it
+before anything runs and raises :class:`~study.config.ConfigError` with a one-line message
+naming the file, the key and what is allowed. :meth:`Sweep.runs` expands configs x seeds
+into :class:`Run` objects with deterministic ids, so a store can tell which runs it holds.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import itertools
+import json
+import math
+import re
+import tomllib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from study.config import ConfigError, check_name, coerce, resolve, to_jsonable
+
+__all__ = [
+    "Run",
+    "Sweep",
+    "config_id",
+    "format_value",
+    "grid_axes",
+    "load_sweep",
+    "parse_sweep",
+    "run_id",
+    "sweep_to_toml",
+    "validate_env_id",
+]
+
+#: Top-level keys of a sweep file and what each must be (shown in error messages).
+TOP_LEVEL: dict[str, str] = {
+    "name": "a name made of letters, digits, '.', '_' or '-'",
+    "description": "a string",
+    "env": "a registered gymnasium environment id",
+    "total_steps": "an integer >= 1",
+    "log_every": "an integer >= 1 and <= total_steps",
+    "seeds": "a non-empty list of distinct integers >= 0, or { count = N, base = B }",
+    "save_policies": "true or false",
+    "hyperparameters": "a table of hyperparameter = value",
+    "grid": "a table of hyperparameter = [values, ...]",
+    "eval": "a table with every (env steps, 0 = off) and episodes",
+    "optuna": "a table (read by study.optuna; ignored by grid sweeps)",
+}
+_REQUIRED = ("env", "total_steps", "seeds")
+_EVAL_KEYS = {"every": "an integer >= 0 (env steps; 0 = no evaluation)",
+              "episodes": "an integer >= 1"}
+_SEED_KEYS = {"count": "an integer >= 1", "base": "an integer >= 0"}
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# Seeds are stored in an int64 Parquet column.
+_MAX_SEED = 2**63 - 1
+_ID_LEN = 16
+
+
+def _suggest(word: str, options: Iterable[str]) -> str:
+    match = difflib.get_close_matches(word, list(options), n=1)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def _is_int(value: Any) -> bool:
+    # TOML booleans are Python bools, which are ints; they are never valid integers here.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run: a resolved config and a seed."""
+
+    run_id: str
+    config_id: str
+    seed: int
+    hyperparameters: Mapping[str, Any] = field(compare=False)
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A validated sweep file. ``fixed`` and ``grid`` hold canonical (coerced) values."""
+
+    name: str
+    env: str
+    total_steps: int
+    log_every: int
+    seeds: tuple[int, ...]
+    fixed: Mapping[str, Any]
+    grid: Mapping[str, tuple[Any, ...]]
+    description: str = ""
+    save_policies: bool = False
+    eval_every: int = 0
+    eval_episodes: int = 10
+    optuna: Mapping[str, Any] | None = None
+    source: str = "<sweep>"
+
+    def configs(self) -> list[dict[str, Any]]:
+        """Every resolved config of the grid (file order; the last axis varies fastest)."""
+        axes = list(self.grid.items())
+        out = []
+        for combo in itertools.product(*(values for _, values in axes)):
+            overrides = dict(self.fixed)
+            overrides.update({name: value for (name, _), value in zip(axes, combo, strict=True)})
+            out.append(resolve(overrides, f"{self.source}: "))
+        return out
+
+    def runs(self) -> list[Run]:
+        """configs x seeds, config-major (all seeds of config 0, then config 1, ...)."""
+        out = []
+        for hp in self.configs():
+            cid = config_id(self.env, hp, self.total_steps, self.log_every, self.eval_every,
+                            self.eval_episodes)
+            for seed in self.seeds:
+                rid = run_id(self.env, hp, seed, self.total_steps, self.log_every,
+                             self.eval_every, self.eval_episodes)
+                out.append(Run(rid, cid, seed, hp))
+        return out
+
+    @property
+    def n_configs(self) -> int:
+        return math.prod(len(v) for v in self.grid.values())
+
+    @property
+    def n_runs(self) -> int:
+        return self.n_configs * len(self.seeds)
+
+    @property
+    def env_steps(self) -> int:
+        """Env steps the whole sweep asks for (before any rounding by the trainer)."""
+        return self.n_runs * self.total_steps
+
+
+# --------------------------------------------------------------------------------------
+# ids
+
+
+def _digest(payload: Mapping[str, Any]) -> str:
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha1(text.encode()).hexdigest()[:_ID_LEN]
+
+
+def _id_payload(env: str, hp: Mapping[str, Any], total_steps: int, log_every: int,
+                eval_every: int, eval_episodes: int) -> dict[str, Any]:
+    payload: dict[str, Any] = {
+        "env": env,
+        "hyperparameters": to_jsonable(resolve(hp)),
+        "total_steps": int(total_steps),
+        "log_every": int(log_every),
+    }
+    # Evaluation changes stored values (eval_return, final_eval_return), so a sweep whose
+    # evaluation settings change must not reuse old runs. It enters the hash only when on,
+    # so sweeps without evaluation hash exactly (env, hyperparameters, seed, steps, log).
+    if eval_every > 0:
+        payload["eval"] = {"every": int(eval_every), "episodes": int(eval_episodes)}
+    return payload
+
+
+def config_id(env: str, hp: Mapping[str, Any], total_steps: int, log_every: int,
+              eval_every: int = 0, eval_episodes: int = 10) -> str:
+    """16 hex chars identifying a config (a run id without the seed)."""
+    return _digest(_id_payload(env, hp, total_steps, log_every, eval_every, eval_episodes))
+
+
+def run_id(env: str, hp: Mapping[str, Any], seed: int, total_steps: int, log_every: int,
+           eval_every: int = 0, eval_episodes: int = 10) -> str:
+    """16 hex chars: sha1 of the canonical JSON of env, resolved hyperparameters, seed,
+    total_steps and log_every (and the evaluation settings when evaluation is on)."""
+    payload = _id_payload(env, hp, total_steps, log_every, eval_every, eval_episodes)
+    payload["seed"] = int(seed)
+    return _digest(payload)
+
+
+# --------------------------------------------------------------------------------------
+# parsing
+
+
+def validate_env_id(env: str, where: str = "") -> str:
+    """``env`` if gymnasium knows it; otherwise ConfigError with the closest registered id."""
+    import gymnasium as gym
+
+    import study  # noqa: F401  (registers CartPoleSwingUp-v0/v1)
+
+    if env not in gym.registry:
+        raise ConfigError(
+            f"{where}env = {env!r} is not a registered gymnasium environment"
+            f"{_suggest(env, gym.registry.keys())}; expected an id such as 'CartPole-v1'"
+        )
+    from study.envs import env_spaces
+
+    # Registered is not enough: the env must also be makeable, with spaces the trainer
+    # supports (e.g. an optional dependency may be missing).
+    try:
+        env_spaces(env)
+    except ConfigError as e:
+        raise ConfigError(f"{where}env = {env!r}: {e}") from None
+    return env
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Read and validate a sweep file. Every problem is a one-line ConfigError."""
+    p = Path(path)
+    src = str(path)
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{src}: no such sweep file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{src}: is a directory, expected a .toml sweep file") from None
+    except OSError as e:
+        raise ConfigError(f"{src}: cannot read: {e.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{src}: not valid UTF-8 text, expected a TOML sweep file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{src}: malformed TOML: {str(e).splitlines()[0]}") from None
+    return parse_sweep(data, source=src, default_name=p.stem)
+
+
+def _int_value(value: Any, key: str, allowed: str, low: int, where: str) -> int:
+    if not _is_int(value) or value < low:
+        raise ConfigError(f"{where}{key} = {value!r} is invalid: expected {allowed}")
+    return int(value)
+
+
+def _check_keys(table: Mapping[str, Any], allowed: Mapping[str, str], where: str) -> None:
+    for key in table:
+        if key not in allowed:
+            raise ConfigError(
+                f"{where}unknown key {key!r}{_suggest(key, allowed)}; "
+                f"allowed: {', '.join(allowed)}"
+            )
+
+
+def _table(data: Mapping[str, Any], key: str, where: str) -> dict[str, Any]:
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}{key} = {value!r} is invalid: expected {TOP_LEVEL[key]}")
+    return value
+
+
+def _parse_seeds(value: Any, where: str) -> tuple[int, ...]:
+    allowed = TOP_LEVEL["seeds"]
+    if isinstance(value, dict):
+        _check_keys(value, _SEED_KEYS, f"{where}[seeds] ")
+        if "count" not in value:
+            raise ConfigError(f"{where}seeds table needs count; expected {allowed}")
+        count = _int_value(value["count"], "seeds.count", _SEED_KEYS["count"], 1, where)
+        base = _int_value(value.get("base", 0), "seeds.base", _SEED_KEYS["base"], 0, where)
+        if base + count - 1 > _MAX_SEED:
+            raise ConfigError(f"{where}seeds.base + count exceeds 2**63 - 1")
+        return tuple(range(base, base + count))
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{where}seeds = {value!r} is invalid: expected {allowed}")
+    seen: set[int] = set()
+    for s in value:
+        if not _is_int(s) or not 0 <= s <= _MAX_SEED:
+            raise ConfigError(
+                f"{where}seeds: {s!r} is invalid: expected integers >= 0 (and < 2**63)"
+            )
+        if s in seen:
+            raise ConfigError(f"{where}seeds: {s} appears twice; expected distinct seeds")
+        seen.add(s)
+    return tuple(int(s) for s in value)
+
+
+def parse_sweep(data: Mapping[str, Any], source: str = "<sweep>",
+                default_name: str | None = None) -> Sweep:
+    """Validate a parsed sweep file (a dict from tomllib) and return a :class:`Sweep`."""
+    where = f"{source}: "
+    _check_keys(data, TOP_LEVEL, where)
+    for key in _REQUIRED:
+        if key not in data:
+            raise ConfigError(f"{where}missing required key {key!r}: expected {TOP_LEVEL[key]}")
+
+    name = data.get("name", default_name)
+    if name is None:
+        raise ConfigError(f"{where}missing required key 'name': expected {TOP_LEVEL['name']}")
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ConfigError(f"{where}name = {name!r} is invalid: expected {TOP_LEVEL['name']}")
+    description = data.get("description", "")
+    if not isinstance(description, str):
+        raise ConfigError(f"{where}description = {description!r} is invalid: expected a string")
+    env = data["env"]
+    if not isinstance(env, str) or not env:
+        raise ConfigError(f"{where}env = {env!r} is invalid: expected {TOP_LEVEL['env']}")
+    validate_env_id(env, where)
+    total_steps = _int_value(data["total_steps"], "total_steps", TOP_LEVEL["total_steps"], 1,
+                             where)
+    log_every = _int_value(data.get("log_every", min(1000, total_steps)), "log_every",
+                           TOP_LEVEL["log_every"], 1, where)
+    if log_every > total_steps:
+        raise ConfigError(
+            f"{where}log_every = {log_every} is invalid: expected at most total_steps = "
+            f"{total_steps}"
+        )
+    seeds = _parse_seeds(data["seeds"], where)
+    save_policies = data.get("save_policies", False)
+    if not isinstance(save_policies, bool):
+        raise ConfigError(
+            f"{where}save_policies = {save_policies!r} is invalid: expected true or false"
+        )
+
+    fixed_raw = _table(data, "hyperparameters", where)
+    fixed = {k: coerce(k, v, f"{where}[hyperparameters] ") for k, v in fixed_raw.items()}
+
+    grid_raw = _table(data, "grid", where)
+    grid: dict[str, tuple[Any, ...]] = {}
+    for key, values in grid_raw.items():
+        gwhere = f"{where}[grid] "
+        spec = check_name(key, gwhere)
+        if key in fixed:
+            raise ConfigError(
+                f"{gwhere}{key} is also set in [hyperparameters]; expected each hyperparameter "
+                f"in at most one of [hyperparameters] and [grid]"
+            )
+        if not isinstance(values, list) or not values:
+            raise ConfigError(
+                f"{gwhere}{key} = {values!r} is invalid: expected a non-empty list of values, "
+                f"each {spec.allowed}"
+            )
+        axis = tuple(coerce(key, v, gwhere) for v in values)
+        for a, b in itertools.combinations(axis, 2):
+            if a == b:
+                raise ConfigError(
+                    f"{gwhere}{key} lists {format_value(a)} twice; expected distinct values"
+                )
+        grid[key] = axis
+
+    eval_raw = _table(data, "eval", where)
+    _check_keys(eval_raw, _EVAL_KEYS, f"{where}[eval] ")
+    eval_every = _int_value(eval_raw.get("every", 0), "eval.every", _EVAL_KEYS["every"], 0,
+                            where)
+    eval_episodes = _int_value(eval_raw.get("episodes", 10), "eval.episodes",
+                               _EVAL_KEYS["episodes"], 1, where)
+    optuna = _table(data, "optuna", where) if "optuna" in data else None
+
+    sweep = Sweep(
+        name=name, env=env, total_steps=total_steps, log_every=log_every, seeds=seeds,
+        fixed=fixed, grid=grid, description=description, save_policies=save_policies,
+        eval_every=eval_every, eval_episodes=eval_episodes, optuna=optuna, source=source,
+    )
+    # Cross-key constraints (e.g. n_minibatches <= num_envs * n_steps) can only fail for
+    # some grid points; resolve every config now so nothing fails after runs have started.
+    sweep.configs()
+    return sweep
+
+
+# --------------------------------------------------------------------------------------
+# formatting
+
+
+def format_value(value: Any) -> str:
+    """A hyperparameter value as stored in tables: lists as "[64, 64]", others via str()."""
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(str(v) for v in value) + "]"
+    return str(value)
+
+
+def _toml_scalar(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        # A JSON string is a valid TOML basic string (same escapes, \uXXXX included).
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_scalar(v) for v in value) + "]"
+    if isinstance(value, dict):
+        inner = ", ".join(f"{_toml_key(k)} = {_toml_scalar(v)}" for k, v in value.items())
+        return "{ " + inner + " }" if inner else "{}"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
+
+
+def _toml_table(lines: list[str], header: str, table: Mapping[str, Any]) -> None:
+    """Scalars first under ``[header]``, then sub-tables as ``[header.sub]``."""
+    scalars = {k: v for k, v in table.items() if not isinstance(v, dict)}
+    subs = {k: v for k, v in table.items() if isinstance(v, dict)}
+    lines.append("")
+    lines.append(f"[{header}]")
+    lines.extend(f"{_toml_key(k)} = {_toml_scalar(v)}" for k, v in scalars.items())
+    for k, v in subs.items():
+        _toml_table(lines, f"{header}.{_toml_key(k)}", v)
+
+
+def sweep_to_toml(sweep: Sweep) -> str:
+    """The sweep as resolved: explicit seeds, every hyperparameter not on the grid at its
+    resolved value (defaults filled in). Loading the result gives the same runs."""
+    lines = [
+        f"# Resolved from {sweep.source}: defaults filled in, seeds listed explicitly.",
+        f"name = {_toml_scalar(sweep.name)}",
+        f"description = {_toml_scalar(sweep.description)}",
+        f"env = {_toml_scalar(sweep.env)}",
+        f"total_steps = {sweep.total_steps}",
+        f"log_every = {sweep.log_every}",
+        f"seeds = {_toml_scalar(list(sweep.seeds))}",
+        f"save_policies = {_toml_scalar(sweep.save_policies)}",
+    ]
+    fixed = resolve(sweep.fixed)
+    _toml_table(lines, "hyperparameters", {k: v for k, v in fixed.items() if k not in sweep.grid})
+    if sweep.grid:
+        _toml_table(lines, "grid", {k: list(values) for k, values in sweep.grid.items()})
+    _toml_table(lines, "eval", {"every": sweep.eval_every, "episodes": sweep.eval_episodes})
+    if sweep.optuna is not None:
+        _toml_table(lines, "optuna", sweep.optuna)
+    return "\n".join(lines) + "\n"
+
+
+def grid_axes(sweep: Sweep) -> Sequence[str]:
+    """Names of the hyperparameters the grid varies (those worth showing per config)."""
+    return [k for k, v in sweep.grid.items() if len(v) > 1]
+
