@@ -30,7 +30,7 @@ import torch
 from study import config as cfg
 from study.envs import make_population_env
 from study.gae import gae_advantages
-from study.nets import activation_fn, hidden_gains, init_layers, mlp
+from study.nets import activation_fn, backward, forward_cached, hidden_gains, init_layers, mlp
 from study.optim import MemberOptimizer, clip_coefficients, member_grad_norm
 from study.rng import STREAM_ACTIONS, STREAM_EVAL_RESET, STREAM_SHUFFLE, MemberStreams
 
@@ -185,6 +185,67 @@ class ActorCritic:
         entropy = (log_std + 0.5 * (1.0 + _LOG_2PI)).sum(-1).expand_as(logp)
         return logp, entropy
 
+    # hand-written gradients (separate networks only) -------------------------------------
+    @torch.no_grad()
+    def policy_grads(
+        self,
+        obs: torch.Tensor,
+        actions: torch.Tensor,
+        adv: torch.Tensor,
+        entropy_coef: torch.Tensor,
+        n_rows: int,
+    ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+        """Sums over these rows, divided by ``n_rows``, of the policy-gradient loss
+        ``-A log pi(a|s)`` and the entropy, and the gradients of ``pg - c_ent * entropy``
+        with respect to :meth:`policy_params` (``actions``: ``[S, B]`` or ``[S, B, A]``).
+
+        Categorical, with p = softmax(z), H = -sum p log p:
+            d pg / dz = A (p - onehot(a)),    d H / dz = -p (log p + H).
+        Diagonal Gaussian, with u = (a - mu) / sigma:
+            d log pi / d mu = u / sigma,      d log pi / d log sigma = u^2 - 1,
+            H = sum(log sigma) + const.
+        """
+        out, inputs = forward_cached(obs, self.pi, self.activation)
+        w = (adv / n_rows).unsqueeze(-1)  # [S, B, 1]
+        c = (entropy_coef / n_rows).reshape(-1, 1, 1)
+        terms: dict[str, torch.Tensor] = {}
+        if self.discrete:
+            logp_all = torch.log_softmax(out, dim=-1)
+            p = logp_all.exp()
+            onehot = torch.zeros_like(p).scatter_(-1, actions.long().unsqueeze(-1), 1.0)
+            logp = (logp_all * onehot).sum(-1)
+            entropy = -(p * logp_all).sum(-1)  # [S, B]
+            g_out = w * (p - onehot) + c * p * (logp_all + entropy.unsqueeze(-1))
+            grads = backward(g_out, inputs, self.pi, self.activation)
+            terms["ent"] = entropy.sum(dim=1) / n_rows
+        else:
+            log_std = self.log_std.unsqueeze(1)  # [S, 1, A]
+            inv_std = torch.exp(-log_std)
+            u = (actions - out) * inv_std
+            logp = (-0.5 * u * u - log_std - 0.5 * _LOG_2PI).sum(-1)
+            g_out = -w * u * inv_std
+            grads = backward(g_out, inputs, self.pi, self.activation)
+            # Every row has the same entropy, so its term contributes c_ent * rows / n_rows.
+            g_log_std = -(w * (u * u - 1.0)).sum(dim=1) - c.squeeze(-1) * obs.shape[1]
+            grads.append(g_log_std)
+            entropy = (log_std + 0.5 * (1.0 + _LOG_2PI)).sum(-1).squeeze(1)  # [S]
+            terms["ent"] = entropy * (obs.shape[1] / n_rows)
+        terms["pg"] = -(adv * logp).sum(dim=1) / n_rows
+        terms["loss"] = terms["pg"] - entropy_coef * terms["ent"]
+        return terms, grads
+
+    @torch.no_grad()
+    def value_grads(
+        self, obs: torch.Tensor, returns: torch.Tensor, value_coef: torch.Tensor, n_rows: int
+    ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+        """Sum over these rows, divided by ``n_rows``, of ``(V(s) - R)^2``, and the gradients
+        of ``c_v`` times it with respect to :meth:`value_params`."""
+        out, inputs = forward_cached(obs, self.v, self.activation)
+        err = out.squeeze(-1) - returns
+        g_out = ((2.0 / n_rows) * value_coef.reshape(-1, 1) * err).unsqueeze(-1)
+        v = (err * err).sum(dim=1) / n_rows
+        return {"v": v, "loss": value_coef * v}, backward(g_out, inputs, self.v, self.activation)
+
     def select(self, idx: torch.Tensor) -> None:
         """Keep only the members at ``idx`` (population compaction)."""
         self.set_params([p.detach()[idx] for p in self.all_params()])
@@ -304,6 +365,19 @@ def _chunked_gradients(
         for k, v in terms.items():
             total[k] = v.detach() if k not in total else total[k] + v.detach()
     assert grads is not None
+    return total, grads
+
+
+def _manual_chunks(
+    fn: Callable[[int, int], tuple[dict[str, torch.Tensor], list[torch.Tensor]]], n_rows: int
+) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """Accumulate the terms and gradients ``fn(a, b)`` returns over row chunks."""
+    total: dict[str, torch.Tensor] = {}
+    grads: list[torch.Tensor] = []
+    for a in range(0, n_rows, CHUNK_ROWS):
+        terms, g = fn(a, min(a + CHUNK_ROWS, n_rows))
+        grads = g if not grads else [x.add_(y) for x, y in zip(grads, g, strict=True)]
+        total = terms if not total else {k: total[k] + v for k, v in terms.items()}
     return total, grads
 
 
@@ -580,12 +654,18 @@ def train_population(
             n_alive, n_batch, obs_dim
         )
         # V(s_0..s_T) in one pass: row t*E + e of the rollout is followed by row (t+1)*E + e.
-        # With one value step on the whole batch that pass doubles as the value-loss forward.
-        fused_value = not agent.share_trunk and int(hp["value_iters"]) * n_mb == 1
-        with torch.set_grad_enabled(fused_value):
-            v_all = agent.values(torch.cat([b_obs, to_torch(obs[a_idx])], dim=1))
-        v_pred_cached = v_all[:, :n_batch] if fused_value else None
-        v_all = v_all.detach()
+        # With one value step on the whole (small) batch, the pass doubles as the forward
+        # pass of that step: its activations are kept for the backward pass.
+        fused_value = (
+            not agent.share_trunk and int(hp["value_iters"]) * n_mb == 1 and n_batch <= CHUNK_ROWS
+        )
+        all_obs = torch.cat([b_obs, to_torch(obs[a_idx])], dim=1)
+        if fused_value:
+            v_all, v_cache = forward_cached(all_obs, agent.v, agent.activation)
+            v_all = v_all.squeeze(-1)
+        else:
+            with torch.no_grad():
+                v_all = agent.values(all_obs)
         with torch.no_grad():
             values = v_all[:, :n_batch].reshape(n_alive, n_steps, n_envs).transpose(0, 1)
             next_values = v_all[:, n_envs:].reshape(n_alive, n_steps, n_envs).transpose(0, 1)
@@ -656,7 +736,15 @@ def train_population(
                 return terms
 
             params = agent.policy_params()
-            terms, grads = _chunked_gradients(policy_terms, params, hi - lo)
+            if agent.share_trunk:
+                terms, grads = _chunked_gradients(policy_terms, params, hi - lo)
+            else:
+                terms, grads = _manual_chunks(
+                    lambda a, b, mb=mb, n=hi - lo, c=entropy_coef: agent.policy_grads(
+                        mb["obs"][:, a:b], mb["act"][:, a:b], mb["adv"][:, a:b], c, n
+                    ),
+                    hi - lo,
+                )
             norm, finite = optimize(
                 pi_opt, params, terms["loss"], grads, hps["policy_lr"], hps["max_grad_norm"]
             )
@@ -671,29 +759,34 @@ def train_population(
             perm = permutation()
             v_loss_sum = torch.zeros(n_alive, device=dev)
             for lo, hi in spans:
-                params = agent.value_params()
-                if v_pred_cached is not None:  # the forward pass of step 2, reused
-                    v_loss = ((v_pred_cached - returns) ** 2).mean(dim=1)
-                    loss = value_coef * v_loss
-                    grads = list(torch.autograd.grad(loss.sum(), params))
-                    loss, v_loss = loss.detach(), v_loss.detach()
+                if fused_value:  # reuse the forward pass of step 2 (zero gradient at s_T)
+                    err = torch.cat(
+                        [v_all[:, :n_batch] - returns, v_all.new_zeros(n_alive, n_envs)], 1
+                    )
+                    v_loss = (err[:, :n_batch] ** 2).sum(dim=1) / n_batch
+                    g_out = ((2.0 / n_batch) * value_coef.reshape(-1, 1) * err).unsqueeze(-1)
+                    grads = backward(g_out, v_cache, agent.v, agent.activation)
+                    terms = {"v": v_loss, "loss": value_coef * v_loss}
                 else:
                     idx = None if perm is None else perm[:, lo:hi]
                     mb_obs = b_obs if idx is None else _gather(b_obs, idx)
                     mb_ret = returns if idx is None else _gather(returns, idx)
-
-                    def value_terms(a: int, b: int, mb_obs=mb_obs, mb_ret=mb_ret, v_c=value_coef):
-                        err = agent.values(mb_obs[:, a:b]) - mb_ret[:, a:b]
-                        v = (err**2).sum(dim=1)
-                        return {"v": v, "loss": v_c * v}
-
-                    terms, grads = _chunked_gradients(value_terms, params, hi - lo)
-                    loss, v_loss = terms["loss"], terms["v"]
+                    terms, grads = _manual_chunks(
+                        lambda a, b, o=mb_obs, r=mb_ret, n=hi - lo, c=value_coef: agent.value_grads(
+                            o[:, a:b], r[:, a:b], c, n
+                        ),
+                        hi - lo,
+                    )
                 _, finite = optimize(
-                    v_opt, params, loss, grads, hps["value_lr"], hps["value_max_grad_norm"]
+                    v_opt,
+                    agent.value_params(),
+                    terms["loss"],
+                    grads,
+                    hps["value_lr"],
+                    hps["value_max_grad_norm"],
                 )
                 diverged |= ~finite
-                v_loss_sum += v_loss
+                v_loss_sum += terms["v"]
             stats["value_loss"] = v_loss_sum / len(spans)
         stats["explained_variance"] = ev
         with torch.no_grad():  # a huge step can overflow weights even from finite gradients

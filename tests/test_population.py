@@ -166,3 +166,42 @@ def test_learns_cartpole_with_small_budget():
     res = train_population("CartPole-v1", [Member(hp, s) for s in range(6)], 25_000, log_every=2500)
     finals = np.array([r.final_return for r in res])
     assert np.nanmedian(finals) > 100, finals
+
+
+@pytest.mark.parametrize("discrete", [True, False])
+def test_hand_written_gradients_match_autograd(discrete):
+    import gymnasium as gym
+
+    from study.population import ActorCritic
+
+    space = gym.spaces.Discrete(3) if discrete else gym.spaces.Box(-1, 1, (2,))
+    hp = cfg.resolve({"policy_hidden_sizes": [8, 8], "value_hidden_sizes": [8]})
+    S, B = 3, 11
+    agent = ActorCritic(
+        hp, [0, 1, 2], 4, space, torch.tensor([0.0, -0.5, 0.3]), torch.device("cpu")
+    )
+    gen = torch.Generator().manual_seed(0)
+    obs = torch.randn(S, B, 4, generator=gen)
+    actions = (
+        torch.randint(0, 3, (S, B), generator=gen)
+        if discrete
+        else torch.randn(S, B, 2, generator=gen)
+    )
+    adv, ret = torch.randn(S, B, generator=gen), torch.randn(S, B, generator=gen)
+    ent_coef, v_coef = torch.tensor([0.0, 0.01, 0.5]), torch.tensor([0.5, 1.0, 2.0])
+
+    terms, grads = agent.policy_grads(obs, actions, adv, ent_coef, B)
+    logp, ent = agent.log_prob_entropy(agent.policy_out(obs), actions)
+    pg = -(logp * adv).mean(dim=1)
+    loss = pg - ent_coef * ent.mean(dim=1)
+    expected = torch.autograd.grad(loss.sum(), agent.policy_params())
+    torch.testing.assert_close(terms["pg"], pg.detach())
+    for g, e in zip(grads, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+    terms, grads = agent.value_grads(obs, ret, v_coef, B)
+    v_loss = ((agent.values(obs) - ret) ** 2).mean(dim=1)
+    expected = torch.autograd.grad((v_coef * v_loss).sum(), agent.value_params())
+    torch.testing.assert_close(terms["v"], v_loss.detach())
+    for g, e in zip(grads, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
