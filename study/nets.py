@@ -174,5 +174,5 @@ def backward(
             if activation == "relu":
                 g.mul_(h > 0)
             else:
-                g.mul_(1.0 - h * h)
+                g.addcmul_(g * h, h, value=-1.0)  # g * (1 - h^2), in two passes
     return grads

@@ -58,14 +58,14 @@ class MemberOptimizer:
             lr_p = _per_member(lr, p)
             if self.kind == "rmsprop":
                 sq = st[0].mul_(self.alpha).addcmul_(g, g, value=1 - self.alpha)
-                p.sub_(g.mul(lr_p).div_(sq.sqrt().add_(self.eps)))
+                p.addcdiv_(g, sq.sqrt().add_(self.eps).div_(lr_p), value=-1.0)
             else:
                 m = st[0].mul_(self.beta1).add_(g, alpha=1 - self.beta1)
                 v = st[1].mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
                 bc1 = 1 - self.beta1**self.t
                 bc2 = 1 - self.beta2**self.t
-                denom = v.sqrt().div_(bc2**0.5).add_(self.eps)
-                p.sub_(m.mul(lr_p / bc1).div_(denom))
+                denom = v.sqrt().div_(bc2**0.5).add_(self.eps).div_(lr_p / bc1)
+                p.addcdiv_(m, denom, value=-1.0)
 
     def select(self, idx: torch.Tensor) -> None:
         """Keep only the members at ``idx`` (population compaction)."""

@@ -194,6 +194,7 @@ class ActorCritic:
         adv: torch.Tensor,
         entropy_coef: torch.Tensor,
         n_rows: int,
+        forward: tuple[torch.Tensor, list[torch.Tensor]] | None = None,
     ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
         """Sums over these rows, divided by ``n_rows``, of the policy-gradient loss
         ``-A log pi(a|s)`` and the entropy, and the gradients of ``pg - c_ent * entropy``
@@ -204,8 +205,10 @@ class ActorCritic:
         Diagonal Gaussian, with u = (a - mu) / sigma:
             d log pi / d mu = u / sigma,      d log pi / d log sigma = u^2 - 1,
             H = sum(log sigma) + const.
+
+        ``forward`` is the policy's :func:`forward_cached` on ``obs`` when already computed.
         """
-        out, inputs = forward_cached(obs, self.pi, self.activation)
+        out, inputs = forward or forward_cached(obs, self.pi, self.activation)
         w = (adv / n_rows).unsqueeze(-1)  # [S, B, 1]
         c = (entropy_coef / n_rows).reshape(-1, 1, 1)
         terms: dict[str, torch.Tensor] = {}
@@ -624,9 +627,17 @@ def train_population(
         buf_rew = np.zeros((n_steps, n_mem, n_envs))
         buf_term = np.zeros((n_steps, n_mem, n_envs), dtype=bool)
         buf_done = np.zeros((n_steps, n_mem, n_envs), dtype=bool)
+        # With one policy step on the whole (small) batch, the forward passes that choose the
+        # actions are kept and reused for the gradient step (the weights have not changed).
+        reuse_policy = not agent.share_trunk and n_mb == 1 and n_batch <= CHUNK_ROWS
+        rollout_fwd: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
         for t in range(n_steps):
-            with torch.no_grad():
-                out = agent.policy_out(to_torch(obs[alive]))
+            if reuse_policy:
+                out, cache = forward_cached(to_torch(obs[alive]), agent.pi, agent.activation)
+                rollout_fwd.append((out, cache))
+            else:
+                with torch.no_grad():
+                    out = agent.policy_out(to_torch(obs[alive]))
             actions = act(out, False, action_rng)
             step = env.step(env_actions(actions))
             global_step += n_envs
@@ -738,6 +749,17 @@ def train_population(
             params = agent.policy_params()
             if agent.share_trunk:
                 terms, grads = _chunked_gradients(policy_terms, params, hi - lo)
+            elif reuse_policy:
+                forward = (
+                    torch.cat([o for o, _ in rollout_fwd], dim=1),
+                    [
+                        torch.cat(layer, dim=1)
+                        for layer in zip(*(c for _, c in rollout_fwd), strict=True)
+                    ],
+                )
+                terms, grads = agent.policy_grads(
+                    b_obs, b_act, adv, entropy_coef, n_batch, forward=forward
+                )
             else:
                 terms, grads = _manual_chunks(
                     lambda a, b, mb=mb, n=hi - lo, c=entropy_coef: agent.policy_grads(

@@ -14,9 +14,11 @@ def test_backward_matches_autograd(activation, sizes):
     gen = torch.Generator().manual_seed(0)
     S, B = 3, 7
     params = []
-    for a, b in zip(sizes[:-1], sizes[1:]):
-        params += [torch.randn(S, a, b, generator=gen) / a**0.5,
-                   torch.randn(S, 1, b, generator=gen)]
+    for a, b in zip(sizes[:-1], sizes[1:], strict=True):
+        params += [
+            torch.randn(S, a, b, generator=gen) / a**0.5,
+            torch.randn(S, 1, b, generator=gen),
+        ]
     x = torch.randn(S, B, sizes[0], generator=gen)
     target = torch.randn(S, B, sizes[-1], generator=gen)
 
@@ -34,8 +36,11 @@ def test_backward_matches_autograd(activation, sizes):
 
 def test_linear_is_a_per_member_affine_map():
     gen = torch.Generator().manual_seed(1)
-    x, w, b = (torch.randn(4, 5, 3, generator=gen), torch.randn(4, 3, 1, generator=gen),
-               torch.randn(4, 1, 1, generator=gen))
+    x, w, b = (
+        torch.randn(4, 5, 3, generator=gen),
+        torch.randn(4, 3, 1, generator=gen),
+        torch.randn(4, 1, 1, generator=gen),
+    )
     y = linear(x, w, b)
     for s in range(4):
         torch.testing.assert_close(y[s], x[s] @ w[s] + b[s])
