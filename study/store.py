@@ -64,8 +64,17 @@ POLICIES_DIR = "policies"
 
 # The curve columns of the trainer contract (study.population.CURVE_COLUMNS), repeated here
 # so reading a store never imports torch.
-_CURVE_COLUMNS = ("step", "episode_return", "episode_length", "entropy", "policy_loss",
-                  "value_loss", "explained_variance", "grad_norm", "eval_return")
+_CURVE_COLUMNS = (
+    "step",
+    "episode_return",
+    "episode_length",
+    "entropy",
+    "policy_loss",
+    "value_loss",
+    "explained_variance",
+    "grad_norm",
+    "eval_return",
+)
 
 
 class StoreError(ConfigError):
@@ -181,9 +190,13 @@ def _to_table(df: pd.DataFrame, schema: pa.Schema, what: str) -> pa.Table:
     return pa.Table.from_pandas(df[schema.names], schema=schema, preserve_index=False)
 
 
-def write_chunk(path: str | Path, runs_df: pd.DataFrame, curves_df: pd.DataFrame,
-                chunk_key: str,
-                policies: Mapping[str, Mapping[str, np.ndarray]] | None = None) -> None:
+def write_chunk(
+    path: str | Path,
+    runs_df: pd.DataFrame,
+    curves_df: pd.DataFrame,
+    chunk_key: str,
+    policies: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+) -> None:
     """Store one finished chunk: its policies and curves first, then its runs (the commit).
 
     ``chunk_key`` names the files (``chunk-<key>.parquet``); writing the same key again
@@ -215,9 +228,12 @@ def write_manifest(path: str | Path, manifest: Mapping[str, Any]) -> None:
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
-    """The manifest of a store; StoreError if ``path`` is not one."""
+    """The manifest of a store ({} for a store written by other tools without one);
+    StoreError if ``path`` is not a store."""
     if not is_store(path):
-        raise StoreError(f"{path}: not a results store (no {MANIFEST} written by study)")
+        raise StoreError(f"{path}: not a results store (no {MANIFEST} or {RUNS_DIR}/*.parquet)")
+    if not _has_manifest(Path(path)):
+        return {}
     return json.loads((Path(path) / MANIFEST).read_text())
 
 
@@ -235,14 +251,20 @@ def remove_store(path: str | Path) -> None:
 # reading
 
 
-def is_store(path: str | Path) -> bool:
-    """Whether ``path`` is a directory holding a manifest written by this module."""
-    manifest = Path(path) / MANIFEST
+def _has_manifest(path: Path) -> bool:
     try:
-        data = json.loads(manifest.read_text())
+        data = json.loads((path / MANIFEST).read_text())
     except (OSError, ValueError):
         return False
     return isinstance(data, dict) and str(data.get("format", "")).startswith("study-results/")
+
+
+def is_store(path: str | Path) -> bool:
+    """Whether ``path`` is a results store: a manifest written by this module, or a
+    ``runs/`` Parquet dataset in the store's schema written by any other tool (data is
+    the interface: a hand-made store can be analysed too)."""
+    p = Path(path)
+    return _has_manifest(p) or bool(_files(p, RUNS_DIR))
 
 
 def _files(root: Path, sub: str) -> list[Path]:
@@ -267,7 +289,7 @@ def _require_store(path: str | Path) -> Path:
     if not is_store(p):
         if not p.exists():
             raise StoreError(f"{p}: no such results store")
-        raise StoreError(f"{p}: not a results store (no {MANIFEST} written by study)")
+        raise StoreError(f"{p}: not a results store (no {MANIFEST} or {RUNS_DIR}/*.parquet)")
     return p
 
 
@@ -289,6 +311,12 @@ def load_runs(path: str | Path, allow_empty: bool = False) -> pd.DataFrame:
         if allow_empty:
             return _runs_frame(RUNS_SCHEMA.empty_table())
         raise StoreError(f"{p}: the store holds no finished runs yet")
+    missing = [c for c in ("run_id", "config_id", "seed") if c not in table.column_names]
+    if missing:
+        raise StoreError(
+            f"{p}/{RUNS_DIR}: missing column(s) {', '.join(missing)}; a store's "
+            f"runs need at least run_id, config_id, seed and a metric"
+        )
     df = _runs_frame(table)
     df = df.drop_duplicates(subset="run_id", keep="first")
     return df.sort_values(["config_id", "seed"], kind="stable").reset_index(drop=True)
@@ -298,8 +326,21 @@ def _runs_frame(table: pa.Table) -> pd.DataFrame:
     # ignore_metadata: build dtypes from the Arrow types, whatever pandas wrote in the file.
     df = table.to_pandas(ignore_metadata=True)
     # diverged_at_step is nullable: keep it integer (pandas Int64) rather than float NaN.
-    df["diverged_at_step"] = pd.array(table.column("diverged_at_step").to_pylist(),
-                                      dtype="Int64")
+    steps = (
+        table.column("diverged_at_step").to_pylist()
+        if "diverged_at_step" in table.column_names
+        else [None] * len(df)
+    )
+    df["diverged_at_step"] = pd.array(steps, dtype="Int64")
+    # Columns a hand-written store may leave out.
+    for column, default in (
+        ("status", "ok"),
+        ("final_return", np.nan),
+        ("final_eval_return", np.nan),
+        ("wall_s", np.nan),
+    ):
+        if column not in df:
+            df[column] = default
     return df
 
 

@@ -27,13 +27,23 @@ def make_runs(values=VALUES):
     rows = []
     for cid, (lr, hidden, finals) in values.items():
         for seed, v in enumerate(finals):
-            rows.append({
-                "run_id": f"{cid}{seed}", "config_id": cid, "seed": seed, "env": "Toy-v0",
-                "total_steps": 1000, "policy_lr": lr, "policy_hidden_sizes": hidden,
-                "gamma": 0.99, "final_return": v, "final_eval_return": np.nan,
-                "status": "diverged" if np.isnan(v) else "ok",
-                "diverged_at_step": 500 if np.isnan(v) else None, "wall_s": 1.0,
-            })
+            rows.append(
+                {
+                    "run_id": f"{cid}{seed}",
+                    "config_id": cid,
+                    "seed": seed,
+                    "env": "Toy-v0",
+                    "total_steps": 1000,
+                    "policy_lr": lr,
+                    "policy_hidden_sizes": hidden,
+                    "gamma": 0.99,
+                    "final_return": v,
+                    "final_eval_return": np.nan,
+                    "status": "diverged" if np.isnan(v) else "ok",
+                    "diverged_at_step": 500 if np.isnan(v) else None,
+                    "wall_s": 1.0,
+                }
+            )
     runs = pd.DataFrame(rows)
     runs["diverged_at_step"] = runs["diverged_at_step"].astype("Int64")
     return runs
@@ -46,10 +56,22 @@ def make_curves(runs, n_points=20):
     for rid, final in zip(runs.run_id, runs.final_return.fillna(0.0), strict=True):
         y = np.linspace(-50.0, final, n_points) + rng.normal(0, 1, n_points)
         y[3] = np.nan
-        frames.append(pd.DataFrame({
-            "run_id": rid, "step": np.arange(1, n_points + 1) * 50, "episode_return": y,
-            "episode_length": 10.0, "entropy": 1.0, "policy_loss": 0.0, "value_loss": 0.0,
-            "explained_variance": 0.0, "grad_norm": 1.0, "eval_return": np.nan}))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "run_id": rid,
+                    "step": np.arange(1, n_points + 1) * 50,
+                    "episode_return": y,
+                    "episode_length": 10.0,
+                    "entropy": 1.0,
+                    "policy_loss": 0.0,
+                    "value_loss": 0.0,
+                    "explained_variance": 0.0,
+                    "grad_norm": 1.0,
+                    "eval_return": np.nan,
+                }
+            )
+        )
     return pd.concat(frames, ignore_index=True)
 
 
@@ -90,7 +112,8 @@ def test_numbers_match_hand_computations():
         rng = np.random.default_rng(stats.key_seed(0, cid))
         reps = st.trim_mean(v[rng.integers(0, v.size, (2000, v.size))], 0.25, axis=1)
         assert (row["iqm_lo"], row["iqm_hi"]) == pytest.approx(
-            tuple(np.quantile(reps, [0.025, 0.975])))
+            tuple(np.quantile(reps, [0.025, 0.975]))
+        )
 
 
 def test_failures_wilson_and_probability_of_improvement():
@@ -99,7 +122,8 @@ def test_failures_wilson_and_probability_of_improvement():
     assert t["n_failed"].to_dict() == {"a": 1, "b": 0, "c": 2}
     assert t.loc["c", "failure_rate"] == pytest.approx(2 / 8)
     assert (t.loc["c", "failure_lo"], t.loc["c", "failure_hi"]) == pytest.approx(
-        stats.wilson_interval(2, 8))
+        stats.wilson_interval(2, 8)
+    )
     # P(a seed of the best config beats a seed of this one) = U / (n m).
     assert np.isnan(t.loc["a", "p_improve"])
     for cid in ("b", "c"):
@@ -109,8 +133,16 @@ def test_failures_wilson_and_probability_of_improvement():
 
 def test_trapped_runs_count_as_failures_but_keep_their_return():
     runs = make_runs()
-    cls = pd.DataFrame({"run_id": runs.run_id, "classification": np.where(
-        runs.status == "diverged", "diverged", np.where(runs.run_id == "c1", "trapped", "ok"))})
+    cls = pd.DataFrame(
+        {
+            "run_id": runs.run_id,
+            "classification": np.where(
+                runs.status == "diverged",
+                "diverged",
+                np.where(runs.run_id == "c1", "trapped", "ok"),
+            ),
+        }
+    )
     t = seed_table(runs, classification=cls).set_index("config_id")
     assert t.loc["c", "n_failed"] == 3
     assert t.loc["c", "min"] == -20.0  # the trapped run's return is still in the stats
@@ -119,8 +151,10 @@ def test_trapped_runs_count_as_failures_but_keep_their_return():
 def test_sorted_best_first_with_median_breaking_iqm_ties():
     t = seed_table(make_runs())
     assert t["config_id"].tolist() == ["a", "b", "c"]
-    ties = {"x": (1e-3, "[64, 64]", [0, 0, 2, 2, 2, 4, 9, 9]),   # IQM 2.5, median 2
-            "y": (1e-2, "[64, 64]", [0, 0, 1, 2, 3, 4, 9, 9])}   # IQM 2.5, median 2.5
+    ties = {
+        "x": (1e-3, "[64, 64]", [0, 0, 2, 2, 2, 4, 9, 9]),  # IQM 2.5, median 2
+        "y": (1e-2, "[64, 64]", [0, 0, 1, 2, 3, 4, 9, 9]),
+    }  # IQM 2.5, median 2.5
     t = seed_table(make_runs(ties))
     assert t["iqm"].tolist() == [2.5, 2.5]
     assert t["config_id"].tolist() == ["y", "x"]
@@ -201,8 +235,10 @@ def test_compare_tables_uses_the_printed_precision():
     diffs = compare_tables(ref.to_csv(index=False), new.to_csv(index=False))
     assert len(diffs) == 1 and "config a, mean" in diffs[0]
     swapped = pd.concat([new.iloc[[1]], new.iloc[[0]], new.iloc[2:]])
-    assert any("row order" in d for d in compare_tables(
-        ref.to_csv(index=False), swapped.to_csv(index=False)))
+    assert any(
+        "row order" in d
+        for d in compare_tables(ref.to_csv(index=False), swapped.to_csv(index=False))
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -244,12 +280,12 @@ def test_cli_bad_input_exit_2(store, tmp_path, capsys):
     (empty / "manifest.json").write_text(json.dumps({"format": "study-results/1"}))
     nocurves = write_store(tmp_path / "nocurves", make_runs())
     cases = [
-        [str(tmp_path / "missing")],                       # no such store
-        [str(tmp_path)],                                   # a directory, not a store
-        [str(empty)],                                      # a store without runs
-        [str(store), "--metric", "final_eval_return"],     # metric with no data
-        [str(nocurves), "--metric", "auc"],                # auc without curves
-        [str(store), "--bogus"],                           # unknown option
+        [str(tmp_path / "missing")],  # no such store
+        [str(tmp_path)],  # a directory, not a store
+        [str(empty)],  # a store without runs
+        [str(store), "--metric", "final_eval_return"],  # metric with no data
+        [str(nocurves), "--metric", "auc"],  # auc without curves
+        [str(store), "--bogus"],  # unknown option
         [str(store), "--top", "0"],
         [str(store), "--format", "html"],
         [str(store), "--check", str(tmp_path / "noref")],  # no seed_table.csv there
@@ -262,11 +298,56 @@ def test_cli_bad_input_exit_2(store, tmp_path, capsys):
 
 
 def test_python_dash_m(store):
-    ok = subprocess.run([sys.executable, "-m", "study.tables", str(store), "--format", "csv"],
-                        capture_output=True, text=True, check=False)
+    ok = subprocess.run(
+        [sys.executable, "-m", "study.tables", str(store), "--format", "csv"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert ok.returncode == 0 and ok.stdout.startswith("policy_lr,")
-    bad = subprocess.run([sys.executable, "-m", "study.tables", str(store / "runs")],
-                         capture_output=True, text=True, check=False)
+    bad = subprocess.run(
+        [sys.executable, "-m", "study.tables", str(store / "runs")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert bad.returncode == 2
     assert bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1
     assert "Traceback" not in bad.stderr
+
+
+def test_a_store_written_by_hand_without_a_manifest_is_analysed(tmp_path, capsys):
+    # Data is the interface: runs/ and curves/ in the store's schema, written by pandas.
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "curves").mkdir()
+    rows = [
+        {
+            "run_id": f"r{c}{s}",
+            "config_id": f"c{c}",
+            "seed": s,
+            "env": "CartPole-v1",
+            "total_steps": 1000,
+            "policy_lr": [0.1, 0.01][c],
+            "final_return": 100.0 * c + s,
+            "final_eval_return": np.nan,
+            "status": "ok",
+            "wall_s": 1.0,
+        }
+        for c in range(2)
+        for s in range(5)
+    ]
+    pd.DataFrame(rows).to_parquet(tmp_path / "runs" / "mine.parquet")
+    curves = [
+        {
+            "run_id": r["run_id"],
+            "step": k * 100,
+            "episode_return": r["final_return"],
+            "entropy": 0.5,
+        }
+        for r in rows
+        for k in range(1, 11)
+    ]
+    pd.DataFrame(curves).to_parquet(tmp_path / "curves" / "mine.parquet")
+    assert main([str(tmp_path), "--format", "csv"]) == 0
+    table = pd.read_csv(io.StringIO(capsys.readouterr().out))
+    assert list(table["median"]) == [102.0, 2.0]
