@@ -277,9 +277,12 @@ class ObsNormalizer:
         self.var = np.ones((n_members, obs_dim))
         self.count = np.full(n_members, 1e-4)
         self.enabled = enabled.reshape(-1, 1, 1)
+        self.active = bool(enabled.any())
 
     def update(self, obs: np.ndarray) -> None:
         """Chan et al.'s parallel update with the batch ``obs [S, E, D]``."""
+        if not self.active:
+            return
         n = obs.shape[1]
         batch_mean = obs.mean(axis=1)
         batch_var = obs.var(axis=1)
@@ -295,6 +298,8 @@ class ObsNormalizer:
         self.count = total
 
     def __call__(self, obs: np.ndarray) -> np.ndarray:
+        if not self.active:
+            return obs.astype(np.float32)
         normed = np.clip((obs - self.mean[:, None]) / np.sqrt(self.var[:, None] + 1e-8), -10, 10)
         return np.where(self.enabled, normed, obs).astype(np.float32)
 
@@ -505,15 +510,16 @@ def train_population(
     def to_torch(x: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(x).to(dev)
 
-    def act(out: torch.Tensor, deterministic: bool, rng: MemberStreams | None) -> np.ndarray:
-        """Actions for all S members from the policy output of the alive ones."""
+    def act(out: torch.Tensor, deterministic: bool, draws: np.ndarray | None) -> np.ndarray:
+        """Actions for all S members from the policy output of the alive ones; ``draws``
+        are this step's uniforms ``[S, E]`` (discrete) or normals ``[S, E, *act]`` (Box)."""
         out_np = out.detach().cpu().numpy().astype(np.float64)
         if discrete:
             full = np.zeros((n_mem, out.shape[1]), dtype=np.int64)
             if deterministic:
                 full[alive] = out_np.argmax(-1)
                 return full
-            u = rng.uniform((out.shape[1],))  # drawn for every member: keeps streams aligned
+            u = draws
             with np.errstate(invalid="ignore", over="ignore"):  # a diverging member's logits
                 logits = out_np - out_np.max(-1, keepdims=True)
                 probs = np.exp(logits)
@@ -524,7 +530,7 @@ def train_population(
         if deterministic:
             full[alive] = out_np
         else:
-            noise = rng.normal((out.shape[1], *act_shape))
+            noise = draws
             std = np.exp(agent.log_std.detach().cpu().numpy().astype(np.float64))
             full[alive] = out_np + std[:, None] * noise[alive]
         return full
@@ -631,6 +637,12 @@ def train_population(
         # actions are kept and reused for the gradient step (the weights have not changed).
         reuse_policy = not agent.share_trunk and n_mb == 1 and n_batch <= CHUNK_ROWS
         rollout_fwd: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
+        # The rollout's random draws in one call, for every member (alive or not), so each
+        # member's stream advances the same way whoever else is in the population.
+        if discrete:
+            draws = action_rng.uniform((n_steps, n_envs))
+        else:
+            draws = action_rng.normal((n_steps, n_envs, *act_shape))
         for t in range(n_steps):
             if reuse_policy:
                 out, cache = forward_cached(to_torch(obs[alive]), agent.pi, agent.activation)
@@ -638,7 +650,7 @@ def train_population(
             else:
                 with torch.no_grad():
                     out = agent.policy_out(to_torch(obs[alive]))
-            actions = act(out, False, action_rng)
+            actions = act(out, False, draws[:, t])
             step = env.step(env_actions(actions))
             global_step += n_envs
             done = step.terminated | step.truncated
