@@ -65,6 +65,8 @@ __all__ = [
 
 #: Every label :func:`classify_runs` gives.
 CLASSES: tuple[str, ...] = ("ok", "learning", "trapped", "diverged", "pruned")
+#: A trapped level's spread is at most this fraction of its distance below the best mode.
+TRAP_MAX_SPREAD = 0.1
 
 PER_RUN_COLUMNS: tuple[str, ...] = (
     "run_id", "config_id", "seed", "classification", "mode", "plateau_step",
@@ -263,8 +265,10 @@ def find_modes(
       ``max_valley`` times the lower neighbouring peak. A skewed or heavy-tailed single
       mode is also fitted better by two Gaussians (a narrow core and a wide tail), but
       their sum has no dip; this check is what rejects it.
-    * Every sd is at least ``sd_floor`` times the sample's sd, so two or three close
-      values (seeds tied at a capped return) cannot win on a near-infinite likelihood.
+    * Every sd is at least ``sd_floor`` times the sample's sd (times ``sqrt(20 / n)`` when
+      ``n > 20``), so two or three close values (seeds tied at a capped return) cannot win
+      on a near-infinite likelihood, while in a large pool a spike of runs stuck at the
+      same return can still be a mode of its own.
 
     Calibration (simulated, 300 samples per case): Gaussian samples of 5-10 values give two modes
     about 3-4% of the time (a few values can look clustered by chance), 24 or more almost
@@ -304,6 +308,9 @@ def find_modes(
         z, (np.arange(_MAX_SPLIT_POINTS) + 0.5) / _MAX_SPLIT_POINTS)
     nd = zd.size
     min_seg = min_count if nd == n else max(1, round(min_count * nd / n))
+    # The floor guards small samples against ties; with many values a tight cluster (a
+    # spike of identically trapped runs inside a wide pool) must be able to stand out.
+    sd_floor = sd_floor * min(1.0, math.sqrt(20.0 / n))
     mean, sd, cost = _segment_tables(zd, sd_floor)
     idx = np.arange(nd + 1)
     seg_len = idx[None, :] - idx[:, None]
@@ -578,8 +585,12 @@ def _analyse(runs: pd.DataFrame, curves: pd.DataFrame | None, min_seeds: int,
     def is_trap(m: Mode, best: Mode, init: float) -> bool:
         # Clearly below: realises at most max_progress of the best mode's improvement over
         # the starting return (a cluster just under a capped maximum is not a trap).
+        # Concentrated: trapped agents sit at the same level (racing off the track gives
+        # about -28 every time), so the mode's spread is at most TRAP_MAX_SPREAD of its
+        # distance below the best mode; a wide low "mode" is a spread of slow learners.
         return (np.isfinite(init) and best.level - init > 0
-                and (m.level - init) <= max_progress * (best.level - init))
+                and (m.level - init) <= max_progress * (best.level - init)
+                and m.spread <= TRAP_MAX_SPREAD * (best.level - m.level))
 
     # Pass 1: modes within each config with enough seeds; low modes far below the best.
     for cid, rows in groups.items():

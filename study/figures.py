@@ -46,6 +46,8 @@ __all__ = [
     "OKABE_ITO",
     "STYLE",
     "TEXT_WIDTH",
+    "filmstrip_figure",
+    "filmstrip_size",
     "final_distribution_figure",
     "learning_curves_figure",
     "optuna_figures",
@@ -600,6 +602,81 @@ def _category(x: object) -> str:
     if isinstance(x, (float, np.floating)):
         return "inf" if np.isinf(x) else f"{float(x):g}"
     return str(x)
+
+
+# --------------------------------------------------------------------------------------
+# filmstrips (study.render)
+
+#: Filmstrip layout, in inches: the title above each strip, the label above each frame
+#: (two lines), and the gap between strips placed side by side.
+FILMSTRIP_TITLE_IN = 0.22
+FILMSTRIP_LABEL_IN = 0.3
+FILMSTRIP_GAP_IN = 0.2
+
+
+def filmstrip_size(n_frames: Sequence[int], ncols: int, panel_width: float,
+                   aspect: float, dpi: float) -> tuple[float, float, float]:
+    """``(width, height, panel_height)`` in inches of :func:`filmstrip_figure`, each
+    rounded to whole pixels at ``dpi`` (``aspect``: frame height / width)."""
+    def px(inches: float) -> float:
+        return round(inches * dpi) / dpi
+
+    pw = px(panel_width)
+    ph = px(panel_width * aspect)
+    rows = max(math.ceil(n / ncols) for n in n_frames)
+    gap, label, title = px(FILMSTRIP_GAP_IN), px(FILMSTRIP_LABEL_IN), px(FILMSTRIP_TITLE_IN)
+    width = len(n_frames) * ncols * pw + (len(n_frames) - 1) * gap
+    return width, title + rows * (label + ph), ph
+
+
+@_styled
+def filmstrip_figure(
+    strips: Sequence[tuple[str, Sequence[np.ndarray], Sequence[str]]],
+    ncols: int,
+    panel_width: float = 1.15,
+    dpi: float = PNG_DPI,
+    colors: Sequence[str] | None = None,
+) -> Figure:
+    """Frames of one or more episodes: each strip ``(title, frames, labels)`` is a grid of
+    ``ncols`` columns (row by row), its title above it; strips stand side by side.
+
+    ``frames`` are ``[H, W, 3]`` uint8 images (the first one's aspect sizes every panel),
+    ``labels`` one (up to two-line) caption per frame, ``panel_width`` a frame's width in
+    inches. Sizes are whole pixels at ``dpi`` (see :func:`filmstrip_size`), so a PNG saved
+    at that resolution has exactly ``width * dpi`` x ``height * dpi`` pixels. ``colors``
+    colour each strip's title and frame borders (e.g. by failure class).
+    """
+    if not strips or not all(len(f) for _, f, _ in strips):
+        raise ValueError("filmstrip_figure needs at least one frame per strip")
+    first = np.asarray(strips[0][1][0])
+    aspect = first.shape[0] / first.shape[1]
+    width, height, ph = filmstrip_size([len(f) for _, f, _ in strips], ncols, panel_width,
+                                       aspect, dpi)
+    pw = round(panel_width * dpi) / dpi
+    gap = round(FILMSTRIP_GAP_IN * dpi) / dpi
+    title_h = round(FILMSTRIP_TITLE_IN * dpi) / dpi
+    label_h = round(FILMSTRIP_LABEL_IN * dpi) / dpi
+    fig = Figure(figsize=(width, height), dpi=dpi)
+    for s, (title, frames, labels) in enumerate(strips):
+        color = colors[s] if colors is not None else "#333333"
+        x0 = s * (ncols * pw + gap)
+        fig.text((x0 + ncols * pw / 2) / width, 1 - title_h / 2 / height, title,
+                 ha="center", va="center", color=color, fontweight="bold")
+        for i, (frame, label) in enumerate(zip(frames, labels, strict=True)):
+            r, c = divmod(i, ncols)
+            bottom = height - title_h - (r + 1) * (label_h + ph)
+            ax = fig.add_axes((
+                (x0 + c * pw) / width, bottom / height, pw / width, ph / height))
+            ax.imshow(np.asarray(frame), interpolation="antialiased", aspect="auto")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(True)
+                spine.set_color(color if colors is not None else "#999999")
+                spine.set_linewidth(0.8)
+            ax.text(0.5, 1.0 + 0.04 * pw / ph, label, transform=ax.transAxes, ha="center",
+                    va="bottom", linespacing=1.1, fontsize=FONT_SIZE - 1)
+    return fig
 
 
 # --------------------------------------------------------------------------------------

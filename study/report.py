@@ -757,8 +757,16 @@ def _write_report(root: Path, out: Path, runs: pd.DataFrame, curves: pd.DataFram
     md += ["## Seed table", "",
            f"One row per config, best first by {metric}.", "", rendered["md"].rstrip(), "",
            _downloads("seed_table", ("csv", "md", "tex")), ""]
-    md += [_shift_headings(fmd).rstrip(), "",
-           "Per-run classifications: [CSV](tables/failures_per_run.csv); per config: "
+    md += [_shift_headings(fmd).rstrip(), ""]
+    if (root / store.POLICIES_DIR).is_dir():
+        with timer("figure: agents"):
+            agents = _agent_filmstrips(root, runs, cls, ranked, labels, notes)
+        if agents is not None:
+            fig, caption = agents
+            save(fig, "agents")
+            nfig += 1
+            md.append(_fig_block(nfig, "agents", "a trapped and a successful agent", caption))
+    md += ["Per-run classifications: [CSV](tables/failures_per_run.csv); per config: "
            + ", ".join(f"[{e.upper()}](tables/failures_per_config.{e})"
                        for e in ("csv", "md", "tex"))
            + "; trapped rate by hyperparameter value: "
@@ -806,6 +814,93 @@ def _write_report(root: Path, out: Path, runs: pd.DataFrame, curves: pd.DataFram
         write(out / "report.md", text)
         write(out / "index.html", _html_page(f"Sweep report: {name}", markdown_to_html(text)))
     return ReportResult(out, files, timer.t, notes)
+
+
+#: Frames per agent in the trapped-vs-successful filmstrip figure (two rows of three).
+AGENT_FRAMES = 6
+
+
+def _pick_agents(root: Path, cls: pd.DataFrame,
+                 ranked: Sequence[str]) -> tuple[pd.Series, pd.Series] | None:
+    """One trapped and one successful (``ok``) run with saved policies, or None.
+
+    Same config when one has both (the one with the most trapped runs, best ranked first);
+    else the best-ranked config with a trapped run and the best-ranked one with a success.
+    The trapped run is the median of its config's trapped runs by final return (a typical
+    trap), the successful one the config's best ok run.
+    """
+    saved = {p.stem for p in (root / store.POLICIES_DIR).glob("*.npz")}
+    c = cls[cls["run_id"].astype(str).isin(saved)]
+    trapped = c[c["classification"] == "trapped"]
+    ok = c[(c["classification"] == "ok") & np.isfinite(c["final_return"].astype(float))]
+    if trapped.empty or ok.empty:
+        return None
+    rank = {cid: i for i, cid in enumerate(ranked)}
+    n_trapped = trapped["config_id"].astype(str).value_counts()
+    both = set(n_trapped.index) & set(ok["config_id"].astype(str))
+    if both:
+        cid = min(both, key=lambda k: (-n_trapped[k], rank.get(k, len(rank)), k))
+        t_cid = o_cid = cid
+    else:
+        t_cid = min(n_trapped.index, key=lambda k: (rank.get(k, len(rank)), k))
+        o_cid = min(set(ok["config_id"].astype(str)), key=lambda k: (rank.get(k, len(rank)), k))
+    t = trapped[trapped["config_id"].astype(str) == t_cid].sort_values(
+        ["final_return", "seed"], kind="stable")
+    o = ok[ok["config_id"].astype(str) == o_cid].sort_values(
+        ["final_return", "seed"], ascending=[False, True], kind="stable")
+    return t.iloc[(len(t) - 1) // 2], o.iloc[0]
+
+
+def _agent_filmstrips(root: Path, runs: pd.DataFrame, cls: pd.DataFrame,
+                      ranked: Sequence[str], labels: Mapping[str, str],
+                      notes: list[str]) -> tuple[Any, str] | None:
+    """The filmstrips of a trapped and a successful agent side by side, and a caption.
+
+    None (with a note when something failed) if the store has no such pair of runs with
+    saved policies, or their episodes cannot be replayed (study.render's one-line error).
+    """
+    from study import render
+
+    pair = _pick_agents(root, cls, ranked)
+    if pair is None:
+        return None
+    strips = []
+    try:
+        for what, row in zip(("trapped", "successful"), pair, strict=True):
+            policy = render.load_policy(root, str(row["run_id"]))
+            strip = render.episode_filmstrip(policy, AGENT_FRAMES, seed=0)
+            ep = strip.episode
+            strip.title = (f"{what}: seed {policy.seed}, episode return "
+                           f"{ep.return_at(ep.length):.1f}")
+            strips.append(strip)
+    except ConfigError as e:
+        notes.append(f"agents filmstrip not drawn: {e}")
+        return None
+    ncols = math.ceil(AGENT_FRAMES / 2)
+    panel = (figures.TEXT_WIDTH - figures.FILMSTRIP_GAP_IN) / (2 * ncols)
+    fig = figures.filmstrip_figure([(s.title, s.frames, s.labels) for s in strips], ncols,
+                                   panel_width=panel,
+                                   colors=[figures.CLASS_COLORS["trapped"],
+                                           figures.CLASS_COLORS["ok"]])
+    t, o = pair
+    same = str(t["config_id"]) == str(o["config_id"])
+
+    def cfg(row: pd.Series) -> str:
+        return labels.get(str(row["config_id"]), str(row["config_id"]))
+
+    def run(row: pd.Series, side: str) -> str:
+        return (f"`{row['run_id']}` ({side}, seed {row['seed']}, final training return "
+                f"{failures.fmt_number(float(row['final_return']), 1)})")
+
+    where = (f"of the same config ({cfg(t)})" if same
+             else f"(configs {cfg(t)} and {cfg(o)}; no config has both)")
+    caption = (f"What a trapped agent does: one episode of the final deterministic policy "
+               f"of a trapped run {run(t, 'left')} and of a successful run {run(o, 'right')} "
+               f"{where}, from the same reset (seed 0); {AGENT_FRAMES} frames evenly spaced "
+               "over each episode, labelled with the step and the return so far. "
+               f"`python -m study.render {root.name} --run RUN_ID --out agent.gif` animates "
+               "any run with a saved policy.")
+    return fig, caption
 
 
 def _distribution_rows(ranked: Sequence[str], trapped: set[str]) -> list[str]:

@@ -296,3 +296,26 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1, err
+
+
+def test_a_spread_of_slow_learners_is_not_a_trap_but_a_collapsed_spike_is():
+    # Like a real CartPole grid: 16 configs x 5 seeds whose final returns spread evenly
+    # between 120 and 300 (slow learners plateaued half-way), a cap-like cluster at 500,
+    # and in a few configs seeds stuck at the same low return with collapsed entropy.
+    rng = np.random.default_rng(3)
+    spec = []
+    for c in range(16):
+        kinds = []
+        for s in range(5):
+            if c % 4 == 0 and s < 3:
+                kinds.append(("trapped", 9.4))
+            elif s == 4:
+                kinds.append(("success", 500.0))
+            else:
+                kinds.append(("weak", float(rng.uniform(120, 300))))
+        spec.append((f"c{c:02d}", {"policy_lr": 10.0 ** -(1 + c % 4)}, kinds))
+    runs, curves = make_sweep(spec, seed=4)
+    per_run = classify_runs(runs, curves).set_index("run_id")
+    trapped = set(per_run.index[per_run["classification"] == "trapped"])
+    expected = {f"c{c:02d}-s{s}" for c in range(0, 16, 4) for s in range(3)}
+    assert trapped == expected

@@ -1,0 +1,516 @@
+"""``python -m study.render RESULTS_DIR --run RUN_ID``: watch one run's final policy.
+
+    python -m study.render results/a2c-blog-swingup --run 1f3c9a0e2b7d4c55
+    python -m study.render results/a2c-blog-swingup --run 1f3c9a0e2b7d4c55 --out agent.gif
+    python -m study.render results/a2c-blog-swingup --run 1f3c9a0e2b7d4c55 --frames 12 --seed 3
+
+Needs a sweep run with ``save_policies = true`` (``policies/<run_id>.npz`` in the store).
+The run's hyperparameters rebuild its networks; the policy acts deterministically (the
+argmax of the logits, or the Gaussian mean clipped to the action bounds) for one episode
+of the run's environment, reset with ``--seed`` (default 0). The output is a filmstrip PNG
+(``--frames`` frames evenly spaced over the episode, in a row or a grid, each labelled with
+the step and the return so far) or an animated GIF (Pillow), by the extension of ``--out``
+(default ``RESULTS_DIR/render/<run_id>.png``).
+
+Frames come from the environment's ``rgb_array`` renderer. CartPole and Pendulum render
+through pygame in gymnasium; without pygame they are drawn here with matplotlib (same
+geometry, plainer look). Runs trained with ``normalize_obs = true`` cannot be replayed:
+the running observation statistics are not saved with the weights.
+
+Bad input (not a store, an unknown run id, a run without a saved policy, an unknown
+extension) is one ``error:`` line and exit code 2, with nothing written.
+"""
+
+from __future__ import annotations
+
+import difflib
+import io
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from study import store
+from study.config import ConfigError, coerce
+
+__all__ = [
+    "Episode",
+    "Filmstrip",
+    "SavedPolicy",
+    "episode_filmstrip",
+    "filmstrip",
+    "frame_steps",
+    "load_policy",
+    "main",
+    "play_episode",
+    "render_filmstrip",
+]
+
+EXTENSIONS: tuple[str, ...] = (".png", ".gif")
+#: Frames when ``--frames`` is not given: a 2 x 4 filmstrip, or a short animation.
+DEFAULT_FRAMES: dict[str, int] = {".png": 8, ".gif": 60}
+#: Filmstrip PNG: each frame this many pixels wide, at this resolution.
+PANEL_PX = 300
+DPI = 150
+#: At most this many frames in one row of a filmstrip.
+MAX_COLUMNS = 6
+#: GIF frames are scaled to this width (pixels).
+GIF_WIDTH = 400
+#: Episode cap for environments without a time limit (when --max-steps is not given).
+DEFAULT_MAX_STEPS = 1000
+
+
+# --------------------------------------------------------------------------------------
+# the saved policy
+
+
+@dataclass(frozen=True)
+class SavedPolicy:
+    """A run's final policy weights with what is needed to act with them."""
+
+    run_id: str
+    env_id: str
+    seed: int
+    status: str
+    final_return: float
+    activation: str
+    share_trunk: bool
+    weights: dict[str, np.ndarray]
+
+    def _layers(self, prefix: str) -> list[Any]:
+        import torch
+
+        n = sum(1 for k in self.weights if k.startswith(f"{prefix}."))
+        return [torch.from_numpy(np.asarray(self.weights[f"{prefix}.{j}"], np.float32))[None]
+                for j in range(n)]
+
+    def policy_fn(self) -> Callable[[np.ndarray], np.ndarray]:
+        """``obs (flat float32) -> policy output`` (logits or Gaussian means), as trained."""
+        import torch
+
+        from study.nets import activation_fn, mlp
+
+        pi, trunk = self._layers("pi"), self._layers("trunk")
+        act = activation_fn(self.activation)
+
+        def out(obs: np.ndarray) -> np.ndarray:
+            x = torch.from_numpy(np.asarray(obs, np.float32).reshape(1, 1, -1))
+            with torch.no_grad():
+                if self.share_trunk:
+                    x = act(mlp(x, trunk, self.activation))
+                return mlp(x, pi, self.activation)[0, 0].numpy().astype(np.float64)
+
+        return out
+
+    @property
+    def obs_dim(self) -> int:
+        first = self.weights["trunk.0" if self.share_trunk else "pi.0"]
+        return int(first.shape[0])
+
+
+def _run_row(root: Path, run_id: str) -> dict[str, Any]:
+    runs = store.load_runs(root)  # StoreError (one line) if not a store / empty
+    ids = runs["run_id"].astype(str).tolist()
+    if run_id not in ids:
+        close = [i for i in ids if i.startswith(run_id)][:3] if run_id else []
+        close = close or difflib.get_close_matches(run_id, ids, n=3, cutoff=0.4)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(f"{root}: no run {run_id!r} among its {len(ids)} runs{hint}")
+    return runs[runs["run_id"].astype(str) == run_id].iloc[0].to_dict()
+
+
+def load_policy(results_dir: str | Path, run_id: str) -> SavedPolicy:
+    """The saved policy of ``run_id`` in the store at ``results_dir``.
+
+    ConfigError (one line) if the path is not a store, the run is unknown (with close
+    ids), has no saved policy, its weights are not finite, or it normalised observations.
+    """
+    root = Path(results_dir)
+    row = _run_row(root, run_id)
+    path = root / store.POLICIES_DIR / f"{run_id}.npz"
+    if not path.is_file():
+        raise ConfigError(
+            f"run {run_id} has no saved policy ({path} is missing); run its sweep with "
+            "save_policies = true to keep the final weights")
+    if coerce("normalize_obs", row.get("normalize_obs", False)):
+        raise ConfigError(
+            f"run {run_id} used normalize_obs = true and its observation statistics are not "
+            "saved, so its policy cannot be replayed")
+    try:
+        with np.load(path) as data:
+            weights = {k: np.asarray(data[k]) for k in data.files}
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: unreadable saved policy ({e})") from None
+    share = bool(coerce("share_trunk", row.get("share_trunk", False)))
+    if "pi.0" not in weights or (share and "trunk.0" not in weights):
+        raise ConfigError(f"{path}: not a saved policy (no {'trunk.0' if share else 'pi.0'})")
+    if not all(np.isfinite(w).all() for w in weights.values()):
+        raise ConfigError(f"run {run_id} ({row.get('status')}) has non-finite saved weights; "
+                          "there is no policy to replay")
+    return SavedPolicy(
+        run_id=run_id, env_id=str(row["env"]), seed=int(row["seed"]),
+        status=str(row.get("status", "ok")), final_return=float(row.get("final_return", np.nan)),
+        activation=coerce("activation", row.get("activation", "tanh")),
+        share_trunk=share, weights=weights,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# playing an episode
+
+
+@dataclass
+class Episode:
+    """One deterministic episode: the actions taken and the rewards they got."""
+
+    env_id: str
+    seed: int
+    actions: list[Any]
+    rewards: np.ndarray
+    terminated: bool
+    truncated: bool
+
+    @property
+    def length(self) -> int:
+        return len(self.actions)
+
+    def return_at(self, step: int) -> float:
+        """The return after ``step`` steps (0 at the reset)."""
+        return float(self.rewards[:step].sum())
+
+
+def _make_env(env_id: str) -> Any:
+    import gymnasium as gym
+
+    from study.envs import env_spaces
+
+    env_spaces(env_id)  # ConfigError (one line, with close matches) for unknown ids
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "CartPole-v0 is out of date"
+            return gym.make(env_id, render_mode="rgb_array", disable_env_checker=True)
+    except gym.error.Error as e:
+        raise ConfigError(f"environment {env_id!r} cannot be made: {e}") from None
+
+
+def _actor(policy: SavedPolicy, env: Any) -> Callable[[np.ndarray], Any]:
+    """``obs -> action`` for ``env``: argmax of the logits, or the mean clipped to bounds."""
+    import gymnasium as gym
+
+    space = env.action_space
+    obs_dim = int(np.prod(env.observation_space.shape))
+    if obs_dim != policy.obs_dim:
+        raise ConfigError(f"the saved policy of run {policy.run_id} takes {policy.obs_dim} "
+                          f"inputs but {policy.env_id} observations have {obs_dim}")
+    out = policy.policy_fn()
+    if isinstance(space, gym.spaces.Discrete):
+        return lambda obs: int(space.start + int(np.argmax(out(obs))))
+    low, high = space.low.astype(np.float64), space.high.astype(np.float64)
+    return lambda obs: np.clip(out(obs).reshape(space.shape), low, high).astype(space.dtype)
+
+
+def play_episode(policy: SavedPolicy, seed: int = 0, max_steps: int | None = None) -> Episode:
+    """Play one episode of the run's env with its deterministic policy, reset by ``seed``.
+
+    Ends at termination, the env's time limit, or after ``max_steps`` steps (default: the
+    time limit, else :data:`DEFAULT_MAX_STEPS`).
+    """
+    env = _make_env(policy.env_id)
+    try:
+        act = _actor(policy, env)
+        limit = max_steps or (env.spec.max_episode_steps if env.spec else None) or \
+            DEFAULT_MAX_STEPS
+        obs, _ = env.reset(seed=int(seed))
+        actions, rewards = [], []
+        terminated = truncated = False
+        while len(actions) < limit and not (terminated or truncated):
+            a = act(obs)
+            obs, r, terminated, truncated, _ = env.step(a)
+            actions.append(a)
+            rewards.append(float(r))
+    finally:
+        env.close()
+    return Episode(policy.env_id, int(seed), actions, np.asarray(rewards, float),
+                   bool(terminated), bool(truncated or len(actions) >= limit))
+
+
+def frame_steps(length: int, n: int) -> list[int]:
+    """``n`` steps evenly spaced over an episode of ``length`` steps, both ends included
+    (0 is the reset state); fewer when the episode has fewer than ``n`` states."""
+    return sorted({int(round(s)) for s in np.linspace(0, length, max(1, n))})
+
+
+# --------------------------------------------------------------------------------------
+# frames
+
+
+class _MplDrawer:
+    """Off-screen matplotlib drawing of a classic-control state (used without pygame)."""
+
+    def __init__(self, width: int, height: int, xlim: float, ylim: float) -> None:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        self.fig = Figure(figsize=(width / 100, height / 100), dpi=100)
+        self.canvas = FigureCanvasAgg(self.fig)
+        self.ax = self.fig.add_axes((0, 0, 1, 1))
+        self.ax.set_xlim(-xlim, xlim)
+        self.ax.set_ylim(-ylim, ylim)
+        self.ax.set_axis_off()
+
+    def image(self) -> np.ndarray:
+        self.canvas.draw()
+        return np.asarray(self.canvas.buffer_rgba())[..., :3].copy()
+
+
+class _CartPoleDrawer(_MplDrawer):
+    """gymnasium's CartPole viewer geometry: a 600x400 image of a 4.8-unit-wide world."""
+
+    def __init__(self, env: Any) -> None:
+        from matplotlib.patches import Rectangle
+
+        half_world = 2 * float(env.x_threshold) / 2  # world width 2 * x_threshold = 4.8
+        super().__init__(600, 400, half_world, half_world * 400 / 600)
+        self.half_len = float(env.length)
+        self.ax.axhline(0, color="black", lw=1)
+        self.cart = Rectangle((0, 0), 0.4, 0.24, color="black", zorder=2)
+        self.ax.add_patch(self.cart)
+        (self.pole,) = self.ax.plot([], [], color="#ca9865", lw=8, solid_capstyle="butt")
+
+    def draw(self, env: Any) -> np.ndarray:
+        x, _, theta, _ = (float(v) for v in env.state)
+        self.cart.set_xy((x - 0.2, -0.05))
+        top = 0.19
+        length = 2 * self.half_len
+        self.pole.set_data([x, x + length * math.sin(theta)], [top, top + length * math.cos(theta)])
+        return self.image()
+
+
+class _PendulumDrawer(_MplDrawer):
+    """gymnasium's Pendulum viewer geometry: a unit rod from the centre (0 = upright)."""
+
+    def __init__(self, env: Any) -> None:
+        from matplotlib.patches import Circle
+
+        super().__init__(400, 400, 2.2, 2.2)
+        (self.rod,) = self.ax.plot([], [], color="#cc4d4d", lw=16, solid_capstyle="round")
+        self.ax.add_patch(Circle((0, 0), 0.05, color="black", zorder=3))
+
+    def draw(self, env: Any) -> np.ndarray:
+        theta = float(env.state[0])
+        self.rod.set_data([0, -math.sin(theta)], [0, math.cos(theta)])
+        return self.image()
+
+
+_FALLBACK_DRAWERS: dict[str, Callable[[Any], Any]] = {
+    "CartPoleEnv": _CartPoleDrawer,
+    "PendulumEnv": _PendulumDrawer,
+}
+
+
+def episode_frames(policy: SavedPolicy, episode: Episode, steps: Sequence[int]) -> list[np.ndarray]:
+    """``[H, W, 3]`` uint8 images of the states after each of ``steps`` steps, by replaying
+    the episode's actions from the same reset."""
+    import gymnasium as gym
+
+    env = _make_env(policy.env_id)
+    drawer: Any = None
+
+    def frame() -> np.ndarray:
+        nonlocal drawer
+        if drawer is None:
+            try:
+                img = env.render()
+                if img is not None:
+                    return np.asarray(img)[..., :3]
+            except gym.error.DependencyNotInstalled as e:
+                why = str(e).splitlines()[0] if str(e) else "a dependency is missing"
+            else:
+                why = "it has no rgb_array renderer"
+            make = _FALLBACK_DRAWERS.get(type(env.unwrapped).__name__)
+            if make is None:
+                raise ConfigError(f"environment {policy.env_id!r} cannot draw frames: {why}")
+            drawer = make(env.unwrapped)
+        return drawer.draw(env.unwrapped)
+
+    wanted = set(steps)
+    frames: list[np.ndarray] = []
+    try:
+        env.reset(seed=episode.seed)
+        if 0 in wanted:
+            frames.append(frame())
+        for t, a in enumerate(episode.actions, start=1):
+            if t > max(wanted):
+                break
+            env.step(a)
+            if t in wanted:
+                frames.append(frame())
+    finally:
+        env.close()
+    return frames
+
+
+@dataclass
+class Filmstrip:
+    """Frames of one episode with their labels, ready for :func:`study.figures.filmstrip_figure`."""
+
+    title: str
+    frames: list[np.ndarray]
+    labels: list[str]
+    steps: list[int]
+    episode: Episode
+
+
+def _label(step: int, ret: float) -> str:
+    return f"step {step}\nreturn {ret:.1f}"
+
+
+def episode_filmstrip(policy: SavedPolicy, n_frames: int, seed: int = 0,
+                      max_steps: int | None = None, title: str | None = None) -> Filmstrip:
+    """Play one episode and take ``n_frames`` frames evenly spaced over it."""
+    episode = play_episode(policy, seed, max_steps)
+    steps = frame_steps(episode.length, n_frames)
+    frames = episode_frames(policy, episode, steps)
+    end = "terminated" if episode.terminated else "time limit"
+    title = title or (f"run {policy.run_id} (seed {policy.seed}) on {policy.env_id}: "
+                      f"return {episode.return_at(episode.length):.1f} in {episode.length} "
+                      f"steps ({end})")
+    return Filmstrip(title, frames, [_label(s, episode.return_at(s)) for s in steps], steps,
+                     episode)
+
+
+def filmstrip(results_dir: str | Path, run_id: str, n_frames: int = 8, seed: int = 0,
+              max_steps: int | None = None, title: str | None = None) -> Filmstrip:
+    """:func:`episode_filmstrip` of the saved policy of ``run_id`` (see :func:`load_policy`)."""
+    return episode_filmstrip(load_policy(results_dir, run_id), n_frames, seed, max_steps, title)
+
+
+# --------------------------------------------------------------------------------------
+# writing
+
+
+def columns_for(n_frames: int) -> int:
+    """Columns of a filmstrip of ``n_frames``: one row up to :data:`MAX_COLUMNS`, else
+    the fewest rows of at most that many, balanced (8 -> 2 x 4, 10 -> 2 x 5)."""
+    rows = math.ceil(n_frames / MAX_COLUMNS)
+    return math.ceil(n_frames / rows)
+
+
+def _png_bytes(strip: Filmstrip) -> bytes:
+    from study.figures import filmstrip_figure
+
+    fig = filmstrip_figure([(strip.title, strip.frames, strip.labels)],
+                           ncols=columns_for(len(strip.frames)), panel_width=PANEL_PX / DPI,
+                           dpi=DPI)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None}, facecolor="white")
+    return buf.getvalue()
+
+
+def _gif_bytes(strip: Filmstrip, fps: float) -> bytes:
+    from PIL import Image, ImageDraw, ImageFont
+
+    try:
+        font: Any = ImageFont.load_default(size=14)
+    except (TypeError, OSError):  # Pillow < 10.1 or without FreeType: the bitmap font
+        font = ImageFont.load_default()
+    images = []
+    for img, label in zip(strip.frames, strip.labels, strict=True):
+        im = Image.fromarray(np.ascontiguousarray(img, dtype=np.uint8))
+        h = round(im.height * GIF_WIDTH / im.width)
+        im = im.resize((GIF_WIDTH, h), Image.Resampling.LANCZOS)
+        ImageDraw.Draw(im).text((6, 4), label.replace("\n", "   "), fill=(0, 0, 0), font=font)
+        images.append(im)
+    gaps = np.diff([*strip.steps, strip.steps[-1] + 1]) if strip.steps else np.ones(1)
+    durations = [max(20, int(round(1000 * g / fps))) for g in gaps]
+    buf = io.BytesIO()
+    images[0].save(buf, format="GIF", save_all=True, append_images=images[1:],
+                   duration=durations, loop=0, disposal=1)
+    return buf.getvalue()
+
+
+def _check_out(out: Path) -> str:
+    ext = out.suffix.lower()
+    if ext not in EXTENSIONS:
+        what = f"unknown extension {out.suffix!r}" if out.suffix else "no extension"
+        raise ConfigError(f"--out {out}: {what}; expected {' or '.join(EXTENSIONS)}")
+    if out.exists() and out.is_dir():
+        raise ConfigError(f"--out {out}: is a directory")
+    return ext
+
+
+def render_filmstrip(results_dir: str | Path, run_id: str, out: str | Path | None = None,
+                     frames: int | None = None, seed: int = 0,
+                     max_steps: int | None = None) -> Path:
+    """Write run ``run_id``'s filmstrip PNG or GIF (by ``out``'s extension; default
+    ``results_dir/render/<run_id>.png``) and return its path.
+
+    Every check (store, run, saved policy, extension) happens before anything is written;
+    the file itself is written atomically. Raises ConfigError (one line) for bad input.
+    """
+    root = Path(results_dir)
+    path = Path(out) if out is not None else root / "render" / f"{run_id}.png"
+    ext = _check_out(path)
+    n = DEFAULT_FRAMES[ext] if frames is None else int(frames)
+    if n < 1:
+        raise ConfigError(f"--frames {n} is invalid: expected an integer >= 1")
+    if max_steps is not None and max_steps < 1:
+        raise ConfigError(f"--max-steps {max_steps} is invalid: expected an integer >= 1")
+    if seed < 0:
+        raise ConfigError(f"--seed {seed} is invalid: expected an integer >= 0")
+    policy = load_policy(root, run_id)
+    strip = episode_filmstrip(policy, n, seed, max_steps)
+    if ext == ".png":
+        data = _png_bytes(strip)
+    else:
+        env = _make_env(policy.env_id)
+        fps = float(env.metadata.get("render_fps") or 50)
+        env.close()
+        data = _gif_bytes(strip, fps)
+    store.atomic_write_bytes(path, data)
+    return path
+
+
+# --------------------------------------------------------------------------------------
+# CLI
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m study.render RESULTS_DIR --run RUN_ID [--out F] [--frames N] ...``."""
+    from study.cli_util import ArgumentParser, run_cli
+
+    def body(args_in: Sequence[str] | None) -> int:
+        ap = ArgumentParser(prog="python -m study.render",
+                            description="Draw one episode of a run's saved policy as a "
+                                        "filmstrip PNG or an animated GIF.")
+        ap.add_argument("results_dir", help="a results store of a sweep with save_policies")
+        ap.add_argument("--run", required=True, metavar="RUN_ID", help="the run to watch")
+        ap.add_argument("--out", metavar="FILE",
+                        help="FILE.png (filmstrip) or FILE.gif (animation); default "
+                             "RESULTS_DIR/render/RUN_ID.png")
+        ap.add_argument("--frames", type=int, metavar="N",
+                        help="frames evenly spaced over the episode (default 8 for PNG, "
+                             "60 for GIF)")
+        ap.add_argument("--seed", type=int, default=0, help="seed of the episode's reset")
+        ap.add_argument("--max-steps", type=int, metavar="N",
+                        help="stop the episode after N steps (default: the time limit)")
+        args = ap.parse_args(args_in)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            path = render_filmstrip(args.results_dir, args.run, args.out, args.frames,
+                                    args.seed, args.max_steps)
+        print(f"wrote {path}")
+        return 0
+
+    try:
+        return run_cli(body, argv)
+    except SystemExit as e:  # usage errors and --help: report the code, as main() -> int
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
