@@ -26,11 +26,16 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def run_cli(body: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None) -> int:
-    """Run a CLI body, turning user errors (ConfigError) into a one-line exit-2 error."""
+    """Run a CLI body and return its exit code: user errors (ConfigError) become a
+    one-line ``error:`` with code 2, and usage errors or ``--help`` (SystemExit) give
+    their code back, so ``main(argv) -> int`` is callable from Python and tests."""
     try:
-        return body(argv)
-    except ConfigError as e:
-        fail(str(e))
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        try:
+            return body(argv)
+        except ConfigError as e:
+            fail(str(e))
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USAGE)

@@ -1526,10 +1526,7 @@ def _main(argv: Sequence[str] | None) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (2 for bad input, 130 after Ctrl-C)."""
-    try:
-        return run_cli(_main, argv)
-    except SystemExit as e:  # cli_util.fail and --help exit; callers get the code back
-        return e.code if isinstance(e.code, int) else 1
+    return run_cli(_main, argv)
 
 
 if __name__ == "__main__":

@@ -429,12 +429,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.write(text)
         return 0
 
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            return run_cli(body, argv)
-    except SystemExit as e:  # usage errors and --help: report the code, as main() -> int
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return run_cli(body, argv)
 
 
 if __name__ == "__main__":
