@@ -81,28 +81,30 @@ class SavedPolicy:
     share_trunk: bool
     weights: dict[str, np.ndarray]
 
-    def _layers(self, prefix: str) -> list[Any]:
-        import torch
-
+    def _layers(self, prefix: str) -> list[np.ndarray]:
         n = sum(1 for k in self.weights if k.startswith(f"{prefix}."))
-        return [torch.from_numpy(np.asarray(self.weights[f"{prefix}.{j}"], np.float32))[None]
-                for j in range(n)]
+        return [np.asarray(self.weights[f"{prefix}.{j}"], np.float32) for j in range(n)]
 
     def policy_fn(self) -> Callable[[np.ndarray], np.ndarray]:
-        """``obs (flat float32) -> policy output`` (logits or Gaussian means), as trained."""
-        import torch
-
-        from study.nets import activation_fn, mlp
-
+        """``obs (flat) -> policy output`` (logits or Gaussian means), as the trainer's
+        networks compute it (:func:`study.nets.mlp`), in NumPy float32: replaying a policy
+        needs no torch (whose import alone takes seconds)."""
         pi, trunk = self._layers("pi"), self._layers("trunk")
-        act = activation_fn(self.activation)
+        act = np.tanh if self.activation == "tanh" else (lambda h: np.maximum(h, 0.0))
+
+        def mlp(x: np.ndarray, params: list[np.ndarray]) -> np.ndarray:
+            n_layers = len(params) // 2
+            for layer in range(n_layers):
+                x = x @ params[2 * layer] + params[2 * layer + 1]
+                if layer < n_layers - 1:
+                    x = act(x)
+            return x
 
         def out(obs: np.ndarray) -> np.ndarray:
-            x = torch.from_numpy(np.asarray(obs, np.float32).reshape(1, 1, -1))
-            with torch.no_grad():
-                if self.share_trunk:
-                    x = act(mlp(x, trunk, self.activation))
-                return mlp(x, pi, self.activation)[0, 0].numpy().astype(np.float64)
+            x = np.asarray(obs, np.float32).reshape(1, -1)
+            if self.share_trunk:
+                x = act(mlp(x, trunk))  # the trunk's last layer is activated too
+            return mlp(x, pi)[0].astype(np.float64)
 
         return out
 
@@ -216,8 +218,8 @@ def _actor(policy: SavedPolicy, env: Any) -> Callable[[np.ndarray], Any]:
 def play_episode(policy: SavedPolicy, seed: int = 0, max_steps: int | None = None) -> Episode:
     """Play one episode of the run's env with its deterministic policy, reset by ``seed``.
 
-    Ends at termination, the env's time limit, or after ``max_steps`` steps (default: the
-    time limit, else :data:`DEFAULT_MAX_STEPS`).
+    Ends at termination, at the env's time limit, or after ``max_steps`` steps, whichever
+    comes first (without a time limit and ``max_steps``: :data:`DEFAULT_MAX_STEPS`).
     """
     env = _make_env(policy.env_id)
     try:
@@ -235,7 +237,7 @@ def play_episode(policy: SavedPolicy, seed: int = 0, max_steps: int | None = Non
     finally:
         env.close()
     return Episode(policy.env_id, int(seed), actions, np.asarray(rewards, float),
-                   bool(terminated), bool(truncated or len(actions) >= limit))
+                   bool(terminated), bool(truncated or (not terminated and len(actions) >= limit)))
 
 
 def frame_steps(length: int, n: int) -> list[int]:
@@ -506,10 +508,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"wrote {path}")
         return 0
 
-    try:
-        return run_cli(body, argv)
-    except SystemExit as e:  # usage errors and --help: report the code, as main() -> int
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    return run_cli(body, argv)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ Writes, under ``--out DIR`` (default ``RESULTS_DIR/report``)::
 with: median/IQR (and IQM) learning curves of the top configs and small multiples of the
 grid; every seed of one config with trapped/diverged runs highlighted; the final-return
 distribution per config with its modes; hyperparameter sensitivity (marginal medians and
-IQRs); the seed table; the failure report; and, for Optuna studies, Optuna's own plots.
+IQRs); the seed table; the failure report, with (where the sweep saved policies and has
+trapped runs) filmstrips of a trapped and a successful agent side by side
+(:mod:`study.render`); and, for Optuna studies, Optuna's own plots.
 
 Every number comes from the store's Parquet files (:mod:`study.store`), the statistics from
 :mod:`study.curves`, :mod:`study.tables` and :mod:`study.failures`, the figures from
@@ -856,8 +858,8 @@ def _agent_filmstrips(root: Path, runs: pd.DataFrame, cls: pd.DataFrame,
                       notes: list[str]) -> tuple[Any, str] | None:
     """The filmstrips of a trapped and a successful agent side by side, and a caption.
 
-    None (with a note when something failed) if the store has no such pair of runs with
-    saved policies, or their episodes cannot be replayed (study.render's one-line error).
+    None if the store has no such pair of runs with saved policies, or (with a note) if
+    their episodes cannot be replayed (e.g. runs trained with normalize_obs).
     """
     from study import render
 
@@ -873,8 +875,8 @@ def _agent_filmstrips(root: Path, runs: pd.DataFrame, cls: pd.DataFrame,
             strip.title = (f"{what}: seed {policy.seed}, episode return "
                            f"{ep.return_at(ep.length):.1f}")
             strips.append(strip)
-    except ConfigError as e:
-        notes.append(f"agents filmstrip not drawn: {e}")
+    except Exception as e:  # noqa: BLE001 - a replay that fails is a note, not a crash
+        notes.append(f"agents filmstrip not drawn: {' '.join(str(e).split())}")
         return None
     ncols = math.ceil(AGENT_FRAMES / 2)
     panel = (figures.TEXT_WIDTH - figures.FILMSTRIP_GAP_IN) / (2 * ncols)
@@ -898,8 +900,8 @@ def _agent_filmstrips(root: Path, runs: pd.DataFrame, cls: pd.DataFrame,
                f"of a trapped run {run(t, 'left')} and of a successful run {run(o, 'right')} "
                f"{where}, from the same reset (seed 0); {AGENT_FRAMES} frames evenly spaced "
                "over each episode, labelled with the step and the return so far. "
-               f"`python -m study.render {root.name} --run RUN_ID --out agent.gif` animates "
-               "any run with a saved policy.")
+               f"`python -m study.render RESULTS_DIR --run {t['run_id']} --out trapped.gif` "
+               "animates it.")
     return fig, caption
 
 
