@@ -750,6 +750,9 @@ def save_figure(fig: Figure, directory: str | Path, stem: str,
             p = d / f"{stem}.{fmt}"
             meta = {"Date": None} if fmt == "svg" else ({"Software": None} if fmt == "png"
                                                           else None)
-            fig.savefig(p, format=fmt, dpi=PNG_DPI, metadata=meta, facecolor="white")
+            # A figure legend below the axes can be wider than the figure: "tight" keeps it
+            # whole. Figures without one keep their exact size (filmstrips rely on it).
+            tight = {"bbox_inches": "tight", "pad_inches": 0.03} if fig.legends else {}
+            fig.savefig(p, format=fmt, dpi=PNG_DPI, metadata=meta, facecolor="white", **tight)
             out.append(p)
     return out
