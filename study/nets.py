@@ -172,7 +172,7 @@ def backward(
         if layer > 0:
             g = torch.bmm(g, w_pad.transpose(1, 2))
             if activation == "relu":
-                g.mul_(h > 0)
+                g = torch.ops.aten.threshold_backward(g, h, 0.0)  # g where h > 0, one pass
             else:
                 g.addcmul_(g * h, h, value=-1.0)  # g * (1 - h^2), in two passes
     return grads
