@@ -18,6 +18,17 @@ def fail(message: str) -> NoReturn:
     raise SystemExit(EXIT_USAGE)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (underscores allowed, as in ``100_000``)."""
+    try:
+        value = int(text.replace("_", ""))
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid: expected an integer >= 1")
+    return value
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose usage errors are one line (``error: prog: ...``) with exit code 2."""
 

@@ -12,7 +12,6 @@ to import ``study`` (the same version) and send results back; only this process 
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import os
 import platform
@@ -26,7 +25,7 @@ from typing import Any
 import pandas as pd
 
 from study import store
-from study.cli_util import ArgumentParser, run_cli
+from study.cli_util import ArgumentParser, positive_int, run_cli
 from study.config import ConfigError
 from study.runner import BACKENDS, Outcome, Plan, execute, make_plan
 from study.sweep import Sweep, grid_axes, load_sweep, sweep_to_toml
@@ -34,16 +33,6 @@ from study.sweep import Sweep, grid_axes, load_sweep, sweep_to_toml
 __all__ = ["best_configs", "main"]
 
 EXIT_INTERRUPTED = 130
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text.replace("_", ""))
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is invalid: expected an integer >= 1")
-    return value
 
 
 def _available_cores() -> int:
@@ -58,7 +47,7 @@ def _parser() -> ArgumentParser:
     p = ArgumentParser(prog="study.grid", description=__doc__.split("\n")[0])
     p.add_argument("sweep", help="sweep file (TOML), e.g. sweeps/quickstart.toml")
     p.add_argument("--out", metavar="DIR", help="results directory (default results/<name>)")
-    p.add_argument("--n-jobs", type=_positive_int, default=None, metavar="N",
+    p.add_argument("--n-jobs", type=positive_int, default=None, metavar="N",
                    help="parallel workers (default: all cores; with --scheduler the "
                         "cluster's workers decide)")
     p.add_argument("--backend", choices=BACKENDS, default=None,
@@ -71,7 +60,7 @@ def _parser() -> ArgumentParser:
     p.add_argument("--fresh", action="store_true",
                    help="delete the results directory first instead of resuming")
     p.add_argument("--quiet", action="store_true", help="no plan, progress bar or table")
-    p.add_argument("--population-size", type=_positive_int, default=64, metavar="N",
+    p.add_argument("--population-size", type=positive_int, default=64, metavar="N",
                    help="most runs trained together in one population (default 64)")
     return p
 

@@ -72,7 +72,7 @@ import pyarrow.parquet as pq
 from optuna.trial import FrozenTrial, TrialState
 
 from study import store
-from study.cli_util import ArgumentParser, run_cli
+from study.cli_util import ArgumentParser, positive_int, run_cli
 from study.config import ConfigError, resolve, structural_key, to_jsonable
 from study.runner import Chunk, ChunkResult, _frames, run_chunk
 from study.search_space import DEFAULT_TEST_SEEDS, OptunaSettings, parse_optuna
@@ -1274,16 +1274,6 @@ def write_best(driver: Driver, trial: FrozenTrial, hp: Mapping[str, Any],
 # the command line
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text.replace("_", ""))
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is invalid: expected an integer >= 1")
-    return value
-
-
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -1298,7 +1288,7 @@ def _parser() -> ArgumentParser:
     p = ArgumentParser(prog="study.optuna", description=__doc__.split("\n")[0])
     p.add_argument("sweep", help="sweep file (TOML) with an [optuna] table")
     p.add_argument("--out", metavar="DIR", help="results directory (default results/<name>)")
-    p.add_argument("--n-trials", type=_positive_int, metavar="N",
+    p.add_argument("--n-trials", type=positive_int, metavar="N",
                    help="trials the study should hold (default: [optuna] n_trials)")
     p.add_argument("--timeout", type=_positive_float, metavar="SECONDS",
                    help="ask no new batch after this many seconds")
@@ -1307,12 +1297,12 @@ def _parser() -> ArgumentParser:
                         "processes/machines, or a journal file path (default "
                         "<out>/optuna.journal)")
     p.add_argument("--study-name", metavar="NAME", help="study name (default: the sweep name)")
-    p.add_argument("--n-jobs", type=_positive_int, default=1, metavar="N",
+    p.add_argument("--n-jobs", type=positive_int, default=1, metavar="N",
                    help="populations trained in parallel worker processes (default 1)")
-    p.add_argument("--confirm", type=_positive_int, metavar="K",
+    p.add_argument("--confirm", type=positive_int, metavar="K",
                    help="re-run the top K configs on the held-out test seeds and write "
                         "best.toml")
-    p.add_argument("--batch-size", type=_positive_int, metavar="N",
+    p.add_argument("--batch-size", type=positive_int, metavar="N",
                    help="trials asked and trained together (default: [optuna] "
                         "trials_per_batch)")
     p.add_argument("--quiet", action="store_true", help="no progress or tables")
