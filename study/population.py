@@ -283,6 +283,7 @@ class ObsNormalizer:
         """Chan et al.'s parallel update with the batch ``obs [S, E, D]``."""
         if not self.active:
             return
+        obs = obs.astype(np.float64)
         n = obs.shape[1]
         batch_mean = obs.mean(axis=1)
         batch_var = obs.var(axis=1)
@@ -299,7 +300,8 @@ class ObsNormalizer:
 
     def __call__(self, obs: np.ndarray) -> np.ndarray:
         if not self.active:
-            return obs.astype(np.float32)
+            return obs.astype(np.float32, copy=False)
+        obs = obs.astype(np.float64)
         normed = np.clip((obs - self.mean[:, None]) / np.sqrt(self.var[:, None] + 1e-8), -10, 10)
         return np.where(self.enabled, normed, obs).astype(np.float32)
 
@@ -510,6 +512,10 @@ def train_population(
     def to_torch(x: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(x).to(dev)
 
+    def learning_rows(x: np.ndarray) -> np.ndarray:
+        """Rows of ``x`` ([S, ...]) of the members still learning (no copy while all are)."""
+        return x if len(alive) == n_mem else x[alive]
+
     def act(out: torch.Tensor, deterministic: bool, draws: np.ndarray | None) -> np.ndarray:
         """Actions for all S members from the policy output of the alive ones; ``draws``
         are this step's uniforms ``[S, E]`` (discrete) or normals ``[S, E, *act]`` (Box)."""
@@ -615,7 +621,7 @@ def train_population(
         return norm.detach(), finite
 
     # ---------------------------------------------------------------- the training loop
-    obs_raw = env.reset().reshape(n_mem, n_envs, -1).astype(np.float64)
+    obs_raw = env.reset().reshape(n_mem, n_envs, -1)
     normalizer.update(obs_raw)
     obs = normalizer(obs_raw)
     next_log = log_every
@@ -645,11 +651,12 @@ def train_population(
             draws = action_rng.normal((n_steps, n_envs, *act_shape))
         for t in range(n_steps):
             if reuse_policy:
-                out, cache = forward_cached(to_torch(obs[alive]), agent.pi, agent.activation)
+                x = to_torch(learning_rows(obs))
+                out, cache = forward_cached(x, agent.pi, agent.activation)
                 rollout_fwd.append((out, cache))
             else:
                 with torch.no_grad():
-                    out = agent.policy_out(to_torch(obs[alive]))
+                    out = agent.policy_out(to_torch(learning_rows(obs)))
             actions = act(out, False, draws[:, t])
             step = env.step(env_actions(actions))
             global_step += n_envs
@@ -663,7 +670,7 @@ def train_population(
             ep_ret[done] = 0.0
             ep_len[done] = 0
 
-            next_raw = step.obs.reshape(n_mem, n_envs, -1).astype(np.float64)
+            next_raw = step.obs.reshape(n_mem, n_envs, -1)
             normalizer.update(next_raw)
             if step.truncated.any():  # V(final obs) is only needed to bootstrap truncations
                 buf_next[t] = normalizer(step.final_obs.reshape(n_mem, n_envs, -1))

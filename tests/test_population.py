@@ -205,3 +205,24 @@ def test_hand_written_gradients_match_autograd(discrete):
     torch.testing.assert_close(terms["v"], v_loss.detach())
     for g, e in zip(grads, expected, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
+def test_obs_normalizer_tracks_each_members_running_mean_and_variance():
+    from study.population import ObsNormalizer
+
+    rng = np.random.default_rng(0)
+    norm = ObsNormalizer(3, 2, np.array([True, False, True]))
+    batches = [
+        rng.normal(loc=[[1.0, -2.0]], scale=[[0.5, 3.0]], size=(3, 4, 2)).astype(np.float32)
+        for _ in range(50)
+    ]
+    for b in batches:
+        norm.update(b)
+    seen = np.concatenate(batches, axis=1).astype(np.float64)  # [S, 200, D]
+    np.testing.assert_allclose(norm.mean, seen.mean(axis=1), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(norm.var, seen.var(axis=1), rtol=1e-4)
+    x = batches[-1]
+    out = norm(x)
+    expected = np.clip((x - norm.mean[:, None]) / np.sqrt(norm.var[:, None] + 1e-8), -10, 10)
+    np.testing.assert_allclose(out[[0, 2]], expected[[0, 2]], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(out[1], x[1])  # member 1 does not normalize
