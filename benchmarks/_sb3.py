@@ -22,8 +22,9 @@ def sb3_available() -> bool:
 def run_sb3_a2c(env_id: str, seed: int, total_steps: int, hp: dict) -> dict:
     """Train one SB3 A2C run with matched hyperparameters in this process (1 torch thread).
 
-    Returns wall time, steps/s and final_return = mean return of episodes finished in the
-    last 10% of each environment's steps (the same definition as ours).
+    Returns wall and CPU time of training, steps/s and final_return = mean return of
+    episodes finished in the last 10% of each environment's steps (the same definition
+    as ours).
     """
     import torch
     from stable_baselines3 import A2C
@@ -57,9 +58,9 @@ def run_sb3_a2c(env_id: str, seed: int, total_steps: int, hp: dict) -> dict:
         device="cpu",
         verbose=0,
     )
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     model.learn(total_steps)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     per_env = model.num_timesteps / n_envs
     finals = []
     for monitor in env.envs:
@@ -70,6 +71,7 @@ def run_sb3_a2c(env_id: str, seed: int, total_steps: int, hp: dict) -> dict:
     return {
         "seed": seed,
         "wall_s": wall,
+        "cpu_s": cpu,
         "steps_per_s": model.num_timesteps / wall,
         "final_return": float(np.mean(finals)) if finals else float("nan"),
     }

@@ -36,30 +36,10 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
 
 def _sb3_run(env_id: str, hp: dict[str, Any], seed: int, steps: int) -> tuple[float, float]:
     """Train one SB3 A2C run in a worker; returns its training (wall, CPU) seconds."""
-    import torch
+    from benchmarks._sb3 import run_sb3_a2c
 
-    torch.set_num_threads(1)  # same rule as study's workers: one thread per process
-    from stable_baselines3 import A2C
-    from stable_baselines3.common.env_util import make_vec_env
-
-    hidden = list(hp["policy_hidden_sizes"])
-    activation = {"tanh": torch.nn.Tanh, "relu": torch.nn.ReLU}[hp["activation"]]
-    env = make_vec_env(env_id, n_envs=hp["num_envs"], seed=seed)
-    model = A2C(
-        "MlpPolicy", env, learning_rate=hp["policy_lr"], n_steps=hp["n_steps"],
-        gamma=hp["gamma"], gae_lambda=hp["lam"], ent_coef=hp["entropy_coef"],
-        vf_coef=hp["value_coef"], max_grad_norm=hp["max_grad_norm"],
-        normalize_advantage=hp["normalize_advantage"],
-        use_rms_prop=hp["policy_optimizer"] == "rmsprop",
-        policy_kwargs={"net_arch": {"pi": hidden, "vf": list(hp["value_hidden_sizes"])},
-                       "activation_fn": activation},
-        seed=seed, device="cpu", verbose=0,
-    )
-    t0, c0 = time.perf_counter(), time.process_time()
-    model.learn(total_timesteps=steps)
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    env.close()
-    return wall, cpu
+    r = run_sb3_a2c(env_id, seed, steps, hp)
+    return r["wall_s"], r["cpu_s"]
 
 
 def _children_cpu() -> float:
