@@ -7,6 +7,11 @@ Bit-identity: on CPU, ``bmm`` picks a different kernel (a gemv path) when a matr
 is 1, and that choice depends on S, so a member's result could change with its population.
 Linear layers therefore pad an input or output width of 1 to 2 with zeros; every other
 shape takes the same per-member kernel whatever S is (see tests/test_population.py).
+
+Narrow outputs (a policy or value head) are computed transposed: MKL's batched gemm is
+2-8x slower for a product with a few columns than for the same product with a few rows
+(benchmarks in the comments of :func:`_affine`). Which form a layer takes depends only on
+its shape and the number of rows per member, never on S.
 """
 
 from __future__ import annotations
@@ -52,6 +57,34 @@ def activation_fn(name: str):
     return _ACTIVATIONS[name]
 
 
+# Output widths below this are narrow (see _affine).
+_NARROW = 16
+
+
+def _affine(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``x @ w + b`` per member for widths already padded (contiguous ``[S, B, out]``).
+
+    A narrow output is computed as ``(w^T x^T + b^T)^T``: 64 members x 40 rows x 64 -> 2
+    take 97 us that way and 222 us directly; 2048 rows 1.7 ms against 4.2 ms. With one
+    row per member that form would hit gemv, whose kernel depends on S, so it is skipped.
+    """
+    if w.shape[2] < _NARROW and x.shape[1] > 1:
+        y = torch.baddbmm(b.transpose(1, 2), w.transpose(1, 2), x.transpose(1, 2))
+        return y.transpose(1, 2).contiguous()
+    return torch.baddbmm(b, x, w)
+
+
+def _weight_grad(h: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``h^T g`` per member (the gradient of ``h @ w``), contiguous ``[S, in, out]``.
+
+    For a narrow output, ``(g^T h)^T`` is 4-7x faster (64 x 40 x 64 -> 2: 54 us against
+    219 us) and, unlike the forward product, keeps its kernel whatever S is.
+    """
+    if g.shape[2] < _NARROW:
+        return torch.bmm(g.transpose(1, 2), h).transpose(1, 2).contiguous()
+    return torch.bmm(h.transpose(1, 2), g)
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``x @ w + b`` per member: x ``[S, B, in]``, w ``[S, in, out]``, b ``[S, 1, out]``."""
     n_in, n_out = w.shape[1], w.shape[2]
@@ -61,8 +94,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if n_out == 1:
         w = torch.cat([w, torch.zeros_like(w)], dim=2)
         b = torch.cat([b, torch.zeros_like(b)], dim=2)
-        return torch.baddbmm(b, x, w)[..., :1]
-    return torch.baddbmm(b, x, w)
+        return _affine(x, w, b)[..., :1]
+    return _affine(x, w, b)
 
 
 def init_layers(
@@ -140,7 +173,7 @@ def forward_cached(
     for layer in range(n_layers):
         w, b = _padded(params[2 * layer], params[2 * layer + 1])
         inputs.append(h)
-        h = torch.baddbmm(b, h, w)
+        h = _affine(h, w, b)
         if layer < n_layers - 1:
             if activation == "relu":
                 h.clamp_(min=0.0)
@@ -167,7 +200,8 @@ def backward(
         w = params[2 * layer]
         w_pad, _ = _padded(w, params[2 * layer + 1])
         h = inputs[layer]
-        grads[2 * layer] = torch.bmm(h.transpose(1, 2), g)[:, : w.shape[1], : w.shape[2]]
+        dw = _weight_grad(h, g)
+        grads[2 * layer] = dw if dw.shape == w.shape else dw[:, : w.shape[1], : w.shape[2]]
         grads[2 * layer + 1] = g.sum(dim=1, keepdim=True)[..., : w.shape[2]]
         if layer > 0:
             g = torch.bmm(g, w_pad.transpose(1, 2))

@@ -1004,7 +1004,7 @@ class Driver:
     def _write_trials(self) -> None:
         # Under the study lock: a concurrent driver must not overwrite a newer snapshot
         # with an older one.
-        with self.lock:
+        with self.lock, store.deferred_sigint():
             frame = trials_frame(self.study, self.settings, self.study_name)
             write_trials(self.out, frame)
 
@@ -1044,14 +1044,15 @@ def write_chunk(out: Path, runs_df: pd.DataFrame, curves_df: pd.DataFrame, key: 
                                 preserve_index=False)
     curves = pa.Table.from_pandas(curves_df[store.CURVE_SCHEMA.names],
                                   schema=store.CURVE_SCHEMA, preserve_index=False)
-    for rid, state in (policies or {}).items():
-        buf = io.BytesIO()
-        np.savez(buf, **{k: np.asarray(v) for k, v in state.items()})
-        store.atomic_write_bytes(out / store.POLICIES_DIR / f"{rid}.npz", buf.getvalue())
-    store.atomic_write_bytes(out / store.CURVES_DIR / f"chunk-{key}.parquet",
-                             _parquet_bytes(curves))
-    store.atomic_write_bytes(out / store.RUNS_DIR / f"chunk-{key}.parquet",
-                             _parquet_bytes(runs))
+    with store.deferred_sigint():
+        for rid, state in (policies or {}).items():
+            buf = io.BytesIO()
+            np.savez(buf, **{k: np.asarray(v) for k, v in state.items()})
+            store.atomic_write_bytes(out / store.POLICIES_DIR / f"{rid}.npz", buf.getvalue())
+        store.atomic_write_bytes(out / store.CURVES_DIR / f"chunk-{key}.parquet",
+                                 _parquet_bytes(curves))
+        store.atomic_write_bytes(out / store.RUNS_DIR / f"chunk-{key}.parquet",
+                                 _parquet_bytes(runs))
 
 
 def _param_type(settings: OptunaSettings, name: str) -> pa.DataType:

@@ -489,11 +489,12 @@ def execute(plan: Plan, out: str | Path, n_jobs: int = 1, backend: str = "loky",
         results = _loky(plan.chunks, n_jobs, progress)
     try:
         for res in results:
-            store.write_chunk(out, res.runs, res.curves, res.key, res.policies)
-            progress.finish(res.index, len(res.runs))
-            outcome.chunks_done += 1
-            outcome.runs_done += len(res.runs)
-            outcome.env_steps += res.env_steps
+            with store.deferred_sigint():  # a stored chunk is also counted
+                store.write_chunk(out, res.runs, res.curves, res.key, res.policies)
+                progress.finish(res.index, len(res.runs))
+                outcome.chunks_done += 1
+                outcome.runs_done += len(res.runs)
+                outcome.env_steps += res.env_steps
             if on_chunk is not None:
                 on_chunk(res)
     except KeyboardInterrupt:

@@ -23,7 +23,9 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -145,6 +147,30 @@ def _fsync_dir(path: Path) -> None:
 
 
 @contextlib.contextmanager
+def deferred_sigint() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) until the block ends, then raise KeyboardInterrupt.
+
+    A KeyboardInterrupt raised inside a write can land between creating a temp file and
+    the ``try`` that removes it; deferring it makes a chunk's write all-or-nothing. Off the
+    main thread (where handlers cannot be set) the block runs as is. Nests.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught and previous is not signal.SIG_IGN:
+        if callable(previous):  # Python's default handler raises; an outer deferral records
+            previous(signal.SIGINT, None)
+        else:
+            raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
 def _atomic(path: Path) -> Iterator[Any]:
     """Yield a binary file object; on success it replaces ``path`` in one rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -208,11 +234,12 @@ def write_chunk(
     runs_df = runs_df.astype({"diverged_at_step": "Int64"})
     runs_table = _to_table(runs_df, RUNS_SCHEMA, "runs_df")
     curves_table = _to_table(curves_df, CURVE_SCHEMA, "curves_df")
-    for rid, state in (policies or {}).items():
-        buf = _npz_bytes(state)
-        atomic_write_bytes(root / POLICIES_DIR / f"{rid}.npz", buf)
-    _write_parquet(root / CURVES_DIR / f"chunk-{chunk_key}.parquet", curves_table)
-    _write_parquet(root / RUNS_DIR / f"chunk-{chunk_key}.parquet", runs_table)
+    with deferred_sigint():
+        for rid, state in (policies or {}).items():
+            buf = _npz_bytes(state)
+            atomic_write_bytes(root / POLICIES_DIR / f"{rid}.npz", buf)
+        _write_parquet(root / CURVES_DIR / f"chunk-{chunk_key}.parquet", curves_table)
+        _write_parquet(root / RUNS_DIR / f"chunk-{chunk_key}.parquet", runs_table)
 
 
 def _npz_bytes(state: Mapping[str, np.ndarray]) -> bytes:

@@ -44,3 +44,24 @@ def test_linear_is_a_per_member_affine_map():
     y = linear(x, w, b)
     for s in range(4):
         torch.testing.assert_close(y[s], x[s] @ w[s] + b[s])
+
+
+@pytest.mark.parametrize("rows", [1, 2, 7, 40])
+@pytest.mark.parametrize("sizes", [[4, 64, 64, 2], [5, 64, 1], [3, 16, 8]])
+def test_a_member_computes_the_same_bits_alone_and_in_a_population(rows, sizes):
+    # Narrow layers take a transposed product whose kernel must not depend on S.
+    gen = torch.Generator().manual_seed(2)
+    S = 9
+    params = []
+    for a, b in zip(sizes[:-1], sizes[1:], strict=True):
+        params += [torch.randn(S, a, b, generator=gen), torch.randn(S, 1, b, generator=gen)]
+    x = torch.randn(S, rows, sizes[0], generator=gen)
+    g_out = torch.randn(S, rows, sizes[-1], generator=gen)
+    out, inputs = forward_cached(x, params, "tanh")
+    grads = backward(g_out, inputs, params, "tanh")
+    for s in (0, 4, 8):
+        one = [p[s : s + 1] for p in params]
+        out1, inputs1 = forward_cached(x[s : s + 1], one, "tanh")
+        assert torch.equal(out1[0], out[s])
+        for g1, g in zip(backward(g_out[s : s + 1], inputs1, one, "tanh"), grads, strict=True):
+            assert torch.equal(g1[0], g[s])

@@ -192,3 +192,18 @@ def test_manifest_round_trip_and_permissions(tmp_path):
     json.loads((root / "manifest.json").read_text())
     mode = (root / "manifest.json").stat().st_mode & 0o777
     assert mode & 0o044  # readable by others, unlike mkstemp's default 0600
+
+
+def test_deferred_sigint_holds_ctrl_c_until_the_block_ends():
+    import os
+    import signal
+
+    events = []
+    with pytest.raises(KeyboardInterrupt):
+        with store.deferred_sigint():
+            with store.deferred_sigint():
+                os.kill(os.getpid(), signal.SIGINT)
+                events.append("inner body finished")
+            events.append("outer body finished")
+    assert events == ["inner body finished", "outer body finished"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
