@@ -574,6 +574,15 @@ def train_population(
         result[alive] = returns[alive].mean(axis=1)
         return result
 
+    def policy_state(pos: int, i: int) -> dict[str, np.ndarray]:
+        """Weights of the learner at ``pos`` (member i), with the observation statistics
+        that its inputs were normalised with, when it normalised them."""
+        state = agent.member_state(pos)
+        if normalizer.enabled[i].item():
+            state["obs_mean"] = normalizer.mean[i].copy()
+            state["obs_var"] = normalizer.var[i].copy()
+        return state
+
     def stop(local: np.ndarray, why: str, step: int) -> None:
         """Stop members at positions ``local`` of `alive`; compact the learner tensors."""
         nonlocal alive
@@ -586,7 +595,7 @@ def train_population(
             if why == "diverged":
                 diverged_at[i] = step
             if save_policies:
-                policy_states[i] = agent.member_state(int(pos))
+                policy_states[i] = policy_state(int(pos), int(i))
         keep = torch.from_numpy(np.flatnonzero(~local)).to(dev)
         agent.select(keep)
         pi_opt.select(keep)
@@ -867,7 +876,7 @@ def train_population(
 
     if save_policies:
         for pos, i in enumerate(alive):
-            policy_states[i] = agent.member_state(pos)
+            policy_states[i] = policy_state(pos, int(i))
     env.close()
 
     wall = (time.perf_counter() - t_start) / n_mem

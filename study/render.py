@@ -14,8 +14,8 @@ the step and the return so far) or an animated GIF (Pillow), by the extension of
 
 Frames come from the environment's ``rgb_array`` renderer. CartPole and Pendulum render
 through pygame in gymnasium; without pygame they are drawn here with matplotlib (same
-geometry, plainer look). Runs trained with ``normalize_obs = true`` cannot be replayed:
-the running observation statistics are not saved with the weights.
+geometry, plainer look). A run trained with ``normalize_obs = true`` is replayed with the
+observation statistics saved beside its weights (frozen at the end of training).
 
 Bad input (not a store, an unknown run id, a run without a saved policy, an unknown
 extension) is one ``error:`` line and exit code 2, with nothing written.
@@ -81,6 +81,13 @@ class SavedPolicy:
     share_trunk: bool
     weights: dict[str, np.ndarray]
 
+    def _normalise(self, x: np.ndarray) -> np.ndarray:
+        """The trainer's observation normalization (``ObsNormalizer``), when it was on."""
+        if "obs_mean" not in self.weights:
+            return x
+        mean, var = self.weights["obs_mean"], self.weights["obs_var"]
+        return np.clip((x.astype(np.float64) - mean) / np.sqrt(var + 1e-8), -10, 10)
+
     def _layers(self, prefix: str) -> list[np.ndarray]:
         n = sum(1 for k in self.weights if k.startswith(f"{prefix}."))
         return [np.asarray(self.weights[f"{prefix}.{j}"], np.float32) for j in range(n)]
@@ -101,7 +108,7 @@ class SavedPolicy:
             return x
 
         def out(obs: np.ndarray) -> np.ndarray:
-            x = np.asarray(obs, np.float32).reshape(1, -1)
+            x = self._normalise(np.asarray(obs, np.float64).reshape(1, -1)).astype(np.float32)
             if self.share_trunk:
                 x = act(mlp(x, trunk))  # the trunk's last layer is activated too
             return mlp(x, pi)[0].astype(np.float64)
@@ -138,15 +145,15 @@ def load_policy(results_dir: str | Path, run_id: str) -> SavedPolicy:
         raise ConfigError(
             f"run {run_id} has no saved policy ({path} is missing); run its sweep with "
             "save_policies = true to keep the final weights")
-    if coerce("normalize_obs", row.get("normalize_obs", False)):
-        raise ConfigError(
-            f"run {run_id} used normalize_obs = true and its observation statistics are not "
-            "saved, so its policy cannot be replayed")
     try:
         with np.load(path) as data:
             weights = {k: np.asarray(data[k]) for k in data.files}
     except (OSError, ValueError) as e:
         raise ConfigError(f"{path}: unreadable saved policy ({e})") from None
+    if coerce("normalize_obs", row.get("normalize_obs", False)) and "obs_mean" not in weights:
+        raise ConfigError(
+            f"run {run_id} used normalize_obs = true and its observation statistics are not "
+            "saved (a store from an older version), so its policy cannot be replayed")
     share = bool(coerce("share_trunk", row.get("share_trunk", False)))
     if "pi.0" not in weights or (share and "trunk.0" not in weights):
         raise ConfigError(f"{path}: not a saved policy (no {'trunk.0' if share else 'pi.0'})")

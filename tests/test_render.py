@@ -5,6 +5,7 @@ x 2 seeds, 6,000 env steps each) serves every test."""
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import matplotlib.image as mpimg
@@ -142,8 +143,38 @@ def _listing(root: Path) -> set[Path]:
     return {p for p in root.rglob("*")}
 
 
+def _without_obs_stats(out: Path, run_id: str, dest: Path) -> Path:
+    """A copy of the store whose policy for ``run_id`` lacks the observation statistics
+    (as stores written before they were saved)."""
+    shutil.copytree(out, dest)
+    path = dest / "policies" / f"{run_id}.npz"
+    with np.load(path) as data:
+        kept = {k: data[k] for k in data.files if not k.startswith("obs_")}
+    assert len(kept) < len(data.files)
+    np.savez(path, **kept)
+    return dest
+
+
+def test_a_run_with_normalized_observations_replays_with_its_statistics(tiny):
+    out, plain, normed = tiny
+    with np.load(out / "policies" / f"{normed}.npz") as data:
+        mean, var = data["obs_mean"], data["obs_var"]
+    with np.load(out / "policies" / f"{plain[0]}.npz") as data:
+        assert "obs_mean" not in data.files
+    assert mean.shape == var.shape == (5,) and (var > 0).all() and np.abs(mean).max() > 0
+    policy = render.load_policy(out, normed)
+    obs = np.array([0.3, -0.2, 0.9, 0.4, 1.5])
+    x = np.clip((obs - mean) / np.sqrt(var + 1e-8), -10, 10).astype(np.float32)
+    t = [torch.from_numpy(policy.weights[f"pi.{j}"])[None] for j in range(4)]
+    want = mlp(torch.from_numpy(x)[None, None], t, "tanh")[0, 0].numpy()
+    np.testing.assert_allclose(policy.policy_fn()(obs), want, rtol=1e-5, atol=1e-5)
+    assert render.main([str(out), "--run", normed, "--frames", "2", "--out",
+                        str(out.parent / "normed.png")]) == 0
+
+
 def test_bad_input_exits_2_and_writes_nothing(tiny, tmp_path, capsys):
     out, plain, normed = tiny
+    old = _without_obs_stats(out, normed, tmp_path / "old")
     bare = _make_store(tmp_path, "bare", save=False)
     bare_id = store.load_runs(bare)["run_id"].iloc[0]
     cases = [
@@ -152,7 +183,7 @@ def test_bad_input_exits_2_and_writes_nothing(tiny, tmp_path, capsys):
         ([str(out), "--run", plain[0][:-1] + "x"], f"did you mean {plain[0]}"),
         ([str(out), "--run", "nope"], "no run 'nope'"),
         ([str(bare), "--run", bare_id], "has no saved policy"),
-        ([str(out), "--run", normed], "normalize_obs = true"),
+        ([str(old), "--run", normed], "normalize_obs = true"),
         ([str(out), "--run", plain[0], "--out", str(tmp_path / "x.jpg")],
          "unknown extension '.jpg'"),
         ([str(out), "--run", plain[0], "--out", str(tmp_path / "x")], "no extension"),
@@ -212,6 +243,7 @@ def test_report_without_policies_or_traps_has_no_agents_figure(tiny, tmp_path):
 
 def test_report_notes_an_agent_it_cannot_replay(tiny, tmp_path, monkeypatch):
     out, plain, normed = tiny
+    out = _without_obs_stats(out, normed, tmp_path / "old")
     _pretend_trapped(monkeypatch, normed, plain[1])
     res = report.build_report(out, tmp_path / "report")
     assert "agents.png" not in (res.out / "report.md").read_text()
