@@ -74,7 +74,7 @@ from optuna.trial import FrozenTrial, TrialState
 from study import store
 from study.cli_util import ArgumentParser, positive_int, run_cli
 from study.config import ConfigError, resolve, structural_key, to_jsonable
-from study.runner import Chunk, ChunkResult, _frames, run_chunk
+from study.runner import Chunk, ChunkResult, result_frames, run_chunk
 from study.search_space import DEFAULT_TEST_SEEDS, OptunaSettings, parse_optuna
 from study.sweep import Run, Sweep, config_id, load_sweep, parse_sweep, run_id, sweep_to_toml
 
@@ -857,7 +857,7 @@ class Driver:
                       total_steps=s.total_steps, log_every=s.log_every,
                       eval_every=s.eval_every, eval_episodes=s.eval_episodes,
                       save_policies=s.save_policies, runs=st.runs)
-        runs_df, curves_df = _frames(chunk, results)
+        runs_df, curves_df = result_frames(chunk, results)
         owner = st.member_trial
         runs_df["trial_number"] = [st.trials[j].number for j in owner]
         runs_df["trial_state"] = [st.trials[j].state.name for j in owner]  # type: ignore[union-attr]

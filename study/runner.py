@@ -189,7 +189,9 @@ def _hp_cell(name: str, value: Any) -> Any:
     return format_value(value) if SPECS[name].kind == "intlist" else value
 
 
-def _frames(chunk: Chunk, results: Sequence[Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
+def result_frames(chunk: Chunk, results: Sequence[Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The runs and curves rows of a trained chunk, in the store's schema (runs in the
+    chunk's order; one curve row per run and log point)."""
     from study.population import CURVE_COLUMNS
 
     rows = []
@@ -257,7 +259,7 @@ def run_chunk(chunk: Chunk, progress: ProgressSink | None = None) -> ChunkResult
     finally:
         # Matters when the chunk ran in the driver process (n_jobs=1).
         torch.set_num_threads(threads)
-    runs_df, curves_df = _frames(chunk, results)
+    runs_df, curves_df = result_frames(chunk, results)
     policies = None
     if chunk.save_policies:
         policies = {r.run_id: res.policy_state for r, res in zip(chunk.runs, results, strict=True)
