@@ -1312,9 +1312,12 @@ def _parser() -> ArgumentParser:
 
 def _check_out(out: Path, env: str) -> None:
     """:func:`study.store.check_compatible`, also accepting a directory that holds only
-    this module's journal (a first run that died before writing its manifest)."""
+    what a driver writes before its manifest (the journal, its lock, sweep.toml, temp
+    files): another driver starting on the same study at the same moment, or a first
+    run that died early."""
     if out.is_dir() and not store.is_store(out) and all(
-            p.name.startswith(JOURNAL_FILE) for p in out.iterdir()):
+            p.name.startswith((JOURNAL_FILE, ".tmp-")) or p.name == store.SWEEP_FILE
+            for p in out.iterdir()):
         return
     store.check_compatible(out, env)
 

@@ -428,6 +428,22 @@ def _two_workers(tmp_path: Path, extra_args: list[str]) -> pd.DataFrame:
     return _check_store_agrees(out, 8, [11, 12])
 
 
+def test_an_out_dir_another_driver_is_starting_is_accepted(tmp_path):
+    # What a driver writes before its manifest: a second driver started at the same
+    # moment must take the directory, not refuse it as "not a results store".
+    from study.optuna import _check_out
+
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("optuna.journal", "optuna.journal.study-lock", "sweep.toml",
+                 ".tmp-manifest.json.abc123"):
+        (out / name).write_text("")
+    _check_out(out, "CartPole-v1")
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(store.StoreError, match="not a results store"):
+        _check_out(out, "CartPole-v1")
+
+
 def test_two_processes_share_a_journal_file(tmp_path):
     trials = _two_workers(tmp_path, [])
     journal = optuna.storages.JournalStorage(
