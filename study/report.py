@@ -11,9 +11,10 @@ Writes, under ``--out DIR`` (default ``RESULTS_DIR/report``)::
 with: median/IQR (and IQM) learning curves of the top configs and small multiples of the
 grid; every seed of one config with trapped/diverged runs highlighted; the final-return
 distribution per config with its modes; hyperparameter sensitivity (marginal medians and
-IQRs); the seed table; the failure report, with (where the sweep saved policies and has
-trapped runs) filmstrips of a trapped and a successful agent side by side
-(:mod:`study.render`); and, for Optuna studies, Optuna's own plots.
+IQRs); the seed table; the failure report, with (where the sweep saved policies)
+filmstrips of a trapped and a successful agent side by side, or without traps of an agent
+of a config's lowest mode and one of its top mode (:mod:`study.render`); and, for Optuna
+studies, Optuna's own plots.
 
 Every number comes from the store's Parquet files (:mod:`study.store`), the statistics from
 :mod:`study.curves`, :mod:`study.tables` and :mod:`study.failures`, the figures from
@@ -36,7 +37,7 @@ import tempfile
 import time
 import tomllib
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -764,10 +765,10 @@ def _write_report(root: Path, out: Path, runs: pd.DataFrame, curves: pd.DataFram
         with timer("figure: agents"):
             agents = _agent_filmstrips(root, runs, cls, ranked, labels, notes)
         if agents is not None:
-            fig, caption = agents
+            fig, caption, alt = agents
             save(fig, "agents")
             nfig += 1
-            md.append(_fig_block(nfig, "agents", "a trapped and a successful agent", caption))
+            md.append(_fig_block(nfig, "agents", alt, caption))
     md += ["Per-run classifications: [CSV](tables/failures_per_run.csv); per config: "
            + ", ".join(f"[{e.upper()}](tables/failures_per_config.{e})"
                        for e in ("csv", "md", "tex"))
@@ -818,74 +819,108 @@ def _write_report(root: Path, out: Path, runs: pd.DataFrame, curves: pd.DataFram
     return ReportResult(out, files, timer.t, notes)
 
 
-#: Frames per agent in the trapped-vs-successful filmstrip figure (two rows of three).
+#: Frames per agent in the side-by-side agents figure (two rows of three).
 AGENT_FRAMES = 6
+#: Greedy episodes (resets 0..N-1) played per agent; the figure shows the median one.
+AGENT_RESETS = 9
 
 
 def _pick_agents(root: Path, cls: pd.DataFrame,
-                 ranked: Sequence[str]) -> tuple[pd.Series, pd.Series] | None:
-    """One trapped and one successful (``ok``) run with saved policies, or None.
+                 ranked: Sequence[str]) -> tuple[str, pd.Series, pd.Series] | None:
+    """Two runs with saved policies to show side by side: ``("trapped", trapped, ok)``,
+    else ``("modes", lower, top)``, else None.
 
-    Same config when one has both (the one with the most trapped runs, best ranked first);
-    else the best-ranked config with a trapped run and the best-ranked one with a success.
-    The trapped run is the median of its config's trapped runs by final return (a typical
-    trap), the successful one the config's best ok run.
+    A trapped and a successful run come from the same config when one has both (the one
+    with the most trapped runs, best ranked first); else from the best-ranked config with
+    a trapped run and the best-ranked one with a success. The trapped run is the median of
+    its config's trapped runs by final return (a typical trap), the successful one the
+    config's best ok run. Without traps, the best-ranked config whose ok runs fall into
+    several modes gives the median run of its lowest mode and the best of its top mode
+    (a plateau half-way, next to the runs that went further).
     """
     saved = {p.stem for p in (root / store.POLICIES_DIR).glob("*.npz")}
     c = cls[cls["run_id"].astype(str).isin(saved)]
     trapped = c[c["classification"] == "trapped"]
-    ok = c[(c["classification"] == "ok") & np.isfinite(c["final_return"].astype(float))]
-    if trapped.empty or ok.empty:
-        return None
+    ok = c[(c["classification"].isin(["ok", "learning"]))
+           & np.isfinite(c["final_return"].astype(float))]
+    ok_only = ok[ok["classification"] == "ok"]
     rank = {cid: i for i, cid in enumerate(ranked)}
-    n_trapped = trapped["config_id"].astype(str).value_counts()
-    both = set(n_trapped.index) & set(ok["config_id"].astype(str))
-    if both:
-        cid = min(both, key=lambda k: (-n_trapped[k], rank.get(k, len(rank)), k))
-        t_cid = o_cid = cid
-    else:
-        t_cid = min(n_trapped.index, key=lambda k: (rank.get(k, len(rank)), k))
-        o_cid = min(set(ok["config_id"].astype(str)), key=lambda k: (rank.get(k, len(rank)), k))
-    t = trapped[trapped["config_id"].astype(str) == t_cid].sort_values(
-        ["final_return", "seed"], kind="stable")
-    o = ok[ok["config_id"].astype(str) == o_cid].sort_values(
-        ["final_return", "seed"], ascending=[False, True], kind="stable")
-    return t.iloc[(len(t) - 1) // 2], o.iloc[0]
+
+    def first(cids: Iterable[str]) -> str:
+        return min(cids, key=lambda k: (rank.get(k, len(rank)), k))
+
+    def median_of(df: pd.DataFrame) -> pd.Series:
+        df = df.sort_values(["final_return", "seed"], kind="stable")
+        return df.iloc[(len(df) - 1) // 2]
+
+    def best_of(df: pd.DataFrame) -> pd.Series:
+        return df.sort_values(["final_return", "seed"], ascending=[False, True],
+                              kind="stable").iloc[0]
+
+    if not trapped.empty and not ok_only.empty:
+        n_trapped = trapped["config_id"].astype(str).value_counts()
+        both = set(n_trapped.index) & set(ok_only["config_id"].astype(str))
+        if both:
+            cid = min(both, key=lambda k: (-n_trapped[k], rank.get(k, len(rank)), k))
+            t_cid = o_cid = cid
+        else:
+            t_cid = first(n_trapped.index)
+            o_cid = first(set(ok_only["config_id"].astype(str)))
+        return ("trapped", median_of(trapped[trapped["config_id"].astype(str) == t_cid]),
+                best_of(ok_only[ok_only["config_id"].astype(str) == o_cid]))
+    moded = ok[ok["mode"].notna()]
+    n_modes = moded.groupby(moded["config_id"].astype(str))["mode"].nunique()
+    several = n_modes[n_modes >= 2].index
+    if len(several) == 0:
+        return None
+    mine = moded[moded["config_id"].astype(str) == first(several)]
+    modes = mine["mode"].astype(int)
+    return ("modes", median_of(mine[modes == modes.min()]), best_of(mine[modes == modes.max()]))
 
 
 def _agent_filmstrips(root: Path, runs: pd.DataFrame, cls: pd.DataFrame,
                       ranked: Sequence[str], labels: Mapping[str, str],
-                      notes: list[str]) -> tuple[Any, str] | None:
-    """The filmstrips of a trapped and a successful agent side by side, and a caption.
+                      notes: list[str]) -> tuple[Any, str, str] | None:
+    """The filmstrips of two agents side by side (see :func:`_pick_agents`), a caption and
+    the figure's alt text.
 
     None if the store has no such pair of runs with saved policies, or (with a note) if
-    their episodes cannot be replayed (e.g. runs trained with normalize_obs).
+    their episodes cannot be replayed (e.g. a store whose policies lack the observation
+    statistics of a normalize_obs run).
     """
     from study import render
 
-    pair = _pick_agents(root, cls, ranked)
-    if pair is None:
+    picked = _pick_agents(root, cls, ranked)
+    if picked is None:
         return None
+    kind, left, right = picked
+    names = ("trapped", "successful") if kind == "trapped" else ("lowest mode", "top mode")
     strips = []
+    spans: list[str] = []
     try:
-        for what, row in zip(("trapped", "successful"), pair, strict=True):
+        for what, row in zip(names, (left, right), strict=True):
             policy = render.load_policy(root, str(row["run_id"]))
-            strip = render.episode_filmstrip(policy, AGENT_FRAMES, seed=0)
-            ep = strip.episode
-            strip.title = (f"{what}: seed {policy.seed}, episode return "
-                           f"{ep.return_at(ep.length):.1f}")
+            # A policy can succeed from one start and fail from another: show its median
+            # episode over AGENT_RESETS starts, and say how the others went.
+            returns = [float(render.play_episode(policy, seed=k).rewards.sum())
+                       for k in range(AGENT_RESETS)]
+            order = sorted(range(AGENT_RESETS), key=lambda k: (returns[k], k))
+            reset = order[(AGENT_RESETS - 1) // 2]
+            strip = render.episode_filmstrip(policy, AGENT_FRAMES, seed=reset)
+            strip.title = (f"{what}: seed {policy.seed}, reset {reset}, return "
+                           f"{returns[reset]:.1f}")
             strips.append(strip)
+            spans.append(f"{min(returns):.1f} to {max(returns):.1f}")
     except Exception as e:  # noqa: BLE001 - a replay that fails is a note, not a crash
         notes.append(f"agents filmstrip not drawn: {' '.join(str(e).split())}")
         return None
     ncols = math.ceil(AGENT_FRAMES / 2)
     panel = (figures.TEXT_WIDTH - figures.FILMSTRIP_GAP_IN) / (2 * ncols)
+    left_color = figures.CLASS_COLORS["trapped" if kind == "trapped" else "learning"]
     fig = figures.filmstrip_figure([(s.title, s.frames, s.labels) for s in strips], ncols,
                                    panel_width=panel,
-                                   colors=[figures.CLASS_COLORS["trapped"],
-                                           figures.CLASS_COLORS["ok"]])
-    t, o = pair
-    same = str(t["config_id"]) == str(o["config_id"])
+                                   colors=[left_color, figures.CLASS_COLORS["ok"]])
+    same = str(left["config_id"]) == str(right["config_id"])
 
     def cfg(row: pd.Series) -> str:
         return labels.get(str(row["config_id"]), str(row["config_id"]))
@@ -894,15 +929,24 @@ def _agent_filmstrips(root: Path, runs: pd.DataFrame, cls: pd.DataFrame,
         return (f"`{row['run_id']}` ({side}, seed {row['seed']}, final training return "
                 f"{failures.fmt_number(float(row['final_return']), 1)})")
 
-    where = (f"of the same config ({cfg(t)})" if same
-             else f"(configs {cfg(t)} and {cfg(o)}; no config has both)")
-    caption = (f"What a trapped agent does: one episode of the final deterministic policy "
-               f"of a trapped run {run(t, 'left')} and of a successful run {run(o, 'right')} "
-               f"{where}, from the same reset (seed 0); {AGENT_FRAMES} frames evenly spaced "
-               "over each episode, labelled with the step and the return so far. "
-               f"`python -m study.render RESULTS_DIR --run {t['run_id']} --out trapped.gif` "
-               "animates it.")
-    return fig, caption
+    tail = (f"each the median of its {AGENT_RESETS} greedy episodes from resets 0-"
+            f"{AGENT_RESETS - 1} (returns {spans[0]} on the left, {spans[1]} on the right); "
+            f"{AGENT_FRAMES} frames evenly spaced over each episode, labelled with the step "
+            "and the return so far. "
+            f"`python -m study.render RESULTS_DIR --run {left['run_id']} --out agent.gif` "
+            "animates it.")
+    if kind == "trapped":
+        where = (f"of the same config ({cfg(left)})" if same
+                 else f"(configs {cfg(left)} and {cfg(right)}; no config has both)")
+        caption = (f"What a trapped agent does: one episode of the final deterministic "
+                   f"policy of a trapped run {run(left, 'left')} and of a successful run "
+                   f"{run(right, 'right')} {where}: {tail}")
+        return fig, caption, "a trapped and a successful agent"
+    caption = (f"No run is trapped, but the seeds of config {cfg(left)} end in several "
+               f"modes. One episode of the final deterministic policy of a typical run of "
+               f"its lowest mode {run(left, 'left')} and of the best run of its top mode "
+               f"{run(right, 'right')}: {tail}")
+    return fig, caption, "an agent of the lowest mode and one of the top mode"
 
 
 def _distribution_rows(ranked: Sequence[str], trapped: set[str]) -> list[str]:

@@ -235,6 +235,28 @@ def test_report_shows_a_trapped_and_a_successful_agent(tiny, tmp_path, monkeypat
     assert img.shape[:2] == (round(h * figures.PNG_DPI), round(w * figures.PNG_DPI))
 
 
+def test_report_without_traps_shows_the_lowest_and_the_top_mode(tiny, tmp_path, monkeypatch):
+    out, plain, _ = tiny
+    real = failures.failure_report
+
+    def two_modes(runs, curves, **kw):
+        rep = real(runs, curves, **kw)
+        pr = rep.per_run.copy()
+        pr["classification"] = "ok"
+        pr.loc[pr["run_id"] == plain[0], ["mode", "final_return"]] = [0, -5.0]
+        pr.loc[pr["run_id"] == plain[1], ["mode", "final_return"]] = [1, 50.0]
+        pr.loc[~pr["run_id"].isin(plain), "mode"] = np.nan
+        rep.per_run = pr
+        return rep
+
+    monkeypatch.setattr(report.failures, "failure_report", two_modes)
+    res = report.build_report(out, tmp_path / "report")
+    md = (res.out / "report.md").read_text()
+    assert "![an agent of the lowest mode and one of the top mode](figures/agents.png)" in md
+    assert f"lowest mode `{plain[0]}` (left" in md and f"top mode `{plain[1]}` (right" in md
+    assert "median of its 9 greedy episodes" in md
+
+
 def test_report_without_policies_or_traps_has_no_agents_figure(tiny, tmp_path):
     out, _, _ = tiny
     res = report.build_report(out, tmp_path / "report")
