@@ -1,11 +1,13 @@
 """Run one replication sweep and write its reference files into results/reference/<stem>/.
 
     python benchmarks/reference.py sweeps/gae_cartpole_v1.toml [study.grid options ...]
+    python benchmarks/reference.py sweeps/gae_cartpole_v1.toml --analyse-only
 
 Runs ``python -m study.grid SWEEP --fresh [options]`` (timed), then writes the seed table
 (Markdown and CSV), the failure report and the report's key figures next to
 ``timing.json`` (wall time, env steps, options). The Parquet store stays in
-``results/<sweep name>/`` (git-ignored).
+``results/<sweep name>/`` (git-ignored). ``--analyse-only`` redoes the tables, report and
+figures from that store and keeps ``timing.json``.
 """
 
 from __future__ import annotations
@@ -33,14 +35,16 @@ def main() -> None:
         sys.exit(__doc__)
     sweep_path = Path(sys.argv[1])
     extra = sys.argv[2:]
+    analyse_only = extra == ["--analyse-only"]
     sweep = tomllib.loads(sweep_path.read_text())
     store = Path("results") / sweep["name"]
     ref = Path("results/reference") / sweep_path.stem
     ref.mkdir(parents=True, exist_ok=True)
 
-    t0 = time.perf_counter()
-    _run("study.grid", str(sweep_path), "--fresh", "--quiet", *extra)
-    wall = time.perf_counter() - t0
+    if not analyse_only:
+        t0 = time.perf_counter()
+        _run("study.grid", str(sweep_path), "--fresh", "--quiet", *extra)
+        wall = time.perf_counter() - t0
 
     _run("study.tables", str(store), "--out", str(ref / "seed_table.md"))
     _run("study.tables", str(store), "--format", "csv", "--out", str(ref / "seed_table.csv"))
@@ -52,6 +56,8 @@ def main() -> None:
         if src.exists():
             shutil.copyfile(src, ref / f"{stem}.png")
 
+    if analyse_only:
+        return
     import pandas as pd
 
     runs = pd.read_parquet(store / "runs")
