@@ -238,6 +238,18 @@ def _has_valleys(mu: np.ndarray, sd: np.ndarray, w: np.ndarray, max_valley: floa
     return True
 
 
+#: Modes closer than this fraction of the learning range (best final return minus the
+#: starting return) are one mode: 498 and 500 on CartPole are both "solved".
+MODE_MIN_GAP = 0.05
+
+
+def _min_gap(final: np.ndarray, initial: float) -> float:
+    """``MODE_MIN_GAP * (max(final) - initial)``; 0 when that range is unknown or empty."""
+    top = np.nanmax(final) if np.isfinite(final).any() else np.nan
+    rng = top - initial
+    return float(MODE_MIN_GAP * rng) if np.isfinite(rng) and rng > 0 else 0.0
+
+
 def find_modes(
     values: ArrayLike,
     max_modes: int = 4,
@@ -245,6 +257,7 @@ def find_modes(
     min_separation: float = 2.0,
     sd_floor: float = 0.25,
     max_valley: float = 0.5,
+    min_gap: float = 0.0,
 ) -> list[Mode]:
     """Modes of a 1-D sample (final returns of a config's seeds), lowest first.
 
@@ -265,6 +278,9 @@ def find_modes(
       ``max_valley`` times the lower neighbouring peak. A skewed or heavy-tailed single
       mode is also fitted better by two Gaussians (a narrow core and a wide tail), but
       their sum has no dip; this check is what rejects it.
+    * Size: adjacent means must be at least ``min_gap`` apart, in the values' units. The
+      tests above are scale-free, so eight seeds at a capped 500 and two at 498 are two
+      modes to them; the caller knows what gap matters (a fraction of the learning range).
     * Every sd is at least ``sd_floor`` times the sample's sd (times ``sqrt(20 / n)`` when
       ``n > 20``), so two or three close values (seeds tied at a capped return) cannot win
       on a near-infinite likelihood, while in a large pool a spike of runs stuck at the
@@ -347,6 +363,8 @@ def find_modes(
             continue
         d = np.abs(np.diff(mu)) / np.sqrt((sg[1:] ** 2 + sg[:-1] ** 2) / 2)
         if (d < min_separation).any() or not _has_valleys(mu, sg, w, max_valley):
+            continue
+        if (np.diff(mu) * sd_all < min_gap).any():
             continue
         bic = -2.0 * ll + (3 * k - 1) * math.log(n)
         if bic < best_bic - 1e-9:  # ties keep fewer modes
@@ -597,12 +615,12 @@ def _analyse(runs: pd.DataFrame, curves: pd.DataFrame | None, min_seeds: int,
         r = rows[usable[rows]]
         if r.size < min_seeds:
             continue
-        ms = find_modes(final[r])
+        init = initial_of(r)
+        ms = find_modes(final[r], min_gap=_min_gap(final[r], init))
         modes[cid] = ms
         mode_idx[r] = assign_modes(final[r], ms)
         best = ms[-1]
         best_rows[cid] = r[mode_idx[r] == best.index]
-        init = initial_of(r)
         for m in ms[:-1]:
             if not is_trap(m, best, init):
                 continue
@@ -625,7 +643,7 @@ def _analyse(runs: pd.DataFrame, curves: pd.DataFrame | None, min_seeds: int,
         r = np.flatnonzero(usable & (env == e))
         if r.size < min_seeds or len(groups) < 2:
             continue
-        pm = find_modes(final[r])
+        pm = find_modes(final[r], min_gap=_min_gap(final[r], initial_of(r)))
         sweep_modes[str(e)] = pm
         if len(pm) < 2:
             continue
@@ -635,7 +653,8 @@ def _analyse(runs: pd.DataFrame, curves: pd.DataFrame | None, min_seeds: int,
             support = r[(lab == m.index) & (top > m.index)]
             if support.size < 2:
                 continue
-            for sm in find_modes(final[support]):
+            for sm in find_modes(final[support],
+                                 min_gap=_min_gap(final[r], initial_of(r))):
                 members = support[(final[support] >= sm.lo) & (final[support] <= sm.hi)]
                 cfgs = tuple(pd.unique(cfg[members]))
                 rows_c = np.flatnonzero(np.isin(cfg, cfgs) & usable)

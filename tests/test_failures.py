@@ -172,6 +172,21 @@ def test_unimodal_sweep_reports_no_trapped_mode():
     assert "## Trapped runs\n\nNone." in md
 
 
+def test_modes_closer_than_a_twentieth_of_the_learning_range_are_one():
+    # Scale-free tests alone split seeds capped at 500 from two at 498; a caller-given gap
+    # (5% of the learning range) keeps them one mode, while real modes stay apart.
+    capped = [500.0] * 8 + [497.4, 498.6]
+    assert len(find_modes(capped)) == 2
+    assert len(find_modes(capped, min_gap=24.0)) == 1
+    assert [m.count for m in find_modes([500.0] * 10 + [20.0, 22.0], min_gap=24.0)] == [2, 10]
+
+    runs, curves = make_sweep([("c", {"policy_lr": 1e-3}, [("success", 500)] * 10)], seed=4)
+    runs.loc[runs.index[:8], "final_return"] = 500.0
+    runs.loc[runs.index[8:], "final_return"] = [497.4, 498.6]
+    rep = failure_report(runs, curves)
+    assert len(rep.modes["c"]) == 1 and set(rep.per_run.classification) == {"ok"}
+
+
 def test_weak_config_is_not_trapped():
     spec = [("good", {"policy_lr": 1e-3}, [("success", 350)] * 6),
             ("weak", {"policy_lr": 1e-1}, [("weak", 50)] * 6)]
