@@ -7,13 +7,16 @@ threshold (every cut-off below is relative to the spread of the sweep's own valu
     status "diverged", or a non-finite ``final_return``.
 ``trapped``
     the run's final return sits in a *mode* clearly below the best mode of its config's
-    seeds, and its curve has plateaued (it is not still learning). Modes are looked for
+    seeds, and its curve has plateaued there (it is not still learning, and it reached
+    that level before the last quarter of its steps: a trap holds). Modes are looked for
     within each config with at least 4 seeds, and in the pooled final returns of the
     sweep, where the low-mode runs of configs whose other seeds do better reveal a trap
     even when each config has only one such seed. A config whose seeds all converge low
     is a weak config, not a set of trapped runs, unless that level matches a trapped mode
     found elsewhere in the sweep (same env). "Clearly below": a separate mode that
-    realises at most half of the best mode's improvement over the starting return.
+    realises at most half of the best mode's improvement over the starting return, and
+    concentrated (see TRAP_MAX_SPREAD); modes closer than MODE_MIN_GAP of the learning
+    range are one.
 ``learning``
     still improving at the end: over the last quarter of the curve, a rise significantly
     larger than 5% of the curve's range, tested against the curve's own noise there.
@@ -67,6 +70,8 @@ __all__ = [
 CLASSES: tuple[str, ...] = ("ok", "learning", "trapped", "diverged", "pruned")
 #: A trapped level's spread is at most this fraction of its distance below the best mode.
 TRAP_MAX_SPREAD = 0.1
+#: A trapped run has held its level for at least this fraction of its steps.
+TRAP_MIN_HOLD = 0.25
 
 PER_RUN_COLUMNS: tuple[str, ...] = (
     "run_id", "config_id", "seed", "classification", "mode", "plateau_step",
@@ -412,6 +417,7 @@ class _Features:
     learning: np.ndarray
     plateau_step: np.ndarray
     entropy_at_plateau: np.ndarray
+    last_step: np.ndarray  # the run's last logged step
     entropy: Interpolator  # smoothed entropy, for reference values at other steps
 
 
@@ -521,8 +527,10 @@ def _curve_features_inner(curves: pd.DataFrame, run_ids: Sequence[str], tail_fra
     ent_at = np.where(has, ent[rows, p_idx] if width else np.nan, np.nan)
     r_idx, c_idx = np.nonzero(logged)
     interp = Interpolator(r_idx, steps[r_idx, c_idx], ent[r_idx, c_idx], n_runs)
+    last_step = np.where(has, steps[rows, np.maximum(counts - 1, 0)] if width else np.nan,
+                         np.nan)
     return _Features(nv, initial, t, p, rise, noise, span, learning, plateau_step, ent_at,
-                     interp)
+                     last_step, interp)
 
 
 # --------------------------------------------------------------------------------------
@@ -582,6 +590,7 @@ def _analyse(runs: pd.DataFrame, curves: pd.DataFrame | None, min_seeds: int,
     else:
         nan = np.full(n, np.nan)
         f = _Features(np.zeros(n, int), nan, nan, nan, nan, nan, nan, np.zeros(n, bool), nan,
+                      nan,
                       nan, Interpolator(np.array([]), np.array([]), np.array([]), n))
     curve_ok = f.n_valid >= 3
 
@@ -714,7 +723,10 @@ def _analyse(runs: pd.DataFrame, curves: pd.DataFrame | None, min_seeds: int,
     # Labels.
     cls = np.full(n, "ok", dtype=object)
     cls[f.learning & usable] = "learning"
-    trapped = candidate & curve_ok & ~f.learning
+    # A trap is a level the run stays at: one reached in the last TRAP_MIN_HOLD of the run
+    # may be a waypoint of a slow learner (a short budget stops many runs mid-climb).
+    held = f.plateau_step <= (1.0 - TRAP_MIN_HOLD) * f.last_step
+    trapped = candidate & curve_ok & ~f.learning & held
     cls[trapped] = "trapped"
     cls[diverged] = "diverged"
     cls[pruned] = "pruned"
@@ -791,6 +803,10 @@ def _reasons(runs: pd.DataFrame, cls: np.ndarray, candidate: np.ndarray, why: di
             out.append("no curve: whether it is trapped or still learning cannot be told")
         elif candidate[i] and not curve_ok[i]:
             out.append(f"{why[i]}, but too few curve points to tell whether it plateaued")
+        elif candidate[i]:
+            out.append(f"{why[i]}, but it reached that level only at step "
+                       f"{int(f.plateau_step[i])} of {int(f.last_step[i])}: too late in the "
+                       "run to call it a trap")
         else:
             out.append("plateaued, not in a trapped mode")
     return out

@@ -159,6 +159,19 @@ def test_bimodal_flags_exactly_the_trapped_seeds():
     assert ok[["plateau_step", "entropy_at_plateau"]].isna().all().all()
 
 
+def test_a_low_level_reached_only_at_the_end_is_not_yet_a_trap():
+    runs, curves = make_sweep(BIMODAL)
+    low = runs.loc[runs["seed"] < 7, "run_id"]
+    x = curves["step"] / TOTAL
+    late = curves["run_id"].isin(low)
+    # The same final level, but reached in a slow slide that ends at 85% of the run.
+    level = runs.set_index("run_id").loc[curves.loc[late, "run_id"], "final_return"].to_numpy()
+    curves.loc[late, "episode_return"] = 300 + (level - 300) * np.minimum(x[late] / 0.85, 1.0)
+    pr = classify_runs(runs, curves)
+    assert (pr.classification[pr.seed < 7] == "ok").all()
+    assert pr.reason[pr.seed < 7].str.contains("too late in the run to call it a trap").all()
+
+
 def test_unimodal_sweep_reports_no_trapped_mode():
     spec = [(f"c{i}", {"policy_lr": 10.0**-i}, [("success", 300 + 20 * i)] * 8)
             for i in range(3)]
