@@ -226,6 +226,9 @@ def _start(sweep: Path, out: Path, *extra: str) -> subprocess.Popen:
         [sys.executable, "-m", "study.grid", str(sweep), "--out", str(out), *extra],
         env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True,  # its own process group, like a job in a terminal
+        # A job a non-interactive shell started in the background (a CI runner may be
+        # one) inherits an ignored SIGINT; a terminal's foreground job does not.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 

@@ -198,12 +198,23 @@ def test_deferred_sigint_holds_ctrl_c_until_the_block_ends():
     import os
     import signal
 
-    events = []
-    with pytest.raises(KeyboardInterrupt):
-        with store.deferred_sigint():
+    # As in a terminal (a background job of a non-interactive shell starts with SIGINT
+    # ignored, and then Ctrl-C is rightly ignored here too).
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        events = []
+        with pytest.raises(KeyboardInterrupt):
             with store.deferred_sigint():
-                os.kill(os.getpid(), signal.SIGINT)
-                events.append("inner body finished")
-            events.append("outer body finished")
-    assert events == ["inner body finished", "outer body finished"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+                with store.deferred_sigint():
+                    os.kill(os.getpid(), signal.SIGINT)
+                    events.append("inner body finished")
+                events.append("outer body finished")
+        assert events == ["inner body finished", "outer body finished"]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with store.deferred_sigint():
+            os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
