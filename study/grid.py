@@ -101,6 +101,7 @@ def _manifest(sweep: Sweep, command: str, plan: Plan, n_jobs: int, backend: str,
         "backend": backend,
         "n_jobs": n_jobs,
         "population_size": plan.population_size,
+        "numerics": study.NUMERICS,
         "runs": {"in_sweep": len(plan.runs), "already_stored": len(plan.runs) - plan.pending,
                  "to_run": plan.pending, "ran": 0},
         "versions": {

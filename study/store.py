@@ -35,6 +35,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from study import NUMERICS
 from study.config import SPECS, ConfigError
 
 __all__ = [
@@ -406,8 +407,9 @@ def load_curves_with_hparams(path: str | Path) -> pd.DataFrame:
 def check_compatible(path: str | Path, env: str) -> None:
     """StoreError unless the store at ``path`` (if any) may take runs of ``env``.
 
-    A missing or empty directory is fine; a non-store directory with files, or a store
-    whose runs were made on another environment, is refused (``--fresh`` deletes it).
+    A missing or empty directory is fine; a non-store directory with files, a store whose
+    runs were made on another environment, or one trained with other numerics
+    (:data:`study.NUMERICS`) is refused (``--fresh`` deletes it).
     """
     p = Path(path)
     if not p.exists():
@@ -420,7 +422,8 @@ def check_compatible(path: str | Path, env: str) -> None:
                 f"{p}: exists and is not a results store; choose another --out directory"
             )
         return
-    envs = {str(read_manifest(p).get("env", env))}
+    manifest = read_manifest(p)
+    envs = {str(manifest.get("env", env))}
     table = _read(_files(p, RUNS_DIR), ["env"])
     if table is not None:
         envs.update(table.column("env").unique().to_pylist())
@@ -429,4 +432,11 @@ def check_compatible(path: str | Path, env: str) -> None:
         raise StoreError(
             f"{p}: holds results for env {other[0]!r}, but this sweep uses {env!r}; "
             f"pass --fresh to delete them, or --out DIR to write elsewhere"
+        )
+    had = manifest.get("numerics", 1)  # stores from before it was recorded: 1
+    if manifest and table is not None and had != NUMERICS:
+        raise StoreError(
+            f"{p}: its runs were trained with study numerics {had}, this version trains with "
+            f"numerics {NUMERICS}, so resumed runs would not match them; pass --fresh to "
+            f"retrain them all, or --out DIR to write elsewhere"
         )

@@ -11,6 +11,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+import study
 from study import store
 from study.config import SPECS, defaults
 from study.sweep import format_value
@@ -18,7 +19,8 @@ from study.sweep import format_value
 
 def _make_store(path: Path, env: str = "CartPole-v1") -> Path:
     path.mkdir(parents=True, exist_ok=True)
-    store.write_manifest(path, {"format": store.FORMAT, "env": env, "sweep": "t"})
+    store.write_manifest(path, {"format": store.FORMAT, "env": env, "sweep": "t",
+                                "numerics": study.NUMERICS})
     return path
 
 
@@ -218,3 +220,15 @@ def test_deferred_sigint_holds_ctrl_c_until_the_block_ends():
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+def test_a_store_trained_with_other_numerics_is_refused(tmp_path):
+    store.write_chunk(tmp_path, *_frames(["r1"]), "c0")
+    manifest = {"format": store.FORMAT, "env": "CartPole-v1", "numerics": study.NUMERICS}
+    store.write_manifest(tmp_path, manifest)
+    store.check_compatible(tmp_path, "CartPole-v1")
+    for old in ({**manifest, "numerics": study.NUMERICS - 1},
+                {k: v for k, v in manifest.items() if k != "numerics"}):
+        store.write_manifest(tmp_path, old)
+        with pytest.raises(store.StoreError, match="trained with study numerics .* --fresh"):
+            store.check_compatible(tmp_path, "CartPole-v1")
