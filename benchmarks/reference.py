@@ -68,6 +68,7 @@ def main() -> None:
         "env_steps": int(runs["total_steps"].sum()),
         "env_steps_per_s": round(float(runs["total_steps"].sum()) / wall),
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
+        "numerics": json.loads((store / "manifest.json").read_text())["numerics"],
     }
     (ref / "timing.json").write_text(json.dumps(timing, indent=1) + "\n")
     print(json.dumps(timing))
