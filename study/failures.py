@@ -69,7 +69,7 @@ __all__ = [
 #: Every label :func:`classify_runs` gives.
 CLASSES: tuple[str, ...] = ("ok", "learning", "trapped", "diverged", "pruned")
 #: A trapped level's spread is at most this fraction of its distance below the best mode.
-TRAP_MAX_SPREAD = 0.1
+TRAP_MAX_SPREAD = 0.05
 #: A trapped run has held its level for at least this fraction of its steps.
 TRAP_MIN_HOLD = 0.25
 

@@ -172,6 +172,20 @@ def test_a_low_level_reached_only_at_the_end_is_not_yet_a_trap():
     assert pr.reason[pr.seed < 7].str.contains("too late in the run to call it a trap").all()
 
 
+def test_two_slow_seeds_far_apart_are_not_a_trap_but_two_at_one_level_are():
+    # CartPole after 60k steps: three seeds near 484, two slow ones at 144 and 180 (a low
+    # "mode" whose spread is 8% of its distance to the best) are slow learners, not a trap.
+    spec = [("c", {"policy_lr": 1e-3}, [("success", 484)] * 3 + [("weak", 160)] * 2)]
+    runs, curves = make_sweep(spec, seed=5)
+    runs["final_return"] = [470.0, 484.0, 498.0, 144.0, 180.0]
+    assert (classify_runs(runs, curves).classification != "trapped").all()
+    spec = [("c", {"policy_lr": 1e-3}, [("success", 484)] * 3 + [("trapped", 9.4)] * 2)]
+    runs, curves = make_sweep(spec, seed=5)
+    runs["final_return"] = [470.0, 484.0, 498.0, 9.4, 9.5]
+    pr = classify_runs(runs, curves)
+    assert pr.classification.tolist() == ["ok"] * 3 + ["trapped"] * 2
+
+
 def test_unimodal_sweep_reports_no_trapped_mode():
     spec = [(f"c{i}", {"policy_lr": 10.0**-i}, [("success", 300 + 20 * i)] * 8)
             for i in range(3)]
