@@ -72,6 +72,9 @@ CLASSES: tuple[str, ...] = ("ok", "learning", "trapped", "diverged", "pruned")
 TRAP_MAX_SPREAD = 0.05
 #: A trapped run has held its level for at least this fraction of its steps.
 TRAP_MIN_HOLD = 0.25
+#: Modes closer than this fraction of the learning range (best final return minus the
+#: starting return) are one mode: 498 and 500 on CartPole are both "solved".
+MODE_MIN_GAP = 0.05
 
 PER_RUN_COLUMNS: tuple[str, ...] = (
     "run_id", "config_id", "seed", "classification", "mode", "plateau_step",
@@ -241,11 +244,6 @@ def _has_valleys(mu: np.ndarray, sd: np.ndarray, w: np.ndarray, max_valley: floa
         if dens[k] > max_valley * min(dens[: k + 1].max(), dens[k:].max()):
             return False
     return True
-
-
-#: Modes closer than this fraction of the learning range (best final return minus the
-#: starting return) are one mode: 498 and 500 on CartPole are both "solved".
-MODE_MIN_GAP = 0.05
 
 
 def _min_gap(final: np.ndarray, initial: float) -> float:
@@ -590,8 +588,7 @@ def _analyse(runs: pd.DataFrame, curves: pd.DataFrame | None, min_seeds: int,
     else:
         nan = np.full(n, np.nan)
         f = _Features(np.zeros(n, int), nan, nan, nan, nan, nan, nan, np.zeros(n, bool), nan,
-                      nan,
-                      nan, Interpolator(np.array([]), np.array([]), np.array([]), n))
+                      nan, nan, Interpolator(np.array([]), np.array([]), np.array([]), n))
     curve_ok = f.n_valid >= 3
 
     mode_idx = np.full(n, -1)
@@ -652,7 +649,8 @@ def _analyse(runs: pd.DataFrame, curves: pd.DataFrame | None, min_seeds: int,
         r = np.flatnonzero(usable & (env == e))
         if r.size < min_seeds or len(groups) < 2:
             continue
-        pm = find_modes(final[r], min_gap=_min_gap(final[r], initial_of(r)))
+        gap = _min_gap(final[r], initial_of(r))
+        pm = find_modes(final[r], min_gap=gap)
         sweep_modes[str(e)] = pm
         if len(pm) < 2:
             continue
@@ -662,8 +660,7 @@ def _analyse(runs: pd.DataFrame, curves: pd.DataFrame | None, min_seeds: int,
             support = r[(lab == m.index) & (top > m.index)]
             if support.size < 2:
                 continue
-            for sm in find_modes(final[support],
-                                 min_gap=_min_gap(final[r], initial_of(r))):
+            for sm in find_modes(final[support], min_gap=gap):
                 members = support[(final[support] >= sm.lo) & (final[support] <= sm.hi)]
                 cfgs = tuple(pd.unique(cfg[members]))
                 rows_c = np.flatnonzero(np.isin(cfg, cfgs) & usable)

@@ -841,9 +841,9 @@ def _pick_agents(root: Path, cls: pd.DataFrame,
     saved = {p.stem for p in (root / store.POLICIES_DIR).glob("*.npz")}
     c = cls[cls["run_id"].astype(str).isin(saved)]
     trapped = c[c["classification"] == "trapped"]
-    ok = c[(c["classification"].isin(["ok", "learning"]))
-           & np.isfinite(c["final_return"].astype(float))]
-    ok_only = ok[ok["classification"] == "ok"]
+    untrapped = c[(c["classification"].isin(["ok", "learning"]))
+                  & np.isfinite(c["final_return"].astype(float))]
+    ok = untrapped[untrapped["classification"] == "ok"]
     rank = {cid: i for i, cid in enumerate(ranked)}
 
     def first(cids: Iterable[str]) -> str:
@@ -857,18 +857,18 @@ def _pick_agents(root: Path, cls: pd.DataFrame,
         return df.sort_values(["final_return", "seed"], ascending=[False, True],
                               kind="stable").iloc[0]
 
-    if not trapped.empty and not ok_only.empty:
+    if not trapped.empty and not ok.empty:
         n_trapped = trapped["config_id"].astype(str).value_counts()
-        both = set(n_trapped.index) & set(ok_only["config_id"].astype(str))
+        both = set(n_trapped.index) & set(ok["config_id"].astype(str))
         if both:
             cid = min(both, key=lambda k: (-n_trapped[k], rank.get(k, len(rank)), k))
             t_cid = o_cid = cid
         else:
             t_cid = first(n_trapped.index)
-            o_cid = first(set(ok_only["config_id"].astype(str)))
+            o_cid = first(set(ok["config_id"].astype(str)))
         return ("trapped", median_of(trapped[trapped["config_id"].astype(str) == t_cid]),
-                best_of(ok_only[ok_only["config_id"].astype(str) == o_cid]))
-    moded = ok[ok["mode"].notna()]
+                best_of(ok[ok["config_id"].astype(str) == o_cid]))
+    moded = untrapped[untrapped["mode"].notna()]
     n_modes = moded.groupby(moded["config_id"].astype(str))["mode"].nunique()
     several = n_modes[n_modes >= 2].index
     if len(several) == 0:
