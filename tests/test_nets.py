@@ -47,7 +47,7 @@ def test_linear_is_a_per_member_affine_map():
 
 
 @pytest.mark.parametrize("rows", [1, 2, 7, 40])
-@pytest.mark.parametrize("sizes", [[4, 64, 64, 2], [5, 64, 1], [3, 16, 8]])
+@pytest.mark.parametrize("sizes", [[4, 64, 64, 2], [5, 64, 1], [3, 16, 8], [3, 64, 8], [5, 256, 2]])
 def test_a_member_computes_the_same_bits_alone_and_in_a_population(rows, sizes):
     # Narrow layers take a transposed product whose kernel must not depend on S.
     gen = torch.Generator().manual_seed(2)
