@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from study import render, store
+from study.cli_util import run_cli
 
 
 def greedy_table(root: str, resets: int) -> pd.DataFrame:
@@ -39,12 +40,17 @@ def _markdown(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Bad input (not a store, a run without a saved policy) is one ``error:`` line, exit 2."""
+    return run_cli(_body, argv)
+
+
+def _body(argv: list[str] | None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("results_dir")
     p.add_argument("--resets", type=int, default=10)
     p.add_argument("--out", help="write the Markdown table here too")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     table = greedy_table(args.results_dir, args.resets)
     text = (f"Greedy returns over resets 0-{args.resets - 1} of every saved policy in "
             f"`{args.results_dir}` (training final_return: stochastic policy).\n\n"
@@ -53,7 +59,8 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             f.write(text)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -30,22 +30,7 @@ def _run(*args: str, stdout: Path | None = None) -> None:
         subprocess.run(cmd, check=True, stdout=out if stdout else None)
 
 
-def main() -> None:
-    if len(sys.argv) < 2:
-        sys.exit(__doc__)
-    sweep_path = Path(sys.argv[1])
-    extra = sys.argv[2:]
-    analyse_only = extra == ["--analyse-only"]
-    sweep = tomllib.loads(sweep_path.read_text())
-    store = Path("results") / sweep["name"]
-    ref = Path("results/reference") / sweep_path.stem
-    ref.mkdir(parents=True, exist_ok=True)
-
-    if not analyse_only:
-        t0 = time.perf_counter()
-        _run("study.grid", str(sweep_path), "--fresh", "--quiet", *extra)
-        wall = time.perf_counter() - t0
-
+def _analyse(store: Path, ref: Path) -> None:
     _run("study.tables", str(store), "--out", str(ref / "seed_table.md"))
     _run("study.tables", str(store), "--format", "csv", "--out", str(ref / "seed_table.csv"))
     _run("study.failures", str(store), stdout=ref / "failures.md")
@@ -56,6 +41,30 @@ def main() -> None:
         if src.exists():
             shutil.copyfile(src, ref / f"{stem}.png")
 
+
+def main() -> None:
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    sweep_path = Path(sys.argv[1])
+    extra = sys.argv[2:]
+    analyse_only = extra == ["--analyse-only"]
+    try:
+        sweep = tomllib.loads(sweep_path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        print(f"error: {sweep_path}: {e}", file=sys.stderr)
+        sys.exit(2)
+    store = Path("results") / sweep.get("name", "")
+    ref = Path("results/reference") / sweep_path.stem
+
+    try:
+        if not analyse_only:
+            t0 = time.perf_counter()
+            _run("study.grid", str(sweep_path), "--fresh", "--quiet", *extra)
+            wall = time.perf_counter() - t0
+        ref.mkdir(parents=True, exist_ok=True)
+        _analyse(store, ref)
+    except subprocess.CalledProcessError as e:
+        sys.exit(e.returncode)  # the study command printed its one-line error
     if analyse_only:
         return
     import pandas as pd
