@@ -868,7 +868,8 @@ class Driver:
             policies = {r.run_id: res.policy_state for r, res in zip(st.runs, results,
                                                                       strict=True)
                         if res.policy_state is not None}
-        write_chunk(self.out, runs_df, curves_df, _chunk_key(st.runs), policies)
+        store.write_chunk(self.out, runs_df, curves_df, _chunk_key(st.runs), policies,
+                          runs_schema=RUNS_SCHEMA)
 
     # -- progress ---------------------------------------------------------------------------
     def _maybe_print(self, force: bool = False) -> None:
@@ -1031,30 +1032,6 @@ def _parquet_bytes(table: pa.Table) -> bytes:
     return buf.getvalue()
 
 
-def write_chunk(out: Path, runs_df: pd.DataFrame, curves_df: pd.DataFrame, key: str,
-                policies: Mapping[str, Mapping[str, np.ndarray]] | None = None) -> None:
-    """:func:`study.store.write_chunk` with the runs schema extended by EXTRA_RUN_COLUMNS.
-
-    Same layout and order (policies and curves first, the runs file last as the commit),
-    every file written atomically; the store's readers fill the extra columns with nulls
-    for runs written by grids.
-    """
-    runs_df = runs_df.astype({"diverged_at_step": "Int64"})
-    runs = pa.Table.from_pandas(runs_df[RUNS_SCHEMA.names], schema=RUNS_SCHEMA,
-                                preserve_index=False)
-    curves = pa.Table.from_pandas(curves_df[store.CURVE_SCHEMA.names],
-                                  schema=store.CURVE_SCHEMA, preserve_index=False)
-    with store.deferred_sigint():
-        for rid, state in (policies or {}).items():
-            buf = io.BytesIO()
-            np.savez(buf, **{k: np.asarray(v) for k, v in state.items()})
-            store.atomic_write_bytes(out / store.POLICIES_DIR / f"{rid}.npz", buf.getvalue())
-        store.atomic_write_bytes(out / store.CURVES_DIR / f"chunk-{key}.parquet",
-                                 _parquet_bytes(curves))
-        store.atomic_write_bytes(out / store.RUNS_DIR / f"chunk-{key}.parquet",
-                                 _parquet_bytes(runs))
-
-
 def _param_type(settings: OptunaSettings, name: str) -> pa.DataType:
     p = settings.param(name)
     if p.kind == "int":
@@ -1198,7 +1175,8 @@ def confirm(driver: Driver, k: int, test_seeds: Sequence[int],
         df["trial_state"] = TrialState.COMPLETE.name
         df["phase"] = "confirm"
         df["study_name"] = driver.study_name
-        write_chunk(driver.out, df, res.curves, chunk.key, res.policies)
+        store.write_chunk(driver.out, df, res.curves, chunk.key, res.policies,
+                          runs_schema=RUNS_SCHEMA)
 
     ids = {r.run_id for r, _ in runs}
     all_runs = store.load_runs(driver.out)

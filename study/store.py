@@ -223,17 +223,20 @@ def write_chunk(
     curves_df: pd.DataFrame,
     chunk_key: str,
     policies: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+    runs_schema: pa.Schema = RUNS_SCHEMA,
 ) -> None:
     """Store one finished chunk: its policies and curves first, then its runs (the commit).
 
     ``chunk_key`` names the files (``chunk-<key>.parquet``); writing the same key again
     replaces them, which is harmless because a chunk's values are deterministic.
+    ``runs_schema`` extends the runs' schema (Optuna's trial columns); the readers fill
+    columns a file lacks with nulls.
     """
     root = Path(path)
     # Nullable Int64 in the frame makes pandas' metadata in the file restore it as Int64
     # when a user reads the dataset with pandas.read_parquet directly.
     runs_df = runs_df.astype({"diverged_at_step": "Int64"})
-    runs_table = _to_table(runs_df, RUNS_SCHEMA, "runs_df")
+    runs_table = _to_table(runs_df, runs_schema, "runs_df")
     curves_table = _to_table(curves_df, CURVE_SCHEMA, "curves_df")
     with deferred_sigint():
         for rid, state in (policies or {}).items():
