@@ -28,10 +28,11 @@ import numpy as np
 import torch
 
 from study import config as cfg
+from study import kernels
 from study.envs import make_population_env
 from study.gae import gae_advantages
 from study.nets import activation_fn, backward, forward_cached, hidden_gains, init_layers, mlp
-from study.optim import MemberOptimizer, clip_coefficients, member_grad_norm
+from study.optim import MemberOptimizer
 from study.rng import STREAM_ACTIONS, STREAM_EVAL_RESET, STREAM_SHUFFLE, MemberStreams
 
 CURVE_COLUMNS: tuple[str, ...] = (
@@ -519,19 +520,19 @@ def train_population(
     def act(out: torch.Tensor, deterministic: bool, draws: np.ndarray | None) -> np.ndarray:
         """Actions for all S members from the policy output of the alive ones; ``draws``
         are this step's uniforms ``[S, E]`` (discrete) or normals ``[S, E, *act]`` (Box)."""
-        out_np = out.detach().cpu().numpy().astype(np.float64)
         if discrete:
+            logits = np.ascontiguousarray(out.detach().cpu().numpy())
             full = np.zeros((n_mem, out.shape[1]), dtype=np.int64)
             if deterministic:
-                full[alive] = out_np.argmax(-1)
-                return full
-            u = draws
-            with np.errstate(invalid="ignore", over="ignore"):  # a diverging member's logits
-                logits = out_np - out_np.max(-1, keepdims=True)
-                probs = np.exp(logits)
-                cdf = np.cumsum(probs, axis=-1) / probs.sum(-1, keepdims=True)
-            full[alive] = np.minimum((u[alive][..., None] >= cdf).sum(-1), out.shape[2] - 1)
+                full[alive] = logits.argmax(-1)
+            elif len(alive) == n_mem:
+                kernels.sample_categorical(logits, draws, full)
+            else:
+                part = np.empty(logits.shape[:2], dtype=np.int64)
+                kernels.sample_categorical(logits, draws[alive], part)
+                full[alive] = part
             return full
+        out_np = out.detach().cpu().numpy().astype(np.float64)
         full = np.zeros((n_mem, out.shape[1], *act_shape))
         if deterministic:
             full[alive] = out_np
@@ -612,22 +613,12 @@ def train_population(
         lr: torch.Tensor,
         max_norm: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One clipped gradient step; returns (pre-clip grad norm, finite mask) per member.
+        """One clipped gradient step; returns (pre-clip grad norm, ok mask) per member.
 
-        A member with a non-finite loss or gradient takes no step (its learning rate is
-        zeroed for this step) and is reported so the caller can freeze it.
+        A member whose loss, gradient or new weights are not finite is reported (not ok)
+        so the caller can freeze it; with a non-finite loss or gradient it takes no step.
         """
-        norm = member_grad_norm(grads)
-        finite = torch.isfinite(loss_per_member) & torch.isfinite(norm)
-        coef = clip_coefficients(norm, max_norm)
-        if not bool(finite.all()):
-            coef = torch.where(finite, coef, torch.zeros_like(coef))
-            grads = [torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0) for g in grads]
-            lr = torch.where(finite, lr, torch.zeros_like(lr))
-        if bool((coef < 1.0).any()):  # skip a pass over every weight when nobody clips
-            grads = [g * coef.reshape(-1, *([1] * (g.dim() - 1))) for g in grads]
-        opt.step(params, grads, lr)
-        return norm.detach(), finite
+        return opt.step(params, grads, lr, max_norm, torch.isfinite(loss_per_member))
 
     # ---------------------------------------------------------------- the training loop
     obs_raw = env.reset().reshape(n_mem, n_envs, -1)
@@ -809,11 +800,9 @@ def train_population(
             perm = permutation()
             v_loss_sum = torch.zeros(n_alive, device=dev)
             for lo, hi in spans:
-                if fused_value:  # reuse the forward pass of step 2 (zero gradient at s_T)
-                    err = torch.cat(
-                        [v_all[:, :n_batch] - returns, v_all.new_zeros(n_alive, n_envs)], 1
-                    )
-                    v_loss = (err[:, :n_batch] ** 2).sum(dim=1) / n_batch
+                if fused_value:  # reuse the forward pass of step 2, without its s_T rows
+                    err = v_all[:, :n_batch] - returns
+                    v_loss = (err * err).sum(dim=1) / n_batch
                     g_out = ((2.0 / n_batch) * value_coef.reshape(-1, 1) * err).unsqueeze(-1)
                     grads = backward(g_out, v_cache, agent.v, agent.activation)
                     terms = {"v": v_loss, "loss": value_coef * v_loss}
@@ -839,9 +828,6 @@ def train_population(
                 v_loss_sum += terms["v"]
             stats["value_loss"] = v_loss_sum / len(spans)
         stats["explained_variance"] = ev
-        with torch.no_grad():  # a huge step can overflow weights even from finite gradients
-            for p in agent.all_params():
-                diverged |= ~torch.isfinite(p.flatten(1).sum(dim=1))
 
         for k in _UPDATE_METRICS:
             windows.metric_sum[k][a_idx] += stats[k].cpu().numpy()

@@ -18,9 +18,11 @@ import math
 from collections.abc import Sequence
 
 import gymnasium as gym
+import numba
 import numpy as np
 
 from study.envs.base import Step
+from study.kernels import JIT_OPTIONS
 from study.rng import _GOLDEN, _INV_2_53, STREAM_RESET, MemberStreams, _mix64
 
 
@@ -204,7 +206,6 @@ FORCE_MAG = 10.0
 TAU = 0.02
 THETA_THRESHOLD = 12 * 2 * math.pi / 360
 X_THRESHOLD = 2.4
-_FORCES = np.array([-FORCE_MAG, FORCE_MAG])
 
 
 def cartpole_spaces() -> tuple[gym.spaces.Box, gym.spaces.Discrete]:
@@ -214,15 +215,14 @@ def cartpole_spaces() -> tuple[gym.spaces.Box, gym.spaces.Discrete]:
 
 
 class CartPolePopulation(FastPopulationEnv):
-    """``S x E`` CartPole environments stepped together in NumPy.
+    """``S x E`` CartPole environments stepped together (one compiled loop per step).
 
     ``max_episode_steps`` is 200 for CartPole-v0 and 500 for CartPole-v1. Actions are
     ``[S, E]`` integers 0 (push left) or 1 (push right).
     """
 
     n_draws = 4
-    # Rows x, x_dot, theta, theta_dot: the observation as it is; positions are rows
-    # 0::2 and velocities rows 1::2, so the Euler step is two NumPy calls per half.
+    # Rows x, x_dot, theta, theta_dot: the observation as it is.
     n_components = 4
     obs_dim = 4
     state_rows = (0, 1, 2, 3)
@@ -236,63 +236,44 @@ class CartPolePopulation(FastPopulationEnv):
     ) -> None:
         super().__init__(seeds, num_envs, stream, max_episode_steps)
         self.observation_space, self.action_space = cartpole_spaces()
-        shape = (self.n_members, self.n_envs)
-        # Scratch planes reused every step: fewer allocations on the hot path.
-        self._cos = np.empty(shape)
-        self._sin = np.empty(shape)
-        self._temp = np.empty(shape)
-        self._buf = np.empty(shape)
-        self._acc = np.empty((2, *shape))  # xacc, thetaacc
-        self._buf2 = np.empty((2, *shape))
-        self._limits = np.array([X_THRESHOLD, THETA_THRESHOLD])[:, None, None]
 
     def _sample(self, u: np.ndarray) -> np.ndarray:
         # gymnasium: np_random.uniform(-0.05, 0.05, size=4) = low + (high - low) * u
         return -0.05 + 0.1 * u
 
     def _advance(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        # Same operations in the same order as gymnasium's CartPoleEnv.step, so results
-        # are bit-identical; written with out= to avoid temporaries.
-        state = self._state
-        theta, theta_dot = state[2], state[3]
-        cos, sin, temp, buf, acc = self._cos, self._sin, self._temp, self._buf, self._acc
-        # A table lookup is the cheapest vectorized ``force_mag if action == 1 else
-        # -force_mag``; actions must be 0 or 1 (gymnasium asserts it, we do not check).
-        force = _FORCES[np.asarray(actions)]
-        np.cos(theta, out=cos)
-        np.sin(theta, out=sin)
-        # temp = (force + polemass_length * theta_dot**2 * sin) / total_mass
-        np.square(theta_dot, out=temp)
-        np.multiply(POLEMASS_LENGTH, temp, out=temp)
-        temp *= sin
-        np.add(force, temp, out=temp)
-        temp /= TOTAL_MASS
-        # thetaacc = (g * sin - cos * temp)
-        #            / (length * (4/3 - masspole * cos**2 / total_mass))
-        np.square(cos, out=buf)
-        np.multiply(MASSPOLE, buf, out=buf)
-        buf /= TOTAL_MASS
-        np.subtract(4.0 / 3.0, buf, out=buf)
-        np.multiply(LENGTH, buf, out=buf)
-        thetaacc = acc[1]
-        np.multiply(GRAVITY, sin, out=thetaacc)
-        np.multiply(cos, temp, out=sin)  # sin is not needed any more: reuse it
-        thetaacc -= sin
-        thetaacc /= buf
-        # xacc = temp - polemass_length * thetaacc * cos / total_mass
-        np.multiply(POLEMASS_LENGTH, thetaacc, out=buf)
-        buf *= cos
-        buf /= TOTAL_MASS
-        np.subtract(temp, buf, out=acc[0])
-        # Euler from the old state (gymnasium's default integrator): positions first,
-        # with the old velocities; x + tau * x_dot etc.
-        np.multiply(TAU, state[1::2], out=self._buf2)
-        state[0::2] += self._buf2
-        acc *= TAU
-        state[1::2] += acc
-        # |x| > x_threshold or |theta| > theta_threshold
-        np.abs(state[0::2], out=self._buf2)
-        beyond = self._buf2 > self._limits
-        terminated = beyond[0] | beyond[1]
-        reward = np.ones((self.n_members, self.n_envs))
-        return reward, terminated
+        terminated = np.empty((self.n_members, self.n_envs), dtype=bool)
+        # Actions must be 0 or 1 (gymnasium asserts it; we do not check).
+        _cartpole_step(self._state, np.asarray(actions), terminated)
+        return np.ones((self.n_members, self.n_envs)), terminated
+
+
+@numba.njit(**JIT_OPTIONS)
+def _cartpole_step(state: np.ndarray, actions: np.ndarray, terminated: np.ndarray) -> None:
+    """Advance states ``[4, S, E]`` (x, x_dot, theta, theta_dot) one step in place.
+
+    The operations of gymnasium's ``CartPoleEnv.step`` in the same order (and the same
+    libm cos and sin), so the results agree to the last bit; Euler from the old state.
+    """
+    for s in range(actions.shape[0]):
+        for e in range(actions.shape[1]):
+            x, x_dot = state[0, s, e], state[1, s, e]
+            theta, theta_dot = state[2, s, e], state[3, s, e]
+            force = FORCE_MAG if actions[s, e] == 1 else -FORCE_MAG
+            costheta = math.cos(theta)
+            sintheta = math.sin(theta)
+            temp = (force + POLEMASS_LENGTH * (theta_dot * theta_dot) * sintheta) / TOTAL_MASS
+            thetaacc = (GRAVITY * sintheta - costheta * temp) / (
+                LENGTH * (4.0 / 3.0 - MASSPOLE * (costheta * costheta) / TOTAL_MASS)
+            )
+            xacc = temp - POLEMASS_LENGTH * thetaacc * costheta / TOTAL_MASS
+            x = x + TAU * x_dot
+            state[0, s, e] = x
+            state[1, s, e] = x_dot + TAU * xacc
+            theta = theta + TAU * theta_dot
+            state[2, s, e] = theta
+            state[3, s, e] = theta_dot + TAU * thetaacc
+            terminated[s, e] = (
+                x < -X_THRESHOLD or x > X_THRESHOLD
+                or theta < -THETA_THRESHOLD or theta > THETA_THRESHOLD
+            )  # fmt: skip
