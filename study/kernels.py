@@ -5,8 +5,8 @@ operation: tanh as ``2 sigmoid(2x) - 1`` is four passes, and a clipped RMSprop s
 ten per parameter. Each function here does its job in one pass.
 
 Bit-identity: every loop treats one member at a time, in the same order, with IEEE
-arithmetic only (no fast-math, no reassociation), so a member's numbers never depend on the
-rest of the population. Reductions over a member's elements use a fixed block of
+arithmetic only (no reassociation; tanh alone fuses multiply-adds), so a member's numbers
+never depend on the rest of the population. Reductions over a member's elements use a fixed block of
 ``_LANES`` partial sums, which vectorizes without reordering anything between runs.
 Compiled code is cached next to this file (``cache=True``), so only the first process
 after an install pays the compile time (a few seconds).
@@ -23,7 +23,7 @@ _F = np.float32
 _LANES = 16
 
 # tanh(x) = x P(x^2) / Q(x^2) on |x| <= 7.905 (tanh rounds to +-1 in float32 beyond), the
-# rational approximation of Eigen's fast float tanh: at most 4e-7 from the true tanh.
+# rational approximation of Eigen's fast float tanh: within 4e-7 of the true tanh.
 _CLAMP = _F(7.90531110763549805)
 _A1, _A3, _A5, _A7 = map(
     _F, (4.89352455891786e-03, 6.37261928875436e-04, 1.48572235717979e-05, 5.12229709037114e-08)
@@ -38,9 +38,15 @@ TANH_P = tuple(float(c) for c in (_A13, _A11, _A9, _A7, _A5, _A3, _A1))
 TANH_Q = tuple(float(c) for c in (_B6, _B4, _B2, _B0))
 
 
-@numba.njit(**_JIT)
+@numba.njit(**_JIT, fastmath={"contract"})
 def tanh_(a: np.ndarray) -> None:
-    """``a <- tanh(a)`` in place (float32, C-contiguous)."""
+    """``a <- tanh(a)`` in place (float32, C-contiguous).
+
+    Multiply-adds are fused (FMA: one rounding each), which makes the polynomials faster
+    and more accurate. A fused multiply-add gives the same bits in the vectorized loop and
+    in its scalar remainder, so an element's result does not depend on where in the array
+    (or in the population) it sits; tests/test_nets.py checks widths that leave remainders.
+    """
     x = a.reshape(-1)
     for i in range(x.size):
         v = x[i]
@@ -56,7 +62,9 @@ def tanh_(a: np.ndarray) -> None:
         q = v2 * _B6 + _B4
         q = q * v2 + _B2
         q = q * v2 + _B0
-        x[i] = (p * v) / q
+        r = (p * v) / q
+        r = _F(1.0) if v == _CLAMP else r  # saturate exactly, as tanh does in float32
+        x[i] = _F(-1.0) if v == -_CLAMP else r
 
 
 @numba.njit(**_JIT)
@@ -223,3 +231,155 @@ def gae_(rewards, values, next_values, terminated, dones, gamma, lam, out) -> No
             delta = rewards[t, i] + g * not_term * next_values[t, i] - values[t, i]
             last = delta + gl * not_done * last
             out[t, i] = last
+
+
+@numba.njit(**_JIT)
+def rollout_targets_(
+    v_all, v_final, rewards, terminated, dones, alive, gamma, lam, mc, adv_out, ret_out
+) -> None:
+    """GAE advantages and value targets of a rollout, laid out ``[S', T * E]`` (row
+    ``t * E + e``), for the learners ``alive`` (S' of them) of a population.
+
+    ``v_all[k]`` holds V(s_0 .. s_T) of learner k (``(T + 1) * E`` values: row
+    ``(t + 1) * E + e`` follows row ``t * E + e``), ``v_final[k]`` V of the final
+    observation where step t was truncated (read only there). ``rewards``, ``terminated``
+    and ``dones`` are the rollout buffers ``[T, S, E]`` of the whole population. With
+    next value V' (V(final obs) on truncation, else the next row) and study.gae's float32
+    recursion, ``adv = A^lam``; the value target is ``A^lam + V``, or ``A^1 + V`` (the
+    discounted return bootstrapped at truncations and at the rollout's end) where ``mc``.
+    """
+    n_steps, _, n_envs = rewards.shape
+    for k in range(alive.shape[0]):
+        s = alive[k]
+        g = gamma[k]
+        gl = g * lam[k]
+        for e in range(n_envs):
+            last = _F(0.0)
+            last_mc = _F(0.0)
+            for t in range(n_steps - 1, -1, -1):
+                row = t * n_envs + e
+                term = terminated[t, s, e]
+                done = dones[t, s, e]
+                v = v_all[k, row]
+                nv = v_final[k, row] if (done and not term) else v_all[k, row + n_envs]
+                not_term = _F(1.0) - _F(term)
+                not_done = _F(1.0) - _F(done)
+                delta = _F(rewards[t, s, e]) + g * not_term * nv - v
+                last = delta + gl * not_done * last
+                adv_out[k, row] = last
+                if mc[k]:
+                    last_mc = delta + g * not_done * last_mc
+                    ret_out[k, row] = last_mc + v
+                else:
+                    ret_out[k, row] = last + v
+
+
+@numba.njit(**_JIT)
+def record_step_(
+    t, reward, terminated, truncated, buf_rew, buf_term, buf_done, ep_ret, ep_len,
+    ret_sum, len_sum, ep_count, final_sum, final_count, final,
+) -> None:  # fmt: skip
+    """Book-keeping of one vectorized step ``[S, E]``: store reward, terminated and done
+    (terminated or truncated) at rollout step t, add the reward to each running episode,
+    and close the episodes that ended into the per-member window sums (and, when
+    ``final``, into the final-return sums), in environment order."""
+    for s in range(reward.shape[0]):
+        for e in range(reward.shape[1]):
+            r = reward[s, e]
+            done = terminated[s, e] or truncated[s, e]
+            buf_rew[t, s, e] = r
+            buf_term[t, s, e] = terminated[s, e]
+            buf_done[t, s, e] = done
+            ep_ret[s, e] += r
+            ep_len[s, e] += 1.0
+            if done:
+                ret_sum[s] += ep_ret[s, e]
+                len_sum[s] += ep_len[s, e]
+                ep_count[s] += 1.0
+                if final:
+                    final_sum[s] += ep_ret[s, e]
+                    final_count[s] += 1.0
+                ep_ret[s, e] = 0.0
+                ep_len[s, e] = 0.0
+
+
+@numba.njit(**_JIT)
+def categorical_policy_grad(logits, actions, weights, ent_coef, g_out):
+    """Policy-gradient terms of a Categorical policy over rows ``[S, B]``, in one pass.
+
+    With log p = z - max z - log sum exp(z - max z) (as ``torch.log_softmax``),
+    p = exp(z - max z) / sum exp(z - max z), H = -sum_a p log p, row weights w (A / n) and entropy
+    coefficients c (c_ent / n, per member), writes the gradient of ``-w log p(a) - c H``
+    with respect to the logits,
+        g_out = w (p - onehot(a)) + c p (log p + H),
+    and returns per member ``-sum_b w_b log p(a_b)`` and ``sum_b H_b``.
+    """
+    n_members, n_rows, n_actions = logits.shape
+    pg = np.zeros(n_members, dtype=np.float32)
+    ent = np.zeros(n_members, dtype=np.float32)
+    p = np.empty(n_actions, dtype=np.float32)
+    logp = np.empty(n_actions, dtype=np.float32)
+    for s in range(n_members):
+        c = ent_coef[s]
+        for b in range(n_rows):
+            z = logits[s, b]
+            top = z[0]
+            for a in range(1, n_actions):
+                top = max(top, z[a])
+            total = _F(0.0)
+            for a in range(n_actions):
+                p[a] = np.exp(z[a] - top)
+                total += p[a]
+            log_total = np.log(total)
+            h = _F(0.0)
+            for a in range(n_actions):
+                logp[a] = (z[a] - top) - log_total
+                p[a] = p[a] / total
+                h -= p[a] * logp[a]
+            chosen = actions[s, b]
+            w = weights[s, b]
+            pg[s] -= w * logp[chosen]
+            ent[s] += h
+            for a in range(n_actions):
+                onehot = _F(1.0) if a == chosen else _F(0.0)
+                g_out[s, b, a] = w * (p[a] - onehot) + c * p[a] * (logp[a] + h)
+    return pg, ent
+
+
+@numba.njit(**_JIT)
+def advantage_stats_(adv, returns, values, normalize, explained_variance) -> None:
+    """Per member (rows ``[S, N]``): the explained variance ``1 - Var[R - V] / Var[R]``
+    (NaN when Var[R] = 0) into ``explained_variance``, then, where ``normalize``, the
+    advantages standardised in place, ``(A - mean) / (std + 1e-8)`` with the unbiased std
+    (N > 1). Two-pass means and variances, rows summed in order."""
+    n_members, n = adv.shape
+    for s in range(n_members):
+        mean_r = _F(0.0)
+        mean_d = _F(0.0)
+        for j in range(n):
+            mean_r += returns[s, j]
+            mean_d += returns[s, j] - values[s, j]
+        mean_r /= _F(n)
+        mean_d /= _F(n)
+        var_r = _F(0.0)
+        var_d = _F(0.0)
+        for j in range(n):
+            dr = returns[s, j] - mean_r
+            dd = (returns[s, j] - values[s, j]) - mean_d
+            var_r += dr * dr
+            var_d += dd * dd
+        var_r /= _F(n)
+        var_d /= _F(n)
+        explained_variance[s] = _F(1.0) - var_d / var_r if var_r > _F(0.0) else np.nan
+        if normalize[s] and n > 1:
+            mean_a = _F(0.0)
+            for j in range(n):
+                mean_a += adv[s, j]
+            mean_a /= _F(n)
+            var_a = _F(0.0)
+            for j in range(n):
+                da = adv[s, j] - mean_a
+                var_a += da * da
+            std = np.sqrt(var_a / _F(n - 1))
+            for j in range(n):
+                adv[s, j] = (adv[s, j] - mean_a) / (std + _F(1e-8))

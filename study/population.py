@@ -31,7 +31,15 @@ from study import config as cfg
 from study import kernels
 from study.envs import make_population_env
 from study.gae import gae_advantages
-from study.nets import activation_fn, backward, forward_cached, hidden_gains, init_layers, mlp
+from study.nets import (
+    Prepared,
+    activation_fn,
+    backward,
+    forward_cached,
+    hidden_gains,
+    init_layers,
+    mlp,
+)
 from study.optim import MemberOptimizer
 from study.rng import STREAM_ACTIONS, STREAM_EVAL_RESET, STREAM_SHUFFLE, MemberStreams
 
@@ -213,6 +221,18 @@ class ActorCritic:
         w = (adv / n_rows).unsqueeze(-1)  # [S, B, 1]
         c = (entropy_coef / n_rows).reshape(-1, 1, 1)
         terms: dict[str, torch.Tensor] = {}
+        if self.discrete and out.device.type == "cpu" and out.dtype == torch.float32:
+            g_out = torch.empty_like(out)
+            pg, ent = kernels.categorical_policy_grad(
+                out.contiguous().numpy(), actions.long().contiguous().numpy(),
+                w.squeeze(-1).contiguous().numpy(), c.reshape(-1).contiguous().numpy(),
+                g_out.numpy(),
+            )  # fmt: skip
+            grads = backward(g_out, inputs, self.pi, self.activation)
+            terms["ent"] = torch.from_numpy(ent) / n_rows
+            terms["pg"] = torch.from_numpy(pg)
+            terms["loss"] = terms["pg"] - entropy_coef * terms["ent"]
+            return terms, grads
         if self.discrete:
             logp_all = torch.log_softmax(out, dim=-1)
             p = logp_all.exp()
@@ -392,6 +412,54 @@ def _manual_chunks(
     return total, grads
 
 
+def _rollout_targets(
+    v_all: torch.Tensor,
+    v_final: torch.Tensor | None,
+    rewards: np.ndarray,
+    terminated: np.ndarray,
+    dones: np.ndarray,
+    alive: np.ndarray,
+    hps: dict[str, torch.Tensor],
+    trunc: np.ndarray,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE advantages and value targets ``[S', T * E]`` of the learners ``alive``.
+
+    ``v_all`` is V(s_0 .. s_T) per learner (``[S', (T + 1) * E]``), ``v_final`` V of the
+    final observations (``[S', T * E]``; needed only where ``trunc``, the truncations of
+    the learners); the buffers are ``[T, S, E]`` for the whole population. Value targets
+    are ``A + V``, or the discounted return (GAE with lambda = 1, plus V) for members
+    whose ``value_target`` is "mc".
+    """
+    n_steps, _, n_envs = rewards.shape
+    n_alive, n_batch = len(alive), n_steps * n_envs
+    if v_all.device.type == "cpu" and v_all.dtype == torch.float32:
+        adv, ret = torch.empty(n_alive, n_batch), torch.empty(n_alive, n_batch)
+        kernels.rollout_targets_(
+            v_all.numpy(), (v_all if v_final is None else v_final).numpy(), rewards,
+            terminated, dones, np.asarray(alive, dtype=np.int64), hps["gamma"].numpy(),
+            hps["lam"].numpy(), hps["mc"].numpy(), adv.numpy(), ret.numpy(),
+        )  # fmt: skip
+        return adv, ret
+    dev = v_all.device
+    values = v_all[:, :n_batch].reshape(n_alive, n_steps, n_envs).transpose(0, 1)
+    next_values = v_all[:, n_envs:].reshape(n_alive, n_steps, n_envs).transpose(0, 1)
+    if v_final is not None:
+        v_final = v_final.reshape(n_alive, n_steps, n_envs).transpose(0, 1)
+        next_values = torch.where(torch.from_numpy(trunc).to(dev), v_final, next_values)
+    r = torch.from_numpy(rewards[:, alive]).to(dev).float()
+    term = torch.from_numpy(terminated[:, alive]).to(dev)
+    done = torch.from_numpy(dones[:, alive]).to(dev)
+    gamma, lam = hps["gamma"][:, None], hps["lam"][:, None]
+    adv = gae_advantages(r, values, next_values, term, done, gamma, lam)
+    returns = adv + values
+    if bool(hps["mc"].any()):
+        mc = gae_advantages(r, values, next_values, term, done, gamma, 1.0)
+        returns = torch.where(hps["mc"][None, :, None], mc + values, returns)
+    # [T, S, E] -> [S, T*E]
+    adv = adv.transpose(0, 1).reshape(n_alive, n_batch)
+    return adv, returns.transpose(0, 1).reshape(n_alive, n_batch)
+
+
 def _check_members(members: Sequence[Member]) -> dict[str, Any]:
     if not members:
         raise cfg.ConfigError("a population needs at least one member")
@@ -404,7 +472,8 @@ def _check_members(members: Sequence[Member]) -> dict[str, Any]:
 
 
 class _Windows:
-    """Per-member accumulators for one logging window and for the final 10% of steps."""
+    """Per-member accumulators for one logging window and for the final 10% of steps
+    (episodes are added by :func:`study.kernels.record_step_`)."""
 
     def __init__(self, n: int) -> None:
         self.n = n
@@ -418,15 +487,6 @@ class _Windows:
         self.ep_count = np.zeros(self.n)
         self.metric_sum = {k: np.zeros(self.n) for k in _UPDATE_METRICS}
         self.updates = np.zeros(self.n)
-
-    def episodes(self, done: np.ndarray, ret: np.ndarray, length: np.ndarray, final: bool) -> None:
-        self.ret_sum += np.where(done, ret, 0.0).sum(axis=1)
-        self.len_sum += np.where(done, length, 0.0).sum(axis=1)
-        n_done = done.sum(axis=1)
-        self.ep_count += n_done
-        if final:
-            self.final_sum += np.where(done, ret, 0.0).sum(axis=1)
-            self.final_count += n_done
 
     def row(self) -> dict[str, np.ndarray]:
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -516,6 +576,10 @@ def train_population(
     def learning_rows(x: np.ndarray) -> np.ndarray:
         """Rows of ``x`` ([S, ...]) of the members still learning (no copy while all are)."""
         return x if len(alive) == n_mem else x[alive]
+
+    def learning_cols(x: np.ndarray) -> np.ndarray:
+        """:func:`learning_rows` of a rollout buffer ``[T, S, ...]``."""
+        return x if len(alive) == n_mem else x[:, alive]
 
     def act(out: torch.Tensor, deterministic: bool, draws: np.ndarray | None) -> np.ndarray:
         """Actions for all S members from the policy output of the alive ones; ``draws``
@@ -649,10 +713,11 @@ def train_population(
             draws = action_rng.uniform((n_steps, n_envs))
         else:
             draws = action_rng.normal((n_steps, n_envs, *act_shape))
+        policy_net = Prepared(agent.pi) if reuse_policy else None
         for t in range(n_steps):
-            if reuse_policy:
+            if policy_net is not None:
                 x = to_torch(learning_rows(obs))
-                out, cache = forward_cached(x, agent.pi, agent.activation)
+                out, cache = forward_cached(x, policy_net, agent.activation)
                 rollout_fwd.append((out, cache))
             else:
                 with torch.no_grad():
@@ -660,15 +725,12 @@ def train_population(
             actions = act(out, False, draws[:, t])
             step = env.step(env_actions(actions))
             global_step += n_envs
-            done = step.terminated | step.truncated
-            buf_obs[t], buf_act[t], buf_rew[t] = obs, actions, step.reward
-            buf_term[t], buf_done[t] = step.terminated, done
-
-            ep_ret += step.reward
-            ep_len += 1
-            windows.episodes(done, ep_ret, ep_len, final=global_step > final_from)
-            ep_ret[done] = 0.0
-            ep_len[done] = 0
+            buf_obs[t], buf_act[t] = obs, actions
+            kernels.record_step_(
+                t, step.reward, step.terminated, step.truncated, buf_rew, buf_term, buf_done,
+                ep_ret, ep_len, windows.ret_sum, windows.len_sum, windows.ep_count,
+                windows.final_sum, windows.final_count, global_step > final_from,
+            )  # fmt: skip
 
             next_raw = step.obs.reshape(n_mem, n_envs, -1)
             normalizer.update(next_raw)
@@ -680,7 +742,7 @@ def train_population(
 
         # 2. Advantages and value targets from the pre-update value function.
         a_idx, n_alive = alive, len(alive)
-        b_obs = to_torch(np.ascontiguousarray(buf_obs[:, a_idx].swapaxes(0, 1))).reshape(
+        b_obs = to_torch(np.ascontiguousarray(learning_cols(buf_obs).swapaxes(0, 1))).reshape(
             n_alive, n_batch, obs_dim
         )
         # V(s_0..s_T) in one pass: row t*E + e of the rollout is followed by row (t+1)*E + e.
@@ -689,7 +751,7 @@ def train_population(
         fused_value = (
             not agent.share_trunk and int(hp["value_iters"]) * n_mb == 1 and n_batch <= CHUNK_ROWS
         )
-        all_obs = torch.cat([b_obs, to_torch(obs[a_idx])], dim=1)
+        all_obs = torch.cat([b_obs, to_torch(learning_rows(obs))], dim=1)
         if fused_value:
             v_all, v_cache = forward_cached(all_obs, agent.v, agent.activation)
             v_all = v_all.squeeze(-1)
@@ -697,37 +759,30 @@ def train_population(
             with torch.no_grad():
                 v_all = agent.values(all_obs)
         with torch.no_grad():
-            values = v_all[:, :n_batch].reshape(n_alive, n_steps, n_envs).transpose(0, 1)
-            next_values = v_all[:, n_envs:].reshape(n_alive, n_steps, n_envs).transpose(0, 1)
-            trunc = buf_done[:, a_idx] & ~buf_term[:, a_idx]
+            trunc = learning_cols(buf_done) & ~learning_cols(buf_term)
+            v_final = None
             if trunc.any():
                 # Time-limit truncation bootstraps from V(final obs), not V(reset obs). Only
                 # whether this pass runs depends on the population, never its per-member values.
-                b_next = to_torch(np.ascontiguousarray(buf_next[:, a_idx].swapaxes(0, 1)))
+                b_next = to_torch(np.ascontiguousarray(learning_cols(buf_next).swapaxes(0, 1)))
                 v_final = agent.values(b_next.reshape(n_alive, n_batch, obs_dim))
-                v_final = v_final.reshape(n_alive, n_steps, n_envs).transpose(0, 1)
-                next_values = torch.where(to_torch(trunc), v_final, next_values)
-            rewards = to_torch(buf_rew[:, a_idx]).float()
-            term = to_torch(buf_term[:, a_idx])
-            dones = to_torch(buf_done[:, a_idx])
-            gamma, lam = hps["gamma"][:, None], hps["lam"][:, None]
-            adv = gae_advantages(rewards, values, next_values, term, dones, gamma, lam)
-            returns = adv + values
-            if bool(hps["mc"].any()):
-                # Monte-Carlo targets: discounted returns bootstrapped at truncations and at
-                # the end of the rollout, which is GAE with lambda = 1 plus V.
-                mc = gae_advantages(rewards, values, next_values, term, dones, gamma, 1.0)
-                returns = torch.where(hps["mc"][None, :, None], mc + values, returns)
-            # [T, S, E] -> [S, T*E]
-            adv = adv.transpose(0, 1).reshape(len(a_idx), n_batch)
-            returns = returns.transpose(0, 1).reshape(len(a_idx), n_batch)
-            values_flat = values.transpose(0, 1).reshape(len(a_idx), n_batch)
-            if n_batch > 1:
-                mean, std = _row_mean(adv), _row_var(adv, correction=1).sqrt()
-                normed = (adv - mean) / (std + 1e-8)
-                adv = torch.where(hps["normalize_advantage"][:, None] > 0, normed, adv)
-            ev = _explained_variance(values_flat, returns)
-        b_act = to_torch(np.ascontiguousarray(buf_act[:, a_idx].swapaxes(0, 1))).reshape(
+            adv, returns = _rollout_targets(
+                v_all, v_final, buf_rew, buf_term, buf_done, a_idx, hps, trunc
+            )
+            values_flat = v_all[:, :n_batch]
+            if dev.type == "cpu":
+                ev = torch.empty(n_alive)
+                kernels.advantage_stats_(
+                    adv.numpy(), returns.numpy(), values_flat.numpy(),
+                    hps["normalize_advantage"].numpy() > 0, ev.numpy(),
+                )  # fmt: skip
+            else:
+                if n_batch > 1:
+                    mean, std = _row_mean(adv), _row_var(adv, correction=1).sqrt()
+                    normed = (adv - mean) / (std + 1e-8)
+                    adv = torch.where(hps["normalize_advantage"][:, None] > 0, normed, adv)
+                ev = _explained_variance(values_flat, returns)
+        b_act = to_torch(np.ascontiguousarray(learning_cols(buf_act).swapaxes(0, 1))).reshape(
             len(a_idx), n_batch, *act_shape
         )
         if not discrete:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numba
 import numpy as np
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -75,11 +76,28 @@ class MemberStreams:
         return out.reshape((self.n_members, *shape))
 
     def uniform(self, shape: tuple[int, ...]) -> np.ndarray:
-        """Float64 draws in [0, 1), shaped ``[S, *shape]`` (53 random bits each)."""
-        return (self.bits(shape) >> np.uint64(11)).astype(np.float64) * _INV_2_53
+        """Float64 draws in [0, 1), shaped ``[S, *shape]`` (53 random bits each): the top
+        53 bits of :meth:`bits` times 2^-53, in one compiled loop (same numbers)."""
+        n = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        out = np.empty((self.n_members, n))
+        _uniform_(self.keys, self.counters, out)
+        self.counters += np.uint64(n)
+        return out.reshape((self.n_members, *shape))
 
     def normal(self, shape: tuple[int, ...]) -> np.ndarray:
         """Standard normal draws by Box-Muller, shaped ``[S, *shape]``."""
         u = self.uniform((2, *shape))
         u1 = 1.0 - u[:, 0]  # (0, 1], keeps log finite
         return np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u[:, 1])
+
+
+@numba.njit(cache=True, nogil=True)
+def _uniform_(keys: np.ndarray, counters: np.ndarray, out: np.ndarray) -> None:
+    """``out[s, i]`` = top 53 bits of ``mix64(key_s + (counter_s + i + 1) * GOLDEN)`` / 2^53."""
+    for s in range(out.shape[0]):
+        for i in range(out.shape[1]):
+            z = keys[s] + (counters[s] + np.uint64(i + 1)) * _GOLDEN
+            z = (z ^ (z >> np.uint64(30))) * _M1
+            z = (z ^ (z >> np.uint64(27))) * _M2
+            z = z ^ (z >> np.uint64(31))
+            out[s, i] = np.float64(z >> np.uint64(11)) * _INV_2_53
