@@ -29,6 +29,7 @@ import torch
 
 from study import config as cfg
 from study import kernels
+from study.alloc import keep_freed_memory
 from study.envs import make_population_env
 from study.gae import gae_advantages
 from study.nets import (
@@ -525,6 +526,7 @@ def train_population(
     learning at that update and is reported "diverged"; the others carry on.
     """
     t_start = time.perf_counter()
+    keep_freed_memory()
     hp = _check_members(members)
     dev = torch.device(device)
     seeds = [int(m.seed) for m in members]
