@@ -1081,9 +1081,16 @@ def _markdown(rep: FailureReport) -> str:
         lines += ["", f"Pooled over the sweep{' (' + e + ')' if e else ''}: {desc}."]
         for t in rep.trapped_levels:
             if not t.config_id and t.env == e:
+                pr_all = rep.per_run
+                held = int(((pr_all["classification"] == "trapped")
+                            & pr_all["config_id"].isin(t.configs)
+                            & pr_all["final_return"].between(t.mode.lo, t.mode.hi)).sum())
+                note = ("" if held == t.mode.count else
+                        f" {held} of them held it (the trapped runs below); the others "
+                        "were still learning or reached it late.")
                 lines.append(f"Trapped level **{t.mode.describe(d, 'runs')}**: runs of "
                              f"{len(t.configs)} configs whose other seeds do better (so a "
-                             "trap, not a weak config).")
+                             f"trap, not a weak config).{note}")
     if not rep.trapped_levels:
         lines += ["", "No trapped mode: no low mode is clearly below its config's best "
                   "(at most half of the best mode's improvement over the starting return)."]

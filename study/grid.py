@@ -108,7 +108,8 @@ def _manifest(sweep: Sweep, command: str, plan: Plan, n_jobs: int, backend: str,
             "python": platform.python_version(),
             "study": study.__version__,
             **{name: _version(name) for name in
-               ("torch", "gymnasium", "numpy", "pandas", "pyarrow", "joblib", "distributed")},
+               ("torch", "gymnasium", "numpy", "numba", "pandas", "pyarrow", "joblib",
+                "distributed")},
         },
         "machine": {
             "platform": platform.platform(),

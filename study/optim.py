@@ -68,8 +68,9 @@ class MemberOptimizer:
         """
         self.t += 1
         if not params:
-            n = lr.shape[0]
-            return torch.zeros(n), loss_finite.clone()
+            return torch.zeros_like(lr), loss_finite.clone()
+        if params[0].device.type != "cpu" or params[0].dtype != torch.float32:
+            return self._torch_step(params, grads, lr, max_norm, loss_finite)
         p_np = _arrays(params)
         g_np = _arrays(grads, copy_ok=True)
         lr_np = lr.detach().numpy().astype(np.float32, copy=False)
@@ -87,6 +88,45 @@ class MemberOptimizer:
                 self.beta1, self.beta2, self.eps,
             )  # fmt: skip
         return torch.from_numpy(norms), torch.from_numpy(ok)
+
+    def _torch_step(
+        self,
+        params: Sequence[torch.Tensor],
+        grads: Sequence[torch.Tensor],
+        lr: torch.Tensor,
+        max_norm: torch.Tensor,
+        loss_finite: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`step` in torch operations (other devices and dtypes; a reference)."""
+
+        def per_member(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+            return v.reshape(-1, *([1] * (like.dim() - 1)))
+
+        norms = torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads])
+        norm = torch.linalg.vector_norm(norms, dim=0)
+        stepping = loss_finite & torch.isfinite(norm)
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        coef = torch.where(stepping, coef, torch.zeros_like(coef))
+        lr = torch.where(stepping, lr, torch.zeros_like(lr))
+        ok = stepping.clone()
+        for p, g, st in zip(params, grads, self.state, strict=True):
+            g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0) * per_member(coef, g)
+            keep = per_member(stepping, p)
+            if self.kind == "rmsprop":
+                sq = st[0].mul(self.alpha).addcmul_(g, g, value=1 - self.alpha)
+                st[0].copy_(torch.where(keep, sq, st[0]))
+                update = g / (sq.sqrt() + self.eps) * per_member(lr, p)
+            else:
+                m = st[0].mul(self.beta1).add_(g, alpha=1 - self.beta1)
+                v = st[1].mul(self.beta2).addcmul_(g, g, value=1 - self.beta2)
+                st[0].copy_(torch.where(keep, m, st[0]))
+                st[1].copy_(torch.where(keep, v, st[1]))
+                bc1 = 1 - self.beta1**self.t
+                bc2 = 1 - self.beta2**self.t
+                update = m / (v.sqrt() / bc2**0.5 + self.eps) * per_member(lr / bc1, p)
+            p.copy_(torch.where(keep, p - update, p))
+            ok &= torch.isfinite(p.flatten(1)).all(dim=1)
+        return norm, ok & stepping
 
     def select(self, idx: torch.Tensor) -> None:
         """Keep only the members at ``idx`` (population compaction)."""

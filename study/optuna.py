@@ -1350,7 +1350,7 @@ def _manifest(sweep: Sweep, command: str, study_name: str, storage_desc: str,
         history = list(previous.pop("history", []))
         history.append(previous)
     versions = {"python": platform.python_version(), "study": study_pkg.__version__}
-    for dist in ("torch", "gymnasium", "numpy", "pandas", "pyarrow", "optuna"):
+    for dist in ("torch", "gymnasium", "numpy", "numba", "pandas", "pyarrow", "optuna"):
         with contextlib.suppress(Exception):
             from importlib import metadata
 

@@ -162,3 +162,23 @@ def test_categorical_sampling_frequencies_match_softmax():
         freq = np.bincount(out[s], minlength=4) / 20_000
         # 5 standard errors of a binomial proportion
         assert np.all(np.abs(freq - probs[s]) < 5 * np.sqrt(probs[s] * (1 - probs[s]) / 20_000))
+
+
+@pytest.mark.parametrize("kind", ["rmsprop", "adam"])
+def test_the_torch_fallback_step_matches_the_kernel(kind):
+    # Other devices (CUDA) take MemberOptimizer._torch_step; it must agree with the kernel.
+    n = 5
+    a, b = _population(n, 7), _population(n, 7)
+    lr = torch.tensor([7e-4, 1e-2, 3e-3, 1e-4, 1e-3])
+    max_norm = torch.tensor([0.5, float("inf"), 5.0, 0.01, 0.5])
+    loss_ok = torch.tensor([True, True, True, True, False])
+    opt_a, opt_b = MemberOptimizer(kind, a), MemberOptimizer(kind, b)
+    for step in range(4):
+        grads = _population(n, 200 + step)
+        na, oka = opt_a.step(a, grads, lr, max_norm, loss_ok)
+        opt_b.t += 1
+        nb, okb = opt_b._torch_step(b, grads, lr, max_norm, loss_ok)
+        torch.testing.assert_close(na, nb, rtol=1e-5, atol=0)
+        assert oka.tolist() == okb.tolist() == [True, True, True, True, False]
+    for p, q in zip(a, b, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
