@@ -145,9 +145,8 @@ class FastPopulationEnv:
         if not self._batch_ready or used.max() >= self._ahead:
             self._refill()
             used = self._batch_used[flat_envs]
-        self._flat_state[:, flat_envs] = self._batch_state[used, flat_envs].T
-        self._batch_used[flat_envs] = used + 1
-        self._flat_elapsed[flat_envs] = 0
+        _reset_from_batch(flat_envs, used, self._batch_state, self._flat_state,
+                          self._batch_used, self._flat_elapsed)  # fmt: skip
         return used
 
     # -- PopulationEnv ----------------------------------------------------------------
@@ -162,14 +161,17 @@ class FastPopulationEnv:
         if not self._started:
             raise RuntimeError("call reset() before step()")
         reward, terminated = self._advance(actions)
-        self.elapsed_steps += 1
+        shape = (self.n_members, self.n_envs)
+        truncated = np.empty(shape, dtype=bool)
+        final_obs = np.empty((*shape, self.obs_dim), dtype=np.float32)
+        obs = np.empty_like(final_obs)
+        ended = np.empty(self.n_members * self.n_envs, dtype=np.int64)
         # gymnasium's TimeLimit truncates whenever the limit is reached, even on the
         # step that also terminates (then both flags are True).
-        truncated = self.elapsed_steps >= self.max_episode_steps
-        final_obs = self._observe(self._state)
-        obs = final_obs.copy()
-        ended = np.flatnonzero(terminated | truncated)
-        if ended.size:
+        n_ended = _count_and_observe(self._state, self.elapsed_steps, self.max_episode_steps,
+                                     terminated, truncated, final_obs, obs, ended)  # fmt: skip
+        if n_ended:
+            ended = ended[:n_ended]
             used = self._reset_envs(ended)
             obs.reshape(-1, self.obs_dim)[ended] = self._batch_obs[used, ended]
         return Step(obs, reward, terminated, truncated, final_obs)
@@ -193,6 +195,41 @@ class FastPopulationEnv:
     def observe(self) -> np.ndarray:
         """Observations ``[S, E, obs_dim]`` of the current state."""
         return self._observe(self._state)
+
+
+@numba.njit(**JIT_OPTIONS)
+def _count_and_observe(state, elapsed, max_steps, terminated, truncated, final_obs, obs, ended):
+    """After a step: count it in ``elapsed`` (``[S, E]``), flag time-limit truncations,
+    write the float32 observations of ``state`` (``[C, S, E]``, leading rows) into
+    ``final_obs`` and ``obs``, and list the environments that ended (flat ``s * E + e``,
+    ascending) in ``ended``; returns how many did."""
+    n_members, n_envs = terminated.shape
+    obs_dim = final_obs.shape[2]
+    n = 0
+    for s in range(n_members):
+        for e in range(n_envs):
+            steps = elapsed[s, e] + 1
+            elapsed[s, e] = steps
+            truncated[s, e] = steps >= max_steps
+            for k in range(obs_dim):
+                v = np.float32(state[k, s, e])
+                final_obs[s, e, k] = v
+                obs[s, e, k] = v
+            if terminated[s, e] or truncated[s, e]:
+                ended[n] = s * n_envs + e
+                n += 1
+    return n
+
+
+@numba.njit(**JIT_OPTIONS)
+def _reset_from_batch(flat_envs, used, batch_state, flat_state, batch_used, flat_elapsed):
+    """Environments ``flat_envs`` take reset states ``batch_state[used[i], flat_envs[i]]``."""
+    for i in range(flat_envs.shape[0]):
+        env = flat_envs[i]
+        for c in range(flat_state.shape[0]):
+            flat_state[c, env] = batch_state[used[i], env, c]
+        batch_used[env] = used[i] + 1
+        flat_elapsed[env] = 0
 
 
 # Physics constants of gymnasium's CartPoleEnv.
