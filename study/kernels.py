@@ -4,9 +4,10 @@ A population's small tensors make PyTorch pay one pass over memory, and one disp
 operation: tanh as ``2 sigmoid(2x) - 1`` is four passes, and a clipped RMSprop step is about
 ten per parameter. Each function here does its job in one pass.
 
-Bit-identity: every loop treats one member at a time, in the same order, with IEEE
-arithmetic only (no reassociation; tanh alone fuses multiply-adds), so a member's numbers
-never depend on the rest of the population. Reductions over a member's elements use a fixed block of
+Bit-identity: the loops treat one member at a time, in the same order, with IEEE
+arithmetic only (no reassociation), so a member's numbers never depend on the rest of the
+population. tanh is elementwise and fuses its multiply-adds, which gives the same bits in
+vectorized and scalar code. Reductions over a member's elements use a fixed block of
 ``_LANES`` partial sums, which vectorizes without reordering anything between runs.
 Compiled code is cached next to this file (``cache=True``), so only the first process
 after an install pays the compile time (a few seconds).
