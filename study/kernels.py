@@ -39,6 +39,25 @@ TANH_P = tuple(float(c) for c in (_A13, _A11, _A9, _A7, _A5, _A3, _A1))
 TANH_Q = tuple(float(c) for c in (_B6, _B4, _B2, _B0))
 
 
+@numba.njit(**_JIT, fastmath={"contract"}, inline="always")
+def _tanh1(v):
+    v = _CLAMP if v > _CLAMP else v  # NaN stays NaN
+    v = -_CLAMP if v < -_CLAMP else v
+    v2 = v * v
+    p = v2 * _A13 + _A11
+    p = p * v2 + _A9
+    p = p * v2 + _A7
+    p = p * v2 + _A5
+    p = p * v2 + _A3
+    p = p * v2 + _A1
+    q = v2 * _B6 + _B4
+    q = q * v2 + _B2
+    q = q * v2 + _B0
+    r = (p * v) / q
+    r = _F(1.0) if v == _CLAMP else r  # saturate exactly, as tanh does in float32
+    return _F(-1.0) if v == -_CLAMP else r
+
+
 @numba.njit(**_JIT, fastmath={"contract"})
 def tanh_(a: np.ndarray) -> None:
     """``a <- tanh(a)`` in place (float32, C-contiguous).
@@ -50,22 +69,18 @@ def tanh_(a: np.ndarray) -> None:
     """
     x = a.reshape(-1)
     for i in range(x.size):
-        v = x[i]
-        v = _CLAMP if v > _CLAMP else v  # NaN stays NaN
-        v = -_CLAMP if v < -_CLAMP else v
-        v2 = v * v
-        p = v2 * _A13 + _A11
-        p = p * v2 + _A9
-        p = p * v2 + _A7
-        p = p * v2 + _A5
-        p = p * v2 + _A3
-        p = p * v2 + _A1
-        q = v2 * _B6 + _B4
-        q = q * v2 + _B2
-        q = q * v2 + _B0
-        r = (p * v) / q
-        r = _F(1.0) if v == _CLAMP else r  # saturate exactly, as tanh does in float32
-        x[i] = _F(-1.0) if v == -_CLAMP else r
+        x[i] = _tanh1(x[i])
+
+
+@numba.njit(**_JIT, fastmath={"contract"})
+def tanh_into_(src: np.ndarray, dst: np.ndarray, t: int) -> None:
+    """``dst[s, t] <- tanh(src[s])`` for every member s: ``src`` ``[S, E, F]``, ``dst``
+    ``[S, T, E, F]`` (both C-contiguous), with :func:`tanh_`'s arithmetic."""
+    for s in range(src.shape[0]):
+        x = src[s].reshape(-1)
+        y = dst[s, t].reshape(-1)
+        for i in range(x.size):
+            y[i] = _tanh1(x[i])
 
 
 @numba.njit(**_JIT)

@@ -206,9 +206,18 @@ class Prepared:
 
 @torch.no_grad()
 def forward_cached(
-    x: torch.Tensor, params: Sequence[torch.Tensor] | Prepared, activation: str
+    x: torch.Tensor,
+    params: Sequence[torch.Tensor] | Prepared,
+    activation: str,
+    into: tuple[Sequence[torch.Tensor], int] | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Output ``[S, B, out]`` and the input of every layer (for :func:`backward`)."""
+    """Output ``[S, B, out]`` and the input of every layer (for :func:`backward`).
+
+    With ``into = (buffers, t)`` the hidden activations are written to ``buffers[l][:, t]``
+    (``buffers[l]``: ``[S, T, B, width]``, contiguous) instead of new tensors: a rollout's
+    steps then leave each member's activations contiguous for the gradient step, with no
+    copy afterwards. The values are the same either way.
+    """
     net = params if isinstance(params, Prepared) else Prepared(params)
     if x.shape[-1] == 1:
         x = torch.cat([x, torch.zeros_like(x)], dim=-1)
@@ -219,7 +228,14 @@ def forward_cached(
         inputs.append(h)
         h = _affine(h, w, b, narrow)
         if layer < last:
-            if activation == "relu":
+            if into is not None:
+                buf, t = into[0][layer], into[1]
+                if activation == "tanh" and h.dtype == torch.float32 and h.is_cpu:
+                    kernels.tanh_into_(h.numpy(), buf.numpy(), t)
+                else:
+                    buf[:, t].copy_(h.clamp_(min=0.0) if activation == "relu" else tanh_(h))
+                h = buf[:, t]
+            elif activation == "relu":
                 h.clamp_(min=0.0)
             else:
                 tanh_(h)

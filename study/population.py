@@ -716,11 +716,17 @@ def train_population(
         else:
             draws = action_rng.normal((n_steps, n_envs, *act_shape))
         policy_net = Prepared(agent.pi) if reuse_policy else None
+        # Hidden activations of the rollout's policy passes, member-major [S, T, E, width]:
+        # member s's rows t * E + e are contiguous, ready for the gradient step.
+        hidden = [
+            torch.empty(len(alive), n_steps, n_envs, w.shape[2], device=dev)
+            for w, _, _ in (policy_net.layers[:-1] if policy_net is not None else [])
+        ]
         for t in range(n_steps):
             if policy_net is not None:
                 x = to_torch(learning_rows(obs))
-                out, cache = forward_cached(x, policy_net, agent.activation)
-                rollout_fwd.append((out, cache))
+                out, cache = forward_cached(x, policy_net, agent.activation, into=(hidden, t))
+                rollout_fwd.append((out, cache[:1]))
             else:
                 with torch.no_grad():
                     out = agent.policy_out(to_torch(learning_rows(obs)))
@@ -829,8 +835,8 @@ def train_population(
                 forward = (
                     torch.cat([o for o, _ in rollout_fwd], dim=1),
                     [
-                        torch.cat(layer, dim=1)
-                        for layer in zip(*(c for _, c in rollout_fwd), strict=True)
+                        torch.cat([c[0] for _, c in rollout_fwd], dim=1),
+                        *(h.reshape(n_alive, n_batch, -1) for h in hidden),
                     ],
                 )
                 terms, grads = agent.policy_grads(
