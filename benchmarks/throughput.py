@@ -56,6 +56,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", help="also write the figures here")
     args = p.parse_args()
+    if args.repeats < 1 or args.seconds <= 0 or min(args.sizes) < 1:
+        p.error("--repeats and --sizes take integers >= 1, --seconds a number > 0")
     torch.set_num_threads(1)
 
     sb3_rate = None

@@ -20,8 +20,6 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from study import kernels
-
 Array = TypeVar("Array", np.ndarray, torch.Tensor)
 
 
@@ -40,13 +38,6 @@ def gae_advantages(
     ``rewards[t]`` (e.g. per-member values shaped ``[S, 1]`` for rewards ``[T, S, E]``).
     ``terminated`` and ``dones`` may be bool or float.
     """
-    if _fast_path(rewards):
-        return _gae_kernel(rewards, values, next_values, terminated, dones, gamma, lam)
-    return _gae_vectorized(rewards, values, next_values, terminated, dones, gamma, lam)
-
-
-def _gae_vectorized(rewards, values, next_values, terminated, dones, gamma, lam):
-    """The recursion with one vectorized operation per time step (any dtype or device)."""
     if isinstance(rewards, torch.Tensor):
         dtype = rewards.dtype
 
@@ -73,35 +64,3 @@ def _gae_vectorized(rewards, values, next_values, terminated, dones, gamma, lam)
         last = deltas[t] + gamma_f * lam_f * not_done[t] * last
         advantages[t] = last
     return advantages
-
-
-def _fast_path(rewards: Array) -> bool:
-    if isinstance(rewards, torch.Tensor):
-        return rewards.dtype == torch.float32 and rewards.device.type == "cpu" and rewards.dim() > 1
-    return rewards.dtype == np.float32 and rewards.ndim > 1
-
-
-def _gae_kernel(rewards, values, next_values, terminated, dones, gamma, lam):
-    """The recursion above as one compiled loop (float32 CPU inputs): same operations in
-    the same order, so the same bits, in a fraction of the time of T vectorized steps."""
-    is_torch = isinstance(rewards, torch.Tensor)
-    as_np = (lambda x: x.detach().numpy()) if is_torch else np.asarray
-    shape = tuple(rewards.shape)
-    n_steps = shape[0]
-
-    def flat(x, dtype):
-        x = np.broadcast_to(as_np(x) if isinstance(x, torch.Tensor | np.ndarray) else x, shape)
-        return np.ascontiguousarray(x, dtype=dtype).reshape(n_steps, -1)
-
-    def per_slice(x):
-        x = as_np(x) if isinstance(x, torch.Tensor | np.ndarray) else np.float32(x)
-        return np.ascontiguousarray(np.broadcast_to(x, shape[1:]), dtype=np.float32).reshape(-1)
-
-    out = np.empty((n_steps, int(np.prod(shape[1:]))), dtype=np.float32)
-    kernels.gae_(
-        flat(rewards, np.float32), flat(values, np.float32), flat(next_values, np.float32),
-        flat(terminated, np.float32), flat(dones, np.float32), per_slice(gamma),
-        per_slice(lam), out,
-    )  # fmt: skip
-    out = out.reshape(shape)
-    return torch.from_numpy(out) if is_torch else out

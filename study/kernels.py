@@ -232,24 +232,6 @@ def sample_categorical(logits: np.ndarray, u: np.ndarray, out: np.ndarray) -> No
 
 
 @numba.njit(**_JIT)
-def gae_(rewards, values, next_values, terminated, dones, gamma, lam, out) -> None:
-    """GAE over ``[T, N]`` arrays (study.gae's recursion, in the same float32 order):
-    ``delta = r + (gamma (1 - term)) next - v``, ``A_t = delta + (gamma lam (1 - done)) A_{t+1}``.
-    ``gamma`` and ``lam`` are ``[N]``."""
-    n_steps, n = rewards.shape
-    for i in range(n):
-        g = gamma[i]
-        gl = g * lam[i]
-        last = _F(0.0)
-        for t in range(n_steps - 1, -1, -1):
-            not_term = _F(1.0) - _F(terminated[t, i])
-            not_done = _F(1.0) - _F(dones[t, i])
-            delta = rewards[t, i] + g * not_term * next_values[t, i] - values[t, i]
-            last = delta + gl * not_done * last
-            out[t, i] = last
-
-
-@numba.njit(**_JIT)
 def rollout_targets_(
     v_all, v_final, rewards, terminated, dones, alive, gamma, lam, mc, adv_out, ret_out
 ) -> None:

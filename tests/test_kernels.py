@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from study import kernels
-from study.gae import _gae_vectorized, gae_advantages
+from study.gae import gae_advantages
 from study.optim import MemberOptimizer
 
 torch.set_num_threads(1)
@@ -120,22 +120,40 @@ def test_tanh_backward_gives_the_gradient_and_the_bias_gradient():
     torch.testing.assert_close(db, expected.sum(dim=1, keepdim=True), rtol=1e-6, atol=1e-6)
 
 
-def test_gae_kernel_gives_the_bits_of_the_vectorized_recursion():
+def test_rollout_targets_give_the_bits_of_gae_advantages():
+    # The trainer's fused targets against study.gae's recursion (the specification), with
+    # truncations bootstrapped from V(final obs), MC members and a learner subset.
     rng = np.random.default_rng(5)
-    T, S, E = 9, 4, 3
-    rewards = torch.from_numpy(rng.normal(size=(T, S, E)).astype(np.float32))
-    values = torch.from_numpy(rng.normal(size=(T, S, E)).astype(np.float32))
-    next_values = torch.from_numpy(rng.normal(size=(T, S, E)).astype(np.float32))
-    terminated = torch.from_numpy(rng.random((T, S, E)) < 0.2)
-    dones = terminated | torch.from_numpy(rng.random((T, S, E)) < 0.1)
-    gamma = torch.tensor([0.9, 0.99, 0.999, 1.0])[:, None]
-    lam = torch.tensor([0.0, 0.5, 0.95, 1.0])[:, None]
-    args = (rewards, values, next_values, terminated, dones, gamma, lam)
-    fast = gae_advantages(*args)
-    assert torch.equal(fast, _gae_vectorized(*args))
-    # NumPy in, NumPy out, through the same kernel
-    np_args = [a.numpy() for a in args]
-    assert np.array_equal(gae_advantages(*np_args), fast.numpy())
+    T, S, E = 9, 5, 3
+    alive = np.array([0, 2, 3, 4])
+    k = len(alive)
+    rewards = rng.normal(size=(T, S, E))
+    terminated = rng.random((T, S, E)) < 0.2
+    dones = terminated | (rng.random((T, S, E)) < 0.15)
+    v_all = torch.from_numpy(rng.normal(size=(k, (T + 1) * E)).astype(np.float32))
+    v_final = torch.from_numpy(rng.normal(size=(k, T * E)).astype(np.float32))
+    hps = {"gamma": torch.tensor([0.9, 0.99, 0.999, 1.0]),
+           "lam": torch.tensor([0.0, 0.5, 0.95, 1.0]),
+           "mc": torch.tensor([False, True, False, True])}  # fmt: skip
+    adv, ret = torch.empty(k, T * E), torch.empty(k, T * E)
+    kernels.rollout_targets_(v_all.numpy(), v_final.numpy(), rewards, terminated, dones,
+                             alive, hps["gamma"].numpy(), hps["lam"].numpy(),
+                             hps["mc"].numpy(), adv.numpy(), ret.numpy())  # fmt: skip
+
+    def tse(x):  # [S', T*E] -> [T, S', E]
+        return x.reshape(k, T, E).transpose(0, 1)
+
+    values, nxt = tse(v_all[:, : T * E]), tse(v_all[:, E:])
+    trunc = torch.from_numpy((dones & ~terminated)[:, alive])
+    nxt = torch.where(trunc, tse(v_final), nxt)
+    r = torch.from_numpy(rewards[:, alive]).float()
+    term, done = torch.from_numpy(terminated[:, alive]), torch.from_numpy(dones[:, alive])
+    gamma, lam = hps["gamma"][:, None], hps["lam"][:, None]
+    expected = gae_advantages(r, values, nxt, term, done, gamma, lam)
+    mc = gae_advantages(r, values, nxt, term, done, gamma, 1.0)
+    expected_ret = torch.where(hps["mc"][None, :, None], mc + values, expected + values)
+    assert torch.equal(adv, expected.transpose(0, 1).reshape(k, T * E))
+    assert torch.equal(ret, expected_ret.transpose(0, 1).reshape(k, T * E))
 
 
 def test_categorical_sampling_follows_the_inverse_cdf():
