@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from collections.abc import Callable, Sequence
+from types import TracebackType
 from typing import NoReturn
 
 from study.config import ConfigError
+from study.redact import redact, redacting_streams
 
 EXIT_USAGE = 2
 
 
 def fail(message: str) -> NoReturn:
-    """Print ``error: message`` on one line to stderr and exit with code 2."""
-    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+    """Print ``error: message`` on one line to stderr (credentials redacted) and exit
+    with code 2."""
+    print(f"error: {redact(' '.join(str(message).split()))}", file=sys.stderr)
     raise SystemExit(EXIT_USAGE)
 
 
@@ -39,14 +43,29 @@ class ArgumentParser(argparse.ArgumentParser):
 def run_cli(body: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None) -> int:
     """Run a CLI body and return its exit code: user errors (ConfigError) become a
     one-line ``error:`` with code 2, and usage errors or ``--help`` (SystemExit) give
-    their code back, so ``main(argv) -> int`` is callable from Python and tests."""
-    try:
+    their code back, so ``main(argv) -> int`` is callable from Python and tests.
+
+    Everything the command prints passes through :func:`study.redact.redact`, and so does
+    the traceback of an unexpected exception, which propagates (exit code 1): a storage
+    password never reaches the terminal or a log captured from it."""
+    if sys.excepthook is sys.__excepthook__:
+        sys.excepthook = _redacting_excepthook
+    with redacting_streams():
         try:
-            return body(argv)
-        except ConfigError as e:
-            fail(str(e))
-        except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
-            return 130
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USAGE)
+            try:
+                return body(argv)
+            except ConfigError as e:
+                fail(str(e))
+            except KeyboardInterrupt:
+                print("interrupted", file=sys.stderr)
+                return 130
+        except SystemExit as e:
+            return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USAGE)
+
+
+def _redacting_excepthook(kind: type[BaseException], value: BaseException,
+                          tb: TracebackType | None) -> None:
+    """Python's default traceback (chained exceptions included), credentials redacted."""
+    text = "".join(traceback.format_exception(kind, value, tb))
+    sys.stderr.write(redact(text))
+    sys.stderr.flush()

@@ -27,8 +27,9 @@ import pandas as pd
 from study import store
 from study.cli_util import ArgumentParser, positive_int, run_cli
 from study.config import ConfigError
-from study.runner import BACKENDS, Outcome, Plan, execute, make_plan
+from study.runner import BACKENDS, Outcome, Plan, check_scheduler, execute, make_plan
 from study.sweep import Sweep, grid_axes, load_sweep, sweep_to_toml
+from study.trust import sign_env
 
 __all__ = ["best_configs", "main"]
 
@@ -119,6 +120,8 @@ def _manifest(sweep: Sweep, command: str, plan: Plan, n_jobs: int, backend: str,
         },
         # Earlier invocations on this store (resumes, changed sweeps), oldest first.
         "history": history,
+        # Lets study.render import the env's module from this store without --trust.
+        **({"env_signature": sig} if (sig := sign_env(sweep.env)) else {}),
     }
 
 
@@ -219,6 +222,9 @@ def _main(argv: Sequence[str] | None) -> int:
         if args.fresh and store.is_store(out):
             print(f"  --fresh:     would delete the existing results in {out} first")
         return 0
+
+    if args.scheduler and plan.pending:
+        check_scheduler(args.scheduler)  # an unreachable cluster writes nothing
 
     # Validation is over: from here on the store is written.
     command = shlex.join(["python", "-m", "study.grid",

@@ -74,9 +74,11 @@ from optuna.trial import FrozenTrial, TrialState
 from study import store
 from study.cli_util import ArgumentParser, positive_int, run_cli
 from study.config import ConfigError, resolve, structural_key, to_jsonable
+from study.redact import redact, register_secret
 from study.runner import Chunk, ChunkResult, result_frames, run_chunk
 from study.search_space import DEFAULT_TEST_SEEDS, OptunaSettings, parse_optuna
 from study.sweep import Run, Sweep, config_id, load_sweep, parse_sweep, run_id, sweep_to_toml
+from study.trust import sign_env
 
 __all__ = [
     "EXTRA_RUN_COLUMNS",
@@ -271,13 +273,29 @@ class _ThreadLock:
         self._lock.release()
 
 
+#: The storage URL when ``--storage`` is not given: keeps a password out of shell history
+#: and ``ps``.
+STORAGE_ENV = "STUDY_OPTUNA_STORAGE"
+
+
 def _redact(url: str) -> str:
     try:
         from sqlalchemy.engine import make_url
 
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a URL at all: say it as given
-        return url
+        return redact(make_url(url).render_as_string(hide_password=True))
+    except Exception:  # not a URL SQLAlchemy can parse: mask its credentials by shape
+        return redact(url)
+
+
+def _storage_spec(arg: str | None) -> str | None:
+    """``--storage``, else ``$STUDY_OPTUNA_STORAGE``, else None (the journal). The
+    password of a URL is registered for redaction before anything can print it."""
+    spec = arg if arg is not None else (os.environ.get(STORAGE_ENV) or None)
+    if spec and "://" in spec:
+        rest = spec.split("://", 1)[1].split("?", 1)[0]
+        if "@" in rest and ":" in rest[: rest.rfind("@")]:
+            register_secret(rest[: rest.rfind("@")].split(":", 1)[1])
+    return spec
 
 
 def _check_storage(spec: str | None) -> str | None:
@@ -1274,7 +1292,8 @@ def _parser() -> ArgumentParser:
     p.add_argument("--storage", metavar="URL",
                    help="Optuna storage: an RDB URL (postgresql://...) shared by many "
                         "processes/machines, or a journal file path (default "
-                        "<out>/optuna.journal)")
+                        f"${STORAGE_ENV}, else <out>/optuna.journal); a password in it is "
+                        "never written or printed")
     p.add_argument("--study-name", metavar="NAME", help="study name (default: the sweep name)")
     p.add_argument("--n-jobs", type=positive_int, default=1, metavar="N",
                    help="populations trained in parallel worker processes (default 1)")
@@ -1298,6 +1317,22 @@ def _check_out(out: Path, env: str) -> None:
             for p in out.iterdir()):
         return
     store.check_compatible(out, env)
+
+
+def _check_same_storage(out: Path, spec: str | None) -> None:
+    """ConfigError when ``out`` holds a study kept in another kind of storage or another
+    database: resuming without ``--storage`` (or ``$STUDY_OPTUNA_STORAGE``) would
+    otherwise start a second, unrelated study beside the first one's runs."""
+    if not store.is_store(out):
+        return
+    old = str(store.read_manifest(out).get("optuna", {}).get("storage") or "")
+    new = _redact(spec) if spec and "://" in spec else ""
+    old_url = old if "://" in old else ""
+    if old and old_url.split("?")[0] != new.split("?")[0]:  # options (sslmode) may differ
+        raise ConfigError(
+            f"{out}: its study is stored in {old}, this run would use "
+            f"{new or 'a journal file'}; expected the same storage (pass --storage or set "
+            f"{STORAGE_ENV})")
 
 
 def _now() -> str:
@@ -1368,6 +1403,8 @@ def _manifest(sweep: Sweep, command: str, study_name: str, storage_desc: str,
         "versions": versions,
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
         "history": history,
+        # Lets study.render import the env's module from this store without --trust.
+        **({"env_signature": sig} if (sig := sign_env(sweep.env)) else {}),
     }
 
 
@@ -1432,7 +1469,8 @@ def _main(argv: Sequence[str] | None) -> int:
     if not study_name.strip():
         raise ConfigError("--study-name '' is invalid: expected a non-empty name")
     _check_out(out, sweep.env)
-    storage_spec = _check_storage(args.storage)
+    storage_spec = _check_storage(_storage_spec(args.storage))
+    _check_same_storage(out, storage_spec)
 
     # Validation is over: from here on the store (and the study) is written.
     command = shlex.join(["python", "-m", "study.optuna",

@@ -36,6 +36,7 @@ import numpy as np
 
 from study import store
 from study.config import ConfigError, coerce
+from study.trust import require_trust
 
 __all__ = [
     "Episode",
@@ -146,10 +147,11 @@ def load_policy(results_dir: str | Path, run_id: str) -> SavedPolicy:
             f"run {run_id} has no saved policy ({path} is missing); run its sweep with "
             "save_policies = true to keep the final weights")
     try:
-        with np.load(path) as data:
+        with np.load(path, allow_pickle=False) as data:  # plain arrays: never unpickle
             weights = {k: np.asarray(data[k]) for k in data.files}
     except (OSError, ValueError) as e:
-        raise ConfigError(f"{path}: unreadable saved policy ({e})") from None
+        raise ConfigError(f"{path}: unreadable saved policy ({' '.join(str(e).split())})") \
+            from None
     if coerce("normalize_obs", row.get("normalize_obs", False)) and "obs_mean" not in weights:
         raise ConfigError(
             f"run {run_id} used normalize_obs = true and its observation statistics are not "
@@ -454,12 +456,14 @@ def _check_out(out: Path) -> str:
 
 def render_filmstrip(results_dir: str | Path, run_id: str, out: str | Path | None = None,
                      frames: int | None = None, seed: int = 0,
-                     max_steps: int | None = None) -> Path:
+                     max_steps: int | None = None, trust: bool = False) -> Path:
     """Write run ``run_id``'s filmstrip PNG or GIF (by ``out``'s extension; default
     ``results_dir/render/<run_id>.png``) and return its path.
 
     Every check (store, run, saved policy, extension) happens before anything is written;
-    the file itself is written atomically. Raises ConfigError (one line) for bad input.
+    the file itself is written atomically. Raises ConfigError (one line) for bad input,
+    and for a run whose env names a module (``module:Env-v0``) in a store made elsewhere
+    unless ``trust`` (see :mod:`study.trust`).
     """
     root = Path(results_dir)
     path = Path(out) if out is not None else root / "render" / f"{run_id}.png"
@@ -472,6 +476,7 @@ def render_filmstrip(results_dir: str | Path, run_id: str, out: str | Path | Non
     if seed < 0:
         raise ConfigError(f"--seed {seed} is invalid: expected an integer >= 0")
     policy = load_policy(root, run_id)
+    require_trust(root, store.read_manifest(root), policy.env_id, trust)
     strip = episode_filmstrip(policy, n, seed, max_steps)
     if ext == ".png":
         data = _png_bytes(strip)
@@ -507,11 +512,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.add_argument("--seed", type=int, default=0, help="seed of the episode's reset")
         ap.add_argument("--max-steps", type=int, metavar="N",
                         help="stop the episode after N steps (default: the time limit)")
+        ap.add_argument("--trust", action="store_true",
+                        help="import the module named by the run's env (module:Env-v0) "
+                             "even though the store was made elsewhere: it runs that "
+                             "module's code")
         args = ap.parse_args(args_in)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             path = render_filmstrip(args.results_dir, args.run, args.out, args.frames,
-                                    args.seed, args.max_steps)
+                                    args.seed, args.max_steps, trust=args.trust)
         print(f"wrote {path}")
         return 0
 

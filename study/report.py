@@ -48,6 +48,7 @@ import pandas as pd
 from study import curves as curves_mod
 from study import failures, figures, stats, store
 from study.config import NAMES, ConfigError
+from study.trust import env_module
 
 __all__ = ["METRICS", "ReportResult", "build_report", "main", "markdown_to_html"]
 
@@ -890,6 +891,13 @@ def _agent_filmstrips(root: Path, runs: pd.DataFrame, cls: pd.DataFrame,
     """
     from study import render
 
+    for env in sorted({str(e) for e in runs["env"].unique()}):
+        if (module := env_module(env)) is not None:
+            # The report reads data only: replaying would import (run) the store's module.
+            notes.append(f"agents filmstrip not drawn: the env {env!r} imports the module "
+                         f"{module!r}, and study.report never imports code a store names; "
+                         f"draw a run with python -m study.render {root} --run RUN_ID")
+            return None
     picked = _pick_agents(root, cls, ranked)
     if picked is None:
         return None

@@ -409,17 +409,38 @@ def _sigint_ignored() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+def _connect(scheduler: str) -> Any:
+    """A Dask client of the cluster at ``scheduler``, with Dask's own security settings
+    (``distributed.comm.tls.*`` and ``require-encryption`` in the dask config, or the
+    matching ``DASK_DISTRIBUTED__COMM__...`` variables). ConfigError (one line) when it
+    cannot connect, saying what a ``tls://`` scheduler needs."""
+    from distributed import Client
+
+    try:
+        return Client(scheduler, timeout="20s")
+    except (OSError, TimeoutError, ValueError, TypeError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        hint = ""
+        if "ssl" in first.lower() or "tls" in first.lower() or "encryption" in first.lower():
+            hint = ("; a tls:// scheduler needs this client's certificates in the dask config "
+                    "(distributed.comm.tls.ca-file, .client.cert, .client.key; see README, "
+                    "Clusters)")
+        raise ConfigError(f"--scheduler {scheduler}: cannot connect: {first}{hint}") from None
+
+
+def check_scheduler(scheduler: str) -> None:
+    """ConfigError (one line) unless a client can connect to ``scheduler`` now: drivers
+    call it before they write anything."""
+    _connect(scheduler).close()
+
+
 def _dask(chunks: Sequence[Chunk], n_jobs: int, scheduler: str | None,
           progress: Progress) -> Iterator[ChunkResult]:
     from distributed import Client, LocalCluster, as_completed
 
     cluster = None
     if scheduler:
-        try:
-            client = Client(scheduler, timeout="20s")
-        except (OSError, TimeoutError, ValueError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ConfigError(f"--scheduler {scheduler}: cannot connect: {first}") from None
+        client = _connect(scheduler)
     else:
         # Workers inherit an ignored SIGINT, so Ctrl-C in a terminal (sent to the whole
         # process group) is handled by the driver alone: it cancels and closes the cluster

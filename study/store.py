@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 
 from study import NUMERICS
 from study.config import SPECS, ConfigError
+from study.redact import redact_json
 
 __all__ = [
     "CURVE_SCHEMA",
@@ -255,6 +256,9 @@ def _npz_bytes(state: Mapping[str, np.ndarray]) -> bytes:
 
 
 def write_manifest(path: str | Path, manifest: Mapping[str, Any]) -> None:
+    """Write ``manifest.json`` atomically, every credential in it redacted (the command
+    line of an earlier version may hold a storage password: history is redacted too)."""
+    manifest = redact_json(json.loads(json.dumps(manifest, default=str)))
     atomic_write_text(Path(path) / MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")
 
 

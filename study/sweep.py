@@ -179,12 +179,16 @@ def run_id(env: str, hp: Mapping[str, Any], seed: int, total_steps: int, log_eve
 
 
 def validate_env_id(env: str, where: str = "") -> str:
-    """``env`` if gymnasium knows it; otherwise ConfigError with the closest registered id."""
+    """``env`` if gymnasium knows it; otherwise ConfigError with the closest registered id.
+
+    ``module:EnvName-v0`` (gymnasium's form for an env registered by importing a module)
+    imports the module: a sweep file is trusted code, as a script would be.
+    """
     import gymnasium as gym
 
     import study  # noqa: F401  (registers CartPoleSwingUp-v0/v1)
 
-    if env not in gym.registry:
+    if ":" not in env and env not in gym.registry:
         raise ConfigError(
             f"{where}env = {env!r} is not a registered gymnasium environment"
             f"{_suggest(env, gym.registry.keys())}; expected an id such as 'CartPole-v1'"
