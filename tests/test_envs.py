@@ -11,7 +11,7 @@ import pytest
 
 import study  # noqa: F401  (registers CartPoleSwingUp-v0/v1)
 from study.config import ConfigError
-from study.envs import FAST_ENVS, env_spaces, make_population_env
+from study.envs import FAST_ENVS, env_spaces, generic_only, make_population_env
 from study.envs.generic import instance_seed
 from study.envs.swingup import CartPoleSwingUpV0, CartPoleSwingUpV1
 from study.rng import STREAM_EVAL_RESET, STREAM_RESET, MemberStreams
@@ -359,6 +359,8 @@ def _assert_same(a: list, b: list) -> None:
         ("CartPoleSwingUp-v1", 300),
         ("Pendulum-v1", 210),  # truncation at 200
         ("MountainCar-v0", 210),
+        ("Acrobot-v1", 510),  # truncation at 500
+        ("MountainCarContinuous-v0", 1000),  # truncation at 999
     ],
 )
 def test_member_trajectory_independent_of_population(env_id: str, steps: int) -> None:
@@ -379,7 +381,8 @@ def test_member_trajectory_independent_of_population(env_id: str, steps: int) ->
 
 def test_generic_pendulum_matches_seeded_gymnasium() -> None:
     seeds, E = [2, 5], 2
-    pop = make_population_env("Pendulum-v1", seeds, E)
+    with generic_only("Pendulum-v1"):
+        pop = make_population_env("Pendulum-v1", seeds, E)
     assert type(pop).__name__ == "GymPopulationEnv"
     obs = pop.reset()
     assert obs.shape == (2, E, 3) and obs.dtype == np.float32
@@ -404,7 +407,9 @@ def test_generic_pendulum_matches_seeded_gymnasium() -> None:
 
 
 def test_generic_mountaincar_discrete() -> None:
-    pop = make_population_env("MountainCar-v0", [0], 3)
+    with generic_only():
+        pop = make_population_env("MountainCar-v0", [0], 3)
+    assert type(pop).__name__ == "GymPopulationEnv"
     assert isinstance(pop.action_space, gym.spaces.Discrete)
     obs = pop.reset()
     assert obs.shape == (1, 3, 2)

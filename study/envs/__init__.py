@@ -1,41 +1,95 @@
-"""Population environments: fast NumPy CartPole/SwingUp and a generic gymnasium path.
+"""Population environments: fast NumPy/numba ports and a generic gymnasium path.
 
-:func:`make_population_env` is the single entry point: the ids in :data:`FAST_ENVS` get
-the vectorized NumPy implementations, every other gymnasium id is simulated with one
-``gym.make`` instance per (member, environment).
+:func:`make_population_env` is the single entry point: the ids registered in
+:data:`FAST_ENVS` (CartPole, CartPoleSwingUp, Acrobot, Pendulum, MountainCar and
+MountainCarContinuous) get their compiled population implementations, every other
+gymnasium id is simulated with one ``gym.make`` instance per (member, environment).
+:func:`register_fast_env` adds a port.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import functools
 import importlib
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import gymnasium as gym
 
 from study.config import ConfigError
 from study.envs.base import PopulationEnv, Step
 from study.envs.cartpole import CartPolePopulation, cartpole_spaces
+from study.envs.classic import CLASSIC_ENVS, classic_spaces
 from study.envs.generic import GymPopulationEnv, check_spaces, flat_box
 from study.envs.swingup import SwingUpPopulation, swingup_spaces
 from study.rng import STREAM_RESET
 
 __all__ = [
     "FAST_ENVS",
+    "FastEnv",
     "PopulationEnv",
     "Step",
     "env_spaces",
+    "generic_only",
     "make_population_env",
     "register_envs",
+    "register_fast_env",
 ]
 
-# Ids with a NumPy population implementation (same dynamics as their gymnasium version).
-FAST_ENVS: tuple[str, ...] = (
-    "CartPole-v0",
-    "CartPole-v1",
-    "CartPoleSwingUp-v0",
-    "CartPoleSwingUp-v1",
-)
+
+@dataclass(frozen=True)
+class FastEnv:
+    """A registered population implementation of one gymnasium id.
+
+    ``make(seeds, num_envs, stream)`` builds the population; ``spaces()`` returns the
+    observation and action space of one environment (without building anything).
+    """
+
+    make: Callable[[Sequence[int], int, int], PopulationEnv]
+    spaces: Callable[[], tuple[gym.spaces.Box, gym.spaces.Space]]
+
+
+#: Ids with a population implementation (same dynamics as their gymnasium version).
+FAST_ENVS: dict[str, FastEnv] = {}
+_DISABLED: set[str] = set()
+
+
+def register_fast_env(env_id: str, make: Callable[[Sequence[int], int, int], PopulationEnv],
+                      spaces: Callable[[], tuple[gym.spaces.Box, gym.spaces.Space]]) -> None:
+    """Make ``env_id`` use ``make(seeds, num_envs, stream)`` instead of the generic path."""
+    FAST_ENVS[env_id] = FastEnv(make, spaces)
+
+
+def _fast(env_id: str) -> FastEnv | None:
+    return None if env_id in _DISABLED else FAST_ENVS.get(env_id)
+
+
+@contextlib.contextmanager
+def generic_only(*env_ids: str) -> Iterator[None]:
+    """Within the block, ``env_ids`` (default: every registered id) take the generic
+    gymnasium path: benchmarks measure a port against it, tests compare the two."""
+    ids = set(env_ids or FAST_ENVS)
+    added = ids - _DISABLED
+    _DISABLED.update(added)
+    try:
+        yield
+    finally:
+        _DISABLED.difference_update(added)
+
+
+register_fast_env("CartPole-v0", lambda seeds, n, stream: CartPolePopulation(
+    seeds, n, stream, max_episode_steps=200), cartpole_spaces)
+register_fast_env("CartPole-v1", lambda seeds, n, stream: CartPolePopulation(
+    seeds, n, stream, max_episode_steps=500), cartpole_spaces)
+register_fast_env("CartPoleSwingUp-v0", lambda seeds, n, stream: SwingUpPopulation(
+    seeds, n, stream, reward_version=0), swingup_spaces)
+register_fast_env("CartPoleSwingUp-v1", lambda seeds, n, stream: SwingUpPopulation(
+    seeds, n, stream, reward_version=1), swingup_spaces)
+for _id, _cls in CLASSIC_ENVS.items():
+    register_fast_env(_id, _cls, functools.cache(functools.partial(classic_spaces,
+                                                                   _cls.env_cls)))
 
 
 def register_envs() -> None:
@@ -74,10 +128,9 @@ def env_spaces(env_id: str) -> tuple[gym.spaces.Box, gym.spaces.Space]:
     Cheap for :data:`FAST_ENVS` (no ``gym.make``); otherwise makes and closes one
     instance. Raises ConfigError for unknown ids and unsupported spaces.
     """
-    if env_id in ("CartPole-v0", "CartPole-v1"):
-        return cartpole_spaces()
-    if env_id in ("CartPoleSwingUp-v0", "CartPoleSwingUp-v1"):
-        return swingup_spaces()
+    fast = _fast(env_id)
+    if fast is not None:
+        return fast.spaces()
     _resolve(env_id)
     env = _make(env_id)
     try:
@@ -121,14 +174,9 @@ def make_population_env(
         raise ConfigError(f"seeds must be integers >= 0, got {min(seeds)}")
     if int(num_envs) < 1:
         raise ConfigError(f"num_envs must be an integer >= 1, got {num_envs!r}")
-    if env_id == "CartPole-v0":
-        return CartPolePopulation(seeds, num_envs, stream, max_episode_steps=200)
-    if env_id == "CartPole-v1":
-        return CartPolePopulation(seeds, num_envs, stream, max_episode_steps=500)
-    if env_id == "CartPoleSwingUp-v0":
-        return SwingUpPopulation(seeds, num_envs, stream, reward_version=0)
-    if env_id == "CartPoleSwingUp-v1":
-        return SwingUpPopulation(seeds, num_envs, stream, reward_version=1)
+    fast = _fast(env_id)
+    if fast is not None:
+        return fast.make(seeds, int(num_envs), stream)
     _resolve(env_id)
     try:
         return GymPopulationEnv(env_id, seeds, num_envs, stream)
