@@ -27,6 +27,7 @@ import pandas as pd
 from study import store
 from study.cli_util import ArgumentParser, positive_int, run_cli
 from study.config import ConfigError
+from study.envs.memory import check_fits
 from study.runner import BACKENDS, Outcome, Plan, check_scheduler, execute, make_plan
 from study.sweep import Sweep, grid_axes, load_sweep, sweep_to_toml
 from study.trust import sign_env
@@ -216,9 +217,16 @@ def _main(argv: Sequence[str] | None) -> int:
         store.check_compatible(out, sweep.env)
         stored = store.stored_run_ids(out) if store.is_store(out) else set()
     plan = make_plan(sweep, args.population_size, stored)
+    memory = None
+    if plan.chunks and not args.scheduler:  # a cluster's memory is not ours to measure
+        at_once = sorted(plan.chunks, key=lambda c: -len(c.runs))[:n_jobs]
+        memory = check_fits(sweep.env, [(c.runs[0].hyperparameters, len(c.runs))
+                                        for c in at_once], f"{sweep.source}: ")
 
     if args.dry_run:
         print(plan.describe(out))
+        if memory:
+            print(f"  memory:      {memory}")
         if args.fresh and store.is_store(out):
             print(f"  --fresh:     would delete the existing results in {out} first")
         return 0

@@ -31,6 +31,7 @@ from study import config as cfg
 from study import kernels
 from study.alloc import keep_freed_memory
 from study.envs import make_population_env
+from study.envs.memory import check_fits
 from study.gae import gae_advantages
 from study.nets import (
     Prepared,
@@ -528,6 +529,7 @@ def train_population(
     t_start = time.perf_counter()
     keep_freed_memory()
     hp = _check_members(members)
+    check_fits(env_id, [(hp, len(members))], fewer="the population")  # before building
     dev = torch.device(device)
     seeds = [int(m.seed) for m in members]
     n_mem = len(members)

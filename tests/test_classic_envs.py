@@ -159,9 +159,8 @@ def test_a_member_is_the_same_alone_and_in_a_population(env_id: str) -> None:
 
 @pytest.mark.parametrize("env_id", ["Acrobot-v1", "Pendulum-v1"])
 def test_training_on_a_port_equals_training_on_gymnasium(env_id: str) -> None:
-    from study.population import Member, train_population
-
     from study.config import resolve
+    from study.population import Member, train_population
 
     members = [Member(resolve({"num_envs": 2, "n_steps": 8}), s) for s in (1, 2)]
 

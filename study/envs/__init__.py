@@ -34,6 +34,7 @@ __all__ = [
     "env_spaces",
     "generic_only",
     "make_population_env",
+    "make_single_env",
     "register_envs",
     "register_fast_env",
 ]
@@ -104,9 +105,37 @@ def register_envs() -> None:
             )
 
 
+#: Namespaces whose ids exist once a package registers them: namespace -> (module to
+#: import, the project's extra that installs it).
+NAMESPACES: dict[str, tuple[str, str]] = {
+    "ALE": ("ale_py", "atari"),
+    "MinAtar": ("minatar", "minatar"),
+}
+
+
+def _register_namespace(env_id: str) -> None:
+    """Import the package behind ``ALE/...`` or ``MinAtar/...`` ids on demand (gymnasium
+    1.x does not load plugins itself); a one-line hint names the extra when missing."""
+    namespace = env_id.split("/", 1)[0] if "/" in env_id else ""
+    if namespace not in NAMESPACES or env_id in gym.registry:
+        return
+    module, extra = NAMESPACES[namespace]
+    try:
+        package = importlib.import_module(module)
+    except ImportError:
+        raise ConfigError(
+            f"environment {env_id!r} needs the {module!r} package, not installed here: "
+            f"pip install -e '.[{extra}]'") from None
+    if namespace == "MinAtar":  # minatar 1.0.15 registers its ids only when asked
+        importlib.import_module("minatar.gym").register_envs()
+    else:
+        gym.register_envs(package)
+
+
 def _resolve(env_id: str) -> None:
     """ConfigError (one line, with close matches) unless ``env_id`` can be made."""
     register_envs()
+    _register_namespace(env_id)
     name = env_id
     if ":" in env_id:  # gymnasium's "module:EnvName-v0": importing registers the env
         module, name = env_id.split(":", 1)
@@ -131,8 +160,7 @@ def env_spaces(env_id: str) -> tuple[gym.spaces.Box, gym.spaces.Space]:
     fast = _fast(env_id)
     if fast is not None:
         return fast.spaces()
-    _resolve(env_id)
-    env = _make(env_id)
+    env = make_single_env(env_id)
     try:
         obs_space, act_space = env.observation_space, env.action_space
     finally:
@@ -148,7 +176,10 @@ def _cannot_make(env_id: str, e: Exception) -> ConfigError:
     return ConfigError(f"environment {env_id!r} cannot be made: {first_line}")
 
 
-def _make(env_id: str) -> gym.Env:
+def make_single_env(env_id: str) -> gym.Env:
+    """One ``gym.make`` instance of ``env_id`` (its module or namespace imported first);
+    ConfigError (one line) when it cannot be made."""
+    _resolve(env_id)
     try:
         return gym.make(env_id)
     except gym.error.Error as e:

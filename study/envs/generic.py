@@ -10,6 +10,7 @@ those of :class:`study.envs.base.Step` whatever gymnasium's autoreset mode.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import gymnasium as gym
@@ -43,10 +44,34 @@ def flat_box(space: gym.spaces.Box) -> gym.spaces.Box:
     )
 
 
-def instance_seed(member_seed: int, env_index: int, stream: int) -> int:
-    """Seed for ``reset(seed=...)`` of environment ``env_index`` of a member (63 bits)."""
+#: Environments whose reset seeds must fit in fewer bits than 63, by id namespace
+#: (MinAtar seeds a ``numpy.random.RandomState``: 32 bits).
+SEED_BITS: dict[str, int] = {"MinAtar": 32}
+
+
+def seed_bits(env_id: str) -> int:
+    """How many bits the reset seeds of ``env_id`` may have (63 unless it is known to take
+    fewer)."""
+    return SEED_BITS.get(env_id.split("/", 1)[0] if "/" in env_id else "", 63)
+
+
+def instance_seed(member_seed: int, env_index: int, stream: int, bits: int = 63) -> int:
+    """Seed for ``reset(seed=...)`` of environment ``env_index`` of a member: the top
+    ``bits`` bits of one 64-bit draw of the SeedSequence of ``(member seed, stream, env
+    index)``, so narrower seeds are still a function of that member and env alone."""
     ss = np.random.SeedSequence(entropy=int(member_seed), spawn_key=(int(stream), int(env_index)))
-    return int(ss.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+    return int(ss.generate_state(1, dtype=np.uint64)[0] >> np.uint64(64 - bits))
+
+
+def _warn_once(caught: Sequence[warnings.WarningMessage]) -> None:
+    """Re-issue each distinct warning of the instances once (a deprecation notice of
+    Hopper-v4, say, is printed by every one of its 512 instances otherwise)."""
+    seen: set[tuple[type, str]] = set()
+    for w in caught:
+        key = (w.category, str(w.message))
+        if key not in seen:
+            seen.add(key)
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 class GymPopulationEnv:
@@ -69,19 +94,24 @@ class GymPopulationEnv:
         self.env_id = env_id
         self.n_members = len(seeds)
         self.n_envs = int(num_envs)
-        first = gym.make(env_id)
-        single_obs, single_act = first.observation_space, first.action_space
-        try:
-            check_spaces(env_id, single_obs, single_act)
-        except ConfigError:
-            first.close()
-            raise
-        others = [gym.make(env_id) for _ in range(self.n_members * self.n_envs - 1)]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            first = gym.make(env_id)
+            single_obs, single_act = first.observation_space, first.action_space
+            try:
+                check_spaces(env_id, single_obs, single_act)
+            except ConfigError:
+                first.close()
+                raise
+            others = [gym.make(env_id) for _ in range(self.n_members * self.n_envs - 1)]
+        _warn_once(caught)
         self.envs: list[gym.Env] = [first, *others]
         self.single_observation_space: gym.spaces.Box = single_obs
         self.observation_space = flat_box(single_obs)
         self.action_space = single_act
-        self._seeds = [instance_seed(seed, e, stream) for seed in seeds for e in range(self.n_envs)]
+        bits = seed_bits(env_id)
+        self._seeds = [instance_seed(seed, e, stream, bits)
+                       for seed in seeds for e in range(self.n_envs)]
         self._seeded = False
         obs_dim = self.observation_space.shape[0]
         self._obs = np.zeros((self.n_members * self.n_envs, obs_dim), dtype=np.float32)
@@ -97,13 +127,28 @@ class GymPopulationEnv:
 
     def reset(self) -> np.ndarray:
         """Reset every environment; ``[S, E, obs_dim]`` float32."""
-        for i in range(len(self.envs)):
-            self._obs[i] = self._reset_one(i)
+        # gymnasium's env checker warns on each instance's first reset and step: once here.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for i in range(len(self.envs)):
+                self._obs[i] = self._reset_one(i)
+        _warn_once(caught)
         self._seeded = True
+        self._stepped = False
         return self._shape(self._obs.copy())
 
     def step(self, actions: np.ndarray) -> Step:
         """Step every environment, resetting those whose episode ended."""
+        if self._stepped:
+            return self._step(actions)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = self._step(actions)
+        _warn_once(caught)
+        self._stepped = True
+        return out
+
+    def _step(self, actions: np.ndarray) -> Step:
         if not self._seeded:
             raise RuntimeError("call reset() before step()")
         n = len(self.envs)

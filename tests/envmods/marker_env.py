@@ -17,3 +17,19 @@ if "Marker-v0" not in gym.registry:
     gym.register(id="Marker-v0",
                  entry_point="gymnasium.envs.classic_control.cartpole:CartPoleEnv",
                  max_episode_steps=100)
+
+
+class _WarnyCartPole:
+    """CartPole-v1 that warns on construction, as some envs warn once per instance."""
+
+    def __new__(cls, **kwargs):  # noqa: ANN003, ANN204
+        import warnings
+
+        from gymnasium.envs.classic_control.cartpole import CartPoleEnv
+
+        warnings.warn("Warny-v0 is deprecated", DeprecationWarning, stacklevel=2)
+        return CartPoleEnv(**kwargs)
+
+
+if "Warny-v0" not in gym.registry:
+    gym.register(id="Warny-v0", entry_point=_WarnyCartPole, max_episode_steps=100)
