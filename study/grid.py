@@ -12,6 +12,7 @@ to import ``study`` (the same version) and send results back; only this process 
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import os
 import platform
@@ -24,7 +25,7 @@ from typing import Any
 
 import pandas as pd
 
-from study import store
+from study import procs, store
 from study.cli_util import ArgumentParser, positive_int, run_cli
 from study.config import ConfigError
 from study.envs.memory import check_fits
@@ -100,6 +101,7 @@ def _manifest(sweep: Sweep, command: str, plan: Plan, n_jobs: int, backend: str,
         "started": _now(),
         "finished": None,
         "status": "running",
+        "driver": procs.me(),  # readers call a "running" store whose driver died interrupted
         "backend": backend,
         "n_jobs": n_jobs,
         "population_size": plan.population_size,
@@ -208,7 +210,8 @@ def _main(argv: Sequence[str] | None) -> int:
     sweep = load_sweep(args.sweep)
     out = Path(args.out) if args.out else Path("results") / sweep.name
     if args.fresh:
-        if out.exists() and not store.is_store(out) and any(out.iterdir()):
+        if out.exists() and not store.is_store(out) and \
+                any(not q.name.startswith(".") for q in out.iterdir()):
             raise store.StoreError(
                 f"{out}: --fresh refuses to delete a directory that is not a results store"
             )
@@ -234,9 +237,16 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.scheduler and plan.pending:
         check_scheduler(args.scheduler)  # an unreachable cluster writes nothing
 
-    # Validation is over: from here on the store is written.
+    # Validation is over: from here on the store is written, by this driver alone.
     command = shlex.join(["python", "-m", "study.grid",
                           *(sys.argv[1:] if argv is None else argv)])
+    with store.driver_lock(out):
+        return _write(args, sweep, plan, out, command, n_jobs, backend)
+
+
+def _write(args: argparse.Namespace, sweep: Sweep, plan: Plan, out: Path, command: str,
+           n_jobs: int, backend: str) -> int:
+    """Train the plan into the store at ``out`` (its driver lock held) and report."""
     if args.fresh:
         store.remove_store(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -52,7 +52,6 @@ import math
 import os
 import platform
 import shlex
-import socket
 import sys
 import threading
 import time
@@ -71,7 +70,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from optuna.trial import FrozenTrial, TrialState
 
-from study import store
+from study import procs, store
 from study.cli_util import ArgumentParser, positive_int, run_cli
 from study.config import ConfigError, resolve, structural_key, to_jsonable
 from study.redact import redact, register_secret
@@ -363,53 +362,11 @@ def _open_storage(spec: str | None, out: Path, study_name: str) -> tuple[Any, An
 # trial liveness
 
 
-def _boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
-
-
-def _proc_start(pid: int) -> str | None:
-    """The start time of process ``pid`` (clock ticks since boot), None if there is none.
-
-    A zombie (killed, not yet reaped) counts as gone.
-    """
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()
-    if fields[0] in ("Z", "X"):
-        return None
-    return fields[19]
-
-
-def _owner() -> dict[str, Any]:
-    pid = os.getpid()
-    return {"host": socket.gethostname(), "boot": _boot_id(), "pid": pid,
-            "start": _proc_start(pid)}
-
-
-def _process_alive(owner: Mapping[str, Any]) -> bool:
-    pid = int(owner.get("pid", -1))
-    if Path("/proc").is_dir():
-        start = _proc_start(pid)
-        return start is not None and (owner.get("start") in (None, start))
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _is_stale(t: FrozenTrial, now: float, me: Mapping[str, Any]) -> bool:
     owner = t.system_attrs.get(_OWNER)
     if isinstance(owner, dict) and owner.get("host") == me["host"] and (
             owner.get("boot") == me["boot"]):
-        return not _process_alive(owner)
+        return not procs.is_alive(owner)
     beat = t.system_attrs.get(_HEARTBEAT)
     if not isinstance(beat, (int, float)):
         start = t.datetime_start
@@ -653,7 +610,7 @@ class Driver:
     _units: dict[int, _UnitState] = field(default_factory=dict)
     _next_uid: int = 0
     _mutex: threading.Lock = field(default_factory=threading.Lock)
-    _me: dict[str, Any] = field(default_factory=_owner)
+    _me: dict[str, Any] = field(default_factory=procs.me)
     _t0: float = 0.0
     _steps_done: int = 0
     _last_print: float = 0.0

@@ -35,7 +35,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from study import NUMERICS
+from study import NUMERICS, procs
 from study.config import SPECS, ConfigError
 from study.redact import redact_json
 
@@ -47,6 +47,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "check_compatible",
+    "driver_lock",
     "is_store",
     "load",
     "load_curves",
@@ -54,6 +55,7 @@ __all__ = [
     "load_runs",
     "read_manifest",
     "remove_store",
+    "status",
     "stored_run_ids",
     "write_chunk",
     "write_manifest",
@@ -61,6 +63,7 @@ __all__ = [
 
 FORMAT = "study-results/1"
 MANIFEST = "manifest.json"
+DRIVER_LOCK = ".driver.lock"
 SWEEP_FILE = "sweep.toml"
 RUNS_DIR = "runs"
 CURVES_DIR = "curves"
@@ -272,14 +275,81 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     return json.loads((Path(path) / MANIFEST).read_text())
 
 
-def remove_store(path: str | Path) -> None:
-    """Delete a store (``--fresh``). Refuses directories that are not stores."""
+def status(manifest: Mapping[str, Any]) -> str:
+    """The store's status as readers should report it: the manifest's, except that a store
+    still marked ``"running"`` whose driver (``manifest["driver"]``, a
+    :func:`study.procs.me` of this machine) is gone was ``"interrupted"`` (killed, or a
+    failed write left the manifest behind)."""
+    recorded = str(manifest.get("status") or "unknown")
+    driver = manifest.get("driver")
+    if recorded == "running" and isinstance(driver, Mapping) and procs.is_local(driver) \
+            and not procs.is_alive(driver):
+        return "interrupted"
+    return recorded
+
+
+@contextlib.contextmanager
+def driver_lock(path: str | Path, exclusive: bool = True) -> Iterator[None]:
+    """Hold ``<store>/.driver.lock`` while a driver writes the store (``flock``: released
+    by the kernel when the process dies, so no lock outlives its driver).
+
+    ``exclusive`` (grids) admits one driver; shared (Optuna drivers of one study, which
+    claim trials through Optuna's storage) admits any number of shared holders but no
+    exclusive one. A driver that cannot take the lock gets a StoreError naming the driver
+    recorded in the manifest: two grids on one store would train every run twice.
+    """
+    import fcntl
+
     p = Path(path)
-    if not p.exists():
+    p.mkdir(parents=True, exist_ok=True)
+    fd = os.open(p / DRIVER_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StoreError(f"{p}: another driver is writing this store ({_driver_desc(p)}); "
+                         f"wait for it to finish, or pass another --out") from None
+    try:
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _driver_desc(p: Path) -> str:
+    try:
+        manifest = read_manifest(p) if is_store(p) else {}
+    except (StoreError, OSError, ValueError):
+        manifest = {}
+    driver = manifest.get("driver")
+    if not isinstance(driver, Mapping):
+        return "its process id is not recorded yet"
+    kind = manifest.get("kind", "grid")
+    return (f"study.{kind} pid {driver.get('pid')} on {driver.get('host')}, started "
+            f"{manifest.get('started', '?')}")
+
+
+def _user_files(p: Path) -> list[Path]:
+    """What a directory holds besides dot files (temp files, the driver lock)."""
+    return [q for q in p.iterdir() if not q.name.startswith(".")]
+
+
+def remove_store(path: str | Path) -> None:
+    """Delete a store's contents (``--fresh``), keeping the driver lock its caller holds.
+    Refuses directories that are not stores."""
+    p = Path(path)
+    if not p.exists() or not _user_files(p):
         return
     if not is_store(p):
         raise StoreError(f"{p}: refusing to delete, it is not a results store")
-    shutil.rmtree(p)
+    for q in p.iterdir():
+        if q.name == DRIVER_LOCK:
+            continue
+        if q.is_dir() and not q.is_symlink():
+            shutil.rmtree(q)
+        else:
+            q.unlink()
+    if not any(p.iterdir()):
+        p.rmdir()
 
 
 # --------------------------------------------------------------------------------------
@@ -424,7 +494,7 @@ def check_compatible(path: str | Path, env: str) -> None:
     if not p.is_dir():
         raise StoreError(f"{p}: exists and is not a directory")
     if not is_store(p):
-        if any(p.iterdir()):
+        if _user_files(p):
             raise StoreError(
                 f"{p}: exists and is not a results store; choose another --out directory"
             )

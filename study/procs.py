@@ -1,0 +1,75 @@
+"""Which process is which: identities that survive PID reuse, and whether one still runs.
+
+A process is named by ``{"host", "boot", "pid", "start"}``: the host name, the kernel's
+boot id, the PID and the process's start time in clock ticks since boot (from
+``/proc/PID/stat``), so a PID reused after a reboot or by a later process is not taken
+for the one recorded. Drivers record theirs in ``manifest.json`` (readers then tell a
+store whose driver died from one that is running) and Optuna trials in their system
+attributes (a trial whose owner died is failed at once).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = ["is_alive", "is_local", "me"]
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _proc_start(pid: int) -> str | None:
+    """The start time of process ``pid`` (clock ticks since boot), None if there is none.
+
+    A zombie (killed, not yet reaped) counts as gone.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] in ("Z", "X"):
+        return None
+    return fields[19]
+
+
+def me() -> dict[str, Any]:
+    """This process's identity."""
+    pid = os.getpid()
+    return {"host": socket.gethostname(), "boot": _boot_id(), "pid": pid,
+            "start": _proc_start(pid)}
+
+
+def is_local(owner: Mapping[str, Any]) -> bool:
+    """Whether ``owner`` ran on this machine since its last boot (so its liveness can be
+    checked here)."""
+    here = me()
+    return owner.get("host") == here["host"] and owner.get("boot") == here["boot"]
+
+
+def is_alive(owner: Mapping[str, Any]) -> bool:
+    """Whether the process ``owner`` (a :func:`me` of this machine) still runs."""
+    try:
+        pid = int(owner.get("pid", -1))
+    except (TypeError, ValueError):
+        return False
+    if pid <= 0:
+        return False
+    if Path("/proc").is_dir():
+        start = _proc_start(pid)
+        return start is not None and (owner.get("start") in (None, start))
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
