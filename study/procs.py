@@ -10,13 +10,14 @@ attributes (a trial whose owner died is failed at once).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["is_alive", "is_local", "me"]
+__all__ = ["die_with_parent", "is_alive", "is_local", "me", "sigterm_as_interrupt"]
 
 
 def _boot_id() -> str:
@@ -73,3 +74,43 @@ def is_alive(owner: Mapping[str, Any]) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def die_with_parent() -> None:
+    """Ask the kernel to SIGKILL this process when its parent dies (Linux
+    ``PR_SET_PDEATHSIG``; elsewhere nothing). Worker processes call it first thing, so a
+    driver killed with ``kill -9`` leaves no worker behind; if the parent died before the
+    call, the worker exits now."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux
+        return
+    if os.getppid() == 1:  # orphaned already: adopted by init
+        os._exit(1)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block (main thread only), SIGTERM raises KeyboardInterrupt, so a driver
+    stopped by ``kill`` or a job scheduler ends as after Ctrl-C: workers stopped, what
+    finished kept, the manifest marked "interrupted"."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
