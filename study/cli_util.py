@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -13,6 +14,13 @@ from study.config import ConfigError
 from study.redact import redact, redacting_streams
 
 EXIT_USAGE = 2
+EXIT_FAULT = 1
+
+#: OSErrors that are the machine's state, reported as one line rather than a traceback.
+_ENVIRONMENT_FAULTS = frozenset(
+    getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM", "EIO",
+                                      "ENAMETOOLONG", "EMFILE", "ENFILE", "EFBIG")
+    if hasattr(errno, name))
 
 
 def fail(message: str) -> NoReturn:
@@ -59,6 +67,15 @@ def run_cli(body: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
             except KeyboardInterrupt:
                 print("interrupted", file=sys.stderr)
                 return 130
+            except OSError as e:
+                if e.errno not in _ENVIRONMENT_FAULTS:
+                    raise
+                # The machine, not the input or the code: one line, exit 1. What was
+                # stored is complete (writes are atomic) and a re-run resumes.
+                where = f"{e.filename}: " if e.filename else ""
+                print(redact(f"error: {where}{e.strerror or e}; what finished is stored, "
+                             f"re-run the command to resume"), file=sys.stderr)
+                return EXIT_FAULT
         except SystemExit as e:
             return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USAGE)
 

@@ -47,15 +47,22 @@ def _f(name, default, allowed, low=None, high=None, low_open=False, allow_inf=Fa
     )
 
 
-def _i(name, default, low, help=""):
-    return Spec(name, default, "int", True, f"an integer >= {low}", low=low, help=help)
+def _i(name, default, low, high, help=""):
+    return Spec(name, default, "int", True, f"an integer in [{low}, {high:_}]", low=low,
+                high=high, help=help)
+
+
+#: Bounds of the network sizes: far beyond any use, small enough that a typo (10**10)
+#: is refused here rather than by the memory estimate after the plan.
+MAX_LAYERS = 16
+MAX_WIDTH = 65_536
 
 
 SPECS: dict[str, Spec] = {
     s.name: s
     for s in [
-        _i("num_envs", 8, 1, "environments per member"),
-        _i("n_steps", 5, 1, "rollout length T per update"),
+        _i("num_envs", 8, 1, 4096, "environments per member"),
+        _i("n_steps", 5, 1, 1_000_000, "rollout length T per update"),
         _f("gamma", 0.99, "a float in (0, 1]", 0.0, 1.0, low_open=True, help="discount"),
         _f("lam", 1.0, "a float in [0, 1]", 0.0, 1.0, help="GAE lambda"),
         _f("policy_lr", 7e-4, "a float > 0", 0.0, low_open=True),
@@ -76,8 +83,8 @@ SPECS: dict[str, Spec] = {
             "one of rmsprop, adam",
             choices=("rmsprop", "adam"),
         ),
-        _i("value_iters", 1, 1, "value-function passes over the rollout per update"),
-        _i("n_minibatches", 1, 1, "minibatches per pass over the rollout"),
+        _i("value_iters", 1, 1, 10_000, "value-function passes over the rollout per update"),
+        _i("n_minibatches", 1, 1, 1_000_000, "minibatches per pass over the rollout"),
         _f("entropy_coef", 0.0, "a float >= 0", 0.0),
         _f("value_coef", 0.5, "a float > 0", 0.0, low_open=True),
         _f("max_grad_norm", 0.5, 'a float > 0 or "inf"', 0.0, low_open=True, allow_inf=True),
@@ -89,14 +96,16 @@ SPECS: dict[str, Spec] = {
             (64, 64),
             "intlist",
             True,
-            "a list of positive integers, e.g. [64, 64] ([] = linear)",
+            f"a list of at most {MAX_LAYERS} integers in [1, {MAX_WIDTH}], e.g. [64, 64] "
+            "([] = linear)",
         ),
         Spec(
             "value_hidden_sizes",
             (64, 64),
             "intlist",
             True,
-            "a list of positive integers, e.g. [64, 64] ([] = linear)",
+            f"a list of at most {MAX_LAYERS} integers in [1, {MAX_WIDTH}], e.g. [64, 64] "
+            "([] = linear)",
         ),
         Spec("activation", "tanh", "choice", True, "one of tanh, relu", choices=("tanh", "relu")),
         _f("log_std_init", 0.0, "a finite float", allow_inf=False),
@@ -158,8 +167,9 @@ def coerce(name: str, value: Any, where: str = "") -> Any:
                 value = [int(v) for v in text.replace(",", " ").split()] if text else []
             except ValueError:
                 raise bad() from None
-        if isinstance(value, (list, tuple)) and all(
-            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value
+        if isinstance(value, (list, tuple)) and len(value) <= MAX_LAYERS and all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_WIDTH
+            for v in value
         ):
             return tuple(int(v) for v in value)
         raise bad()
@@ -173,7 +183,8 @@ def coerce(name: str, value: Any, where: str = "") -> Any:
             value = int(value)
         if not isinstance(value, int) or isinstance(value, bool):
             raise bad()
-        if spec.low is not None and value < spec.low:
+        if (spec.low is not None and value < spec.low) or (
+                spec.high is not None and value > spec.high):
             raise bad()
         return int(value)
     # float

@@ -13,6 +13,7 @@ to import ``study`` (the same version) and send results back; only this process 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import os
 import platform
@@ -216,10 +217,13 @@ def _main(argv: Sequence[str] | None) -> int:
                 f"{out}: --fresh refuses to delete a directory that is not a results store"
             )
         stored: set[str] = set()
+        corrupt: list[str] = []
     else:
-        store.check_compatible(out, sweep.env)
-        stored = store.stored_run_ids(out) if store.is_store(out) else set()
+        corrupt = store.corrupt_chunks(out) if store.is_store(out) else []
+        store.check_compatible(out, sweep.env, corrupt)
+        stored = store.stored_run_ids(out, corrupt) if store.is_store(out) else set()
     plan = make_plan(sweep, args.population_size, stored)
+    notes = _store_notes(sweep, out, corrupt) if not args.fresh else []
     memory = None
     if plan.chunks and not args.scheduler:  # a cluster's memory is not ours to measure
         at_once = sorted(plan.chunks, key=lambda c: -len(c.runs))[:n_jobs]
@@ -230,6 +234,8 @@ def _main(argv: Sequence[str] | None) -> int:
         print(plan.describe(out))
         if memory:
             print(f"  memory:      {memory}")
+        for note in notes:
+            print(f"  note:        {note}")
         if args.fresh and store.is_store(out):
             print(f"  --fresh:     would delete the existing results in {out} first")
         return 0
@@ -240,8 +246,55 @@ def _main(argv: Sequence[str] | None) -> int:
     # Validation is over: from here on the store is written, by this driver alone.
     command = shlex.join(["python", "-m", "study.grid",
                           *(sys.argv[1:] if argv is None else argv)])
+    _check_writable(out)
     with store.driver_lock(out):
+        if corrupt:
+            store.set_aside(out, corrupt)
+        if not args.quiet:
+            for note in notes:
+                print(f"note: {note}", file=sys.stderr)
         return _write(args, sweep, plan, out, command, n_jobs, backend)
+
+
+def _store_notes(sweep: Sweep, out: Path, corrupt: Sequence[str]) -> list[str]:
+    """What the user should know about the store before it is resumed: unreadable chunk
+    files (set aside, their runs trained again) and runs stored at another budget (an
+    edited sweep under the same name: tables show the budget when it varies)."""
+    notes = []
+    if corrupt:
+        notes.append(f"{len(corrupt)} chunk(s) with unreadable files (e.g. "
+                     f"chunk-{corrupt[0]}.parquet) are set aside as .corrupt-* and their "
+                     f"runs trained again")
+    if store.is_store(out):
+        budgets = store.read_columns(out, ["total_steps", "log_every"], corrupt)
+        other = budgets[(budgets["total_steps"] != sweep.total_steps)
+                        | (budgets["log_every"] != sweep.log_every)]
+        if len(other):
+            seen = sorted({f"total_steps {t:,}, log_every {e:,}"
+                           for t, e in zip(other["total_steps"], other["log_every"],
+                                           strict=True)})
+            notes.append(f"{len(other)} stored runs belong to another budget ("
+                         f"{'; '.join(seen[:3])}); this sweep trains total_steps "
+                         f"{sweep.total_steps:,}, log_every {sweep.log_every:,}")
+    return notes
+
+
+def _check_writable(out: Path) -> None:
+    """ConfigError before anything is written when ``out`` cannot be written (a
+    read-only file system, no permission)."""
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not os.access(probe, os.W_OK | os.X_OK):
+        why = "read-only file system" if _read_only(probe) else "permission denied"
+        raise ConfigError(f"--out {out}: cannot write in {probe} ({why})")
+
+
+def _read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def _write(args: argparse.Namespace, sweep: Sweep, plan: Plan, out: Path, command: str,
@@ -270,7 +323,8 @@ def _write(args: argparse.Namespace, sweep: Sweep, plan: Plan, out: Path, comman
         outcome = execute(plan, out, n_jobs=n_jobs, backend=backend, scheduler=args.scheduler,
                           show_progress=not args.quiet)
     except BaseException:
-        finish("failed", None)
+        with contextlib.suppress(OSError):  # a full disk may refuse this write too
+            finish("failed", None)
         raise
     if outcome.interrupted:
         finish("interrupted", outcome)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -76,22 +77,35 @@ def is_alive(owner: Mapping[str, Any]) -> bool:
     return True
 
 
-def die_with_parent() -> None:
-    """Ask the kernel to SIGKILL this process when its parent dies (Linux
-    ``PR_SET_PDEATHSIG``; elsewhere nothing). Worker processes call it first thing, so a
-    driver killed with ``kill -9`` leaves no worker behind; if the parent died before the
-    call, the worker exits now."""
-    import ctypes
-    import signal
+_WATCHDOG_STARTED = False
 
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
-    except (OSError, AttributeError):  # not Linux
+
+def die_with_parent(poll_s: float = 0.5) -> None:
+    """Exit this process (a worker) within ``poll_s`` seconds of its parent's death.
+
+    A daemon thread watches ``os.getppid()``: when the parent dies the worker is
+    re-parented (to init or a subreaper) and exits at once, even while its main thread is
+    blocked writing a result into a pipe nobody reads. (``PR_SET_PDEATHSIG`` would be
+    instant but fires when the parent *thread* that spawned the worker ends, which for a
+    pool's manager thread is not the driver's death.) Idempotent; workers call it first.
+    """
+    import threading
+
+    global _WATCHDOG_STARTED
+    if _WATCHDOG_STARTED:
         return
-    if os.getppid() == 1:  # orphaned already: adopted by init
+    _WATCHDOG_STARTED = True
+    parent = os.getppid()
+    if parent == 1:  # orphaned already: adopted by init before we looked
         os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="study-die-with-parent", daemon=True).start()
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import logging
 import math
+import multiprocessing
 import os
 import signal
 import struct
@@ -34,7 +35,7 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 
-from study import store
+from study import procs, store
 from study.config import SPECS, ConfigError, structural_key
 from study.sweep import Run, Sweep, format_value
 
@@ -233,6 +234,8 @@ def run_chunk(chunk: Chunk, progress: ProgressSink | None = None) -> ChunkResult
 
     from study.population import Member, train_population
 
+    if multiprocessing.parent_process() is not None:  # a worker process, not the driver
+        procs.die_with_parent()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     done = 0
@@ -511,15 +514,17 @@ def execute(plan: Plan, out: str | Path, n_jobs: int = 1, backend: str = "loky",
     else:
         results = _loky(plan.chunks, n_jobs, progress)
     try:
-        for res in results:
-            with store.deferred_sigint():  # a stored chunk is also counted
-                store.write_chunk(out, res.runs, res.curves, res.key, res.policies)
-                progress.finish(res.index, len(res.runs))
-                outcome.chunks_done += 1
-                outcome.runs_done += len(res.runs)
-                outcome.env_steps += res.env_steps
-            if on_chunk is not None:
-                on_chunk(res)
+        # SIGTERM (kill, a job scheduler) ends the sweep as Ctrl-C does.
+        with procs.sigterm_as_interrupt():
+            for res in results:
+                with store.deferred_sigint():  # a stored chunk is also counted
+                    store.write_chunk(out, res.runs, res.curves, res.key, res.policies)
+                    progress.finish(res.index, len(res.runs))
+                    outcome.chunks_done += 1
+                    outcome.runs_done += len(res.runs)
+                    outcome.env_steps += res.env_steps
+                if on_chunk is not None:
+                    on_chunk(res)
     except KeyboardInterrupt:
         outcome.interrupted = True
     finally:

@@ -26,7 +26,7 @@ import shutil
 import signal
 import tempfile
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,14 +47,17 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "check_compatible",
+    "corrupt_chunks",
     "driver_lock",
     "is_store",
     "load",
     "load_curves",
     "load_curves_with_hparams",
     "load_runs",
+    "read_columns",
     "read_manifest",
     "remove_store",
+    "set_aside",
     "status",
     "stored_run_ids",
     "write_chunk",
@@ -153,33 +156,41 @@ def _fsync_dir(path: Path) -> None:
 
 @contextlib.contextmanager
 def deferred_sigint() -> Iterator[None]:
-    """Hold Ctrl-C (SIGINT) until the block ends, then raise KeyboardInterrupt.
+    """Hold Ctrl-C (SIGINT) and SIGTERM until the block ends, then deliver them.
 
     A KeyboardInterrupt raised inside a write can land between creating a temp file and
-    the ``try`` that removes it; deferring it makes a chunk's write all-or-nothing. Off the
-    main thread (where handlers cannot be set) the block runs as is. Nests.
+    the ``try`` that removes it, or between storing a chunk and counting it; deferring it
+    makes a chunk's write all-or-nothing. Off the main thread (where handlers cannot be
+    set) the block runs as is. Nests.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     caught: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-    if caught and previous is not signal.SIG_IGN:
-        if callable(previous):  # Python's default handler raises; an outer deferral records
-            previous(signal.SIGINT, None)
-        else:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    for sig in dict.fromkeys(caught):  # in arrival order, each once
+        handler = previous[sig]
+        if handler is signal.SIG_IGN:
+            continue
+        if callable(handler):  # Python's SIGINT handler and ours raise; an outer deferral
+            handler(sig, None)  # records
+        elif sig == signal.SIGINT:
             raise KeyboardInterrupt
+        else:
+            os.kill(os.getpid(), sig)  # the default action, now that the write is done
 
 
 @contextlib.contextmanager
 def _atomic(path: Path) -> Iterator[Any]:
     """Yield a binary file object; on success it replaces ``path`` in one rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)  # names path
     try:
         # mkstemp creates 0600 files; give results the usual permissions (umask applies).
         os.chmod(tmp, 0o666 & ~_UMASK)
@@ -188,6 +199,14 @@ def _atomic(path: Path) -> Iterator[Any]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if e.errno is None or e.filename is not None:
+            raise
+        # Name the file the store was writing (a full disk fails in write() or fsync(),
+        # whose errors carry no file name).
+        raise OSError(e.errno, e.strerror, str(path)) from None
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -242,12 +261,22 @@ def write_chunk(
     runs_df = runs_df.astype({"diverged_at_step": "Int64"})
     runs_table = _to_table(runs_df, runs_schema, "runs_df")
     curves_table = _to_table(curves_df, CURVE_SCHEMA, "curves_df")
+    written: list[Path] = []
     with deferred_sigint():
-        for rid, state in (policies or {}).items():
-            buf = _npz_bytes(state)
-            atomic_write_bytes(root / POLICIES_DIR / f"{rid}.npz", buf)
-        _write_parquet(root / CURVES_DIR / f"chunk-{chunk_key}.parquet", curves_table)
-        _write_parquet(root / RUNS_DIR / f"chunk-{chunk_key}.parquet", runs_table)
+        try:
+            for rid, state in (policies or {}).items():
+                written.append(root / POLICIES_DIR / f"{rid}.npz")
+                atomic_write_bytes(written[-1], _npz_bytes(state))
+            written.append(root / CURVES_DIR / f"chunk-{chunk_key}.parquet")
+            _write_parquet(written[-1], curves_table)
+            _write_parquet(root / RUNS_DIR / f"chunk-{chunk_key}.parquet", runs_table)
+        except BaseException:
+            # Disk full, say: a chunk is all or nothing, so remove what this call wrote
+            # (no policy or curves without their runs); the chunk is trained again.
+            for f in written:
+                with contextlib.suppress(OSError):
+                    f.unlink()
+            raise
 
 
 def _npz_bytes(state: Mapping[str, np.ndarray]) -> bytes:
@@ -381,8 +410,17 @@ def _files(root: Path, sub: str) -> list[Path]:
     return sorted(p for p in d.glob("*.parquet") if not p.name.startswith((".", "_")))
 
 
+def _read_one(path: Path, columns: list[str] | None) -> pa.Table:
+    try:
+        return pq.read_table(path, columns=columns)
+    except (OSError, pa.ArrowException) as e:
+        raise StoreError(
+            f"{path}: not a readable Parquet file ({' '.join(str(e).split())[:120]}); "
+            f"re-running the sweep's command sets it aside and trains its runs again") from None
+
+
 def _read(files: list[Path], columns: list[str] | None = None) -> pa.Table | None:
-    tables = [pq.read_table(f, columns=columns) for f in files]
+    tables = [_read_one(f, columns) for f in files]
     if not tables:
         return None
     # "default" promotion fills columns missing from older files with nulls.
@@ -398,10 +436,42 @@ def _require_store(path: str | Path) -> Path:
     return p
 
 
-def stored_run_ids(path: str | Path) -> set[str]:
-    """Ids of the runs a store holds (empty if ``path`` does not exist yet)."""
+def corrupt_chunks(path: str | Path) -> list[str]:
+    """Keys of the chunks with a runs or curves file that cannot be read (truncated,
+    empty, not Parquet): a resume sets them aside (:func:`set_aside`) and trains their
+    runs again."""
     p = Path(path)
-    table = _read(_files(p, RUNS_DIR), ["run_id"])
+    bad = set()
+    for sub in (RUNS_DIR, CURVES_DIR):
+        for f in _files(p, sub):
+            try:
+                pq.read_metadata(f)
+            except (OSError, pa.ArrowException):
+                bad.add(f.stem.removeprefix("chunk-"))
+    return sorted(bad)
+
+
+def set_aside(path: str | Path, chunk_keys: Sequence[str]) -> list[Path]:
+    """Rename the runs and curves files of ``chunk_keys`` to ``.corrupt-<name>`` (hidden
+    from the readers and from pyarrow datasets, kept for inspection); returns the new
+    paths."""
+    moved = []
+    for key in chunk_keys:
+        for sub in (RUNS_DIR, CURVES_DIR):
+            f = Path(path) / sub / f"chunk-{key}.parquet"
+            if f.exists():
+                target = f.with_name(f".corrupt-{f.name}")
+                os.replace(f, target)
+                moved.append(target)
+    return moved
+
+
+def stored_run_ids(path: str | Path, skip_chunks: Sequence[str] = ()) -> set[str]:
+    """Ids of the runs a store holds (empty if ``path`` does not exist yet), not counting
+    the chunks ``skip_chunks`` (corrupt ones a resume will set aside)."""
+    p = Path(path)
+    skip = {f"chunk-{k}.parquet" for k in skip_chunks}
+    table = _read([f for f in _files(p, RUNS_DIR) if f.name not in skip], ["run_id"])
     return set() if table is None else set(table.column("run_id").to_pylist())
 
 
@@ -481,7 +551,16 @@ def load_curves_with_hparams(path: str | Path) -> pd.DataFrame:
     return curves.merge(runs[keep], on="run_id", how="inner", validate="many_to_one")
 
 
-def check_compatible(path: str | Path, env: str) -> None:
+def read_columns(path: str | Path, columns: list[str],
+                 skip_chunks: Sequence[str] = ()) -> pd.DataFrame:
+    """Some columns of every stored run (an empty frame for a new store), not counting the
+    chunks ``skip_chunks``."""
+    skip = {f"chunk-{k}.parquet" for k in skip_chunks}
+    table = _read([f for f in _files(Path(path), RUNS_DIR) if f.name not in skip], columns)
+    return pd.DataFrame(columns=columns) if table is None else table.to_pandas()
+
+
+def check_compatible(path: str | Path, env: str, skip_chunks: Sequence[str] = ()) -> None:
     """StoreError unless the store at ``path`` (if any) may take runs of ``env``.
 
     A missing or empty directory is fine; a non-store directory with files, a store whose
@@ -501,7 +580,8 @@ def check_compatible(path: str | Path, env: str) -> None:
         return
     manifest = read_manifest(p)
     envs = {str(manifest.get("env", env))}
-    table = _read(_files(p, RUNS_DIR), ["env"])
+    skip = {f"chunk-{k}.parquet" for k in skip_chunks}
+    table = _read([f for f in _files(p, RUNS_DIR) if f.name not in skip], ["env"])
     if table is not None:
         envs.update(table.column("env").unique().to_pylist())
     other = sorted(envs - {env})

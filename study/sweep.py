@@ -38,10 +38,10 @@ __all__ = [
 
 #: Top-level keys of a sweep file and what each must be (shown in error messages).
 TOP_LEVEL: dict[str, str] = {
-    "name": "a name made of letters, digits, '.', '_' or '-'",
+    "name": "a name of at most 100 letters, digits, '.', '_' or '-'",
     "description": "a string",
     "env": "a registered gymnasium environment id",
-    "total_steps": "an integer >= 1",
+    "total_steps": "an integer in [1, 10**12]",
     "log_every": "an integer >= 1 and <= total_steps",
     "seeds": "a non-empty list of distinct integers >= 0, or { count = N, base = B }",
     "save_policies": "true or false",
@@ -51,10 +51,17 @@ TOP_LEVEL: dict[str, str] = {
     "optuna": "a table (read by study.optuna; ignored by grid sweeps)",
 }
 _REQUIRED = ("env", "total_steps", "seeds")
-_EVAL_KEYS = {"every": "an integer >= 0 (env steps; 0 = no evaluation)",
-              "episodes": "an integer >= 1"}
-_SEED_KEYS = {"count": "an integer >= 1", "base": "an integer >= 0"}
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_EVAL_KEYS = {"every": "an integer in [0, total_steps] (env steps; 0 = no evaluation)",
+              "episodes": "an integer in [1, 100_000]"}
+_SEED_KEYS = {"count": "an integer in [1, 1_000_000]", "base": "an integer >= 0"}
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+#: Limits that keep a typo from becoming a hang or an out-of-memory: a sweep file is read
+#: up to MAX_FILE_BYTES, a budget is at most MAX_STEPS env steps per run (int64-safe with
+#: room for S * E), and a sweep expands to at most MAX_RUNS runs.
+MAX_FILE_BYTES = 1 << 20
+MAX_STEPS = 10**12
+MAX_RUNS = 1_000_000
+MAX_EPISODES = 100_000
 # Seeds are stored in an int64 Parquet column.
 _MAX_SEED = 2**63 - 1
 _ID_LEN = 16
@@ -209,24 +216,32 @@ def load_sweep(path: str | Path) -> Sweep:
     p = Path(path)
     src = str(path)
     try:
-        raw = p.read_bytes()
+        with open(p, "rb") as f:
+            raw = f.read(MAX_FILE_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(f"{src}: no such sweep file") from None
     except IsADirectoryError:
         raise ConfigError(f"{src}: is a directory, expected a .toml sweep file") from None
     except OSError as e:
         raise ConfigError(f"{src}: cannot read: {e.strerror}") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise ConfigError(f"{src}: larger than {MAX_FILE_BYTES // 1024} KiB; expected a TOML "
+                          f"sweep file")
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise ConfigError(f"{src}: not valid UTF-8 text, expected a TOML sweep file") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{src}: malformed TOML: {str(e).splitlines()[0]}") from None
+    except RecursionError:
+        raise ConfigError(f"{src}: arrays or tables nested too deeply; expected a TOML sweep "
+                          f"file") from None
     return parse_sweep(data, source=src, default_name=p.stem)
 
 
-def _int_value(value: Any, key: str, allowed: str, low: int, where: str) -> int:
-    if not _is_int(value) or value < low:
+def _int_value(value: Any, key: str, allowed: str, low: int, where: str,
+               high: int | None = None) -> int:
+    if not _is_int(value) or value < low or (high is not None and value > high):
         raise ConfigError(f"{where}{key} = {value!r} is invalid: expected {allowed}")
     return int(value)
 
@@ -253,7 +268,8 @@ def _parse_seeds(value: Any, where: str) -> tuple[int, ...]:
         _check_keys(value, _SEED_KEYS, f"{where}[seeds] ")
         if "count" not in value:
             raise ConfigError(f"{where}seeds table needs count; expected {allowed}")
-        count = _int_value(value["count"], "seeds.count", _SEED_KEYS["count"], 1, where)
+        count = _int_value(value["count"], "seeds.count", _SEED_KEYS["count"], 1, where,
+                           MAX_RUNS)
         base = _int_value(value.get("base", 0), "seeds.base", _SEED_KEYS["base"], 0, where)
         if base + count - 1 > _MAX_SEED:
             raise ConfigError(f"{where}seeds.base + count exceeds 2**63 - 1")
@@ -294,7 +310,7 @@ def parse_sweep(data: Mapping[str, Any], source: str = "<sweep>",
         raise ConfigError(f"{where}env = {env!r} is invalid: expected {TOP_LEVEL['env']}")
     validate_env_id(env, where)
     total_steps = _int_value(data["total_steps"], "total_steps", TOP_LEVEL["total_steps"], 1,
-                             where)
+                             where, MAX_STEPS)
     log_every = _int_value(data.get("log_every", min(1000, total_steps)), "log_every",
                            TOP_LEVEL["log_every"], 1, where)
     if log_every > total_steps:
@@ -338,9 +354,9 @@ def parse_sweep(data: Mapping[str, Any], source: str = "<sweep>",
     eval_raw = _table(data, "eval", where)
     _check_keys(eval_raw, _EVAL_KEYS, f"{where}[eval] ")
     eval_every = _int_value(eval_raw.get("every", 0), "eval.every", _EVAL_KEYS["every"], 0,
-                            where)
+                            where, total_steps)
     eval_episodes = _int_value(eval_raw.get("episodes", 10), "eval.episodes",
-                               _EVAL_KEYS["episodes"], 1, where)
+                               _EVAL_KEYS["episodes"], 1, where, MAX_EPISODES)
     optuna = _table(data, "optuna", where) if "optuna" in data else None
 
     sweep = Sweep(
@@ -348,6 +364,10 @@ def parse_sweep(data: Mapping[str, Any], source: str = "<sweep>",
         fixed=fixed, grid=grid, description=description, save_policies=save_policies,
         eval_every=eval_every, eval_episodes=eval_episodes, optuna=optuna, source=source,
     )
+    if sweep.n_runs > MAX_RUNS:
+        raise ConfigError(
+            f"{where}{sweep.n_configs:,} configs x {len(seeds):,} seeds = {sweep.n_runs:,} runs; "
+            f"expected at most {MAX_RUNS:,} (split the sweep, or shorten the [grid] axes)")
     # Cross-key constraints (e.g. n_minibatches <= num_envs * n_steps) can only fail for
     # some grid points; resolve every config now so nothing fails after runs have started.
     sweep.configs()

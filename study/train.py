@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import sys
@@ -16,37 +17,39 @@ import numpy as np
 
 from study import config as cfg
 from study.cli_util import ArgumentParser, run_cli
+from study.sweep import MAX_STEPS
 
 
 def parse_seeds(text: str) -> list[int]:
     """``"0-63"``, ``"1,5,9"`` or mixes such as ``"0-3,10"`` -> a list of distinct seeds."""
+    usage = (f"--seeds {text!r} is invalid: expected non-negative integers and ranges such as "
+             "0-63, 1,5,9 or 0-3,10")
     seeds: list[int] = []
     for part in text.replace(" ", "").split(","):
         if not part:
             continue
         try:
-            if "-" in part[1:]:
-                lo, hi = part.split("-", 1) if not part.startswith("-") else ("", "")
-                a, b = int(lo), int(hi)
-                if b < a:
-                    raise ValueError
-                seeds.extend(range(a, b + 1))
-            else:
-                seeds.append(int(part))
+            lo, sep, hi = part.partition("-") if not part.startswith("-") else (part, "", "")
+            a, b = int(lo), int(hi if sep else lo)
         except ValueError:
-            raise cfg.ConfigError(
-                f"--seeds {text!r} is invalid: expected non-negative integers and ranges such "
-                "as 0-63, 1,5,9 or 0-3,10"
-            ) from None
+            raise cfg.ConfigError(usage) from None
+        if b < a:
+            raise cfg.ConfigError(f"--seeds {text!r} is invalid: the range {part} is reversed; "
+                                  f"expected {b}-{a}")
+        if len(seeds) + b - a >= MAX_SEEDS:
+            raise cfg.ConfigError(f"--seeds {text!r} is invalid: more than {MAX_SEEDS:,} seeds "
+                                  f"(run larger studies as a sweep: python -m study.grid)")
+        seeds.extend(range(a, b + 1))
     if not seeds or min(seeds) < 0:
-        raise cfg.ConfigError(
-            f"--seeds {text!r} is invalid: expected non-negative integers and ranges such as "
-            "0-63, 1,5,9 or 0-3,10"
-        )
-    dup = sorted({s for s in seeds if seeds.count(s) > 1})
+        raise cfg.ConfigError(usage)
+    dup = sorted(s for s, n in collections.Counter(seeds).items() if n > 1)
     if dup:
         raise cfg.ConfigError(f"--seeds {text!r} is invalid: duplicate seed(s) {dup[:5]}")
     return seeds
+
+
+#: At most this many seeds in one population (one process); sweeps spread more over many.
+MAX_SEEDS = 100_000
 
 
 def _fmt(x: float) -> str:
@@ -58,8 +61,9 @@ def _positive_int(name: str, value: str) -> int:
         v = int(str(value).replace("_", ""))
     except ValueError:
         v = -1
-    if v < 1:
-        raise cfg.ConfigError(f"{name} {value!r} is invalid: expected an integer >= 1")
+    if not 1 <= v <= MAX_STEPS:
+        raise cfg.ConfigError(f"{name} {value!r} is invalid: expected an integer in "
+                              f"[1, {MAX_STEPS:_}]")
     return v
 
 
