@@ -47,6 +47,10 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # noqa: D102
         fail(f"{self.prog}: {message}")
 
+    def format_help(self) -> str:  # noqa: D102
+        # Descriptions come from docstrings: show ``code`` as plain code in a terminal.
+        return super().format_help().replace("``", "")
+
 
 def run_cli(body: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None) -> int:
     """Run a CLI body and return its exit code: user errors (ConfigError) become a

@@ -26,7 +26,7 @@ from typing import Any
 
 import pandas as pd
 
-from study import procs, store
+from study import procs, stats, store
 from study.cli_util import ArgumentParser, positive_int, run_cli
 from study.config import ConfigError
 from study.envs.memory import check_fits
@@ -134,13 +134,15 @@ def _manifest(sweep: Sweep, command: str, plan: Plan, n_jobs: int, backend: str,
 
 
 def best_configs(runs: pd.DataFrame, k: int = 5) -> pd.DataFrame:
-    """The ``k`` configs with the highest median final_return across seeds.
+    """The ``k`` configs with the highest IQM of final_return across seeds (the ranking
+    statistic of every table and report; ties broken by the smaller IQR).
 
-    Columns: config_id, median, q25, q75, iqr, seeds, diverged; NaN returns (diverged
-    runs) are left out of the quantiles and counted in ``diverged``.
+    Columns: config_id, iqm, median, q25, q75, iqr, seeds, diverged; NaN returns (diverged
+    runs) are left out of the statistics and counted in ``diverged``.
     """
     g = runs.groupby("config_id", sort=False)["final_return"]
     table = pd.DataFrame({
+        "iqm": g.agg(lambda x: stats.iqm(x.to_numpy(dtype=float))),
         "median": g.median(),
         "q25": g.quantile(0.25),
         "q75": g.quantile(0.75),
@@ -149,7 +151,7 @@ def best_configs(runs: pd.DataFrame, k: int = 5) -> pd.DataFrame:
             "config_id", sort=False)["d"].sum(),
     })
     table["iqr"] = table["q75"] - table["q25"]
-    table = table.sort_values(["median", "iqr"], ascending=[False, True], na_position="last",
+    table = table.sort_values(["iqm", "iqr"], ascending=[False, True], na_position="last",
                               kind="stable")
     return table.head(k).reset_index()
 
@@ -177,18 +179,19 @@ def _summary(sweep: Sweep, plan: Plan, out: Path, outcome: Outcome) -> str:
         best = best_configs(mine, 5)
         axes = list(grid_axes(sweep))
         first = mine.drop_duplicates("config_id").set_index("config_id")
-        header = ["rank", "median", "IQR", "[q25, q75]", "diverged", *axes, "config_id"]
+        header = ["rank", "IQM", "median", "IQR", "[q25, q75]", "diverged", *axes,
+                  "config_id"]
         rows = []
         for i, b in best.iterrows():
             hp = first.loc[b["config_id"]]
             rows.append([
-                str(i + 1), _fmt(b["median"]), _fmt(b["iqr"]),
+                str(i + 1), _fmt(b["iqm"]), _fmt(b["median"]), _fmt(b["iqr"]),
                 f"[{_fmt(b['q25'])}, {_fmt(b['q75'])}]", f"{b['diverged']}/{b['seeds']}",
                 *[_fmt(hp[a]) for a in axes], b["config_id"],
             ])
         widths = [max(len(r[j]) for r in [header, *rows]) for j in range(len(header))]
         n_seeds = len(sweep.seeds)
-        lines.append(f"best configs by median final_return over {n_seeds} seed"
+        lines.append(f"best configs by IQM of final_return over {n_seeds} seed"
                      f"{'s' if n_seeds != 1 else ''}:")
         for r in [header, *rows]:
             lines.append("  " + "  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)))

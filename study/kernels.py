@@ -15,6 +15,8 @@ after an install pays the compile time (a few seconds).
 
 from __future__ import annotations
 
+import os
+
 import numba
 import numpy as np
 
@@ -275,12 +277,13 @@ def rollout_targets_(
 @numba.njit(**_JIT)
 def record_step_(
     t, reward, terminated, truncated, buf_rew, buf_term, buf_done, ep_ret, ep_len,
-    ret_sum, len_sum, ep_count, final_sum, final_count, final,
+    ret_sum, len_sum, ep_count, final_sum, final_count, final, last_ret,
 ) -> None:  # fmt: skip
     """Book-keeping of one vectorized step ``[S, E]``: store reward, terminated and done
     (terminated or truncated) at rollout step t, add the reward to each running episode,
     and close the episodes that ended into the per-member window sums (and, when
-    ``final``, into the final-return sums), in environment order."""
+    ``final``, into the final-return sums), in environment order; ``last_ret[s, e]`` keeps
+    the return of each environment's last finished episode."""
     for s in range(reward.shape[0]):
         for e in range(reward.shape[1]):
             r = reward[s, e]
@@ -297,6 +300,7 @@ def record_step_(
                 if final:
                     final_sum[s] += ep_ret[s, e]
                     final_count[s] += 1.0
+                last_ret[s, e] = ep_ret[s, e]
                 ep_ret[s, e] = 0.0
                 ep_len[s, e] = 0.0
 
@@ -381,3 +385,13 @@ def advantage_stats_(adv, returns, values, normalize, explained_variance) -> Non
             std = np.sqrt(var_a / _F(n - 1))
             for j in range(n):
                 adv[s, j] = (adv[s, j] - mean_a) / (std + _F(1e-8))
+
+
+def cold_cache() -> bool:
+    """Whether the kernels have no on-disk compiled cache yet: the first run after an
+    install (or a change of numba or Python) compiles them, which takes a while and would
+    otherwise look like a stalled progress bar."""
+    from pathlib import Path
+
+    cache = Path(os.environ.get("NUMBA_CACHE_DIR") or Path(__file__).parent / "__pycache__")
+    return not any(cache.rglob("kernels.*.nbi"))

@@ -30,7 +30,7 @@ import torch
 from study import config as cfg
 from study import kernels
 from study.alloc import keep_freed_memory
-from study.envs import make_population_env
+from study.envs import Step, make_population_env
 from study.envs.memory import check_fits
 from study.gae import gae_advantages
 from study.nets import (
@@ -83,6 +83,8 @@ class RunResult:
     env_steps: int
     curve: dict[str, np.ndarray]
     policy_state: dict[str, np.ndarray] | None = field(default=None, repr=False)
+    #: For a diverged run: what went non-finite first, and at which env step.
+    diverged_reason: str | None = None
 
 
 # --------------------------------------------------------------------------------------
@@ -506,6 +508,29 @@ class _Windows:
 # --------------------------------------------------------------------------------------
 
 
+def _final_return(final_sum: float, final_count: float, last_returns: np.ndarray) -> float:
+    """A run's final return: the mean return of the episodes that finished in the last 10%
+    of its env steps; when none did (episodes longer than that window), the mean over its
+    environments of each one's last finished episode; NaN only if no episode ever ended."""
+    if final_count:
+        return float(final_sum / final_count)
+    finished = last_returns[np.isfinite(last_returns)]
+    return float(finished.mean()) if finished.size else float("nan")
+
+
+def _note_env_faults(step: Step, global_step: int, env_fault: list[str | None]) -> None:
+    """Record, per member, the first env step at which its environments returned a
+    non-finite reward or observation (the reason a divergence is then reported with)."""
+    for what, values in (("reward", step.reward), ("observation", step.obs)):
+        if np.isfinite(values).all():  # the usual case: one pass, no per-member work
+            continue
+        bad = ~np.isfinite(values.reshape(len(env_fault), -1)).all(axis=1)
+        for i in np.flatnonzero(bad):
+            if env_fault[i] is None:
+                env_fault[i] = (f"the environment returned a non-finite {what} at env step "
+                                f"{global_step}")
+
+
 def train_population(
     env_id: str,
     members: Sequence[Member],
@@ -566,12 +591,15 @@ def train_population(
 
     status = np.array(["ok"] * n_mem, dtype=object)
     diverged_at: list[int | None] = [None] * n_mem
+    reasons: list[str | None] = [None] * n_mem
     stopped_at = np.full(n_mem, -1)  # global step at which a member stopped learning
     policy_states: list[dict[str, np.ndarray] | None] = [None] * n_mem
     curves: dict[str, list[np.ndarray]] = {c: [] for c in CURVE_COLUMNS}
     windows = _Windows(n_mem)
     ep_ret = np.zeros((n_mem, n_envs))
     ep_len = np.zeros((n_mem, n_envs))
+    last_ret = np.full((n_mem, n_envs), np.nan)  # each env's last finished episode
+    env_fault: list[str | None] = [None] * n_mem  # the first non-finite env output seen
     last_eval = np.full(n_mem, np.nan)
 
     def to_torch(x: np.ndarray) -> torch.Tensor:
@@ -663,6 +691,8 @@ def train_population(
             stopped_at[i] = step
             if why == "diverged":
                 diverged_at[i] = step
+                reasons[i] = env_fault[i] or (
+                    f"non-finite loss, gradient or weights in the update at env step {step}")
             if save_policies:
                 policy_states[i] = policy_state(int(pos), int(i))
         keep = torch.from_numpy(np.flatnonzero(~local)).to(dev)
@@ -739,8 +769,9 @@ def train_population(
             kernels.record_step_(
                 t, step.reward, step.terminated, step.truncated, buf_rew, buf_term, buf_done,
                 ep_ret, ep_len, windows.ret_sum, windows.len_sum, windows.ep_count,
-                windows.final_sum, windows.final_count, global_step > final_from,
+                windows.final_sum, windows.final_count, global_step > final_from, last_ret,
             )  # fmt: skip
+            _note_env_faults(step, global_step, env_fault)
 
             next_raw = step.obs.reshape(n_mem, n_envs, -1)
             normalizer.update(next_raw)
@@ -939,16 +970,14 @@ def train_population(
             n_points = int((stacked["step"][i] <= stopped_at[i]).sum())
         curve = {k: stacked[k][i, :n_points].copy() for k in CURVE_COLUMNS}
         ok = status[i] == "ok"
-        with np.errstate(invalid="ignore"):
-            final = (
-                windows.final_sum[i] / windows.final_count[i] if windows.final_count[i] else np.nan
-            )
+        final = _final_return(windows.final_sum[i], windows.final_count[i], last_ret[i])
         results.append(
             RunResult(
                 seed=m.seed,
                 hyperparameters=dict(m.hyperparameters),
                 status=str(status[i]),
                 diverged_at_step=diverged_at[i],
+                diverged_reason=reasons[i],
                 final_return=float(final) if ok else float("nan"),
                 final_eval_return=float(last_eval[i]) if ok else float("nan"),
                 wall_s=wall,

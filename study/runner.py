@@ -209,6 +209,7 @@ def result_frames(chunk: Chunk, results: Sequence[Any]) -> tuple[pd.DataFrame, p
             "status": str(res.status),
             "diverged_at_step": pd.NA if res.diverged_at_step is None
             else int(res.diverged_at_step),
+            "diverged_reason": res.diverged_reason,
             "wall_s": float(res.wall_s),
             "sweep": chunk.sweep,
         })
@@ -504,6 +505,12 @@ def execute(plan: Plan, out: str | Path, n_jobs: int = 1, backend: str = "loky",
     if not plan.chunks:
         return outcome
     n_jobs = max(1, min(n_jobs, len(plan.chunks)))
+    if show_progress and backend != "dask":
+        from study import kernels
+
+        if kernels.cold_cache():
+            print("compiling the numba kernels (once after an install; the first progress "
+                  "figures include it)", file=sys.stderr, flush=True)
     progress = Progress(plan, show_progress)
     t0 = time.perf_counter()
     if backend == "dask":

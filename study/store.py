@@ -117,6 +117,7 @@ RUNS_SCHEMA = pa.schema(
         ("final_eval_return", pa.float64()),
         ("status", pa.string()),
         ("diverged_at_step", pa.int64()),
+        ("diverged_reason", pa.string()),  # what went non-finite first, and where
         ("wall_s", pa.float64()),
         ("sweep", pa.string()),
     ]

@@ -117,6 +117,12 @@ def _main(argv: Sequence[str] | None) -> int:
 
     from tqdm import tqdm
 
+    from study import kernels
+
+    if not args.quiet and kernels.cold_cache():
+        print("compiling the numba kernels (once after an install; the first progress "
+              "figures include it)", file=sys.stderr, flush=True)
+
     bar = tqdm(
         total=effective * len(seeds),
         unit="step",

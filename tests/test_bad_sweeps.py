@@ -183,3 +183,14 @@ def test_the_valid_sweep_is_valid(tmp_path, capsys):
     assert grid_main([str(sweep), "--out", str(tmp_path / "o"), "--dry-run"]) == 0
     assert "configs:     4" in capsys.readouterr().out
     assert Path(sweep).exists()
+
+
+@pytest.mark.parametrize("module", ["grid", "train", "optuna", "tables", "failures", "report",
+                                    "render"])
+def test_help_has_no_rst_markup(module, capsys):
+    import importlib
+
+    main = importlib.import_module(f"study.{module}").main
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert "usage:" in text and "``" not in text

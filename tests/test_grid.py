@@ -149,7 +149,7 @@ def test_store_contents_and_summary(tmp_path, capsys, reference):
     _assert_same(out, reference)
     text = capsys.readouterr().out
     assert f"results: {out} (8 of 8 runs of this sweep stored: 8 ok)" in text
-    assert "best configs by median final_return over 2 seeds:" in text
+    assert "best configs by IQM of final_return over 2 seeds:" in text
     assert "policy_lr  policy_hidden_sizes" in text
 
     resolved = tomllib.loads((out / "sweep.toml").read_text())
@@ -389,3 +389,15 @@ def test_diverged_runs_are_stored_and_the_sweep_carries_on(tmp_path, monkeypatch
     text = capsys.readouterr().out
     assert "8 of 8 runs of this sweep stored: 6 ok, 2 diverged" in text
     assert "1/2" in text  # the diverged column of the best-configs table
+
+
+def test_best_configs_rank_by_iqm():
+    from study.grid import best_configs
+
+    a = [0, 0, 5, 5, 5, 9, 9, 9]  # median 5, IQM 6
+    b = [5.5] * 8  # median 5.5, IQM 5.5
+    runs = pd.DataFrame({"config_id": ["a"] * 8 + ["b"] * 8, "final_return": a + b,
+                         "status": "ok"})
+    best = best_configs(runs)
+    assert best["config_id"].tolist() == ["a", "b"]
+    assert best["iqm"].tolist() == [6.0, 5.5] and best["median"].tolist() == [5.0, 5.5]

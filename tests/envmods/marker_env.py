@@ -33,3 +33,34 @@ class _WarnyCartPole:
 
 if "Warny-v0" not in gym.registry:
     gym.register(id="Warny-v0", entry_point=_WarnyCartPole, max_episode_steps=100)
+
+
+class _NaNRewardCartPole:
+    """CartPole-v1 whose reward turns NaN at its 30th step after a reset: the environment,
+    not the learner, makes the run diverge."""
+
+    def __new__(cls, **kwargs):  # noqa: ANN003, ANN204
+        import gymnasium as gym_
+        from gymnasium.envs.classic_control.cartpole import CartPoleEnv
+
+        class _Env(gym_.Wrapper):
+            def reset(self, *, seed=None, options=None):  # noqa: ANN001, ANN201
+                self.t = 0
+                return self.env.reset(seed=seed, options=options)
+
+            def step(self, action):  # noqa: ANN001, ANN201
+                self.t += 1
+                obs, r, term, trunc, info = self.env.step(action)
+                return obs, (float("nan") if self.t == 30 else r), term, trunc, info
+
+        return _Env(CartPoleEnv(**kwargs))
+
+
+if "NaNReward-v0" not in gym.registry:
+    gym.register(id="NaNReward-v0", entry_point=_NaNRewardCartPole, max_episode_steps=100)
+
+
+if "LongPendulum-v0" not in gym.registry:  # episodes of 1000 steps
+    gym.register(id="LongPendulum-v0",
+                 entry_point="gymnasium.envs.classic_control.pendulum:PendulumEnv",
+                 max_episode_steps=1000)
