@@ -95,7 +95,7 @@ def _manifest(sweep: Sweep, command: str, plan: Plan, n_jobs: int, backend: str,
     return {
         "format": store.FORMAT,
         "sweep": sweep.name,
-        "env": sweep.env,
+        "env": sweep.env if len(sweep.envs) == 1 else list(sweep.envs),
         "sweep_file": sweep.source,
         "command": command,
         "cwd": os.getcwd(),
@@ -126,6 +126,8 @@ def _manifest(sweep: Sweep, command: str, plan: Plan, n_jobs: int, backend: str,
         "history": history,
         # Lets study.render import the env's module from this store without --trust.
         **({"env_signature": sig} if (sig := sign_env(sweep.env)) else {}),
+        **({"env_signatures": sigs} if (sigs := {e: sg for e in sweep.envs[1:]
+                                                  if (sg := sign_env(e))}) else {}),
     }
 
 
@@ -223,15 +225,17 @@ def _main(argv: Sequence[str] | None) -> int:
         corrupt: list[str] = []
     else:
         corrupt = store.corrupt_chunks(out) if store.is_store(out) else []
-        store.check_compatible(out, sweep.env, corrupt)
+        store.check_compatible(out, sweep.envs, corrupt)
         stored = store.stored_run_ids(out, corrupt) if store.is_store(out) else set()
     plan = make_plan(sweep, args.population_size, stored)
     notes = _store_notes(sweep, out, corrupt) if not args.fresh else []
     memory = None
     if plan.chunks and not args.scheduler:  # a cluster's memory is not ours to measure
         at_once = sorted(plan.chunks, key=lambda c: -len(c.runs))[:n_jobs]
-        memory = check_fits(sweep.env, [(c.runs[0].hyperparameters, len(c.runs))
-                                        for c in at_once], f"{sweep.source}: ")
+        memory = "; ".join(
+            check_fits(env, [(c.runs[0].hyperparameters, len(c.runs)) for c in at_once
+                             if c.env == env], f"{sweep.source}: ")
+            for env in sweep.envs if any(c.env == env for c in at_once))
 
     if args.dry_run:
         print(plan.describe(out))

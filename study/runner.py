@@ -72,6 +72,9 @@ class Chunk:
     eval_episodes: int
     save_policies: bool
     runs: tuple[Run, ...]
+    #: ``(low, high)`` references of the env's score: the runs' ``normalized_return`` is
+    #: ``(final_return - low) / (high - low)``; None leaves it empty.
+    normalize: tuple[float, float] | None = None
 
     @property
     def env_steps(self) -> int:
@@ -105,18 +108,23 @@ class Plan:
         seeds = ", ".join(str(x) for x in s.seeds[:6]) + (", ..." if len(s.seeds) > 6 else "")
         n_stored = sum(r.run_id in self.stored for r in self.runs)
         sizes = sorted((len(c.runs) for c in self.chunks), reverse=True)
+        budgets = "; ".join(f"{e}: {s.budget(e)[0]:,} env steps per run, log every "
+                            f"{s.budget(e)[1]:,}" for e in s.envs)
         lines = [
-            f"sweep {s.name!r} ({s.source}): {s.env}, {s.total_steps:,} env steps per run, "
-            f"log every {s.log_every:,}"
+            f"sweep {s.name!r} ({s.source}): {budgets}"
             + (f", eval every {s.eval_every:,} ({s.eval_episodes} episodes)"
                if s.eval_every else ""),
-            f"  configs:     {s.n_configs:,} (grid: {axes})",
+            f"  configs:     {s.n_configs:,} (grid: {axes})"
+            + (f" on each of {len(s.envs)} envs" if len(s.envs) > 1 else ""),
             f"  seeds:       {len(s.seeds):,} ({seeds})",
             f"  runs:        {len(self.runs):,} ({n_stored:,} already stored, "
             f"{self.pending:,} to run)",
             f"  populations: {len(self.chunks):,} from {self.n_groups:,} structural "
             f"group(s), at most {self.population_size} runs each"
             + (f" (sizes {_sizes(sizes)})" if sizes else ""),
+            *(["  per env:     " + "; ".join(
+                f"{e}: {sum(c.env == e for c in self.chunks)} population(s)" for e in s.envs)]
+              if len(s.envs) > 1 else []),
             f"  env steps:   {self.env_steps:,} to run ({s.env_steps:,} in the whole sweep)",
             f"  results:     {out}",
         ]
@@ -135,6 +143,14 @@ def _chunk_key(runs: Sequence[Run]) -> str:
     return hashlib.sha1(",".join(sorted(r.run_id for r in runs)).encode()).hexdigest()[:16]
 
 
+def normalization(sweep: Sweep, env: str) -> tuple[float, float] | None:
+    """The ``(low, high)`` score references of ``env``: the sweep's ``[normalize]`` entry,
+    else the shipped ones (:data:`study.scores.REFERENCES`), else None."""
+    from study.scores import REFERENCES
+
+    return sweep.normalize.get(env) or REFERENCES.get(env)
+
+
 def make_plan(sweep: Sweep, population_size: int = 64,
               stored: set[str] | frozenset[str] = frozenset()) -> Plan:
     """Group the sweep's runs not in ``stored`` by structural key and cut each group into
@@ -143,21 +159,24 @@ def make_plan(sweep: Sweep, population_size: int = 64,
     if population_size < 1:
         raise ValueError("population_size must be >= 1")
     runs = tuple(sweep.runs())
+    # A population shares its env (and so its budget) and its structural hyperparameters.
     groups: dict[tuple, list[Run]] = {}
     for r in runs:
         if r.run_id not in stored:
-            groups.setdefault(structural_key(r.hyperparameters), []).append(r)
+            groups.setdefault((r.env, structural_key(r.hyperparameters)), []).append(r)
     chunks: list[Chunk] = []
-    for members in groups.values():
+    for (env, _), members in groups.items():
+        total_steps, log_every = sweep.budget(env)
         n_chunks = math.ceil(len(members) / population_size)
         bounds = np.linspace(0, len(members), n_chunks + 1).round().astype(int)
         for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
             part = tuple(members[lo:hi])
             chunks.append(Chunk(
-                index=len(chunks), key=_chunk_key(part), sweep=sweep.name, env=sweep.env,
-                total_steps=sweep.total_steps, log_every=sweep.log_every,
+                index=len(chunks), key=_chunk_key(part), sweep=sweep.name, env=env,
+                total_steps=total_steps, log_every=log_every,
                 eval_every=sweep.eval_every, eval_episodes=sweep.eval_episodes,
                 save_policies=sweep.save_policies, runs=part,
+                normalize=normalization(sweep, env),
             ))
     return Plan(sweep=sweep, runs=runs, stored=frozenset(stored), chunks=tuple(chunks),
                 population_size=population_size, n_groups=len(groups))
@@ -190,6 +209,13 @@ def _hp_cell(name: str, value: Any) -> Any:
     return format_value(value) if SPECS[name].kind == "intlist" else value
 
 
+def _normalized(score: float, refs: tuple[float, float] | None) -> float:
+    if refs is None:
+        return float("nan")
+    low, high = refs
+    return (float(score) - low) / (high - low)
+
+
 def result_frames(chunk: Chunk, results: Sequence[Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The runs and curves rows of a trained chunk, in the store's schema (runs in the
     chunk's order; one curve row per run and log point)."""
@@ -205,6 +231,7 @@ def result_frames(chunk: Chunk, results: Sequence[Any]) -> tuple[pd.DataFrame, p
         row.update({n: _hp_cell(n, run.hyperparameters[n]) for n in SPECS})
         row.update({
             "final_return": float(res.final_return),
+            "normalized_return": _normalized(res.final_return, chunk.normalize),
             "final_eval_return": float(res.final_eval_return),
             "status": str(res.status),
             "diverged_at_step": pd.NA if res.diverged_at_step is None

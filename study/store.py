@@ -114,6 +114,8 @@ RUNS_SCHEMA = pa.schema(
         ("log_every", pa.int64()),
         *[(name, _hp_type(name)) for name in SPECS],
         ("final_return", pa.float64()),
+        # (final_return - low) / (high - low) with the env's score references (NaN: none)
+        ("normalized_return", pa.float64()),
         ("final_eval_return", pa.float64()),
         ("status", pa.string()),
         ("diverged_at_step", pa.int64()),
@@ -234,7 +236,15 @@ def _write_parquet(path: Path, table: pa.Table) -> None:
 # writing
 
 
+#: Runs columns added after the first stores: writers that do not know them (older
+#: callers, other tools) get nulls.
+OPTIONAL_RUN_COLUMNS = ("diverged_reason", "normalized_return")
+
+
 def _to_table(df: pd.DataFrame, schema: pa.Schema, what: str) -> pa.Table:
+    absent = [n for n in OPTIONAL_RUN_COLUMNS if n in schema.names and n not in df.columns]
+    if absent:
+        df = df.assign(**{n: None for n in absent})
     missing = [n for n in schema.names if n not in df.columns]
     if missing:
         raise ValueError(f"{what} lacks columns {missing}")
@@ -561,8 +571,10 @@ def read_columns(path: str | Path, columns: list[str],
     return pd.DataFrame(columns=columns) if table is None else table.to_pandas()
 
 
-def check_compatible(path: str | Path, env: str, skip_chunks: Sequence[str] = ()) -> None:
-    """StoreError unless the store at ``path`` (if any) may take runs of ``env``.
+def check_compatible(path: str | Path, env: str | Sequence[str],
+                     skip_chunks: Sequence[str] = ()) -> None:
+    """StoreError unless the store at ``path`` (if any) may take runs of ``env`` (one id,
+    or the ids of a sweep over several environments: the store may hold any of them).
 
     A missing or empty directory is fine; a non-store directory with files, a store whose
     runs were made on another environment, or one trained with other numerics
@@ -580,12 +592,15 @@ def check_compatible(path: str | Path, env: str, skip_chunks: Sequence[str] = ()
             )
         return
     manifest = read_manifest(p)
-    envs = {str(manifest.get("env", env))}
+    mine = [env] if isinstance(env, str) else list(env)
+    recorded = manifest.get("env", mine[0])
+    envs = set(recorded) if isinstance(recorded, list) else {str(recorded)}
     skip = {f"chunk-{k}.parquet" for k in skip_chunks}
     table = _read([f for f in _files(p, RUNS_DIR) if f.name not in skip], ["env"])
     if table is not None:
         envs.update(table.column("env").unique().to_pylist())
-    other = sorted(envs - {env})
+    other = sorted(envs - set(mine))
+    env = ", ".join(mine)
     if other:
         raise StoreError(
             f"{p}: holds results for env {other[0]!r}, but this sweep uses {env!r}; "

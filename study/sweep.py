@@ -40,7 +40,7 @@ __all__ = [
 TOP_LEVEL: dict[str, str] = {
     "name": "a name of at most 100 letters, digits, '.', '_' or '-'",
     "description": "a string",
-    "env": "a registered gymnasium environment id",
+    "env": "a registered gymnasium environment id, or a list of distinct ids",
     "total_steps": "an integer in [1, 10**12]",
     "log_every": "an integer >= 1 and <= total_steps",
     "seeds": "a non-empty list of distinct integers >= 0, or { count = N, base = B }",
@@ -49,7 +49,11 @@ TOP_LEVEL: dict[str, str] = {
     "grid": "a table of hyperparameter = [values, ...]",
     "eval": "a table with every (env steps, 0 = off) and episodes",
     "optuna": "a table (read by study.optuna; ignored by grid sweeps)",
+    "overrides": 'per-env tables, e.g. [overrides."Pendulum-v1"] total_steps = 200_000',
+    "normalize": 'per-env score references, e.g. "CartPole-v1" = [22.3, 475.0]',
 }
+#: Keys an [overrides."<env>"] table may set besides hyperparameters.
+_OVERRIDE_BUDGET = ("total_steps", "log_every")
 _REQUIRED = ("env", "total_steps", "seeds")
 _EVAL_KEYS = {"every": "an integer in [0, total_steps] (env steps; 0 = no evaluation)",
               "episodes": "an integer in [1, 100_000]"}
@@ -85,11 +89,18 @@ class Run:
     config_id: str
     seed: int
     hyperparameters: Mapping[str, Any] = field(compare=False)
+    env: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
 class Sweep:
-    """A validated sweep file. ``fixed`` and ``grid`` hold canonical (coerced) values."""
+    """A validated sweep file. ``fixed`` and ``grid`` hold canonical (coerced) values.
+
+    ``env`` is the first (often the only) environment; ``envs`` all of them, each run
+    with every config and seed. ``overrides[env]`` holds that env's own budget
+    (``total_steps``, ``log_every``) and fixed hyperparameters; ``normalize[env]`` its
+    ``(low, high)`` score references.
+    """
 
     name: str
     env: str
@@ -104,41 +115,61 @@ class Sweep:
     eval_episodes: int = 10
     optuna: Mapping[str, Any] | None = None
     source: str = "<sweep>"
+    envs: tuple[str, ...] = ()
+    overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    normalize: Mapping[str, tuple[float, float]] = field(default_factory=dict)
 
-    def configs(self) -> list[dict[str, Any]]:
-        """Every resolved config of the grid (file order; the last axis varies fastest)."""
+    def __post_init__(self) -> None:
+        if not self.envs:
+            object.__setattr__(self, "envs", (self.env,))
+
+    def budget(self, env: str) -> tuple[int, int]:
+        """``(total_steps, log_every)`` of the runs on ``env``."""
+        own = self.overrides.get(env, {})
+        return (int(own.get("total_steps", self.total_steps)),
+                int(own.get("log_every", self.log_every)))
+
+    def configs(self, env: str | None = None) -> list[dict[str, Any]]:
+        """Every resolved config of the grid on ``env`` (default: the first env; file
+        order, the last axis varies fastest)."""
+        own = {k: v for k, v in self.overrides.get(env or self.env, {}).items()
+               if k not in ("total_steps", "log_every")}
         axes = list(self.grid.items())
         out = []
         for combo in itertools.product(*(values for _, values in axes)):
-            overrides = dict(self.fixed)
+            overrides = {**self.fixed, **own}
             overrides.update({name: value for (name, _), value in zip(axes, combo, strict=True)})
             out.append(resolve(overrides, f"{self.source}: "))
         return out
 
     def runs(self) -> list[Run]:
-        """configs x seeds, config-major (all seeds of config 0, then config 1, ...)."""
+        """envs x configs x seeds, env-major then config-major (all seeds of config 0,
+        then config 1, ...)."""
         out = []
-        for hp in self.configs():
-            cid = config_id(self.env, hp, self.total_steps, self.log_every, self.eval_every,
-                            self.eval_episodes)
-            for seed in self.seeds:
-                rid = run_id(self.env, hp, seed, self.total_steps, self.log_every,
-                             self.eval_every, self.eval_episodes)
-                out.append(Run(rid, cid, seed, hp))
+        for env in self.envs:
+            total_steps, log_every = self.budget(env)
+            for hp in self.configs(env):
+                cid = config_id(env, hp, total_steps, log_every, self.eval_every,
+                                self.eval_episodes)
+                for seed in self.seeds:
+                    rid = run_id(env, hp, seed, total_steps, log_every, self.eval_every,
+                                 self.eval_episodes)
+                    out.append(Run(rid, cid, seed, hp, env))
         return out
 
     @property
     def n_configs(self) -> int:
+        """Configs per environment."""
         return math.prod(len(v) for v in self.grid.values())
 
     @property
     def n_runs(self) -> int:
-        return self.n_configs * len(self.seeds)
+        return self.n_configs * len(self.seeds) * len(self.envs)
 
     @property
     def env_steps(self) -> int:
         """Env steps the whole sweep asks for (before any rounding by the trainer)."""
-        return self.n_runs * self.total_steps
+        return sum(self.budget(e)[0] * self.n_configs * len(self.seeds) for e in self.envs)
 
 
 # --------------------------------------------------------------------------------------
@@ -293,8 +324,9 @@ def parse_sweep(data: Mapping[str, Any], source: str = "<sweep>",
     """Validate a parsed sweep file (a dict from tomllib) and return a :class:`Sweep`."""
     where = f"{source}: "
     _check_keys(data, TOP_LEVEL, where)
+    grid_env = isinstance(data.get("grid"), dict) and "env" in data["grid"]
     for key in _REQUIRED:
-        if key not in data:
+        if key not in data and not (key == "env" and grid_env):
             raise ConfigError(f"{where}missing required key {key!r}: expected {TOP_LEVEL[key]}")
 
     name = data.get("name", default_name)
@@ -305,10 +337,8 @@ def parse_sweep(data: Mapping[str, Any], source: str = "<sweep>",
     description = data.get("description", "")
     if not isinstance(description, str):
         raise ConfigError(f"{where}description = {description!r} is invalid: expected a string")
-    env = data["env"]
-    if not isinstance(env, str) or not env:
-        raise ConfigError(f"{where}env = {env!r} is invalid: expected {TOP_LEVEL['env']}")
-    validate_env_id(env, where)
+    envs = _parse_envs(data, where)
+    env = envs[0]
     total_steps = _int_value(data["total_steps"], "total_steps", TOP_LEVEL["total_steps"], 1,
                              where, MAX_STEPS)
     log_every = _int_value(data.get("log_every", min(1000, total_steps)), "log_every",
@@ -328,7 +358,7 @@ def parse_sweep(data: Mapping[str, Any], source: str = "<sweep>",
     fixed_raw = _table(data, "hyperparameters", where)
     fixed = {k: coerce(k, v, f"{where}[hyperparameters] ") for k, v in fixed_raw.items()}
 
-    grid_raw = _table(data, "grid", where)
+    grid_raw = {k: v for k, v in _table(data, "grid", where).items() if k != "env"}
     grid: dict[str, tuple[Any, ...]] = {}
     for key, values in grid_raw.items():
         gwhere = f"{where}[grid] "
@@ -358,11 +388,19 @@ def parse_sweep(data: Mapping[str, Any], source: str = "<sweep>",
     eval_episodes = _int_value(eval_raw.get("episodes", 10), "eval.episodes",
                                _EVAL_KEYS["episodes"], 1, where, MAX_EPISODES)
     optuna = _table(data, "optuna", where) if "optuna" in data else None
+    overrides = _parse_overrides(data, envs, grid, where)
+    for e, own in overrides.items():
+        steps = own.get("total_steps", total_steps)
+        if own.get("log_every", log_every) > steps or eval_every > steps:
+            raise ConfigError(
+                f"{where}[overrides.{json.dumps(e)}] total_steps = {steps} is invalid: "
+                f"expected at least log_every and eval.every")
 
     sweep = Sweep(
         name=name, env=env, total_steps=total_steps, log_every=log_every, seeds=seeds,
         fixed=fixed, grid=grid, description=description, save_policies=save_policies,
         eval_every=eval_every, eval_episodes=eval_episodes, optuna=optuna, source=source,
+        envs=envs, overrides=overrides, normalize=_parse_normalize(data, envs, where),
     )
     if sweep.n_runs > MAX_RUNS:
         raise ConfigError(
@@ -370,8 +408,71 @@ def parse_sweep(data: Mapping[str, Any], source: str = "<sweep>",
             f"expected at most {MAX_RUNS:,} (split the sweep, or shorten the [grid] axes)")
     # Cross-key constraints (e.g. n_minibatches <= num_envs * n_steps) can only fail for
     # some grid points; resolve every config now so nothing fails after runs have started.
-    sweep.configs()
+    for e in envs:
+        sweep.configs(e)
     return sweep
+
+
+def _parse_envs(data: Mapping[str, Any], where: str) -> tuple[str, ...]:
+    """``env = "id"``, ``env = ["id", ...]`` or ``[grid] env = [...]``: distinct,
+    validated ids."""
+    grid = data.get("grid") if isinstance(data.get("grid"), dict) else {}
+    if "env" in data and "env" in grid:
+        raise ConfigError(f"{where}env is set both at the top and in [grid]; expected one")
+    key, raw = ("[grid] env", grid["env"]) if "env" in grid else ("env", data["env"])
+    values = raw if isinstance(raw, list) else [raw]
+    if not values or not all(isinstance(v, str) and v for v in values):
+        raise ConfigError(f"{where}{key} = {raw!r} is invalid: expected {TOP_LEVEL['env']}")
+    if len(set(values)) < len(values):
+        raise ConfigError(f"{where}{key} lists an environment twice; expected distinct ids")
+    for v in values:
+        validate_env_id(v, where)
+    return tuple(values)
+
+
+def _parse_overrides(data: Mapping[str, Any], envs: Sequence[str],
+                     grid: Mapping[str, Any], where: str) -> dict[str, dict[str, Any]]:
+    """``[overrides."<env>"]``: that env's budget and fixed hyperparameters."""
+    out: dict[str, dict[str, Any]] = {}
+    for env, table in _table(data, "overrides", where).items():
+        owhere = f"{where}[overrides.{json.dumps(env)}] "
+        if env not in envs:
+            raise ConfigError(f"{owhere}names an environment the sweep does not run; "
+                              f"expected one of {', '.join(envs)}")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{owhere}is invalid: expected a table of key = value")
+        own: dict[str, Any] = {}
+        for key, value in table.items():
+            if key in _OVERRIDE_BUDGET:
+                own[key] = _int_value(value, key, "an integer in [1, 10**12]", 1, owhere,
+                                      MAX_STEPS)
+            elif key in grid:
+                raise ConfigError(f"{owhere}{key} is a [grid] axis; expected per-env values "
+                                  f"of fixed hyperparameters only")
+            else:
+                own[key] = coerce(key, value, owhere)
+        out[env] = own
+    return out
+
+
+def _parse_normalize(data: Mapping[str, Any], envs: Sequence[str],
+                     where: str) -> dict[str, tuple[float, float]]:
+    """``[normalize] "<env>" = [low, high]`` with finite low < high, envs of the sweep."""
+    out: dict[str, tuple[float, float]] = {}
+    for env, value in _table(data, "normalize", where).items():
+        nwhere = f"{where}[normalize] {json.dumps(env)} "
+        if env not in envs:
+            raise ConfigError(f"{nwhere}names an environment the sweep does not run; "
+                              f"expected one of {', '.join(envs)}")
+        ok = (isinstance(value, list) and len(value) == 2
+              and all(isinstance(v, int | float) and not isinstance(v, bool)
+                      and math.isfinite(v) for v in value))
+        if not ok or value[0] >= value[1]:
+            raise ConfigError(f"{nwhere}= {value!r} is invalid: expected [low, high], two "
+                              f"finite numbers with low < high (e.g. a random policy's score "
+                              f"and a solved score)")
+        out[env] = (float(value[0]), float(value[1]))
+    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -429,7 +530,7 @@ def sweep_to_toml(sweep: Sweep) -> str:
         f"# Resolved from {sweep.source}: defaults filled in, seeds listed explicitly.",
         f"name = {_toml_scalar(sweep.name)}",
         f"description = {_toml_scalar(sweep.description)}",
-        f"env = {_toml_scalar(sweep.env)}",
+        f"env = {_toml_scalar(sweep.env if len(sweep.envs) == 1 else list(sweep.envs))}",
         f"total_steps = {sweep.total_steps}",
         f"log_every = {sweep.log_every}",
         f"seeds = {_toml_scalar(list(sweep.seeds))}",
@@ -440,6 +541,10 @@ def sweep_to_toml(sweep: Sweep) -> str:
     if sweep.grid:
         _toml_table(lines, "grid", {k: list(values) for k, values in sweep.grid.items()})
     _toml_table(lines, "eval", {"every": sweep.eval_every, "episodes": sweep.eval_episodes})
+    for env, own in sweep.overrides.items():
+        _toml_table(lines, f"overrides.{json.dumps(env)}", own)
+    if sweep.normalize:
+        _toml_table(lines, "normalize", {e: list(v) for e, v in sweep.normalize.items()})
     if sweep.optuna is not None:
         _toml_table(lines, "optuna", sweep.optuna)
     return "\n".join(lines) + "\n"

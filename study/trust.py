@@ -80,9 +80,12 @@ def require_trust(root: Path, manifest: dict[str, Any], env_id: str, trust: bool
     if module is None or trust:
         return
     key = _key(create=False)
-    signature = manifest.get("env_signature")
-    if key is not None and isinstance(signature, str) and \
-            hmac.compare_digest(signature, _sign(key, env_id)):
+    # One signature per env id (a sweep over several envs signs each of them).
+    others = manifest.get("env_signatures")
+    candidates = [manifest.get("env_signature"),
+                  *(others.values() if isinstance(others, dict) else ())]
+    if key is not None and any(isinstance(c, str) and hmac.compare_digest(c, _sign(key, env_id))
+                               for c in candidates):
         return
     raise ConfigError(
         f"{root}: its env {env_id!r} imports the Python module {module!r}, and this store "

@@ -1,0 +1,251 @@
+"""``python -m study.aggregate RESULTS_DIR``: which config is best across tasks, and how sure.
+
+Agarwal et al. 2021 (rliable) aggregates normalised scores over runs and tasks with
+stratified bootstrap confidence intervals; this module does the same over a store's
+``normalized_return`` (see :mod:`study.scores` and a sweep's ``[normalize]`` table).
+
+Every statistic takes one data shape, a score matrix ``x[run, task]`` of one config (the
+same seeds on every task), and a batch of them ``x[..., run, task]`` (bootstrap replicates):
+
+* median = median over tasks of the per-task mean over runs;
+* IQM = mean of the middle 50% of all runs x tasks scores (``trim_mean(x, 0.25)``);
+* mean = mean over tasks of the per-task mean;
+* optimality gap = ``gamma - mean(min(x, gamma))`` with ``gamma = 1`` (how far below
+  "solved" the config stays, lower is better);
+* performance profile at tau = mean over tasks of the fraction of runs scoring above tau.
+
+Confidence intervals are percentile intervals of a stratified bootstrap: each replicate
+draws, for every task separately, as many runs with replacement as the task has.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from study.config import SPECS, ConfigError
+
+__all__ = [
+    "METRICS",
+    "aggregate_table",
+    "iqm",
+    "main",
+    "mean",
+    "median",
+    "optimality_gap",
+    "performance_profile",
+    "probability_of_improvement",
+    "score_matrices",
+    "stratified_bootstrap",
+]
+
+Metric = Callable[[np.ndarray], np.ndarray]
+
+
+def median(x: np.ndarray) -> np.ndarray:
+    """Median over tasks of the per-task mean score: ``median_t mean_r x[r, t]``."""
+    return np.median(x.mean(axis=-2), axis=-1)
+
+
+def iqm(x: np.ndarray) -> np.ndarray:
+    """Interquartile mean of all ``runs x tasks`` scores: with the ``n`` scores sorted,
+    ``k = floor(n / 4)`` cut from each end and the rest averaged."""
+    flat = np.sort(x.reshape(*x.shape[:-2], -1), axis=-1)
+    k = flat.shape[-1] // 4
+    return flat[..., k: flat.shape[-1] - k].mean(axis=-1)
+
+
+def mean(x: np.ndarray) -> np.ndarray:
+    """Mean over tasks of the per-task mean score."""
+    return x.mean(axis=-2).mean(axis=-1)
+
+
+def optimality_gap(x: np.ndarray, gamma: float = 1.0) -> np.ndarray:
+    """``gamma - mean(min(x, gamma))``: the mean shortfall below the target ``gamma``."""
+    return gamma - np.minimum(x, gamma).mean(axis=(-2, -1))
+
+
+#: The aggregate metrics of the table, in column order.
+METRICS: dict[str, Metric] = {"iqm": iqm, "median": median, "mean": mean,
+                              "optimality_gap": optimality_gap}
+
+
+def performance_profile(x: np.ndarray, taus: np.ndarray) -> np.ndarray:
+    """Fraction of runs scoring above each tau, averaged over tasks: ``[..., len(taus)]``."""
+    above = x[..., None] > np.asarray(taus)
+    return above.mean(axis=-3).mean(axis=-2)
+
+
+def probability_of_improvement(x: np.ndarray, y: np.ndarray) -> float:
+    """``P(X > Y) + 0.5 P(X = Y)`` averaged over tasks, X a run of config x and Y one of
+    config y on the same task (the Mann-Whitney statistic ``U / (n m)`` per task)."""
+    per_task = []
+    for t in range(x.shape[1]):
+        a, b = x[:, t][:, None], y[:, t][None, :]
+        per_task.append(float(((a > b) + 0.5 * (a == b)).mean()))
+    return float(np.mean(per_task))
+
+
+def stratified_bootstrap(x: np.ndarray, n_boot: int, seed: int = 0) -> np.ndarray:
+    """``n_boot`` replicates ``[n_boot, runs, tasks]`` of ``x[run, task]``: every task's
+    runs resampled with replacement, independently of the other tasks."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, x.shape[0], size=(n_boot, *x.shape))
+    return np.take_along_axis(np.broadcast_to(x, idx.shape), idx, axis=1)
+
+
+def _ci(replicates: np.ndarray, confidence: float) -> tuple[np.ndarray, np.ndarray]:
+    alpha = (1 - confidence) / 2
+    lo, hi = np.quantile(replicates, [alpha, 1 - alpha], axis=0)
+    return lo, hi
+
+
+# --------------------------------------------------------------------------------------
+# from a store
+
+
+def _axes(runs: pd.DataFrame) -> list[str]:
+    """Hyperparameters that vary within some env: what tells configs apart across tasks
+    (per-env overrides are constant within an env and do not split configs)."""
+    names = [n for n in SPECS if n in runs.columns]
+    return [n for n in names if runs.groupby("env")[n].nunique(dropna=False).max() > 1]
+
+
+def score_matrices(runs: pd.DataFrame) -> tuple[dict[tuple, np.ndarray], list[str], list[str]]:
+    """``({config: x[seed, task]}, tasks, axes)`` from a runs table with
+    ``normalized_return``. ConfigError (one line) when a task has no normalised score or
+    a config lacks a (task, seed) pair."""
+    tasks = sorted(runs["env"].astype(str).unique())
+    missing = runs.groupby("env")["normalized_return"].apply(lambda s: s.notna().any())
+    absent = [t for t in tasks if not missing.get(t, False)]
+    if absent:
+        raise ConfigError(
+            f"task {absent[0]!r} has no normalized score (no score references for it); add "
+            f'[normalize] "{absent[0]}" = [low, high] to the sweep file and re-run it, or '
+            f"use an env listed in study.scores")
+    axes = _axes(runs)
+    seeds = sorted(runs["seed"].unique())
+    out: dict[tuple, np.ndarray] = {}
+    keys = axes or ["sweep"]
+    for key, group in runs.groupby(keys, sort=True, dropna=False):
+        key = key if isinstance(key, tuple) else (key,)
+        table = group.pivot_table(index="seed", columns="env", values="normalized_return",
+                                  aggfunc="first", dropna=False)
+        table = table.reindex(index=seeds, columns=tasks)
+        if table.isna().to_numpy().any():
+            t = table.columns[table.isna().any(axis=0)][0]
+            raise ConfigError(f"config {dict(zip(keys, key, strict=True))} has no score for "
+                              f"task {t!r} on every seed; aggregates need every (task, seed)"
+                              f" pair (a run diverged, or the sweep is incomplete)")
+        out[key] = table.to_numpy(dtype=float)
+    return out, tasks, axes
+
+
+def aggregate_table(matrices: dict[tuple, np.ndarray], axes: Sequence[str],
+                    n_boot: int = 2000, confidence: float = 0.95, seed: int = 0
+                    ) -> pd.DataFrame:
+    """One row per config: its hyperparameters, then each metric with its CI bounds
+    (``iqm``, ``iqm_lo``, ``iqm_hi``, ...), best IQM first."""
+    rows = []
+    for key, x in matrices.items():
+        row = dict(zip(axes or ["sweep"], key, strict=True))
+        reps = stratified_bootstrap(x, n_boot, seed)
+        for name, fn in METRICS.items():
+            lo, hi = _ci(fn(reps), confidence)
+            row.update({name: float(fn(x)), f"{name}_lo": float(lo), f"{name}_hi": float(hi)})
+        row["tasks"], row["seeds"] = x.shape[1], x.shape[0]
+        rows.append(row)
+    return pd.DataFrame(rows).sort_values("iqm", ascending=False, kind="stable",
+                                          ignore_index=True)
+
+
+def _render(table: pd.DataFrame, fmt: str, note: str) -> str:
+    if fmt == "csv":
+        return table.to_csv(index=False)
+    shown = table.copy()
+    for c in shown.columns:
+        if shown[c].dtype.kind == "f":
+            shown[c] = shown[c].map(lambda v: f"{v:.3f}")
+    if fmt == "latex":
+        body = shown.to_latex(index=False, escape=True)
+        return f"% needs \\usepackage{{booktabs}}\n% {note}\n{body}"
+    header = "| " + " | ".join(shown.columns) + " |"
+    lines = [header, "|" + "---|" * len(shown.columns)]
+    lines += ["| " + " | ".join(str(v) for v in r) + " |" for r in shown.itertuples(index=False)]
+    return f"{note}\n\n" + "\n".join(lines) + "\n"
+
+
+def _profile_figure(matrices: dict[tuple, np.ndarray], axes: Sequence[str], path: Path,
+                    n_boot: int, seed: int, top: int = 4) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    taus = np.linspace(-0.25, 1.25, 61)
+    ranked = sorted(matrices, key=lambda k: -float(iqm(matrices[k])))[:top]
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for key in ranked:
+        x = matrices[key]
+        lo, hi = _ci(performance_profile(stratified_bootstrap(x, n_boot, seed), taus), 0.95)
+        label = ", ".join(f"{a}={v}" for a, v in zip(axes, key, strict=True)) or "all runs"
+        ax.plot(taus, performance_profile(x, taus), label=label)
+        ax.fill_between(taus, lo, hi, alpha=0.2)
+    ax.set_xlabel("normalized score tau")
+    ax.set_ylabel("fraction of runs with score > tau")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m study.aggregate RESULTS_DIR [--format markdown|csv|latex] ...``."""
+    from study import store
+    from study.cli_util import ArgumentParser, positive_int, run_cli
+
+    def body(args_in: Sequence[str] | None) -> int:
+        ap = ArgumentParser(prog="python -m study.aggregate", description=__doc__.split(
+            "\n")[0].replace("``", ""))
+        ap.add_argument("results_dir", help="a results store of a sweep over several envs")
+        ap.add_argument("--format", choices=("markdown", "csv", "latex"), default="markdown")
+        ap.add_argument("--reps", type=positive_int, default=2000,
+                        help="bootstrap replicates (default 2000)")
+        ap.add_argument("--out", metavar="FILE", help="write the table here (default stdout)")
+        ap.add_argument("--figure", metavar="PNG",
+                        help="also draw the performance profiles of the best configs")
+        args = ap.parse_args(args_in)
+        runs = store.load_runs(args.results_dir)
+        if "normalized_return" not in runs.columns:
+            raise ConfigError(f"{args.results_dir}: its runs have no normalized_return "
+                              f"(written by an older version); re-run its sweep")
+        runs = runs[runs["status"] != "pruned"]
+        matrices, tasks, axes = score_matrices(runs)
+        table = aggregate_table(matrices, axes, n_boot=args.reps)
+        note = (f"Aggregates of normalized final return over {len(tasks)} tasks "
+                f"({', '.join(tasks)}) x {table['seeds'].iloc[0]} seeds, 95% stratified "
+                f"bootstrap CIs ({args.reps} replicates); best IQM first")
+        if len(matrices) >= 2:
+            keys = sorted(matrices, key=lambda k: -float(iqm(matrices[k])))
+            poi = probability_of_improvement(matrices[keys[0]], matrices[keys[1]])
+            note += f"; P(best > second best) = {poi:.2f}"
+        text = _render(table, args.format, note)
+        if args.out:
+            store.atomic_write_text(args.out, text)
+        else:
+            sys.stdout.write(text)
+        if args.figure:
+            _profile_figure(matrices, axes, Path(args.figure), min(args.reps, 1000), 0)
+        return 0
+
+    return run_cli(body, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
