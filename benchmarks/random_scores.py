@@ -17,8 +17,8 @@ import gymnasium as gym
 import numpy as np
 
 DEFAULT_ENVS = ("CartPole-v0", "CartPole-v1", "Acrobot-v1", "MountainCar-v0",
-                "MountainCarContinuous-v0", "Pendulum-v1", "HalfCheetah-v5", "Hopper-v5",
-                "Walker2d-v5", "Ant-v5")
+                "MountainCarContinuous-v0", "Pendulum-v1", "LunarLander-v3", "HalfCheetah-v5",
+                "Hopper-v5", "Walker2d-v5", "Ant-v5")
 
 
 def random_score(env_id: str, episodes: int) -> tuple[float, float]:

@@ -219,6 +219,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.add_argument("--out", metavar="FILE", help="write the table here (default stdout)")
         ap.add_argument("--figure", metavar="PNG",
                         help="also draw the performance profiles of the best configs")
+        ap.add_argument("--importance", action="store_true",
+                        help="also rank the hyperparameters by PED-ANOVA importance, across "
+                             "tasks, per task, and how often seeds agree on the top one")
         args = ap.parse_args(args_in)
         runs = store.load_runs(args.results_dir)
         if "normalized_return" not in runs.columns:
@@ -235,6 +238,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             poi = probability_of_improvement(matrices[keys[0]], matrices[keys[1]])
             note += f"; P(best > second best) = {poi:.2f}"
         text = _render(table, args.format, note)
+        if args.importance:
+            from study.importance import importance_table
+
+            imp = importance_table(runs, axes).reset_index()
+            text += "\n" + _render(imp, args.format, (
+                "Hyperparameter importance (PED-ANOVA over the grid's configs; per task on "
+                "final_return; top_on_seeds: share of seeds whose own ranking puts it first)"))
         if args.out:
             store.atomic_write_text(args.out, text)
         else:

@@ -233,8 +233,9 @@ def _main(argv: Sequence[str] | None) -> int:
     if plan.chunks and not args.scheduler:  # a cluster's memory is not ours to measure
         at_once = sorted(plan.chunks, key=lambda c: -len(c.runs))[:n_jobs]
         memory = "; ".join(
-            check_fits(env, [(c.runs[0].hyperparameters, len(c.runs)) for c in at_once
-                             if c.env == env], f"{sweep.source}: ")
+            (f"{env}: " if len(sweep.envs) > 1 else "")
+            + check_fits(env, [(c.runs[0].hyperparameters, len(c.runs)) for c in at_once
+                               if c.env == env], f"{sweep.source}: ")
             for env in sweep.envs if any(c.env == env for c in at_once))
 
     if args.dry_run:

@@ -191,3 +191,27 @@ def test_env_as_a_grid_axis_is_the_same_sweep(tmp_path, capsys):
     b.write_text(MULTI.replace('env = ["CartPole-v1", "Acrobot-v1"]\n', "").replace(
         "[grid]\n", '[grid]\nenv = ["CartPole-v1", "Acrobot-v1"]\n'))
     assert [r.run_id for r in load_sweep(a).runs()] == [r.run_id for r in load_sweep(b).runs()]
+
+
+def test_grid_importance_finds_the_hyperparameter_that_matters():
+    from study.importance import importance_table
+
+    rows = []
+    rng = np.random.default_rng(0)
+    for lr in (1e-4, 3e-4, 1e-3, 3e-3, 1e-2):
+        for gamma in (0.9, 0.99, 0.999):
+            for seed in range(4):
+                for env in ("A", "B"):
+                    score = np.log10(lr) + 0.05 * rng.normal()  # only lr matters
+                    rows.append({"policy_lr": lr, "gamma": gamma, "seed": seed, "env": env,
+                                 "normalized_return": score, "final_return": 10 * score})
+    table = importance_table(pd.DataFrame(rows), ["policy_lr", "gamma"])
+    assert table.index[0] == "policy_lr" and table.loc["policy_lr", "importance"] > 0.9
+    assert table.loc["policy_lr", "top_on_seeds"] == 1.0
+    assert table.loc["policy_lr", "A"] > table.loc["gamma", "A"]
+
+
+def test_aggregate_cli_importance(multi_store, capsys):
+    assert agg.main([str(multi_store), "--reps", "100", "--importance"]) == 0
+    out = capsys.readouterr().out
+    assert "Hyperparameter importance (PED-ANOVA" in out and "| hyperparameter |" in out
