@@ -31,6 +31,14 @@ def _run(*args: str, stdout: Path | None = None) -> None:
 
 
 def _analyse(store: Path, ref: Path) -> None:
+    import pandas as pd
+
+    if pd.read_parquet(store / "runs", columns=["env"])["env"].nunique() > 1:
+        # A study across environments: the aggregate table is its seed table.
+        _run("study.aggregate", str(store), "--importance", "--out", str(ref / "aggregate.md"),
+             "--figure", str(ref / "performance_profiles.png"))
+        _run("study.aggregate", str(store), "--format", "csv",
+             "--out", str(ref / "aggregate.csv"))
     _run("study.tables", str(store), "--out", str(ref / "seed_table.md"))
     _run("study.tables", str(store), "--format", "csv", "--out", str(ref / "seed_table.csv"))
     _run("study.failures", str(store), stdout=ref / "failures.md")

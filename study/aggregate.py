@@ -115,6 +115,36 @@ def _axes(runs: pd.DataFrame) -> list[str]:
     return [n for n in names if runs.groupby("env")[n].nunique(dropna=False).max() > 1]
 
 
+def _check_one_budget(runs: pd.DataFrame) -> None:
+    """ConfigError when an env's runs were trained at several budgets (an edited sweep
+    resumed into the same store): their scores are not one task's."""
+    budgets = runs.groupby("env")[["total_steps", "log_every"]].nunique()
+    mixed = budgets[(budgets > 1).any(axis=1)]
+    if len(mixed):
+        env = mixed.index[0]
+        steps = sorted(runs.loc[runs["env"] == env, "total_steps"].unique())
+        raise ConfigError(f"the runs of {env!r} were trained at more than one budget "
+                          f"(total_steps {', '.join(f'{s:,}' for s in steps)}); aggregate a "
+                          f"store of one budget per env (copy the runs you want, or re-run "
+                          f"the sweep into another --out)")
+
+
+def _check_one_normalization(runs: pd.DataFrame) -> None:
+    """ConfigError when an env's runs were normalised with different references (a
+    ``[normalize]`` entry edited between runs): ``normalized_return`` must be one affine
+    function of ``final_return`` per env."""
+    for env, group in runs.groupby("env"):
+        ok = group[["final_return", "normalized_return"]].dropna().drop_duplicates()
+        if len(ok) < 3:
+            continue
+        slope, intercept = np.polyfit(ok["final_return"], ok["normalized_return"], 1)
+        fitted = slope * ok["final_return"] + intercept
+        if not np.allclose(fitted, ok["normalized_return"], rtol=1e-6, atol=1e-9):
+            raise ConfigError(
+                f"the runs of {env!r} were normalized with different score references (the "
+                f"sweep's [normalize] changed between runs); re-run the sweep with --fresh")
+
+
 def score_matrices(runs: pd.DataFrame) -> tuple[dict[tuple, np.ndarray], list[str], list[str]]:
     """``({config: x[seed, task]}, tasks, axes)`` from a runs table with
     ``normalized_return``. ConfigError (one line) when a task has no normalised score or
@@ -127,6 +157,8 @@ def score_matrices(runs: pd.DataFrame) -> tuple[dict[tuple, np.ndarray], list[st
             f"task {absent[0]!r} has no normalized score (no score references for it); add "
             f'[normalize] "{absent[0]}" = [low, high] to the sweep file and re-run it, or '
             f"use an env listed in study.scores")
+    _check_one_budget(runs)
+    _check_one_normalization(runs)
     axes = _axes(runs)
     seeds = sorted(runs["seed"].unique())
     out: dict[tuple, np.ndarray] = {}
@@ -228,6 +260,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(f"{args.results_dir}: its runs have no normalized_return "
                               f"(written by an older version); re-run its sweep")
         runs = runs[runs["status"] != "pruned"]
+        if runs.empty:
+            raise ConfigError(f"{args.results_dir}: every run was pruned; nothing to aggregate")
         matrices, tasks, axes = score_matrices(runs)
         table = aggregate_table(matrices, axes, n_boot=args.reps)
         note = (f"Aggregates of normalized final return over {len(tasks)} tasks "
@@ -238,7 +272,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             poi = probability_of_improvement(matrices[keys[0]], matrices[keys[1]])
             note += f"; P(best > second best) = {poi:.2f}"
         text = _render(table, args.format, note)
-        if args.importance:
+        if args.importance and not axes:
+            text += "\nHyperparameter importance: no hyperparameter varies in this store.\n"
+        elif args.importance:
             from study.importance import importance_table
 
             imp = importance_table(runs, axes).reset_index()

@@ -177,29 +177,40 @@ def _summary(sweep: Sweep, plan: Plan, out: Path, outcome: Outcome) -> str:
     if outcome.runs_done:
         lines.append(f"ran {outcome.runs_done} runs, {outcome.env_steps:,} env steps in "
                      f"{outcome.wall_s:.1f} s ({rate:,.0f} env steps/s)")
+    for env in sweep.envs:  # raw returns are comparable within an env only
+        here = mine[mine["env"] == env]
+        if len(here):
+            title = f" on {env}" if len(sweep.envs) > 1 else ""
+            lines += _best_lines(sweep, here, 5 if len(sweep.envs) == 1 else 3, title)
     if len(mine):
-        best = best_configs(mine, 5)
-        axes = list(grid_axes(sweep))
-        first = mine.drop_duplicates("config_id").set_index("config_id")
-        header = ["rank", "IQM", "median", "IQR", "[q25, q75]", "diverged", *axes,
-                  "config_id"]
-        rows = []
-        for i, b in best.iterrows():
-            hp = first.loc[b["config_id"]]
-            rows.append([
-                str(i + 1), _fmt(b["iqm"]), _fmt(b["median"]), _fmt(b["iqr"]),
-                f"[{_fmt(b['q25'])}, {_fmt(b['q75'])}]", f"{b['diverged']}/{b['seeds']}",
-                *[_fmt(hp[a]) for a in axes], b["config_id"],
-            ])
-        widths = [max(len(r[j]) for r in [header, *rows]) for j in range(len(header))]
-        n_seeds = len(sweep.seeds)
-        lines.append(f"best configs by IQM of final_return over {n_seeds} seed"
-                     f"{'s' if n_seeds != 1 else ''}:")
-        for r in [header, *rows]:
-            lines.append("  " + "  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)))
+        if len(sweep.envs) > 1:
+            lines.append(f"across envs: python -m study.aggregate {out}")
         lines.append(f'load with: study.store.load("{out}")  or  '
                      f'pandas.read_parquet("{out / store.RUNS_DIR}")')
     return "\n".join(lines)
+
+
+def _best_lines(sweep: Sweep, runs: pd.DataFrame, k: int, title: str) -> list[str]:
+    """The top ``k`` configs of ``runs`` as an aligned text table."""
+    best = best_configs(runs, k)
+    axes = list(grid_axes(sweep))
+    first = runs.drop_duplicates("config_id").set_index("config_id")
+    header = ["rank", "IQM", "median", "IQR", "[q25, q75]", "diverged", *axes, "config_id"]
+    rows = []
+    for i, b in best.iterrows():
+        hp = first.loc[b["config_id"]]
+        rows.append([
+            str(i + 1), _fmt(b["iqm"]), _fmt(b["median"]), _fmt(b["iqr"]),
+            f"[{_fmt(b['q25'])}, {_fmt(b['q75'])}]", f"{b['diverged']}/{b['seeds']}",
+            *[_fmt(hp[a]) for a in axes], b["config_id"],
+        ])
+    widths = [max(len(r[j]) for r in [header, *rows]) for j in range(len(header))]
+    n_seeds = len(sweep.seeds)
+    lines = [f"best configs{title} by IQM of final_return over {n_seeds} seed"
+             f"{'s' if n_seeds != 1 else ''}:"]
+    lines += ["  " + "  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True))
+              for r in [header, *rows]]
+    return lines
 
 
 # --------------------------------------------------------------------------------------
@@ -215,28 +226,17 @@ def _main(argv: Sequence[str] | None) -> int:
 
     sweep = load_sweep(args.sweep)
     out = Path(args.out) if args.out else Path("results") / sweep.name
-    if args.fresh:
-        if out.exists() and not store.is_store(out) and \
-                any(not q.name.startswith(".") for q in out.iterdir()):
-            raise store.StoreError(
-                f"{out}: --fresh refuses to delete a directory that is not a results store"
-            )
-        stored: set[str] = set()
-        corrupt: list[str] = []
-    else:
-        corrupt = store.corrupt_chunks(out) if store.is_store(out) else []
-        store.check_compatible(out, sweep.envs, corrupt)
-        stored = store.stored_run_ids(out, corrupt) if store.is_store(out) else set()
-    plan = make_plan(sweep, args.population_size, stored)
+    if args.fresh and out.exists() and not store.is_store(out) and \
+            any(not q.name.startswith(".") for q in out.iterdir()):
+        raise store.StoreError(
+            f"{out}: --fresh refuses to delete a directory that is not a results store")
+    plan, corrupt = _plan(sweep, out, args)
     notes = _store_notes(sweep, out, corrupt) if not args.fresh else []
     memory = None
     if plan.chunks and not args.scheduler:  # a cluster's memory is not ours to measure
         at_once = sorted(plan.chunks, key=lambda c: -len(c.runs))[:n_jobs]
-        memory = "; ".join(
-            (f"{env}: " if len(sweep.envs) > 1 else "")
-            + check_fits(env, [(c.runs[0].hyperparameters, len(c.runs)) for c in at_once
-                               if c.env == env], f"{sweep.source}: ")
-            for env in sweep.envs if any(c.env == env for c in at_once))
+        memory = check_fits([(c.env, c.runs[0].hyperparameters, len(c.runs))
+                             for c in at_once], f"{sweep.source}: ")
 
     if args.dry_run:
         print(plan.describe(out))
@@ -256,12 +256,25 @@ def _main(argv: Sequence[str] | None) -> int:
                           *(sys.argv[1:] if argv is None else argv)])
     _check_writable(out)
     with store.driver_lock(out):
+        # Re-read the store now that it is ours: a driver that just finished may have
+        # stored some of the runs planned above.
+        plan, corrupt = _plan(sweep, out, args)
         if corrupt:
             store.set_aside(out, corrupt)
         if not args.quiet:
             for note in notes:
                 print(f"note: {note}", file=sys.stderr)
         return _write(args, sweep, plan, out, command, n_jobs, backend)
+
+
+def _plan(sweep: Sweep, out: Path, args: argparse.Namespace) -> tuple[Plan, list[str]]:
+    """The plan (what is stored is skipped) and the keys of unreadable chunks."""
+    if args.fresh:
+        return make_plan(sweep, args.population_size, set()), []
+    corrupt = store.corrupt_chunks(out) if store.is_store(out) else []
+    store.check_compatible(out, sweep.envs, corrupt)
+    stored = store.stored_run_ids(out, corrupt) if store.is_store(out) else set()
+    return make_plan(sweep, args.population_size, stored), corrupt
 
 
 def _store_notes(sweep: Sweep, out: Path, corrupt: Sequence[str]) -> list[str]:
@@ -274,9 +287,12 @@ def _store_notes(sweep: Sweep, out: Path, corrupt: Sequence[str]) -> list[str]:
                      f"chunk-{corrupt[0]}.parquet) are set aside as .corrupt-* and their "
                      f"runs trained again")
     if store.is_store(out):
-        budgets = store.read_columns(out, ["total_steps", "log_every"], corrupt)
-        other = budgets[(budgets["total_steps"] != sweep.total_steps)
-                        | (budgets["log_every"] != sweep.log_every)]
+        budgets = store.read_columns(out, ["env", "total_steps", "log_every"], corrupt)
+        expect = pd.DataFrame([(e, *sweep.budget(e)) for e in sweep.envs],
+                              columns=["env", "want_steps", "want_log"])
+        budgets = budgets.merge(expect, on="env", how="inner")  # other envs: other notes
+        other = budgets[(budgets["total_steps"] != budgets["want_steps"])
+                        | (budgets["log_every"] != budgets["want_log"])]
         if len(other):
             seen = sorted({f"total_steps {t:,}, log_every {e:,}"
                            for t, e in zip(other["total_steps"], other["log_every"],

@@ -22,13 +22,23 @@ down instead of silently leaving the aggregate; a trial whose seeds *all* diverg
 FAIL (user attribute ``failure = "diverged"``), which samplers treat as no information.
 
 Storage and resuming: by default an Optuna JournalStorage file, ``<out>/optuna.journal``
-(several processes on one machine may run the same study). Re-running the command resumes
-the study until it holds ``n_trials`` trials; trials left RUNNING by a process that died
-are told FAIL (``failure = "stale"``) and their params are re-queued once. ``--storage``
-takes an Optuna RDB URL (``postgresql://...``) to share one study between machines.
-Trials that count towards ``n_trials``: every COMPLETE, PRUNED, RUNNING and WAITING trial,
-and FAIL trials that failed on their own (diverged, invalid config); stale or
-interrupted ones do not (their re-queued copy does).
+(several processes on one machine may run the same study), given to Optuna by absolute
+path with a write lock that a writer killed mid-write cannot wedge (:class:`_JournalLock`).
+Re-running the command resumes the study until it holds ``n_trials`` trials. Trials left
+RUNNING by a driver that died are told FAIL (``failure = "stale"``), each with a note
+saying how it was left, and their params are re-queued once: at once when the driver ran
+on this machine (or died while asking, see :meth:`Driver._ask_batch`), else once its
+heartbeat is older than ``STALE_AFTER_S``. ``--storage`` takes an Optuna RDB URL
+(``postgresql://...``) to share one study between machines. Trials that count towards
+``n_trials``: every COMPLETE, PRUNED, RUNNING and WAITING trial, and FAIL trials that
+failed on their own (diverged, invalid config); stale or interrupted ones do not (their
+re-queued copy does). ``--n-trials 0 --confirm K`` confirms a study as it is.
+
+Stopping: Ctrl-C and SIGTERM tell the trials in flight FAIL (``failure = "interrupted"``)
+and re-queue them, keep every finished trial and its runs, mark the manifest
+"interrupted", say in one line what was kept, and exit with 130. Worker processes
+(``--n-jobs``) die with their driver, ``kill -9`` included. The driver holds the store's
+driver lock shared: Optuna drivers of one study share a store, a grid driver excludes them.
 
 Results: every run goes to the results store (``runs/``, ``curves/``) as for grids, with
 the extra columns ``trial_number``, ``trial_state``, ``phase`` ("tune" or "confirm") and
@@ -74,7 +84,7 @@ from study import procs, store
 from study.cli_util import ArgumentParser, positive_int, run_cli
 from study.config import ConfigError, resolve, structural_key, to_jsonable
 from study.redact import redact, register_secret
-from study.runner import Chunk, ChunkResult, result_frames, run_chunk
+from study.runner import Chunk, ChunkResult, normalization, result_frames, run_chunk
 from study.search_space import DEFAULT_TEST_SEEDS, OptunaSettings, parse_optuna
 from study.sweep import Run, Sweep, config_id, load_sweep, parse_sweep, run_id, sweep_to_toml
 from study.trust import sign_env
@@ -112,6 +122,9 @@ _HEARTBEAT = "study:heartbeat"
 _SETTINGS = "study:settings"
 _UID = "study:uid"
 _CONFIRMED = "study:confirmed"
+# A study attribute: the driver inside an ask session and the trials it may leave RUNNING
+# without an owner if it is killed there (None between sessions).
+_ASKING = "study:asking"
 # Failures that are the trial's own (they count towards n_trials and are not retried).
 _OWN_FAILURES = ("diverged", "invalid", "no value", "error")
 _PRINT_EVERY_S = 10.0
@@ -147,24 +160,37 @@ def load_optuna_sweep(path: str | Path) -> Sweep:
     """:func:`study.sweep.load_sweep`, except that ``seeds`` may be left out.
 
     Without ``seeds`` the tuning and test seeds are derived from the sweep name
-    (:func:`derive_seeds`), so the file stays runnable as is.
+    (:func:`derive_seeds`), so the file stays runnable as is. A sweep over several
+    environments, or with per-env overrides, is refused: trials are judged on one env.
     """
+    sweep = _load_optuna_sweep(path)
+    if len(sweep.envs) > 1 or sweep.overrides:
+        raise ConfigError(
+            f"{sweep.source}: study.optuna tunes on one environment; this sweep has "
+            f"{'envs ' + ', '.join(sweep.envs) if len(sweep.envs) > 1 else '[overrides]'} "
+            f"(run it with study.grid and compare with study.aggregate, or give one env)")
+    return sweep
+
+
+def _load_optuna_sweep(path: str | Path) -> Sweep:
     try:
         return load_sweep(path)
-    except ConfigError:
-        # Only a file that parses and lacks `seeds` gets a second chance.
-        try:
-            data = tomllib.loads(Path(path).read_text("utf-8"))
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-            raise
-        if "seeds" in data:
-            raise
-        name = data.get("name", Path(path).stem)
-        table = data.get("optuna") if isinstance(data.get("optuna"), dict) else {}
-        n = table.get("seeds_per_trial", 5)
-        n = n if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else 5
-        data = {**data, "seeds": list(derive_seeds(str(name), n))}
-        return parse_sweep(data, source=str(path), default_name=Path(path).stem)
+    except ConfigError as e:
+        error = e
+    # Only a file that parses and lacks `seeds` gets a second chance; any other file keeps
+    # load_sweep's one-line error (a missing file included).
+    try:
+        data = tomllib.loads(Path(path).read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        raise error from None
+    if "seeds" in data:
+        raise error
+    name = data.get("name", Path(path).stem)
+    table = data.get("optuna") if isinstance(data.get("optuna"), dict) else {}
+    n = table.get("seeds_per_trial", 5)
+    n = n if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else 5
+    data = {**data, "seeds": list(derive_seeds(str(name), n))}
+    return parse_sweep(data, source=str(path), default_name=Path(path).stem)
 
 
 def seed_sets(sweep: Sweep, settings: OptunaSettings,
@@ -223,6 +249,8 @@ class _FileLock:
 class _SqlLock:
     """A named database lock (PostgreSQL advisory lock, MySQL GET_LOCK): one holder in all
     processes and machines sharing the database."""
+
+    spans_machines = True
 
     def __init__(self, url: str, name: str) -> None:
         import sqlalchemy as sa
@@ -291,9 +319,13 @@ def _storage_spec(arg: str | None) -> str | None:
     password of a URL is registered for redaction before anything can print it."""
     spec = arg if arg is not None else (os.environ.get(STORAGE_ENV) or None)
     if spec and "://" in spec:
-        rest = spec.split("://", 1)[1].split("?", 1)[0]
-        if "@" in rest and ":" in rest[: rest.rfind("@")]:
+        rest = spec.split("://", 1)[1]
+        if "@" in rest and ":" in rest[: rest.rfind("@")]:  # as redact_url reads it
             register_secret(rest[: rest.rfind("@")].split(":", 1)[1])
+        with contextlib.suppress(Exception):  # and as SQLAlchemy will ("?" allowed)
+            from sqlalchemy.engine import make_url
+
+            register_secret(make_url(spec).password)
     return spec
 
 
@@ -327,16 +359,88 @@ def _check_storage(spec: str | None) -> str | None:
     return url.render_as_string(hide_password=False)
 
 
-def _open_storage(spec: str | None, out: Path, study_name: str) -> tuple[Any, Any, str]:
-    """``(optuna storage, study lock, description)`` for ``--storage`` (default: journal)."""
-    from optuna.storages import JournalStorage, RDBStorage
+#: Seconds Optuna's journal write lock may stay unchanged before a waiting process takes
+#: it for the lock of a writer that was killed, and breaks it (Optuna's own default).
+JOURNAL_GRACE_S = float(os.environ.get("STUDY_OPTUNA_JOURNAL_GRACE_S", 30))
+
+
+class _JournalLock:
+    """Optuna's journal write lock, the symlink ``<journal>.lock`` (so every Optuna process
+    on the journal agrees on it), that a writer killed while holding it cannot wedge.
+
+    Optuna times a held lock by the mtime of the link's *target*: a link left dangling (a
+    relative target, as Optuna writes for a relative journal path) never times out, and its
+    wait loop retries at full CPU forever. This lock links to the absolute path and times
+    the link itself (``lstat``): one unchanged for ``grace_s`` seconds is broken.
+    """
+
+    def __init__(self, journal: Path, grace_s: float) -> None:
+        self.target = str(journal)
+        self.path = f"{journal}.lock"  # Optuna's name for it
+        self.grace_s = grace_s
+
+    def acquire(self) -> bool:
+        seen, since, pause = None, time.monotonic(), 0.001
+        while True:
+            try:
+                os.symlink(self.target, self.path)
+                return True
+            except FileExistsError:
+                pass
+            try:
+                st = os.lstat(self.path)
+            except FileNotFoundError:
+                continue  # released meanwhile: take it now
+            if (st.st_ino, st.st_mtime_ns) != seen:
+                seen, since = (st.st_ino, st.st_mtime_ns), time.monotonic()
+            elif time.monotonic() - since > self.grace_s:
+                self._break(seen)
+                continue
+            time.sleep(pause)
+            pause = min(2 * pause, 0.05)
+
+    def _break(self, seen: tuple[int, int]) -> None:
+        with contextlib.suppress(OSError, RuntimeError):
+            st = os.lstat(self.path)
+            if (st.st_ino, st.st_mtime_ns) == seen:  # not a lock taken since we timed it
+                self.release()
+                print(f"note: {self.path} was held for more than {self.grace_s:g} s (by a "
+                      f"process killed while writing the journal?): broken", file=sys.stderr)
+
+    def release(self) -> None:
+        # A rename first, as Optuna does: of two processes releasing at once, one succeeds.
+        tmp = f"{self.path}{uuid.uuid4().hex}.rename"
+        try:
+            os.rename(self.path, tmp)
+        except OSError:
+            raise RuntimeError(f"{self.path}: not held") from None
+        os.unlink(tmp)
+
+
+def _is_url(spec: str | None) -> bool:
+    return spec is not None and "://" in spec
+
+
+def _open_journal(spec: str | None, out: Path) -> tuple[Any, Any, str]:
+    """``(optuna storage, study lock, description)`` of a journal file (default
+    ``<out>/optuna.journal``)."""
+    from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
-    if spec is None or "://" not in spec:
-        path = Path(spec) if spec else out / JOURNAL_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        storage = JournalStorage(JournalFileBackend(str(path)))
-        return storage, _FileLock(path.with_name(path.name + ".study-lock")), str(path)
+    # Absolute: Optuna's write lock is a symlink to the path given, and a relative one
+    # dangles (see _JournalLock).
+    path = (Path(spec) if spec else out / JOURNAL_FILE).resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    backend = JournalFileBackend(str(path), lock_obj=_JournalLock(path, JOURNAL_GRACE_S))
+    study_lock = _FileLock(path.with_name(path.name + ".study-lock"))
+    return JournalStorage(backend), study_lock, str(path)
+
+
+def _open_rdb(spec: str, study_name: str) -> tuple[Any, Any, str]:
+    """``(optuna storage, study lock, description)`` of a database URL; writes nothing
+    locally (ConfigError, one line, if it cannot be opened)."""
+    from optuna.storages import RDBStorage
+
     backend = spec.split(":", 1)[0].split("+", 1)[0]
     lock: Any
     init_lock: Any
@@ -362,16 +466,33 @@ def _open_storage(spec: str | None, out: Path, study_name: str) -> tuple[Any, An
 # trial liveness
 
 
-def _is_stale(t: FrozenTrial, now: float, me: Mapping[str, Any]) -> bool:
+def _is_stale(t: FrozenTrial, now: float) -> bool:
     owner = t.system_attrs.get(_OWNER)
-    if isinstance(owner, dict) and owner.get("host") == me["host"] and (
-            owner.get("boot") == me["boot"]):
+    if isinstance(owner, dict) and procs.is_local(owner):
         return not procs.is_alive(owner)
     beat = t.system_attrs.get(_HEARTBEAT)
     if not isinstance(beat, (int, float)):
         start = t.datetime_start
         beat = start.timestamp() if start is not None else now
     return now - float(beat) > STALE_AFTER_S
+
+
+def _who(driver: Mapping[str, Any]) -> str:
+    return f"pid {driver.get('pid')} on {driver.get('host')}"
+
+
+def _asked_in(t: FrozenTrial, asking: Any) -> bool:
+    """Whether ``t`` is a trial the ask session recorded in ``asking`` may have left (see
+    :meth:`Driver._ask_batch`): a new one, or a waiting one it popped."""
+    if not isinstance(asking, dict) or not isinstance(asking.get("first"), int):
+        return False
+    return t.number >= asking["first"] or t.number in asking.get("waiting", ())
+
+
+def _params_state(t: FrozenTrial, names: Sequence[str]) -> str:
+    if not t.params:
+        return "without parameters"
+    return "with its parameters" if set(t.params) == set(names) else "with some parameters"
 
 
 def _counts(t: FrozenTrial) -> bool:
@@ -541,6 +662,15 @@ class _ReportServer:
         self.listener.close()
 
 
+def _pool(n_jobs: int) -> Any:
+    """loky's reusable process pool whose workers start with procs.die_with_parent, so
+    that a driver killed with ``kill -9`` leaves none of them training on."""
+    from joblib.externals.loky import get_reusable_executor
+
+    return get_reusable_executor(max_workers=n_jobs, timeout=60,
+                                 initializer=procs.die_with_parent)
+
+
 class _InlineExecutor:
     """The executor interface for ``--n-jobs 1``: runs each unit at once in this process."""
 
@@ -587,6 +717,9 @@ class StudyOutcome:
     """What :meth:`Driver.run` did."""
 
     trials_run: int = 0
+    trials_kept: int = 0  # finished by this run, their runs stored
+    runs_kept: int = 0
+    trials_dropped: int = 0  # in flight when interrupted: told FAIL
     env_steps: int = 0
     wall_s: float = 0.0
     interrupted: bool = False
@@ -615,6 +748,8 @@ class Driver:
     _steps_done: int = 0
     _last_print: float = 0.0
     _best_line: str = ""
+    _kept_trials: int = 0  # finished by this run (their runs stored)
+    _kept_runs: int = 0
 
     # -- helpers -------------------------------------------------------------------------
     @property
@@ -636,56 +771,104 @@ class Driver:
 
     # -- asking ----------------------------------------------------------------------------
     def _fail_stale(self, trials: Sequence[FrozenTrial]) -> int:
-        """Tell FAIL to RUNNING trials of dead processes; re-queue each one's params once."""
+        """Tell FAIL to RUNNING trials whose driver is gone; re-queue each one's params once.
+
+        Called under the study lock. A trial is gone when its owner (stamped right after
+        ask) died here or stopped its heartbeat elsewhere, or when it has no owner and the
+        ask session that left it (the ``_ASKING`` record) belongs to a dead driver.
+        """
         now = time.time()
         mine = {tr.number for st in self._units.values() for tr in st.trials}
+        asking = self._storage().get_study_system_attrs(self.study._study_id).get(_ASKING)
         n = 0
-        storage = self._storage()
         for t in trials:
-            if t.state != TrialState.RUNNING or t.number in mine or not _is_stale(t, now,
-                                                                                   self._me):
-                continue
-            try:
-                storage.set_trial_user_attr(t._trial_id, "failure", "stale")
-                self.study.tell(t.number, state=TrialState.FAIL)
-            except (RuntimeError, ValueError, optuna.exceptions.UpdateFinishedTrialError):
-                continue  # finished meanwhile
-            n += 1
-            complete = set(t.params) == set(self.settings.names)
-            if "requeued_from" not in t.user_attrs and complete:
-                self.study.enqueue_trial(dict(t.params),
-                                         user_attrs={"requeued_from": t.number})
-                self._log(f"[optuna] trial {t.number} was left running by a process that "
-                          f"died: marked FAIL, its params re-queued")
-            else:
-                self._log(f"[optuna] trial {t.number} was left running by a process that "
-                          f"died: marked FAIL (already re-queued once; not again)")
+            if t.state == TrialState.RUNNING and t.number not in mine:
+                note = self._gone_note(t, now, asking)
+                if note is not None and self._fail_gone(t, note):
+                    n += 1
         return n
 
+    def _gone_note(self, t: FrozenTrial, now: float, asking: Any) -> str | None:
+        """How trial ``t`` was left behind by a driver that is gone, None if it may still
+        run."""
+        owner = t.system_attrs.get(_OWNER)
+        if owner is None and _asked_in(t, asking) and self._gone(asking.get("driver")):
+            return (f"was left RUNNING {_params_state(t, self.settings.names)} by a driver "
+                    f"that died while asking ({_who(asking['driver'])})")
+        if not _is_stale(t, now):
+            return None
+        if not isinstance(owner, dict):
+            return f"was left RUNNING without an owner for more than {STALE_AFTER_S:g} s"
+        if procs.is_local(owner):
+            return f"was left RUNNING by a driver that died ({_who(owner)})"
+        return (f"was left RUNNING by a driver whose heartbeat stopped more than "
+                f"{STALE_AFTER_S:g} s ago ({_who(owner)})")
+
+    def _gone(self, driver: Any) -> bool:
+        """Whether an asking driver is gone: dead (on this machine), or, where the study
+        lock spans machines and we hold it, not asking anywhere."""
+        if not isinstance(driver, dict):
+            return False
+        if procs.is_local(driver):
+            return not procs.is_alive(driver)
+        return bool(getattr(self.lock, "spans_machines", False))
+
+    def _fail_gone(self, t: FrozenTrial, note: str) -> bool:
+        """Tell ``t`` FAIL (failure "stale": it does not count), re-queue its params once,
+        and say so. False if it finished meanwhile."""
+        try:
+            self._storage().set_trial_user_attr(t._trial_id, "failure", "stale")
+            self.study.tell(t.number, state=TrialState.FAIL)
+        except (RuntimeError, ValueError, optuna.exceptions.UpdateFinishedTrialError):
+            return False
+        complete = set(t.params) == set(self.settings.names)
+        if complete and "requeued_from" not in t.user_attrs:
+            self.study.enqueue_trial(dict(t.params), user_attrs={"requeued_from": t.number})
+            what = "marked FAIL, its params re-queued"
+        elif complete:
+            what = (f"marked FAIL, not re-queued (it was the re-queued copy of trial "
+                    f"{t.user_attrs['requeued_from']})")
+        else:
+            what = "marked FAIL"
+        print(f"note: trial {t.number} {note}; {what}", file=sys.stderr, flush=True)
+        return True
+
     def _ask_batch(self) -> list[_TrialRun]:
-        """Ask the next batch of trials (under the study lock, so that concurrent drivers
-        never overshoot n_trials): waiting (re-queued) trials first, then new ones."""
-        with self.lock:
+        """Ask the next batch of trials: waiting (re-queued) trials first, then new ones.
+
+        Under the study lock, so that concurrent drivers never overshoot n_trials and ask
+        one at a time; with SIGINT/SIGTERM held, so that a stop never leaves a trial
+        half-asked. Only ``kill -9`` can, between Optuna creating a trial and this driver
+        stamping its owner: the ``_ASKING`` record names the asking driver and the trials
+        it may leave, so that the next driver fails them at once (:meth:`_fail_stale`).
+        """
+        with self.lock, store.deferred_sigint():
             trials = self.study.get_trials(deepcopy=False)
             if self._fail_stale(trials):
                 trials = self.study.get_trials(deepcopy=False)
             counted = sum(_counts(t) for t in trials)
-            waiting = sum(t.state == TrialState.WAITING for t in trials)
-            k = min(self.settings.trials_per_batch, max(0, self.target - counted) + waiting)
+            waiting = [t.number for t in trials if t.state == TrialState.WAITING]
+            k = min(self.settings.trials_per_batch,
+                    max(0, self.target - counted) + len(waiting))
             if k <= 0:
                 return []
             # A sampler seeded by the number of trials so far: reproducible for one
             # process, and different for concurrent ones (they see different counts).
             seed = (self.settings.sampler_seed * 1_000_003 + len(trials)) % 2**32
             self.study.sampler = self.settings.make_sampler(seed)
-            dists = self.settings.distributions()
-            batch = []
-            for _ in range(k):
-                trial = self.study.ask(dists)
-                self._storage().set_trial_system_attr(trial._trial_id, _OWNER, self._me)
-                self._storage().set_trial_system_attr(trial._trial_id, _HEARTBEAT, time.time())
-                batch.append(self._prepare(trial))
+            self._set_asking({"driver": self._me, "first": len(trials), "waiting": waiting})
+            batch = [self._ask_one() for _ in range(k)]
+            self._set_asking(None)
             return batch
+
+    def _set_asking(self, record: dict[str, Any] | None) -> None:
+        self._storage().set_study_system_attr(self.study._study_id, _ASKING, record)
+
+    def _ask_one(self) -> _TrialRun:
+        trial = self.study.ask(self.settings.distributions())
+        self._storage().set_trial_system_attr(trial._trial_id, _OWNER, self._me)
+        self._storage().set_trial_system_attr(trial._trial_id, _HEARTBEAT, time.time())
+        return self._prepare(trial)
 
     def _prepare(self, trial: optuna.Trial) -> _TrialRun:
         params = dict(trial.params)
@@ -695,7 +878,7 @@ class Driver:
         except ConfigError as e:
             # A combination the space allows but the trainer does not (e.g. more
             # minibatches than samples): the trial fails on its own and counts.
-            trial.set_user_attr("failure", f"invalid: {e}")
+            trial.set_user_attr("failure", redact(f"invalid: {e}"))
             self.study.tell(trial, state=TrialState.FAIL)
             tr = _TrialRun(trial, trial.number, params, {}, "", state=TrialState.FAIL,
                            failure="invalid")
@@ -742,7 +925,9 @@ class Driver:
     def report(self, uid: int, step: int, values: np.ndarray, env_steps: int) -> np.ndarray:
         """Report each trial's intermediate value; the members of pruned trials to stop."""
         with self._mutex:
-            st = self._units[uid]
+            st = self._units.get(uid)
+            if st is None:  # dropped by an interrupt while its worker still trains: stop it
+                return np.ones(len(values), dtype=bool)
             self._steps_done += max(0, int(env_steps) - st.env_steps)
             st.env_steps = max(st.env_steps, int(env_steps))
             values = np.asarray(values, dtype=float)
@@ -806,9 +991,12 @@ class Driver:
                 tr.state, tr.value = TrialState.COMPLETE, value
             else:
                 tr.state, tr.failure = TrialState.FAIL, "no value"
-        self._store_tuning(st, results)
-        for tr in st.trials:
-            self._tell(tr)
+        with store.deferred_sigint():  # stored, told and counted, or none of it
+            self._store_tuning(st, results)
+            for tr in st.trials:
+                self._tell(tr)
+            self._kept_trials += len(st.trials)
+            self._kept_runs += len(st.runs)
         with self._mutex:
             self._steps_done += max(0, sum(r.env_steps for r in results) - st.env_steps)
             del self._units[st.unit.uid]
@@ -816,7 +1004,7 @@ class Driver:
     def _tell(self, tr: _TrialRun) -> None:
         try:
             if tr.failure is not None:
-                tr.trial.set_user_attr("failure", tr.failure)
+                tr.trial.set_user_attr("failure", redact(tr.failure))
             if tr.state == TrialState.COMPLETE:
                 self.study.tell(tr.trial, tr.value)
             else:
@@ -831,7 +1019,8 @@ class Driver:
         chunk = Chunk(index=st.unit.uid, key="", sweep=s.name, env=s.env,
                       total_steps=s.total_steps, log_every=s.log_every,
                       eval_every=s.eval_every, eval_episodes=s.eval_episodes,
-                      save_policies=s.save_policies, runs=st.runs)
+                      save_policies=s.save_policies, runs=st.runs,
+                      normalize=normalization(s, s.env))
         runs_df, curves_df = result_frames(chunk, results)
         owner = st.member_trial
         runs_df["trial_number"] = [st.trials[j].number for j in owner]
@@ -881,10 +1070,8 @@ class Driver:
         server: _ReportServer | None = None
         executor: Any
         if self.n_jobs > 1:
-            from joblib.externals.loky import get_reusable_executor
-
             server = _ReportServer(self.report)
-            executor = get_reusable_executor(max_workers=self.n_jobs, timeout=60)
+            executor = _pool(self.n_jobs)
         else:
             executor = _InlineExecutor()
         stop_heartbeat = threading.Event()
@@ -941,7 +1128,8 @@ class Driver:
                 self._maybe_print(force=True)
         except KeyboardInterrupt:
             outcome.interrupted = True
-            self._abandon()
+            with store.deferred_sigint():
+                outcome.trials_dropped = self._abandon()
         finally:
             stop_heartbeat.set()
             if server is not None:
@@ -951,23 +1139,30 @@ class Driver:
                     executor.shutdown(wait=False, kill_workers=outcome.interrupted)
             outcome.wall_s = time.monotonic() - self._t0
             outcome.env_steps = self._steps_done
+            outcome.trials_kept, outcome.runs_kept = self._kept_trials, self._kept_runs
         with contextlib.suppress(Exception):
             self._write_trials()
         return outcome
 
-    def _abandon(self) -> None:
-        """Ctrl-C: tell the trials in flight FAIL and re-queue them for the next run."""
+    def _abandon(self) -> int:
+        """Ctrl-C or SIGTERM: tell FAIL to every trial this driver still runs (in flight,
+        or asked just before the stop) and re-queue each one's params once for the next
+        run. Returns how many."""
         with self._mutex:
-            units = list(self._units.values())
             self._units.clear()
-        for st in units:
-            for tr in st.trials:
-                with contextlib.suppress(Exception):
-                    tr.trial.set_user_attr("failure", "interrupted")
-                    self.study.tell(tr.trial, state=TrialState.FAIL)
-                    if "requeued_from" not in tr.trial.user_attrs:
-                        self.study.enqueue_trial(tr.params,
-                                                 user_attrs={"requeued_from": tr.number})
+        n = 0
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if t.system_attrs.get(_OWNER) != self._me:
+                continue
+            with contextlib.suppress(Exception):
+                self._storage().set_trial_user_attr(t._trial_id, "failure", "interrupted")
+                self.study.tell(t.number, state=TrialState.FAIL)
+                n += 1
+                if set(t.params) == set(self.settings.names) and (
+                        "requeued_from" not in t.user_attrs):
+                    self.study.enqueue_trial(dict(t.params),
+                                             user_attrs={"requeued_from": t.number})
+        return n
 
     def _heartbeat(self, stop: threading.Event) -> None:
         while not stop.wait(HEARTBEAT_S):
@@ -1130,7 +1325,8 @@ def confirm(driver: Driver, k: int, test_seeds: Sequence[int],
         chunks.append((Chunk(index=i, key=_chunk_key(part), sweep=s.name, env=s.env,
                              total_steps=s.total_steps, log_every=s.log_every,
                              eval_every=s.eval_every, eval_episodes=s.eval_episodes,
-                             save_policies=s.save_policies, runs=part),
+                             save_policies=s.save_policies, runs=part,
+                             normalize=normalization(s, s.env)),
                        [n for _, n in members]))
     if chunks and show:
         print(f"confirm: re-running the top {len(top)} config(s) on {len(test_seeds)} held-out "
@@ -1138,10 +1334,12 @@ def confirm(driver: Driver, k: int, test_seeds: Sequence[int],
               file=sys.stderr, flush=True)
     results: list[ChunkResult]
     if driver.n_jobs > 1 and len(chunks) > 1:
-        from joblib import Parallel, delayed
-
-        results = Parallel(n_jobs=min(driver.n_jobs, len(chunks)), backend="loky")(
-            delayed(run_chunk)(c) for c, _ in chunks)
+        pool = _pool(driver.n_jobs)
+        try:
+            results = list(pool.map(run_chunk, [c for c, _ in chunks]))
+        except BaseException:
+            pool.shutdown(wait=False, kill_workers=True)
+            raise
     else:
         results = [run_chunk(c) for c, _ in chunks]
     for (chunk, numbers), res in zip(chunks, results, strict=True):
@@ -1238,12 +1436,23 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _trial_count(text: str) -> int:
+    try:
+        value = int(text.replace("_", ""))
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid: expected an integer >= 0")
+    return value
+
+
 def _parser() -> ArgumentParser:
     p = ArgumentParser(prog="study.optuna", description=__doc__.split("\n")[0])
     p.add_argument("sweep", help="sweep file (TOML) with an [optuna] table")
     p.add_argument("--out", metavar="DIR", help="results directory (default results/<name>)")
-    p.add_argument("--n-trials", type=positive_int, metavar="N",
-                   help="trials the study should hold (default: [optuna] n_trials)")
+    p.add_argument("--n-trials", type=_trial_count, metavar="N",
+                   help="trials the study should hold (default: [optuna] n_trials); 0 with "
+                        "--confirm K: confirm the study as it is, no new trial")
     p.add_argument("--timeout", type=_positive_float, metavar="SECONDS",
                    help="ask no new batch after this many seconds")
     p.add_argument("--storage", metavar="URL",
@@ -1266,12 +1475,12 @@ def _parser() -> ArgumentParser:
 
 def _check_out(out: Path, env: str) -> None:
     """:func:`study.store.check_compatible`, also accepting a directory that holds only
-    what a driver writes before its manifest (the journal, its lock, sweep.toml, temp
-    files): another driver starting on the same study at the same moment, or a first
-    run that died early."""
+    what a driver writes before its manifest (the driver lock, the journal and its locks,
+    sweep.toml, temp files): another driver starting on the same study at the same moment,
+    or a first run that died early."""
     if out.is_dir() and not store.is_store(out) and all(
-            p.name.startswith((JOURNAL_FILE, ".tmp-")) or p.name == store.SWEEP_FILE
-            for p in out.iterdir()):
+            p.name.startswith((JOURNAL_FILE, ".tmp-"))
+            or p.name in (store.SWEEP_FILE, store.DRIVER_LOCK) for p in out.iterdir()):
         return
     store.check_compatible(out, env)
 
@@ -1310,11 +1519,11 @@ def _settings_record(sweep: Sweep, settings: OptunaSettings,
 
 
 def _open_study(storage: Any, lock: Any, name: str, where: str, record: dict[str, Any],
-                settings: OptunaSettings, log_every: int) -> optuna.Study:
+                settings: OptunaSettings, log_every: int, total_steps: int) -> optuna.Study:
     with lock:
         study = optuna.create_study(storage=storage, study_name=name, direction="maximize",
                                     sampler=settings.make_sampler(settings.sampler_seed),
-                                    pruner=settings.make_pruner(log_every),
+                                    pruner=settings.make_pruner(log_every, total_steps),
                                     load_if_exists=True)
         if study.direction != optuna.study.StudyDirection.MAXIMIZE:
             raise ConfigError(f"{where}: study {name!r} minimizes; expected a study made by "
@@ -1351,6 +1560,7 @@ def _manifest(sweep: Sweep, command: str, study_name: str, storage_desc: str,
         "format": store.FORMAT, "kind": "optuna", "sweep": sweep.name, "env": sweep.env,
         "sweep_file": sweep.source, "command": command, "cwd": os.getcwd(),
         "started": _now(), "finished": None, "status": "running",
+        "driver": procs.me(),  # readers call a "running" store whose driver died interrupted
         "numerics": study_pkg.NUMERICS,
         "optuna": {"study_name": study_name, "storage": storage_desc,
                    "n_trials": settings.n_trials, "seeds_per_trial": settings.seeds_per_trial,
@@ -1407,15 +1617,39 @@ def _summary(driver: Driver, outcome: StudyOutcome) -> str:
     return "\n".join(lines)
 
 
-def _main(argv: Sequence[str] | None) -> int:
-    args = _parser().parse_args(argv)
-    sweep = load_optuna_sweep(args.sweep)
+@dataclass(frozen=True)
+class _Job:
+    """A validated command line: what this run will do, decided before anything is
+    written."""
+
+    args: argparse.Namespace
+    sweep: Sweep
+    settings: OptunaSettings
+    tune_seeds: tuple[int, ...]
+    test_seeds: tuple[int, ...]
+    out: Path
+    study_name: str
+    storage_spec: str | None
+    command: str
+
+
+def _settings(args: argparse.Namespace, sweep: Sweep) -> OptunaSettings:
     settings = parse_optuna(sweep.optuna, source=sweep.source, fixed=sweep.fixed,
                             total_steps=sweep.total_steps, eval_every=sweep.eval_every)
+    if args.n_trials == 0 and args.confirm is None:
+        raise ConfigError("--n-trials 0 runs no trial: expected it with --confirm K (to "
+                          "confirm the study as it is), or --n-trials N >= 1")
     if args.n_trials is not None:
         settings = dataclasses.replace(settings, n_trials=args.n_trials)
     if args.batch_size is not None:
         settings = dataclasses.replace(settings, trials_per_batch=args.batch_size)
+    return settings
+
+
+def _job(args: argparse.Namespace, argv: Sequence[str] | None) -> _Job:
+    """Every check of the command line, the sweep and the output directory."""
+    sweep = load_optuna_sweep(args.sweep)
+    settings = _settings(args, sweep)
     if sweep.grid and not args.quiet:
         print(f"note: {sweep.source}: [grid] is ignored by study.optuna (it searches "
               f"[optuna.space])", file=sys.stderr)
@@ -1426,70 +1660,126 @@ def _main(argv: Sequence[str] | None) -> int:
     if not study_name.strip():
         raise ConfigError("--study-name '' is invalid: expected a non-empty name")
     _check_out(out, sweep.env)
+    if settings.n_trials == 0 and not store.is_store(out):
+        raise ConfigError(f"{out}: --n-trials 0 --confirm needs a study run before, and this "
+                          f"is not its results store; expected the --out of that study")
     storage_spec = _check_storage(_storage_spec(args.storage))
     _check_same_storage(out, storage_spec)
-
-    # Validation is over: from here on the store (and the study) is written.
     command = shlex.join(["python", "-m", "study.optuna",
                           *(sys.argv[1:] if argv is None else argv)])
+    return _Job(args, sweep, settings, tune_seeds, test_seeds, out, study_name, storage_spec,
+                command)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    job = _job(_parser().parse_args(argv), argv)
+    # Validation is over: from here on the store (and the study) is written. A database
+    # study is opened and checked first (that writes nothing here). Optuna drivers of one
+    # study share the store, a grid driver excludes them. SIGTERM stops as Ctrl-C does.
     with _quiet_optuna():
-        storage, lock, storage_desc = _open_storage(storage_spec, out, study_name)
-        study = _open_study(storage, lock, study_name, storage_desc,
-                            _settings_record(sweep, settings, tune_seeds), settings,
-                            sweep.log_every)
-        out.mkdir(parents=True, exist_ok=True)
-        previous = store.read_manifest(out) if store.is_store(out) else None
-        manifest = _manifest(sweep, command, study_name, storage_desc, settings, previous)
-        store.atomic_write_text(out / store.SWEEP_FILE, sweep_to_toml(sweep))
-        store.write_manifest(out, manifest)
-        driver = Driver(sweep=sweep, settings=settings, study=study, lock=lock, out=out,
-                        tune_seeds=tune_seeds, study_name=study_name, n_jobs=args.n_jobs,
-                        timeout=args.timeout, quiet=args.quiet)
-        if not args.quiet:
-            done = sum(_counts(t) and t.state.is_finished() for t in study.get_trials())
-            print(f"study {study_name!r} in {storage_desc}: {driver.target} trials "
-                  f"({done} done); {settings.describe()}; tuning seeds "
-                  f"{list(tune_seeds)}; {settings.trials_per_batch} trials x "
-                  f"{len(tune_seeds)} seeds per population batch", file=sys.stderr,
-                  flush=True)
+        in_db = _study(job, *_open_rdb(job.storage_spec, job.study_name)) \
+            if _is_url(job.storage_spec) else None
+        with store.driver_lock(job.out, exclusive=False), procs.sigterm_as_interrupt():
+            study, lock, desc = in_db or _study(job, *_open_journal(job.storage_spec, job.out))
+            return _run(job, study, lock, desc)
 
-        def finish(status: str, outcome: StudyOutcome | None) -> None:
-            manifest["finished"] = _now()
-            manifest["status"] = status
-            if outcome is not None:
-                manifest["wall_s"] = round(outcome.wall_s, 3)
-                manifest["env_steps"] = outcome.env_steps
-                manifest["trials_run"] = outcome.trials_run
-            store.write_manifest(out, manifest)
 
-        try:
-            outcome = driver.run()
-        except BaseException:
-            finish("failed", None)
-            raise
-        if outcome.interrupted:
-            finish("interrupted", outcome)
-            print("interrupted: the trials in flight were marked FAIL and re-queued; run the "
-                  "same command again to resume", file=sys.stderr)
-            return EXIT_INTERRUPTED
-        finish("timeout" if outcome.timed_out else "complete", outcome)
-        if args.quiet:
-            print(f"results: {out}")
-        else:
-            print(_summary(driver, outcome))
+def _study(job: _Job, storage: Any, lock: Any, desc: str) -> tuple[optuna.Study, Any, str]:
+    s = job.settings
+    study = _open_study(storage, lock, job.study_name, desc,
+                        _settings_record(job.sweep, s, job.tune_seeds), s, job.sweep.log_every,
+                        job.sweep.total_steps)
+    return study, lock, desc
 
-        # Held-out confirmation: on request, or once at the end of a study that sets
-        # test_seeds (by the driver that finds the study complete first).
-        k = args.confirm
-        if k is None and settings.test_seeds and _study_complete(driver):
-            with lock:
-                claim = f"{driver.target}:{len(test_seeds)}"
-                if study.user_attrs.get(_CONFIRMED) != claim:
-                    study.set_user_attr(_CONFIRMED, claim)
-                    k = settings.confirm_top
-        if k is not None:
-            confirm(driver, k, test_seeds, show=not args.quiet)
+
+def _run(job: _Job, study: optuna.Study, lock: Any, desc: str) -> int:
+    """Start the manifest, then drive the study and confirm."""
+    s = job.settings
+    job.out.mkdir(parents=True, exist_ok=True)
+    previous = store.read_manifest(job.out) if store.is_store(job.out) else None
+    manifest = _manifest(job.sweep, job.command, job.study_name, desc, s, previous)
+    store.atomic_write_text(job.out / store.SWEEP_FILE, sweep_to_toml(job.sweep))
+    store.write_manifest(job.out, manifest)
+    driver = Driver(sweep=job.sweep, settings=s, study=study, lock=lock, out=job.out,
+                    tune_seeds=job.tune_seeds, study_name=job.study_name,
+                    n_jobs=job.args.n_jobs, timeout=job.args.timeout, quiet=job.args.quiet)
+    if not job.args.quiet:
+        _announce(job, driver, desc)
+
+    def finish(status: str, outcome: StudyOutcome | None) -> None:
+        manifest["finished"] = _now()
+        manifest["status"] = status
+        if outcome is not None:
+            manifest["wall_s"] = round(outcome.wall_s, 3)
+            manifest["env_steps"] = outcome.env_steps
+            manifest["trials_run"] = outcome.trials_run
+        store.write_manifest(job.out, manifest)
+
+    try:
+        return _drive(job, driver, finish)
+    except KeyboardInterrupt:  # outside the trial loop, which handles its own
+        finish("interrupted", None)
+        print(f"interrupted: the trials finished so far are kept in {job.out} (and confirm "
+              f"runs of finished populations, which are not run again); run the same "
+              f"command again to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BaseException:
+        finish("failed", None)
+        raise
+
+
+def _announce(job: _Job, driver: Driver, desc: str) -> None:
+    s = job.settings
+    done = sum(_counts(t) and t.state.is_finished() for t in driver.study.get_trials())
+    plan = (f"{driver.target} trials ({done} done)" if s.n_trials else
+            f"{done} trials done, none to run (--n-trials 0)")
+    print(f"study {job.study_name!r} in {desc}: {plan}; {s.describe()}; tuning seeds "
+          f"{list(job.tune_seeds)}; {s.trials_per_batch} trials x {len(job.tune_seeds)} "
+          f"seeds per population batch", file=sys.stderr, flush=True)
+
+
+def _drive(job: _Job, driver: Driver,
+           finish: Callable[[str, StudyOutcome | None], None]) -> int:
+    """Run the trials (none with --n-trials 0), report, confirm; the exit code."""
+    outcome = driver.run() if job.settings.n_trials else StudyOutcome()
+    if outcome.interrupted:
+        finish("interrupted", outcome)
+        print(_interrupted_line(driver, outcome), file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if not job.settings.n_trials:
+        driver._write_trials()
+    if job.args.quiet:
+        print(f"results: {job.out}")
+    else:
+        print(_summary(driver, outcome))
+    k = _confirm_count(job, driver)
+    if k is not None:
+        confirm(driver, k, job.test_seeds, show=not job.args.quiet)
+    finish("timeout" if outcome.timed_out else "complete", outcome)
     return 0
+
+
+def _confirm_count(job: _Job, driver: Driver) -> int | None:
+    """K of held-out confirmation: --confirm K, or once at the end of a study that sets
+    test_seeds (by the driver that finds the study complete first)."""
+    s = job.settings
+    if job.args.confirm is not None or not s.test_seeds or not _study_complete(driver):
+        return job.args.confirm
+    with driver.lock:
+        claim = f"{driver.target}:{len(job.test_seeds)}"
+        if driver.study.user_attrs.get(_CONFIRMED) == claim:
+            return None
+        driver.study.set_user_attr(_CONFIRMED, claim)
+    return s.confirm_top
+
+
+def _interrupted_line(driver: Driver, outcome: StudyOutcome) -> str:
+    trials = driver.study.get_trials(deepcopy=False)
+    done = sum(_counts(t) and t.state.is_finished() for t in trials)
+    return (f"interrupted: dropped {outcome.trials_dropped} trial(s) in flight (marked FAIL, "
+            f"re-queued for the next run); kept {outcome.trials_kept} trial(s) finished by "
+            f"this run ({outcome.runs_kept} runs stored in {driver.out}); the study holds "
+            f"{done} of {driver.target} trials; run the same command again to resume")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -542,6 +542,7 @@ def train_population(
     save_policies: bool = False,
     on_log: Callable[[int, dict[str, np.ndarray]], np.ndarray | None] | None = None,
     on_progress: Callable[[int], None] | None = None,
+    check_memory: bool = True,
 ) -> list[RunResult]:
     """Train every member for ``total_steps`` env steps; results in the order of ``members``.
 
@@ -550,11 +551,14 @@ def train_population(
     stop now (status "pruned"). ``on_progress(n)`` receives env steps done since its last
     call, summed over members. A member whose loss, gradients or weights go non-finite stops
     learning at that update and is reported "diverged"; the others carry on.
+    ``check_memory`` refuses (ConfigError) a population too large for the memory available
+    before anything is built; drivers that checked it already pass False.
     """
     t_start = time.perf_counter()
     keep_freed_memory()
     hp = _check_members(members)
-    check_fits(env_id, [(hp, len(members))], fewer="the population")  # before building
+    if check_memory:  # drivers check all the populations they start together instead
+        check_fits([(env_id, hp, len(members))], fewer="the population")
     dev = torch.device(device)
     seeds = [int(m.seed) for m in members]
     n_mem = len(members)

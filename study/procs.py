@@ -89,14 +89,18 @@ def die_with_parent(poll_s: float = 0.5) -> None:
     instant but fires when the parent *thread* that spawned the worker ends, which for a
     pool's manager thread is not the driver's death.) Idempotent; workers call it first.
     """
+    import multiprocessing
     import threading
 
     global _WATCHDOG_STARTED
     if _WATCHDOG_STARTED:
         return
     _WATCHDOG_STARTED = True
-    parent = os.getppid()
-    if parent == 1:  # orphaned already: adopted by init before we looked
+    # The parent we were started by (a driver may itself be PID 1, in a container);
+    # if it is gone already, we were re-parented before we looked.
+    spawner = multiprocessing.parent_process()
+    parent = spawner.pid if spawner is not None and spawner.pid else os.getppid()
+    if os.getppid() != parent:
         os._exit(1)
 
     def watch() -> None:

@@ -49,18 +49,20 @@ def register_secret(secret: str | None) -> None:
 def redact_url(url: str) -> str:
     """``url`` with the password of its user info masked: ``s://u:***@h/db``.
 
-    The user info is everything before the last ``@`` of the part before the query, so
-    a password holding an unencoded ``@`` or ``/`` is masked whole.
+    The user info is everything before the last ``@``, so a password holding an unencoded
+    ``@``, ``/`` or ``?`` is masked whole.
     """
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url
-    head, q, query = rest.partition("?")
-    at = head.rfind("@")
-    if at >= 0 and ":" in head[:at]:
-        user = head[:at].split(":", 1)[0]
-        head = f"{user}:{MASK}{head[at:]}"
-    return f"{scheme}{sep}{head}{q}{query}"
+    # The user info ends at the last "@" of the whole URL: a password may hold unencoded
+    # "@", "/" or "?" (SQLAlchemy accepts them). An "@" in the query makes this mask more
+    # than the password, never less.
+    at = rest.rfind("@")
+    if at >= 0 and ":" in rest[:at]:
+        user = rest[:at].split(":", 1)[0]
+        return f"{scheme}{sep}{user}:{MASK}{rest[at:]}"
+    return url
 
 
 def redact(text: str) -> str:
@@ -71,7 +73,8 @@ def redact(text: str) -> str:
     out = _URL.sub(lambda m: redact_url(m.group(0)), text)
     out = _PASSWORD_PARAM.sub(lambda m: m.group(1) + MASK, out)
     for secret in sorted(_SECRETS, key=len, reverse=True):
-        out = out.replace(secret, MASK)
+        # Whole tokens only: the password "postgres" must not eat "postgresql://".
+        out = re.sub(rf"(?<![A-Za-z0-9]){re.escape(secret)}(?![A-Za-z0-9])", MASK, out)
     return out
 
 

@@ -286,6 +286,7 @@ def run_chunk(chunk: Chunk, progress: ProgressSink | None = None) -> ChunkResult
             chunk.env, members, chunk.total_steps, log_every=chunk.log_every,
             eval_every=chunk.eval_every, eval_episodes=chunk.eval_episodes,
             save_policies=chunk.save_policies, on_progress=on_progress,
+            check_memory=False,  # the driver checked the populations it starts together
         )
     finally:
         # Matters when the chunk ran in the driver process (n_jobs=1).

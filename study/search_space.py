@@ -9,7 +9,7 @@ A sweep file for ``python -m study.optuna`` carries, besides the usual keys (``e
     objective = "iqm"            # iqm | median | mean | cvar25 (mean of the worst quarter) of...
     metric = "final_return"      # ...final_return | final_eval_return | auc
     sampler = "tpe"              # tpe | random | gp | cmaes | grid
-    pruner = "median"            # none | median | halving | wilcoxon
+    pruner = "median"            # none | median | halving | hyperband
     test_seeds = 10              # held-out seeds for --confirm, disjoint from tuning seeds
     [optuna.space]
     policy_lr = { low = 1e-4, high = 1e-1, log = true }
@@ -21,6 +21,13 @@ trials trained together as one population), ``pruner_startup_trials`` (5: finish
 before the pruner may prune), ``pruner_warmup_steps`` (``total_steps // 5``: env steps a
 trial trains before it can be pruned) and ``confirm_top`` (5: configs re-run on the test
 seeds at the end of a study).
+
+Pruners: ``median`` (Optuna's MedianPruner with the startup trials and warm-up above),
+``halving`` (successive halving) and ``hyperband`` (Hyperband over successive-halving
+brackets), both with ``min_resource`` the first log point at or after the warm-up and,
+for ``hyperband``, ``max_resource = total_steps``; steps are env steps of log points.
+``wilcoxon`` is refused: it needs independent problem instances as steps, and the log
+points of a learning curve are not.
 
 :func:`parse_optuna` checks all of it before anything runs, as :mod:`study.sweep` does for
 grids: every problem is a one-line :class:`~study.config.ConfigError` naming the file and
@@ -43,6 +50,7 @@ from study.config import SPECS, ConfigError, check_name, coerce
 from study.sweep import format_value
 
 __all__ = [
+    "DROPPED_PRUNERS",
     "METRICS",
     "OBJECTIVES",
     "OPTUNA_KEYS",
@@ -66,7 +74,12 @@ METRICS: dict[str, str] = {
     "auc": "mean episode_return over all log points (area under the learning curve)",
 }
 SAMPLERS: tuple[str, ...] = ("tpe", "random", "gp", "cmaes", "grid")
-PRUNERS: tuple[str, ...] = ("none", "median", "halving", "wilcoxon")
+PRUNERS: tuple[str, ...] = ("none", "median", "halving", "hyperband")
+#: Pruners once offered and why they are not: a sweep naming one gets this as its error.
+DROPPED_PRUNERS: dict[str, str] = {
+    "wilcoxon": "it compares trials step by step as independent problem instances, and the "
+                "log points of one learning curve are not independent",
+}
 
 #: Keys of the [optuna] table and what each must be (shown in error messages).
 OPTUNA_KEYS: dict[str, str] = {
@@ -400,30 +413,29 @@ class OptunaSettings:
                 {p.name: p.grid_values for p in self.space}, seed=seed
             )
 
-    def make_pruner(self, log_every: int) -> Any:
-        """The pruner; intermediate values are reported at env-step log points."""
-        import warnings
-
+    def make_pruner(self, log_every: int, total_steps: int) -> Any:
+        """The pruner; intermediate values are reported at env-step log points, so
+        resources (``min_resource``, ``max_resource``) are env steps of log points."""
         import optuna
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            if self.pruner == "none":
-                return optuna.pruners.NopPruner()
-            if self.pruner == "median":
-                return optuna.pruners.MedianPruner(
-                    n_startup_trials=self.pruner_startup_trials,
-                    n_warmup_steps=self.pruner_warmup_steps,
-                )
-            if self.pruner == "halving":
-                return optuna.pruners.SuccessiveHalvingPruner(
-                    min_resource=max(log_every, self.pruner_warmup_steps), reduction_factor=3,
-                )
-            # Wilcoxon's "steps" are paired instances: here the log points.
-            return optuna.pruners.WilcoxonPruner(
-                p_threshold=0.1,
-                n_startup_steps=max(2, self.pruner_warmup_steps // max(1, log_every)),
+        if self.pruner == "none":
+            return optuna.pruners.NopPruner()
+        if self.pruner == "median":
+            return optuna.pruners.MedianPruner(
+                n_startup_trials=self.pruner_startup_trials,
+                n_warmup_steps=self.pruner_warmup_steps,
             )
+        low, high = self.pruner_resources(log_every, total_steps)
+        if self.pruner == "halving":
+            return optuna.pruners.SuccessiveHalvingPruner(min_resource=low, reduction_factor=3)
+        return optuna.pruners.HyperbandPruner(min_resource=low, max_resource=high,
+                                              reduction_factor=3)
+
+    def pruner_resources(self, log_every: int, total_steps: int) -> tuple[int, int]:
+        """``(min_resource, max_resource)`` of the halving pruners: the first log point
+        at or after the warm-up (at least one log point in), and the budget."""
+        first = max(1, math.ceil(self.pruner_warmup_steps / log_every)) * log_every
+        return min(first, total_steps), total_steps
 
     def aggregate(self, values: Sequence[float] | np.ndarray) -> float:
         """The objective of per-seed values (NaN skipped)."""
@@ -454,6 +466,15 @@ def _choice_key(table: Mapping[str, Any], key: str, default: str,
         hint = f" (did you mean {m[0]!r}?)" if m else ""
         raise ConfigError(f"{where}{key} = {v!r} is invalid{hint}: expected {OPTUNA_KEYS[key]}")
     return v.lower()
+
+
+def _pruner_key(table: Mapping[str, Any], where: str) -> str:
+    v = table.get("pruner")
+    if isinstance(v, str) and v.lower() in DROPPED_PRUNERS:
+        raise ConfigError(f"{where}pruner = {v!r} is no longer offered: "
+                          f"{DROPPED_PRUNERS[v.lower()]}; expected {OPTUNA_KEYS['pruner']} "
+                          f"(hyperband: successive halving over the same learning curves)")
+    return _choice_key(table, "pruner", "median", PRUNERS, where)
 
 
 def parse_optuna(
@@ -487,7 +508,7 @@ def parse_optuna(
     objective = _choice_key(table, "objective", "iqm", tuple(OBJECTIVES), where)
     metric = _choice_key(table, "metric", "final_return", tuple(METRICS), where)
     sampler = _choice_key(table, "sampler", "tpe", SAMPLERS, where)
-    pruner = _choice_key(table, "pruner", "median", PRUNERS, where)
+    pruner = _pruner_key(table, where)
     test_seeds = _int_key(table, "test_seeds", None, 1, where)
     sampler_seed = _int_key(table, "sampler_seed", 0, 0, where)
     batch = _int_key(table, "trials_per_batch", max(1, POPULATION_TARGET // spt), 1, where)

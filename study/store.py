@@ -349,6 +349,10 @@ def driver_lock(path: str | Path, exclusive: bool = True) -> Iterator[None]:
         os.close(fd)
         raise StoreError(f"{p}: another driver is writing this store ({_driver_desc(p)}); "
                          f"wait for it to finish, or pass another --out") from None
+    except OSError as e:  # ENOLCK on some network file systems
+        os.close(fd)
+        raise StoreError(f"{p}: cannot lock {DRIVER_LOCK} ({e.strerror}); write results to a "
+                         f"local file system") from None
     try:
         yield
     finally:

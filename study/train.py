@@ -109,7 +109,7 @@ def _main(argv: Sequence[str] | None) -> int:
     from study.population import Member, train_population
 
     env_spaces(args.env)  # validates the env id and its spaces before anything runs
-    check_fits(args.env, [(hp, len(seeds))], fewer="the number of --seeds")
+    check_fits([(args.env, hp, len(seeds))], fewer="the number of --seeds")
     torch.set_num_threads(1)
     members = [Member(hp, s) for s in seeds]
     n_batch = hp["num_envs"] * hp["n_steps"]

@@ -35,15 +35,21 @@ def test_population_bytes_counts_networks_buffers_and_envs() -> None:
 
 
 def test_a_population_that_cannot_fit_is_refused_naming_the_keys() -> None:
-    hp = resolve({"policy_hidden_sizes": [100_000, 100_000]})
+    hp = resolve({"policy_hidden_sizes": [60_000, 60_000]})
     with pytest.raises(ConfigError) as info:
-        check_fits("CartPole-v1", [(hp, 64)], "s.toml: ")
+        check_fits([("CartPole-v1", hp, 64)], "s.toml: ")
     msg = str(info.value)
     assert msg.startswith("s.toml: a population of 64 members x 8 envs of 'CartPole-v1' "
                           "needs about ")
     assert "GiB available" in msg and "policy_hidden_sizes" in msg and "\n" not in msg
     # what fits passes, and says how much it needs
-    assert "population(s) at once" in check_fits("CartPole-v1", [(resolve({}), 64)])
+    assert "population(s) at once" in check_fits([("CartPole-v1", resolve({}), 64)])
+    # populations of different envs trained together add up
+    half = resolve({"policy_hidden_sizes": [20_000, 20_000]})  # about 6 GiB each
+    for env in ("CartPole-v1", "Acrobot-v1"):
+        check_fits([(env, half, 1)])  # each fits alone
+    with pytest.raises(ConfigError, match="6 populations trained at once need about"):
+        check_fits([("CartPole-v1", half, 1), ("Acrobot-v1", half, 1)] * 3)
 
 
 def test_grid_refuses_an_oversized_population_before_writing(tmp_path) -> None:

@@ -347,7 +347,7 @@ def _fake_population_module() -> types.ModuleType:
 
     def train_population(env_id, members, total_steps, log_every=1000, eval_every=0,
                          eval_episodes=10, device="cpu", save_policies=False, on_log=None,
-                         on_progress=None):
+                         on_progress=None, check_memory=True):
         results = []
         steps = np.arange(log_every, total_steps + 1, log_every)
         for m in members:

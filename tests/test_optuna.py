@@ -3,15 +3,21 @@
 Covers validation (exit 2, one line, nothing written), batched trials trained as one
 population per structural group, trials.parquet agreeing with the store, pruning,
 resuming, stale trials of a killed process, two processes on one journal file and on
-PostgreSQL (when STUDY_TEST_POSTGRES_URL is set), and --confirm with best.toml.
+PostgreSQL (when STUDY_TEST_POSTGRES_URL is set), and --confirm with best.toml. Faults are
+real: processes killed with SIGKILL (holding Optuna's journal lock, inside ``ask``, while
+workers train) and stopped with SIGTERM.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +26,7 @@ import pandas as pd
 import pytest
 
 import study.population as population
-from study import store
+from study import procs, store
 from study.config import ConfigError, structural_key
 from study.optuna import TRIALS_FILE, derive_seeds, main
 from study.search_space import OptunaSettings, aggregate, parse_optuna
@@ -120,6 +126,7 @@ def _check_store_agrees(out: Path, n_trials: int, seeds: list[int]) -> pd.DataFr
         ('policy_optimizer = { low = 1, high = 2 }', "", "", "choices"),
         (SPACE, 'sampler = "bayes"', "", "sampler = 'bayes'"),
         (SPACE, 'pruner = "asha"', "", "pruner = 'asha'"),
+        (SPACE, 'pruner = "wilcoxon"', "", "pruner = 'wilcoxon' is no longer offered"),
         (SPACE, 'objective = "max"', "", "objective"),
         (SPACE, 'metric = "final_eval_return"', "", "needs evaluation"),
         (SPACE, 'sampler = "grid"', "", "sampler = 'grid' needs"),
@@ -343,7 +350,7 @@ class _PruneOdd(optuna.pruners.BasePruner):
 
 
 def test_pruned_trials_stop_training_in_worker_processes(tmp_path, monkeypatch):
-    monkeypatch.setattr(OptunaSettings, "make_pruner", lambda self, log_every: _PruneOdd())
+    monkeypatch.setattr(OptunaSettings, "make_pruner", lambda self, *a: _PruneOdd())
     path = _sweep(tmp_path / "s.toml")
     out = tmp_path / "out"
     # --n-jobs 2: two batches train in worker processes, pruning decided in the driver
@@ -379,23 +386,31 @@ sys.exit(so.main(sys.argv[1:]))
 """
 
 
-def test_running_trials_of_a_killed_process_are_failed_and_requeued(tmp_path):
+def test_running_trials_of_a_killed_process_are_failed_and_requeued(tmp_path, capsys):
     text = BASE.format(optuna_extra="", space=SPACE).replace(
         "n_trials = 6", "n_trials = 4").replace("trials_per_batch = 3", "trials_per_batch = 2")
     path = _sweep(tmp_path / "s.toml", text=text)
     out = tmp_path / "out"
     script = tmp_path / "killed.py"
     script.write_text(_KILLED_DRIVER)
-    proc = subprocess.run([sys.executable, str(script), str(path), "--out", str(out),
-                           "--quiet"], env=_env(), cwd=tmp_path, capture_output=True,
-                          timeout=120)
-    assert proc.returncode == -9, proc.stderr.decode()
+    proc = subprocess.Popen([sys.executable, str(script), str(path), "--out", str(out),
+                             "--quiet"], env=_env(), cwd=tmp_path, stderr=subprocess.PIPE)
+    _, killed_err = proc.communicate(timeout=120)
+    assert proc.returncode == -9, killed_err.decode()
     journal = optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(out / "optuna.journal")))
     left = optuna.load_study(study_name="opt", storage=journal).get_trials()
     assert [t.state for t in left] == [optuna.trial.TrialState.RUNNING] * 2
+    # the manifest names the dead driver: readers see the store as interrupted
+    manifest = store.read_manifest(out)
+    assert manifest["status"] == "running" and store.status(manifest) == "interrupted"
 
     assert main([str(path), "--out", str(out), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    for n in (0, 1):
+        assert (f"note: trial {n} was left RUNNING by a driver that died (pid {proc.pid} on "
+                in err), err
+    assert err.count("; marked FAIL, its params re-queued") == 2, err
     trials = _trials(out)
     assert len(trials) == 6
     failed = trials[trials["state"] == "FAIL"]
@@ -436,7 +451,7 @@ def test_an_out_dir_another_driver_is_starting_is_accepted(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     for name in ("optuna.journal", "optuna.journal.study-lock", "sweep.toml",
-                 ".tmp-manifest.json.abc123"):
+                 ".tmp-manifest.json.abc123", ".driver.lock"):
         (out / name).write_text("")
     _check_out(out, "CartPole-v1")
     (out / "notes.txt").write_text("mine")
@@ -463,3 +478,281 @@ def test_two_processes_share_a_postgresql_study(tmp_path):
     study = optuna.load_study(study_name=name, storage=_check_storage(POSTGRES_URL))
     assert sorted(t.number for t in study.trials) == list(range(8))
     optuna.delete_study(study_name=name, storage=_check_storage(POSTGRES_URL))
+
+
+# --------------------------------------------------------------------------------------
+# faults: killed writers and askers, orphaned workers, SIGTERM, other drivers
+
+
+def _tiny(n_trials: int, batch: int, total_steps: int = 800, log_every: int = 200,
+          extra: str = "") -> str:
+    return BASE.format(optuna_extra=extra, space=SPACE).replace(
+        "n_trials = 6", f"n_trials = {n_trials}").replace(
+        "trials_per_batch = 3", f"trials_per_batch = {batch}").replace(
+        "total_steps = 800", f"total_steps = {total_steps}").replace(
+        "log_every = 200", f"log_every = {log_every}")
+
+
+_HOLD_JOURNAL_LOCK = """\
+import os, signal, sys
+from optuna.storages.journal import JournalFileSymlinkLock
+
+os.makedirs(os.path.dirname(sys.argv[1]), exist_ok=True)
+JournalFileSymlinkLock(sys.argv[1]).acquire()  # what Optuna takes to append to a journal
+os.kill(os.getpid(), signal.SIGKILL)             # killed while writing
+"""
+
+
+def test_a_journal_lock_left_by_a_killed_writer_does_not_hang_the_next_run(tmp_path):
+    path = _sweep(tmp_path / "s.toml", text=_tiny(2, 2))
+    script = tmp_path / "hold.py"
+    script.write_text(_HOLD_JOURNAL_LOCK)
+    journal = Path("results") / "opt" / "optuna.journal"  # relative: the default --out
+    holder = subprocess.run([sys.executable, str(script), str(journal)], cwd=tmp_path,
+                            env=_env(), timeout=60)
+    assert holder.returncode == -9
+    lock = tmp_path / "results" / "opt" / "optuna.journal.lock"
+    assert lock.is_symlink() and not lock.exists()  # it dangles
+    env = {**_env(), "STUDY_OPTUNA_JOURNAL_GRACE_S": "2"}
+    # Before the fix this run spun at 100% CPU forever in Optuna's lock loop.
+    proc = subprocess.run([sys.executable, "-m", "study.optuna", str(path), "--quiet"],
+                          cwd=tmp_path, env=env, capture_output=True, timeout=90)
+    err = proc.stderr.decode()
+    assert proc.returncode == 0, err
+    assert "optuna.journal.lock was held for more than 2 s" in err, err
+    trials = _trials(tmp_path / "results" / "opt")
+    assert len(trials) == 2 and trials["state"].isin(["COMPLETE", "PRUNED"]).all()
+    assert not lock.is_symlink()
+
+
+_KILLED_ASKING = """\
+import os, signal, sys
+import optuna
+import study.optuna as so
+
+class DieWhileSampling(optuna.samplers.RandomSampler):
+    # Inside study.ask: the trial exists (RUNNING), it has no params and no owner yet.
+    def sample_independent(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+so.OptunaSettings.make_sampler = lambda self, seed: DieWhileSampling(seed=seed)
+sys.exit(so.main(sys.argv[1:]))
+"""
+
+
+def test_a_trial_left_by_a_driver_killed_while_asking_is_failed_at_once(tmp_path, capsys):
+    path = _sweep(tmp_path / "s.toml", text=_tiny(2, 2))
+    out = tmp_path / "out"
+    script = tmp_path / "killed.py"
+    script.write_text(_KILLED_ASKING)
+    killed = subprocess.Popen([sys.executable, str(script), str(path), "--out", str(out),
+                               "--quiet"], env=_env(), cwd=tmp_path, stderr=subprocess.PIPE)
+    _, killed_err = killed.communicate(timeout=120)
+    assert killed.returncode == -9, killed_err.decode()
+
+    # Long before STALE_AFTER_S (300 s): the asking driver is known, and dead.
+    assert main([str(path), "--out", str(out), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    note = (f"note: trial 0 was left RUNNING without parameters by a driver that died while "
+            f"asking (pid {killed.pid} on ")
+    assert note in err and err.strip().endswith("; marked FAIL"), err
+    assert "re-queued" not in err, err
+    trials = _trials(out)
+    assert trials["number"].tolist() == [0, 1, 2]
+    assert trials.loc[0, "state"] == "FAIL" and trials.loc[0, "failure"] == "stale"
+    # the orphan did not count: two trials were run in its place
+    assert trials.loc[1:, "state"].isin(["COMPLETE", "PRUNED"]).all()
+    assert trials["requeued_from"].isna().all()
+    assert sorted(_tune_runs(out)["trial_number"].unique()) == [1, 2]
+
+
+def _children(pid: int) -> dict[int, str]:
+    """Live processes whose parent is ``pid``: ``{pid: command line}``."""
+    found = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] not in ("Z", "X"):
+            found[int(d.name)] = cmd
+    return found
+
+
+def _training(pid: int) -> bool:
+    """Whether worker ``pid`` has imported torch: it runs a task (its initializer ran)."""
+    try:
+        return "torch" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+def _live(pids: list[int]) -> list[int]:
+    return [p for p in pids if procs.is_alive({"pid": p})]
+
+
+def _wait_for(what: Callable[[], object], timeout: float, why: str) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = what()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {why}")
+
+
+def test_workers_die_with_a_driver_killed_with_sigkill(tmp_path):
+    # A budget that trains for minutes with no log point (no report) in sight: a worker
+    # that outlives its driver keeps training.
+    text = _tiny(4, 1, total_steps=4_000_000, log_every=2_000_000)
+    path = _sweep(tmp_path / "s.toml", text=text)
+    driver = subprocess.Popen([sys.executable, "-m", "study.optuna", str(path), "--out",
+                               str(tmp_path / "out"), "--quiet", "--n-jobs", "2"],
+                              env=_env(), cwd=tmp_path, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    workers: list[int] = []
+    try:
+        def training_workers() -> list[int]:
+            found = [p for p, cmd in _children(driver.pid).items() if "LokyProcess" in cmd]
+            return found if len(found) == 2 and all(map(_training, found)) else []
+
+        workers = list(_wait_for(training_workers, 120, "2 training workers"))  # type: ignore
+        driver.kill()
+        driver.wait(timeout=10)
+        time.sleep(0.1)
+        deadline = time.monotonic() + 5
+        while _live(workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _live(workers) == [], "workers outlived their driver"
+    finally:
+        driver.kill()
+        driver.wait(timeout=10)
+        for p in _live(workers):  # never leave an orphan training on a shared machine
+            os.kill(p, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("n_jobs", [1, 2])
+def test_sigterm_stops_the_driver_like_ctrl_c(tmp_path, n_jobs):
+    path = _sweep(tmp_path / "s.toml", text=_tiny(400, 2))
+    out = tmp_path / "out"
+    driver = subprocess.Popen([sys.executable, "-m", "study.optuna", str(path), "--out",
+                               str(out), "--quiet", "--n-jobs", str(n_jobs)],
+                              env=_env(), cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+    try:
+        def finished_trials() -> bool:
+            try:
+                return bool(_trials(out)["state"].isin(["COMPLETE", "PRUNED"]).any())
+            except (OSError, ValueError):  # not written yet
+                return False
+
+        _wait_for(finished_trials, 120, "a finished trial")
+        workers = list(_children(driver.pid))
+        driver.send_signal(signal.SIGTERM)
+        _, err_bytes = driver.communicate(timeout=60)
+    finally:
+        driver.kill()
+    err = err_bytes.decode()
+    assert driver.returncode == 130, err
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("interrupted")]
+    assert len(lines) == 1, err
+    m = re.fullmatch(r"interrupted: dropped (\d+) trial\(s\) in flight .*; kept (\d+) "
+                     r"trial\(s\) finished by this run \((\d+) runs stored in (.+)\); the "
+                     r"study holds (\d+) of 400 trials; run the same command again to resume",
+                     lines[0])
+    assert m, lines[0]
+    dropped, kept, runs, done = (int(m[i]) for i in (1, 2, 3, 5))
+    assert m[4] == str(out)
+    assert store.read_manifest(out)["status"] == "interrupted"
+    trials = _trials(out)
+    # finished: told by this run (complete, pruned, or failed on their own: diverged)
+    finished = trials[trials["state"].isin(["COMPLETE", "PRUNED", "FAIL"])
+                      & (trials["failure"].fillna("") != "interrupted")]
+    assert kept == done == len(finished) >= 1
+    assert runs == len(_tune_runs(out)) == 2 * kept
+    assert sorted(_tune_runs(out)["trial_number"].unique()) == sorted(finished["number"])
+    # what was in flight is failed and re-queued, nothing is left RUNNING
+    assert not (trials["state"] == "RUNNING").any()
+    assert (trials["failure"] == "interrupted").sum() == dropped
+    assert (trials["state"] == "WAITING").sum() == dropped
+    _wait_for(lambda: not _live(workers), 10, "the driver's child processes to end")
+
+
+def test_manifest_names_its_driver_and_a_grid_driver_excludes_optuna(tmp_path, capsys):
+    path = _sweep(tmp_path / "s.toml", text=_tiny(2, 2))
+    out = tmp_path / "out"
+    # Optuna drivers share the store (driver lock held shared)...
+    with store.driver_lock(out, exclusive=False):
+        assert main([str(path), "--out", str(out), "--quiet"]) == 0
+    manifest = store.read_manifest(out)
+    assert manifest["driver"] == procs.me()
+    assert store.status(manifest) == "complete"
+    journal = (out / "optuna.journal").read_bytes()
+    capsys.readouterr()
+    # ...a grid driver holds it exclusively: one line, exit 2, nothing written
+    with store.driver_lock(out):
+        assert main([str(path), "--out", str(out), "--n-trials", "4", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert "another driver is writing this store" in err, err
+    assert (out / "optuna.journal").read_bytes() == journal
+    assert store.read_manifest(out) == manifest
+
+
+def test_a_missing_sweep_file_is_one_line_error(tmp_path, capsys):
+    missing = tmp_path / "nope.toml"
+    assert main([str(missing), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert str(missing) in err and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_n_trials_0_confirms_the_study_without_new_trials(small_study, capsys):
+    path, out = small_study["path"], small_study["out"]
+    before = _trials(out)[["number", "state"]]
+    spy = _Spy()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(population, "train_population", spy)
+        assert main([str(path), "--out", str(out), "--n-trials", "0", "--confirm", "1"]) == 0
+    printed = capsys.readouterr()
+    assert "none to run (--n-trials 0)" in printed.err
+    assert "held-out test seeds" in printed.out and (out / "best.toml").exists()
+    pd.testing.assert_frame_equal(_trials(out)[["number", "state"]], before)
+    # only confirmation trained (or nothing, if an earlier --confirm stored its runs)
+    best = load_sweep(out / "best.toml")
+    assert all(m.seed in best.seeds for members in spy.calls for m in members)
+    assert store.read_manifest(out)["status"] == "complete"
+
+
+def test_n_trials_0_needs_confirm_and_a_study(tmp_path, capsys):
+    path = _sweep(tmp_path / "s.toml")
+    out = tmp_path / "out"
+    for extra, expect in ((["--n-trials", "0"], "--confirm"),
+                          (["--n-trials", "0", "--confirm", "2"], "needs a study run before"),
+                          (["--n-trials", "-1"], "expected an integer >= 0")):
+        assert main([str(path), "--out", str(out), *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and expect in err, err
+        assert not out.exists()
+
+
+def test_hyperband_pruner_is_sized_from_the_budget(tmp_path):
+    settings = parse_optuna({"pruner": "hyperband", "pruner_warmup_steps": 250,
+                             "space": {"policy_lr": {"low": 1e-4, "high": 1e-1}}},
+                            total_steps=1000)
+    pruner = settings.make_pruner(100, 1000)
+    assert isinstance(pruner, optuna.pruners.HyperbandPruner)
+    # resources are env steps of log points: the first log point after the warm-up, and
+    # the budget
+    assert (pruner._min_resource, pruner._max_resource) == (300, 1000)
+    assert settings.pruner_resources(200, 1000) == (400, 1000)
+    assert settings.pruner_resources(200, 100) == (100, 100)
+    # a study with it runs (TPE samples within Hyperband's brackets)
+    path = _sweep(tmp_path / "s.toml", optuna_extra='pruner = "hyperband"')
+    assert main([str(path), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    _check_store_agrees(tmp_path / "out", 6, [11, 12])

@@ -113,6 +113,7 @@ class GymPopulationEnv:
         self._seeds = [instance_seed(seed, e, stream, bits)
                        for seed in seeds for e in range(self.n_envs)]
         self._seeded = False
+        self._stepped = False
         obs_dim = self.observation_space.shape[0]
         self._obs = np.zeros((self.n_members * self.n_envs, obs_dim), dtype=np.float32)
 

@@ -123,21 +123,22 @@ def population_bytes(env_id: str, hp: Mapping[str, Any], n_members: int, obs_siz
     )
 
 
-def check_fits(env_id: str, populations: Sequence[tuple[Mapping[str, Any], int]],
+def check_fits(populations: Sequence[tuple[str, Mapping[str, Any], int]],
                where: str = "", fewer: str = "--population-size or --n-jobs") -> str:
     """ConfigError (one line) when the populations trained at the same time,
-    ``[(hp, n_members), ...]``, would not fit in the memory available now; else a line
-    saying what they need (for dry runs). ``fewer`` names what makes populations fewer
-    or smaller in the caller's terms."""
+    ``[(env_id, hp, n_members), ...]``, would not fit in the memory available now; else a
+    line saying what they need (for dry runs). ``fewer`` names what makes populations
+    fewer or smaller in the caller's terms."""
     from study.envs import env_spaces
 
-    obs_space, act_space = env_spaces(env_id)
-    obs_size = math.prod(obs_space.shape)
-    n_out = int(getattr(act_space, "n", 0)) or math.prod(act_space.shape)
-    estimates = [(population_bytes(env_id, hp, n, obs_size, n_out), hp, n)
-                 for hp, n in populations]
-    total = sum(e.total for e, _, _ in estimates)
-    biggest, hp, n = max(estimates, key=lambda x: x[0].total)
+    estimates = []
+    for env_id, hp, n in populations:
+        obs_space, act_space = env_spaces(env_id)
+        n_out = int(getattr(act_space, "n", 0)) or math.prod(act_space.shape)
+        estimates.append((population_bytes(env_id, hp, n, math.prod(obs_space.shape), n_out),
+                          env_id, hp, n))
+    total = sum(e.total for e, *_ in estimates)
+    biggest, env_id, hp, n = max(estimates, key=lambda x: x[0].total)
     free = available_bytes()
     if free is None or total <= free:
         avail = f" of the {_gib(free)} available" if free is not None else ""
