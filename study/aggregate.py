@@ -200,8 +200,9 @@ def _render(table: pd.DataFrame, fmt: str, note: str) -> str:
         return table.to_csv(index=False)
     shown = table.copy()
     for c in shown.columns:
-        if shown[c].dtype.kind == "f":
-            shown[c] = shown[c].map(lambda v: f"{v:.3f}")
+        if shown[c].dtype.kind == "f":  # hyperparameters as given, statistics to 3 places
+            spec = ".4g" if c in SPECS else ".3f"
+            shown[c] = shown[c].map(lambda v, spec=spec: f"{v:{spec}}")
     if fmt == "latex":
         body = shown.to_latex(index=False, escape=True)
         return f"% needs \\usepackage{{booktabs}}\n% {note}\n{body}"
@@ -275,12 +276,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.importance and not axes:
             text += "\nHyperparameter importance: no hyperparameter varies in this store.\n"
         elif args.importance:
-            from study.importance import importance_table
+            from study.importance import MIN_CONFIGS, importance_table
 
             imp = importance_table(runs, axes).reset_index()
+            few = (f"; NaN: fewer than {MIN_CONFIGS} configs, too few to estimate"
+                   if len(matrices) < MIN_CONFIGS else "")
             text += "\n" + _render(imp, args.format, (
                 "Hyperparameter importance (PED-ANOVA over the grid's configs; per task on "
-                "final_return; top_on_seeds: share of seeds whose own ranking puts it first)"))
+                "final_return; top_on_seeds: share of seeds whose own ranking puts it first"
+                f"{few})"))
         if args.out:
             store.atomic_write_text(args.out, text)
         else:

@@ -18,7 +18,12 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-__all__ = ["importance_table", "importances"]
+__all__ = ["MIN_CONFIGS", "importance_table", "importances"]
+
+#: PED-ANOVA compares the top 10% of configs with all of them: below this many configs
+#: the comparison is degenerate (a 2 x 2 grid gives every hyperparameter 0.5), so the
+#: importance is reported as not estimable (NaN).
+MIN_CONFIGS = 8
 
 
 def _distribution(values: Sequence[object]) -> object:
@@ -41,7 +46,7 @@ def importances(configs: pd.DataFrame, axes: Sequence[str], value: str) -> pd.Se
 
     axes = [a for a in axes if configs[a].nunique() > 1]
     rows = configs[np.isfinite(configs[value].astype(float))]
-    if len(rows) < 2 or not axes or rows[value].nunique() < 2:
+    if len(rows) < MIN_CONFIGS or not axes or rows[value].nunique() < 2:
         return pd.Series(np.nan, index=list(axes), dtype=float)
     dists = {a: _distribution(rows[a].tolist()) for a in axes}
     trials = [create_trial(
