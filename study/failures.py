@@ -4,7 +4,10 @@ Every run of a sweep is classified from the data alone, with no per-environment
 threshold (every cut-off below is relative to the spread of the sweep's own values):
 
 ``diverged``
-    status "diverged", or a non-finite ``final_return``.
+    status "diverged": the trainer stopped it on a non-finite loss or parameter. Nothing
+    else is: a run with status ok and a NaN ``final_return`` (no episode finished in its
+    last 10% of steps) keeps the label its curve gives, and has no final return in any
+    statistic.
 ``trapped``
     the run's final return sits in a *mode* clearly below the best mode of its config's
     seeds, and its curve has plateaued there (it is not still learning, and it reached
@@ -17,11 +20,22 @@ threshold (every cut-off below is relative to the spread of the sweep's own valu
     realises at most half of the best mode's improvement over the starting return, and
     concentrated (see TRAP_MAX_SPREAD); modes closer than MODE_MIN_GAP of the learning
     range are one.
+``collapsed``
+    ended clearly below the return of an untrained policy (CartPole seeds that settle at
+    9.4, below a random policy's ~22), by more than 4 standard errors and COLLAPSE_MIN_DROP
+    of that start, and not still learning. The start is the run's own first points, or the
+    median first points of every run of its env if higher (a policy can collapse within
+    its first log window). A config whose every seed collapses has one
+    mode and no trap, but every one of its runs failed.
 ``learning``
     still improving at the end: over the last quarter of the curve, a rise significantly
-    larger than 5% of the curve's range, tested against the curve's own noise there.
+    larger than 5% of the curve's range, tested against the curve's own noise there, that
+    has not flattened in the last 10% of the points (a cap reached and held is not
+    learning).
 ``ok``
     everything else. ``pruned`` runs get their own label and are left out of every rate.
+
+Trapped, collapsed and diverged runs are failures (:data:`FAILED`).
 
 Modes come from :func:`find_modes`; the trend test and the plateau step from one
 vectorized pass over all curves (:func:`study.curves.curve_matrix`), so 1,000 runs x 500
@@ -66,8 +80,15 @@ __all__ = [
     "main",
 ]
 
+#: Family-wise error rate of the "raises the trapped rate" claims (Holm-adjusted).
+ALPHA = 0.05
 #: Every label :func:`classify_runs` gives.
-CLASSES: tuple[str, ...] = ("ok", "learning", "trapped", "diverged", "pruned")
+CLASSES: tuple[str, ...] = ("ok", "learning", "trapped", "collapsed", "diverged", "pruned")
+#: The labels that count as a failed run (in the seed table's failure rate).
+FAILED: tuple[str, ...] = ("trapped", "collapsed", "diverged")
+#: Columns of the runs that fix a run's budget: part of what a config means (its id hashes
+#: them), so a sweep edited under the same name stores both budgets side by side.
+BUDGET_COLUMNS: tuple[str, ...] = ("total_steps", "log_every", "eval_every", "eval_episodes")
 #: A trapped level's spread is at most this fraction of its distance below the best mode.
 TRAP_MAX_SPREAD = 0.05
 #: A trapped run has held its level for at least this fraction of its steps.
@@ -87,12 +108,15 @@ PER_RUN_COLUMNS: tuple[str, ...] = (
 
 
 def hyperparameter_columns(runs: pd.DataFrame, differing: bool = True) -> list[str]:
-    """``env`` and the hyperparameters of :data:`study.config.NAMES` present in ``runs``.
+    """``env``, the budget (:data:`BUDGET_COLUMNS`) and the hyperparameters of
+    :data:`study.config.NAMES` present in ``runs``.
 
     With ``differing`` (the default) only those with more than one distinct value in
-    ``runs`` (NaN counts as a value): the columns that tell configs apart.
+    ``runs`` (NaN counts as a value): the columns that tell configs apart. A budget that
+    differs is one of them, so two configs with the same hyperparameters at two budgets
+    never look like duplicated rows.
     """
-    cols = [c for c in ("env", *NAMES) if c in runs.columns]
+    cols = [c for c in ("env", *BUDGET_COLUMNS, *NAMES) if c in runs.columns]
     if differing:
         cols = [c for c in cols if runs[c].nunique(dropna=False) > 1]
     return cols
@@ -149,6 +173,145 @@ def fmt_number(x: float | None, decimals: int = 2) -> str:
         return "inf" if float(x) > 0 else "-inf"
     s = f"{float(x):.{decimals}f}"
     return s[1:] if s.startswith("-") and float(s) == 0 else s
+
+
+def budget_columns(runs: pd.DataFrame) -> list[str]:
+    """The budget columns (:data:`BUDGET_COLUMNS`) with more than one value in ``runs``."""
+    return [c for c in BUDGET_COLUMNS
+            if c in runs.columns and runs[c].nunique(dropna=False) > 1]
+
+
+def budget_note(runs: pd.DataFrame) -> str | None:
+    """One sentence when the store mixes budgets (a sweep edited and re-run under the same
+    name), else None: "budgets differ: total_steps 50,000 (10 runs), 100,000 (10 runs) ..."."""
+    cols = budget_columns(runs)
+    if not cols:
+        return None
+    parts = []
+    for c in cols:
+        counts = runs[c].value_counts(dropna=False).sort_index()
+        vals = ", ".join(f"{_thousands(v)} ({n} runs)" for v, n in counts.items())
+        parts.append(f"{c} {vals}")
+    return ("budgets differ: " + "; ".join(parts) + ". A config at another budget is another "
+            "config: its rows are separate and name their budget.")
+
+
+def _thousands(v: object) -> str:
+    if isinstance(v, (int, np.integer)) or (isinstance(v, float) and float(v).is_integer()):
+        return f"{int(v):,}"
+    return format_value(v)
+
+
+# --------------------------------------------------------------------------------------
+# whether a store holds every run it planned (shared with study.tables and study.report)
+
+
+def incomplete_note(path: str | Path) -> str | None:
+    """One line saying that the store at ``path`` holds fewer runs than its driver planned,
+    or None when it is complete (or has no manifest to tell).
+
+    "incomplete: 20 of 80 planned runs (interrupted); resume with: python -m study.grid
+    S.toml". Grids: the manifest's ``runs.in_sweep`` against the stored runs of the sweep
+    in ``sweep.toml``; Optuna studies: ``optuna.n_trials`` against the trials in
+    ``trials.parquet`` that count towards it. The state is :func:`study.store.status`
+    (a "running" grid whose driver died reads "interrupted"); the resume command is the
+    manifest's, without ``--fresh`` (which would delete what is stored).
+    """
+    from study import store
+
+    root = Path(path)
+    try:
+        manifest = store.read_manifest(root)
+    except (OSError, ValueError):
+        return None
+    if not manifest:
+        return None
+    state = store.status(manifest)
+    if manifest.get("kind") == "optuna":
+        done, planned, unit = _optuna_progress(root, manifest)
+    else:
+        done, planned, unit = _grid_progress(root, manifest)
+    if state != "running" and (planned is None or done >= planned):
+        return None
+    count = f"{done} of {planned} planned {unit}" if planned is not None else f"{done} {unit}"
+    if state == "running":
+        return (f"incomplete: {count} so far; the store is marked running (a driver is "
+                "writing it, or was killed without a trace): rerun this when it is done")
+    why = {"interrupted": "interrupted", "failed": "its driver failed",
+           "timeout": "stopped by --timeout"}.get(state, f"status {state}")
+    return f"incomplete: {count} ({why}); resume with: {_resume_command(manifest)}"
+
+
+def _resume_command(manifest: dict) -> str:
+    import os
+    import shlex
+
+    cmd = str(manifest.get("command") or "the same command")
+    try:
+        cmd = shlex.join(a for a in shlex.split(cmd) if a != "--fresh")
+    except ValueError:
+        pass
+    cwd = manifest.get("cwd")
+    here = os.getcwd()
+    return cmd + (f" (in {cwd})" if cwd and os.path.realpath(str(cwd)) != here else "")
+
+
+def _grid_progress(root: Path, manifest: dict) -> tuple[int, int | None, str]:
+    """(stored runs of the current sweep, planned runs, "runs")."""
+    from study import store
+
+    block = manifest.get("runs") if isinstance(manifest.get("runs"), dict) else {}
+    planned = block.get("in_sweep")
+    ids = _planned_run_ids(root)
+    if ids is not None and (planned is None or len(ids) == int(planned)):
+        return len(ids & store.stored_run_ids(root)), len(ids), "runs"
+    # Without the sweep's run ids: what was stored before this invocation plus what it
+    # recorded running (a driver killed mid-way recorded none).
+    done = int(block.get("already_stored") or 0) + int(block.get("ran") or 0)
+    return done, (int(planned) if planned is not None else None), "runs"
+
+
+def _planned_run_ids(root: Path) -> set[str] | None:
+    """Run ids of the store's ``sweep.toml`` (as resolved by the grid driver), or None.
+
+    Rebuilt from the file's values without :func:`study.sweep.load_sweep`, which would
+    validate (make, and for ``module:Env`` ids import) the environment: readers never run
+    a store's code.
+    """
+    import tomllib
+
+    from study import store
+    from study.sweep import Sweep
+
+    try:
+        d = tomllib.loads((root / store.SWEEP_FILE).read_text())
+        ev = d.get("eval", {})
+        sweep = Sweep(
+            name=str(d["name"]), env=str(d["env"]), total_steps=int(d["total_steps"]),
+            log_every=int(d["log_every"]), seeds=tuple(int(x) for x in d["seeds"]),
+            fixed=dict(d.get("hyperparameters", {})),
+            grid={k: tuple(v) for k, v in d.get("grid", {}).items()},
+            eval_every=int(ev.get("every", 0)), eval_episodes=int(ev.get("episodes", 10)))
+        return {r.run_id for r in sweep.runs()}
+    except Exception:  # noqa: BLE001 - any unreadable sweep file: fall back to the manifest
+        return None
+
+
+def _optuna_progress(root: Path, manifest: dict) -> tuple[int, int | None, str]:
+    """(trials that count towards n_trials, n_trials, "trials"): finished trials, and
+    those that failed on their own (as the Optuna driver counts them)."""
+    opt = manifest.get("optuna") if isinstance(manifest.get("optuna"), dict) else {}
+    planned = opt.get("n_trials")
+    done = 0
+    try:
+        t = pd.read_parquet(root / "trials.parquet", columns=["state", "failure"])
+        own = t["failure"].fillna("").astype(str).str.split(":").str[0].isin(
+            ["diverged", "invalid", "no value", "error"])
+        done = int((t["state"].isin(["COMPLETE", "PRUNED"]) | ((t["state"] == "FAIL") & own))
+                   .sum())
+    except Exception:  # noqa: BLE001 - no trials file yet: none counted
+        pass
+    return done, (int(planned) if planned is not None else None), "trials"
 
 
 # --------------------------------------------------------------------------------------
@@ -417,6 +580,19 @@ class _Features:
     entropy_at_plateau: np.ndarray
     last_step: np.ndarray  # the run's last logged step
     entropy: Interpolator  # smoothed entropy, for reference values at other steps
+    end_rise: np.ndarray  # fitted rise over the end window (the last END_FRAC of points)
+    end_p: np.ndarray  # one-sided p of "the end window rose less than half the tail's pace"
+    final_level: np.ndarray  # tail mean
+    drop_se: np.ndarray  # standard error of (initial - final_level)
+    tail_rises: np.ndarray  # the tail test alone (learning also needs the end window)
+    start: np.ndarray | None = None  # an untrained policy's return (set by _analyse)
+
+
+def _empty_features(n: int) -> _Features:
+    nan = np.full(n, np.nan)
+    return _Features(np.zeros(n, int), nan, nan, nan, nan, nan, nan, np.zeros(n, bool), nan,
+                     nan, nan, Interpolator(np.array([]), np.array([]), np.array([]), n),
+                     nan, nan, nan, nan, np.zeros(n, bool))
 
 
 def _rowsum(a: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -437,9 +613,70 @@ def _rolling_nanmean(m: np.ndarray, half: int) -> np.ndarray:
         return np.where(cnt > 0, (c[:, hi] - c[:, lo]) / cnt, np.nan)
 
 
+#: The end window of the "still learning" test: the last 10% of a run's valid points.
+END_FRAC = 0.10
+#: One-sided level of the test that a run's climb has stopped in its end window.
+END_ALPHA = 0.05
+#: A run "collapsed" when its final level is below its starting level by more than this
+#: fraction of the starting level's magnitude (and by more than 4 standard errors).
+COLLAPSE_MIN_DROP = 0.10
+
+
+@dataclass
+class _Fit:
+    """Per-run OLS of y on step over a window of valid points (one row per run)."""
+
+    n: np.ndarray  # points in the window
+    mean: np.ndarray  # mean of y there
+    slope: np.ndarray
+    noise: np.ndarray  # residual sd
+    n_eff: np.ndarray  # AR(1) effective sample size
+    span: np.ndarray  # steps covered
+    se_rise: np.ndarray  # standard error of slope * span, AR(1)-inflated
+
+    @property
+    def rise(self) -> np.ndarray:
+        return self.slope * self.span
+
+
+def _window_fit(steps: np.ndarray, y: np.ndarray, win: np.ndarray) -> _Fit:
+    """OLS of ``y`` on ``steps`` over the points ``win`` of each row, with the slope's
+    standard error inflated for lag-1 autocorrelation ``r`` of the residuals:
+    ``n_eff = n (1 - r) / (1 + r)``, ``se = noise / sqrt(Sxx) * sqrt(n / n_eff)``."""
+    nt = win.sum(axis=1).astype(float)
+    xm = _rowsum(steps, win) / nt
+    ym = _rowsum(y, win) / nt
+    dx = np.where(win, steps - xm[:, None], 0.0)
+    dy = np.where(win, y - ym[:, None], 0.0)
+    sxx = (dx * dx).sum(axis=1)
+    slope = (dx * dy).sum(axis=1) / sxx
+    res = np.where(win, dy - slope[:, None] * dx, 0.0)
+    ss = (res * res).sum(axis=1)
+    noise = np.sqrt(ss / (nt - 2))
+    pair = win[:, 1:] & win[:, :-1]
+    r1 = np.where(pair, res[:, 1:] * res[:, :-1], 0.0).sum(axis=1) / ss
+    r1 = np.clip(np.nan_to_num(r1), 0.0, 0.95)  # negative r would claim extra precision
+    n_eff = np.clip(nt * (1 - r1) / (1 + r1), 3.0, np.maximum(nt, 3.0))
+    width = steps.shape[1]
+    first = np.nanmin(np.where(win, steps, np.nan), axis=1) if width else nt
+    last = np.nanmax(np.where(win, steps, np.nan), axis=1) if width else nt
+    span = last - first
+    se_rise = noise / np.sqrt(sxx) * np.sqrt(nt / n_eff) * span
+    return _Fit(nt, ym, slope, noise, n_eff, span, se_rise)
+
+
+def _one_sided_p(excess: np.ndarray, se: np.ndarray, df: np.ndarray) -> np.ndarray:
+    """P(T > excess / se) for Student's t with ``df``; an exact fit (se 0) of a positive
+    excess is p = 0, of anything else p = 1."""
+    t = excess / se
+    t = np.where(se == 0, np.where(excess > 0, np.inf, -np.inf), t)
+    return _st.t.sf(t, np.maximum(df, 1.0))
+
+
 def _curve_features(curves: pd.DataFrame, run_ids: Sequence[str], tail_frac: float,
                     trend_alpha: float) -> _Features:
-    """Trend test, plateau step and entropy there, for every run at once.
+    """Trend tests, plateau step and entropy there, and the drop below the start, for
+    every run at once.
 
     Trend: ordinary least squares of episode_return on step over the tail (the last
     ``tail_frac`` of the run's valid points, at least 5). Consecutive log windows are
@@ -447,21 +684,40 @@ def _curve_features(curves: pd.DataFrame, run_ids: Sequence[str], tail_frac: flo
     with ``r`` the lag-1 autocorrelation of the residuals (AR(1) effective sample size
     ``n (1 - r)/(1 + r)``, also used for the degrees of freedom). The null hypothesis is
     not "no rise" but "a rise over the tail of at most 5% of the curve's whole range"
-    (max - min of the smoothed curve): ``t = (rise - 0.05 range) / se(rise)``, and the
-    run is "learning" when the one-sided p is below ``trend_alpha``. With hundreds of
-    points the last 1-2% of a converged curve's approach (an exponential with a time
-    constant of 0.2 of training) is significantly positive, but that is not "still
-    learning"; an improvement that matters, beyond its noise, is.
+    (max - min of the smoothed curve): ``t = (rise - 0.05 range) / se(rise)``, one-sided
+    p below ``trend_alpha``. With hundreds of points the last 1-2% of a converged curve's
+    approach is significantly positive, but that is not "still learning"; an improvement
+    that matters, beyond its noise, is. And it must not have flattened at the end: the same
+    fit over the end window (the last END_FRAC of the valid points, at least 5) is tested
+    against half the rise the tail's slope predicts for that window, ``t = (0.5 slope_tail
+    span_end - rise_end) / se(rise_end)``; a one-sided p below END_ALPHA means the climb
+    has stopped. A run that climbed in its tail and then held a cap (500 on CartPole) for
+    its last points is not learning; a noisy ramp still is.
 
     Plateau: the curve smoothed by a centered moving average (10% of the points, at least
     3) is compared with the final level (tail mean); the plateau step is the first log
     point after the smoothed curve last left the band ``final +/- max(4 sd / sqrt(window),
     5% of the smoothed curve's range)``: noise-sized for noisy curves, travel-sized for
     smooth ones.
+
+    Drop below the start: ``initial - final`` (mean of the first 5% of valid points, at
+    least 3, minus the tail mean) has standard error ``sqrt(noise_tail^2 / n_eff +
+    sd_head^2 / n_head)``.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows (runs without curve)
         return _curve_features_inner(curves, run_ids, tail_frac, trend_alpha)
+
+
+def _window(valid: np.ndarray, frac: float, from_end: bool) -> np.ndarray:
+    """The first (or last) ``frac`` of each row's valid points, at least 5 (3 at the head)."""
+    nv = valid.sum(axis=1)
+    fwd = np.cumsum(valid, axis=1) - 1
+    if from_end:
+        m = np.minimum(np.maximum(5, np.ceil(frac * nv)), nv)
+        return valid & ((nv[:, None] - 1 - fwd) < m[:, None])
+    m = np.minimum(np.maximum(3, np.ceil(frac * nv)), nv)
+    return valid & (fwd < m[:, None])
 
 
 def _curve_features_inner(curves: pd.DataFrame, run_ids: Sequence[str], tail_frac: float,
@@ -471,53 +727,40 @@ def _curve_features_inner(curves: pd.DataFrame, run_ids: Sequence[str], tail_fra
     y = vals["episode_return"]
     valid = np.isfinite(y)
     nv = valid.sum(axis=1)
-    fwd = np.cumsum(valid, axis=1) - 1
-    rev = nv[:, None] - 1 - fwd
-    m_tail = np.minimum(np.maximum(5, np.ceil(tail_frac * nv)), nv)
-    tail = valid & (rev < m_tail[:, None])
-    m_head = np.minimum(np.maximum(3, np.ceil(0.05 * nv)), nv)
-    head = valid & (fwd < m_head[:, None])
+    head = _window(valid, 0.05, from_end=False)
 
     with np.errstate(invalid="ignore", divide="ignore"):
-        initial = _rowsum(y, head) / head.sum(axis=1)
-        nt = tail.sum(axis=1).astype(float)
-        xm = _rowsum(steps, tail) / nt
-        ym = _rowsum(y, tail) / nt
-        dx = np.where(tail, steps - xm[:, None], 0.0)
-        dy = np.where(tail, y - ym[:, None], 0.0)
-        sxx = (dx * dx).sum(axis=1)
-        slope = (dx * dy).sum(axis=1) / sxx
-        res = np.where(tail, dy - slope[:, None] * dx, 0.0)
-        ss = (res * res).sum(axis=1)
-        noise = np.sqrt(ss / (nt - 2))
-        pair = tail[:, 1:] & tail[:, :-1]
-        r1 = np.where(pair, res[:, 1:] * res[:, :-1], 0.0).sum(axis=1) / ss
-        r1 = np.clip(np.nan_to_num(r1), 0.0, 0.95)  # negative r would claim extra precision
-        n_eff = np.clip(nt * (1 - r1) / (1 + r1), 3.0, np.maximum(nt, 3.0))
-        first_tail = np.nanmin(np.where(tail, steps, np.nan), axis=1) if width else nt
-        last_tail = np.nanmax(np.where(tail, steps, np.nan), axis=1) if width else nt
-        span = last_tail - first_tail
-        rise = slope * span
-        se_rise = noise / np.sqrt(sxx) * np.sqrt(nt / n_eff) * span
-
+        n_head = head.sum(axis=1)
+        initial = _rowsum(y, head) / n_head
+        tail = _window_fit(steps, y, _window(valid, tail_frac, from_end=True))
+        end = _window_fit(steps, y, _window(valid, END_FRAC, from_end=True))
         half = max(1, int(round(0.1 * float(np.median(nv)) / 2))) if n_runs else 1
         smooth = _rolling_nanmean(y, half)
-        final = ym
-        rng = np.nanmax(smooth, axis=1) - np.nanmin(smooth, axis=1) if width else nt
+        final = tail.mean
+        rng = np.nanmax(smooth, axis=1) - np.nanmin(smooth, axis=1) if width else tail.n
         # One-sided test of "the tail gained more than 5% of the range", not of "> 0".
-        t = (rise - _MIN_TAIL_GAIN * rng) / se_rise
-        t = np.where((se_rise == 0) & (rise > _MIN_TAIL_GAIN * rng), np.inf, t)
-        p = _st.t.sf(t, np.maximum(n_eff - 2, 1.0))
-        learning = (nt >= 4) & (p < trend_alpha) & (rise > 0)
+        excess = tail.rise - _MIN_TAIL_GAIN * rng
+        t = np.where(tail.se_rise == 0, np.where(excess > 0, np.inf, -np.inf),
+                     excess / tail.se_rise)
+        p = _one_sided_p(excess, tail.se_rise, tail.n_eff - 2)
+        # Flattened at the end: the end window rose significantly less than half of what
+        # the tail's pace predicts for it (a cap reached and held has an exact-fit 0).
+        shortfall = 0.5 * tail.slope * end.span - end.rise
+        end_p = _one_sided_p(shortfall, end.se_rise, end.n_eff - 2)
+        tail_rises = (tail.n >= 4) & (p < trend_alpha) & (tail.rise > 0)
+        learning = tail_rises & ~(end_p < END_ALPHA)
         # 4 sd of the smoothed noise: the curve has ~10 independent windows, and one noise
         # excursion past the band would move the plateau late
-        band = np.maximum(4 * np.nan_to_num(noise) / math.sqrt(2 * half + 1), 0.05 * rng)
+        band = np.maximum(4 * np.nan_to_num(tail.noise) / math.sqrt(2 * half + 1), 0.05 * rng)
         logged = np.arange(width)[None, :] < counts[:, None]
         outside = logged & np.isfinite(smooth) & (np.abs(smooth - final[:, None]) >
                                                   band[:, None] + 1e-12 * np.abs(final[:, None]))
         any_out = outside.any(axis=1)
         last_out = np.where(any_out, width - 1 - np.argmax(outside[:, ::-1], axis=1), -1)
         p_idx = np.clip(np.minimum(last_out + 1, counts - 1), 0, max(width - 1, 0))
+        head_var = _rowsum((y - initial[:, None]) ** 2, head) / (n_head - 1)
+        drop_se = np.sqrt(np.nan_to_num(tail.noise) ** 2 / tail.n_eff
+                          + np.nan_to_num(head_var) / n_head)
     rows = np.arange(n_runs)
     has = counts > 0
     plateau_step = np.where(has & (nv > 0), steps[rows, p_idx] if width else np.nan, np.nan)
@@ -527,8 +770,9 @@ def _curve_features_inner(curves: pd.DataFrame, run_ids: Sequence[str], tail_fra
     interp = Interpolator(r_idx, steps[r_idx, c_idx], ent[r_idx, c_idx], n_runs)
     last_step = np.where(has, steps[rows, np.maximum(counts - 1, 0)] if width else np.nan,
                          np.nan)
-    return _Features(nv, initial, t, p, rise, noise, span, learning, plateau_step, ent_at,
-                     last_step, interp)
+    return _Features(nv, initial, t, p, tail.rise, tail.noise, tail.span, learning,
+                     plateau_step, ent_at, last_step, interp, end.rise, end_p, final,
+                     drop_se, tail_rises)
 
 
 # --------------------------------------------------------------------------------------
@@ -558,6 +802,16 @@ class _Analysis:
     sweep_modes: dict[str, list[Mode]]
 
 
+def _pool_keys(runs: pd.DataFrame) -> np.ndarray:
+    """Per run, the group whose final returns are pooled to find trapped levels: its env,
+    and its budget when budgets differ (a level at 50k steps is not one at 100k)."""
+    n = len(runs)
+    key = runs["env"].astype(str) if "env" in runs else pd.Series([""] * n, index=runs.index)
+    for c in budget_columns(runs):
+        key = key + f", {c}=" + runs[c].map(format_value)
+    return key.to_numpy(dtype=object)
+
+
 _REQUIRED = ("run_id", "config_id", "seed", "status", "final_return")
 
 
@@ -576,20 +830,19 @@ def _analyse(runs: pd.DataFrame, curves: pd.DataFrame | None, min_seeds: int,
     cfg = runs["config_id"].astype(str).to_numpy()
     status = runs["status"].astype(str).to_numpy()
     final = runs["final_return"].to_numpy(dtype=float)
-    env = runs["env"].astype(str).to_numpy() if "env" in runs else np.full(n, "", dtype=object)
+    env = _pool_keys(runs)
     pruned = status == "pruned"
-    diverged = ~pruned & ((status == "diverged") | ~np.isfinite(final))
-    usable = ~pruned & ~diverged
+    # Only the trainer says a run diverged: a NaN final return with status ok means no
+    # episode finished in the run's last 10% of steps, not a blow-up.
+    diverged = ~pruned & (status == "diverged")
+    usable = ~pruned & ~diverged & np.isfinite(final)
     dec = decimals_for(final[usable]) - 1  # one decimal fewer than the tables: prose
 
     has_curves = curves is not None and len(curves) > 0
-    if has_curves:
-        f = _curve_features(curves, run_ids, tail_frac, trend_alpha)
-    else:
-        nan = np.full(n, np.nan)
-        f = _Features(np.zeros(n, int), nan, nan, nan, nan, nan, nan, np.zeros(n, bool), nan,
-                      nan, nan, Interpolator(np.array([]), np.array([]), np.array([]), n))
+    f = (_curve_features(curves, run_ids, tail_frac, trend_alpha) if has_curves
+         else _empty_features(n))
     curve_ok = f.n_valid >= 3
+    f.start = _start_levels(f.initial, env)
 
     mode_idx = np.full(n, -1)
     candidate = np.zeros(n, dtype=bool)
@@ -725,6 +978,8 @@ def _analyse(runs: pd.DataFrame, curves: pd.DataFrame | None, min_seeds: int,
     held = f.plateau_step <= (1.0 - TRAP_MIN_HOLD) * f.last_step
     trapped = candidate & curve_ok & ~f.learning & held
     cls[trapped] = "trapped"
+    collapsed = ~trapped & _collapsed(f, curve_ok) & ~pruned
+    cls[collapsed] = "collapsed"
     cls[diverged] = "diverged"
     cls[pruned] = "pruned"
 
@@ -759,54 +1014,100 @@ def _analyse(runs: pd.DataFrame, curves: pd.DataFrame | None, min_seeds: int,
     return _Analysis(per_run, modes, levels, has_curves, sweep_modes)
 
 
+def _start_levels(initial: np.ndarray, pool: np.ndarray) -> np.ndarray:
+    """Per run, the return of an untrained policy: the higher of the run's own first points
+    and the median first points of every run of its pool (env, and budget when budgets
+    differ). All runs start untrained, but one whose policy collapses within its first log
+    window has fallen by its first point, and so has every seed of such a config; the
+    median holds while fewer than half of the pool did (a higher quantile would hold
+    longer, but sits above a typical untrained run and would call random-level runs
+    collapsed)."""
+    out = initial.copy()
+    for key in pd.unique(pool):
+        sel = pool == key
+        x = initial[sel & np.isfinite(initial)]
+        if x.size:
+            out[sel] = np.fmax(initial[sel], np.median(x))
+    return out
+
+
+def _collapsed(f: _Features, curve_ok: np.ndarray) -> np.ndarray:
+    """Runs that ended clearly below an untrained policy's return (CartPole seeds that
+    settle at 9.4, below a random policy's ~22), and are not still learning:
+    ``start - final > max(4 se, COLLAPSE_MIN_DROP |start|)`` with ``start`` from
+    :func:`_start_levels` and ``se`` from :func:`_curve_features`. No threshold per
+    environment: the start is the sweep's own."""
+    with np.errstate(invalid="ignore"):
+        margin = np.maximum(4 * f.drop_se, COLLAPSE_MIN_DROP * np.abs(f.start))
+        return curve_ok & ~f.learning & (f.start - f.final_level > margin)
+
+
 def _reasons(runs: pd.DataFrame, cls: np.ndarray, candidate: np.ndarray, why: dict[int, str],
              f: _Features, ref_entropy: np.ndarray, ref_min: np.ndarray, ref_n: np.ndarray,
              curve_ok: np.ndarray, has_curves: bool, dec: int) -> list[str]:
     """One sentence per run saying why it got its label (a loop over runs, not points)."""
     status = runs["status"].astype(str).to_numpy()
+    final = runs["final_return"].to_numpy(dtype=float)
     div_at = runs["diverged_at_step"] if "diverged_at_step" in runs else None
     out = []
     for i, c in enumerate(cls):
         if c == "pruned":
-            out.append("pruned by the sweep (stopped early); left out of every rate")
+            s = "pruned by the sweep (stopped early); left out of every rate"
         elif c == "diverged":
-            if status[i] == "diverged":
-                at = div_at.iloc[i] if div_at is not None else None
-                out.append("diverged (non-finite loss or parameters)"
-                           + (f" at step {int(at)}" if at is not None and not pd.isna(at)
-                              else ""))
-            else:
-                out.append("final_return is not finite")
+            at = div_at.iloc[i] if div_at is not None else None
+            s = ("diverged (non-finite loss or parameters)"
+                 + (f" at step {int(at)}" if at is not None and not pd.isna(at) else ""))
         elif c == "trapped":
-            s = f"{why[i]}; plateaued at step {int(f.plateau_step[i])}"
-            e, r = f.entropy_at_plateau[i], ref_entropy[i]
-            if np.isfinite(e) and np.isfinite(r):
-                s += (f"; policy entropy there {e:.3g} vs {r:.3g} (median of {ref_n[i]} "
-                      f"successful runs at that step)")
-                if e < ref_min[i]:
-                    s += ", below all of them: entropy collapse"
-            elif np.isfinite(e):
-                s += f"; policy entropy there {e:.3g} (no successful run to compare with)"
-            out.append(s)
+            s = _trapped_reason(i, f, why, ref_entropy, ref_min, ref_n)
+        elif c == "collapsed":
+            s = (f"collapsed: ended at {fmt_number(f.final_level[i], dec)}, below the "
+                 f"starting return {fmt_number(f.start[i], dec)} (an untrained policy's) by "
+                 f"{fmt_number(f.start[i] - f.final_level[i], dec)}, more than 4 standard "
+                 f"errors and {COLLAPSE_MIN_DROP:.0%} of the start")
         elif c == "learning":
             s = (f"still improving: +{fmt_number(f.rise[i], dec)} over the last "
                  f"{int(f.tail_span[i])} steps, more than 5% of its range (t = "
                  f"{f.trend_t[i]:.1f}, p = {f.trend_p[i]:.1g}; noise sd "
-                 f"{fmt_number(f.noise[i], dec)})")
-            if candidate[i]:
-                s += f"; now {why[i]}"
-            out.append(s)
-        elif not has_curves or f.n_valid[i] == 0:
-            out.append("no curve: whether it is trapped or still learning cannot be told")
-        elif candidate[i] and not curve_ok[i]:
-            out.append(f"{why[i]}, but too few curve points to tell whether it plateaued")
-        elif candidate[i]:
-            out.append(f"{why[i]}, but it reached that level only at step "
-                       f"{int(f.plateau_step[i])} of {int(f.last_step[i])}: too late in the "
-                       "run to call it a trap")
+                 f"{fmt_number(f.noise[i], dec)}), and still rising at the end "
+                 f"(+{fmt_number(f.end_rise[i], dec)} over its last {END_FRAC:.0%})")
+            s += f"; now {why[i]}" if candidate[i] else ""
         else:
-            out.append("plateaued, not in a trapped mode")
+            s = _ok_reason(i, f, candidate, why, curve_ok, has_curves)
+        if not np.isfinite(final[i]) and status[i] not in ("diverged", "pruned"):
+            s += ("; no final return (no episode finished in its last 10% of steps): not "
+                  f"diverged (status {status[i]}), left out of the statistics")
+        out.append(s)
     return out
+
+
+def _trapped_reason(i: int, f: _Features, why: dict[int, str], ref_entropy: np.ndarray,
+                    ref_min: np.ndarray, ref_n: np.ndarray) -> str:
+    s = f"{why[i]}; plateaued at step {int(f.plateau_step[i])}"
+    e, r = f.entropy_at_plateau[i], ref_entropy[i]
+    if np.isfinite(e) and np.isfinite(r):
+        s += (f"; policy entropy there {e:.3g} vs {r:.3g} (median of {ref_n[i]} "
+              f"successful runs at that step)")
+        if e < ref_min[i]:
+            s += ", below all of them: entropy collapse"
+    elif np.isfinite(e):
+        s += f"; policy entropy there {e:.3g} (no successful run to compare with)"
+    return s
+
+
+def _ok_reason(i: int, f: _Features, candidate: np.ndarray, why: dict[int, str],
+               curve_ok: np.ndarray, has_curves: bool) -> str:
+    if not has_curves or f.n_valid[i] == 0:
+        return "no curve: whether it is trapped or still learning cannot be told"
+    if candidate[i] and not curve_ok[i]:
+        return f"{why[i]}, but too few curve points to tell whether it plateaued"
+    if candidate[i]:
+        return (f"{why[i]}, but it reached that level only at step {int(f.plateau_step[i])} "
+                f"of {int(f.last_step[i])}: too late in the run to call it a trap")
+    if f.tail_rises[i]:
+        return ("rose over its last quarter but has stopped: its last points rose less than "
+                f"half the tail's pace (+{fmt_number(f.end_rise[i], 1)}, p = "
+                f"{f.end_p[i]:.1g}); converged, not still learning")
+    return "plateaued, not in a trapped mode"
 
 
 def classify_runs(
@@ -883,6 +1184,7 @@ class FailureReport:
     source: str = ""
     decimals: int = 1
     max_rows: int = 50
+    notes: list[str] = field(default_factory=list)  # shown first: incomplete store, budgets
 
     @property
     def counts(self) -> dict[str, int]:
@@ -917,7 +1219,8 @@ def _per_config(per_run: pd.DataFrame, runs: pd.DataFrame, hps: list[str],
             "config_id": cid,
             **{h: first.at[cid, h] for h in hps},
             "n_runs": n, "n_ok": int(c["ok"]), "n_learning": int(c["learning"]),
-            "n_trapped": k, "n_diverged": int(c["diverged"]),
+            "n_trapped": k, "n_collapsed": int(c["collapsed"]),
+            "n_diverged": int(c["diverged"]),
             "trapped_rate": k / n if n else np.nan, "trapped_lo": lo, "trapped_hi": hi,
             "modes": desc,
         })
@@ -926,7 +1229,8 @@ def _per_config(per_run: pd.DataFrame, runs: pd.DataFrame, hps: list[str],
 
 def _by_hyperparameter(per_run: pd.DataFrame, runs: pd.DataFrame,
                        hps: list[str]) -> pd.DataFrame:
-    """Trapped rate per hyperparameter value vs the rest of the sweep (Fisher exact test)."""
+    """Trapped rate per hyperparameter value vs the rest of the sweep: Fisher's exact test
+    per value, Holm-adjusted over every value of every hyperparameter (``p_holm``)."""
     pr = per_run[per_run["classification"] != "pruned"][["run_id", "classification"]]
     merged = pr.merge(runs[["run_id", *hps]], on="run_id", how="left")
     is_t = (merged["classification"] == "trapped").to_numpy()
@@ -941,17 +1245,20 @@ def _by_hyperparameter(per_run: pd.DataFrame, runs: pd.DataFrame,
             lo, hi = stats.wilson_interval(k, n)
             rlo, rhi = stats.wilson_interval(rk, rn)
             p = float(_st.fisher_exact([[k, n - k], [rk, rn - rk]])[1]) if n and rn else 1.0
-            rate = k / n if n else np.nan
-            rest = rk / rn if rn else np.nan
             rows.append({
                 "hyperparameter": h, "value": format_value(v), "n": n, "trapped": k,
-                "rate": rate, "lo": lo, "hi": hi, "rest_n": rn, "rest_trapped": rk,
-                "rest_rate": rest, "rest_lo": rlo, "rest_hi": rhi, "p_value": p,
-                "raises": bool(n and rn and rate > rest and p < 0.05),
+                "rate": k / n if n else np.nan, "lo": lo, "hi": hi, "rest_n": rn,
+                "rest_trapped": rk, "rest_rate": rk / rn if rn else np.nan, "rest_lo": rlo,
+                "rest_hi": rhi, "p_value": p,
             })
     cols = ["hyperparameter", "value", "n", "trapped", "rate", "lo", "hi", "rest_n",
-            "rest_trapped", "rest_rate", "rest_lo", "rest_hi", "p_value", "raises"]
-    return pd.DataFrame(rows, columns=cols)
+            "rest_trapped", "rest_rate", "rest_lo", "rest_hi", "p_value", "p_holm", "raises"]
+    df = pd.DataFrame(rows, columns=cols[:-2])
+    # One family: every value of every hyperparameter is a claim the report may make.
+    df["p_holm"] = stats.holm(df["p_value"].to_numpy(float)) if len(df) else []
+    df["raises"] = ((df["n"] > 0) & (df["rest_n"] > 0) & (df["rate"] > df["rest_rate"])
+                    & (df["p_holm"] < ALPHA)).astype(bool)
+    return df[cols]
 
 
 def _seeds_needed(runs: pd.DataFrame, per_run: pd.DataFrame) -> SeedsNeeded | None:
@@ -978,16 +1285,20 @@ def failure_report(
     trend_alpha: float = 0.001,
     max_progress: float = 0.5,
     source: str = "",
+    notes: Sequence[str] = (),
 ) -> FailureReport:
     """Classify every run (:func:`classify_runs`) and summarise the failures.
 
     ``per_config``: per config the counts per label and the trapped rate with a 95%
     Wilson interval (pruned runs left out), and its modes. ``by_hyperparameter``: per
     value of each differing hyperparameter, the trapped rate and interval of the runs with
-    that value vs all other runs, with a two-sided Fisher exact p-value; ``raises`` marks
-    values with a higher rate at p < 0.05 (uncorrected for the number of values: read it
-    as a lead, not a verdict). ``seeds_needed``: seeds per config for a one-sided Welch
-    t-test (alpha 0.05, power 0.8) to separate the two best configs by final_return.
+    that value vs all other runs, with a two-sided Fisher exact p-value and its
+    Holm-adjusted ``p_holm`` (:func:`study.stats.holm`, over every value of every
+    hyperparameter: the family of claims the report makes); ``raises`` marks values with a
+    higher rate at ``p_holm < ALPHA`` (family-wise error rate 5%). ``seeds_needed``: seeds
+    per config for a one-sided Welch t-test (alpha 0.05, power 0.8) to separate the two
+    best configs by IQM of final_return. ``notes`` go first in the Markdown (an
+    incomplete store, mixed budgets); the store's budget notes are added here.
     """
     _check_runs(runs)
     if len(runs) == 0:
@@ -1009,6 +1320,7 @@ def failure_report(
         has_curves=an.has_curves,
         source=source,
         decimals=dec,
+        notes=[*notes, *([b] if (b := budget_note(runs)) else [])],
     )
 
 
@@ -1034,84 +1346,155 @@ def _rate(k: int, n: int, lo: float, hi: float) -> str:
     return f"{k}/{n} = {_pct(k / n if n else np.nan)} [{_pct(lo)}, {_pct(hi)}]"
 
 
+#: How each label is decided, for the report (one line each).
+DEFINITIONS: tuple[tuple[str, str], ...] = (
+    ("diverged", "the trainer stopped it on a non-finite loss or parameter (status "
+                 "diverged); nothing else is called diverged"),
+    ("trapped", "its final return lies in a concentrated mode that realises at most half of "
+                "the best mode's improvement over the start (its config's seeds, the sweep's "
+                "pooled returns, or a trapped level found in another config), and it has held "
+                f"that level for at least the last {TRAP_MIN_HOLD:.0%} of its steps"),
+    ("collapsed", "it ended clearly below the return of an untrained policy (its own first "
+                  "points, or the median first points of every run of its env if higher): by "
+                  "more than 4 standard errors and "
+                  f"{COLLAPSE_MIN_DROP:.0%} of that start (and is not still learning)"),
+    ("learning", "its last quarter rose significantly by more than 5% of its range, and it "
+                 f"has not flattened: its last {END_FRAC:.0%} of points rose at least half "
+                 "as fast (a run that reached a cap and held it is not learning)"),
+    ("ok", "everything else"),
+)
+
+
 def _markdown(rep: FailureReport) -> str:
-    d = rep.decimals
-    cnt = rep.counts
-    total = len(rep.per_run)
-    n_cfg = rep.per_run["config_id"].nunique()
-    lab = rep.labels
     title = f"# Failure analysis{': ' + rep.source if rep.source else ''}"
     lines = [title, ""]
-    parts = [f"{cnt[c]} {c}" for c in CLASSES if cnt[c] or c in ("ok", "trapped", "diverged")]
-    lines.append(f"{total} runs in {n_cfg} configs: " + ", ".join(parts) + ".")
+    for n in rep.notes:  # each its own paragraph
+        lines += [f"**{n}**" if n.startswith("incomplete") else n, ""]
+    cnt = rep.counts
+    parts = [f"{cnt[c]} {c}" for c in CLASSES
+             if cnt[c] or c in ("ok", "trapped", "diverged")]
+    n_cfg = rep.per_run["config_id"].nunique()
+    lines.append(f"{len(rep.per_run)} runs in {n_cfg} {_configs(n_cfg)}: "
+                 + ", ".join(parts) + f" ({', '.join(FAILED)} count as failed).")
     if not rep.has_curves:
-        lines += ["", "The store has no curves, so no run can be shown to have plateaued or "
-                  "to be still learning; only diverged runs are identified."]
-    lines.append("")
+        lines += ["", "The store has no curves, so no run can be shown to have plateaued, "
+                  "collapsed or to be still learning; only diverged runs are identified."]
+    lines += ["", "Labels, decided from the data without per-environment thresholds:", ""]
+    lines += [f"- **{c}**: {d}." for c, d in DEFINITIONS]
+    lines += ["- A run with status ok but no final return (no episode finished in its last "
+              "10% of steps) is not diverged: it keeps its label from its curve and is left "
+              "out of every statistic of the final return.", ""]
+    lines += _md_modes(rep)
+    lines += _md_runs(rep)
+    lines += _md_rates(rep)
+    lines += _md_seeds_needed(rep)
+    return "\n".join(lines).rstrip() + "\n"
 
-    def label(cid: str) -> str:
-        return lab.get(cid, cid)
 
-    def capped(rows: list[list[str]], what: str) -> list[list[str]]:
-        if len(rows) > rep.max_rows:
-            extra = len(rows) - rep.max_rows
-            return rows[: rep.max_rows] + [[f"... {extra} more {what} (see --csv)"]
-                                           + [""] * (len(rows[0]) - 1)]
-        return rows
+def _capped(rep: FailureReport, rows: list[list[str]], what: str) -> list[list[str]]:
+    if len(rows) > rep.max_rows:
+        extra = len(rows) - rep.max_rows
+        return rows[: rep.max_rows] + [[f"... {extra} more {what} (see --csv)"]
+                                       + [""] * (len(rows[0]) - 1)]
+    return rows
 
-    # Modes.
-    lines += ["## Modes of the final return", ""]
+
+def _md_modes(rep: FailureReport) -> list[str]:
+    d, lab = rep.decimals, rep.labels
+    lines = ["## Modes of the final return", ""]
     multi = {c: m for c, m in rep.modes.items() if len(m) > 1}
     trapped_modes = {(t.config_id, t.mode.index) for t in rep.trapped_levels}
     if not rep.modes:
         lines.append("No config has enough seeds with a finite final return to look for "
                      "modes within it.")
-    elif not multi:
-        lines.append(f"Within each config the final returns form a single mode "
-                     f"({len(rep.modes)} configs checked).")
     else:
-        rows = [[label(c), "; ".join(
+        rows = [[lab.get(c, c), "; ".join(
             ("**" + m.describe(d) + " (trapped)**") if (c, m.index) in trapped_modes
             else m.describe(d) for m in ms)] for c, ms in sorted(multi.items())]
-        lines += _md(["config", "modes (level +/- sd: seeds)"], capped(rows, "configs"))
-        lines.append(f"\n{len(rep.modes) - len(multi)} other configs have a single mode.")
-    pooled = {e: ms for e, ms in rep.sweep_modes.items() if len(ms) > 1}
-    for e, ms in pooled.items():
-        desc = "; ".join(m.describe(d, "runs") for m in ms)
-        lines += ["", f"Pooled over the sweep{' (' + e + ')' if e else ''}: {desc}."]
-        for t in rep.trapped_levels:
-            if not t.config_id and t.env == e:
-                pr_all = rep.per_run
-                held = int(((pr_all["classification"] == "trapped")
-                            & pr_all["config_id"].isin(t.configs)
-                            & pr_all["final_return"].between(t.mode.lo, t.mode.hi)).sum())
-                note = ("" if held == t.mode.count else
-                        f" {held} of them held it (the trapped runs below); the others "
-                        "were still learning or reached it late.")
-                lines.append(f"Trapped level **{t.mode.describe(d, 'runs')}**: runs of "
-                             f"{len(t.configs)} configs whose other seeds do better (so a "
-                             f"trap, not a weak config).{note}")
+        if rows:
+            lines += _md(["config", "modes (level +/- sd: seeds)"],
+                         _capped(rep, rows, "configs"))
+            lines.append("")
+        lines.append(_single_mode_sentence(rep, set(multi)))
+    lines += _md_pooled(rep)
     if not rep.trapped_levels:
         lines += ["", "No trapped mode: no low mode is clearly below its config's best "
                   "(at most half of the best mode's improvement over the starting return)."]
-    lines.append("")
+    return lines + [""]
 
-    pr = rep.per_run
-    # Trapped runs.
+
+def _single_mode_sentence(rep: FailureReport, multi: set[str]) -> str:
+    """How many single-mode configs there are, and which of them still have failed runs: a
+    config whose seeds are trapped at a level found elsewhere, or all collapsed, has one
+    mode, and must not be counted among the fine ones."""
+    single = [c for c in rep.modes if c not in multi]
+    if not single:
+        return ""
+    pr = rep.per_run[rep.per_run["config_id"].isin(single)]
+    bad = pr[pr["classification"].isin(["trapped", "collapsed"])]
+    counts = bad.groupby("config_id")["classification"].agg(
+        lambda c: c.astype(str).value_counts().to_dict())
+    other = "other " if multi else ""
+    fine = len(single) - len(counts)
+    text = f"{fine} {other}{_configs(fine)} {_have(fine)} a single mode"
+    if counts.empty:
+        return text + ("." if multi else
+                       f" ({len(rep.modes)} {_configs(len(rep.modes))} checked).")
+    shown = [f"{rep.labels.get(c, c)}: " + ", ".join(f"{n} {k}" for k, n in sorted(v.items()))
+             for c, v in list(counts.items())[:10]]
+    more = f"; and {len(counts) - 10} more" if len(counts) > 10 else ""
+    return (f"{text} and no failed run; {len(counts)} {_have(len(counts))} a single mode but "
+            f"failed runs, trapped at a level found elsewhere or collapsed below their start "
+            f"({'; '.join(shown)}{more}).")
+
+
+def _configs(n: int) -> str:
+    return "config" if n == 1 else "configs"
+
+
+def _have(n: int) -> str:
+    return "has" if n == 1 else "have"
+
+
+def _md_pooled(rep: FailureReport) -> list[str]:
+    d, lines = rep.decimals, []
+    for e, ms in rep.sweep_modes.items():
+        if len(ms) < 2:
+            continue
+        desc = "; ".join(m.describe(d, "runs") for m in ms)
+        lines += ["", f"Pooled over the sweep{' (' + e + ')' if e else ''}: {desc}."]
+        for t in rep.trapped_levels:
+            if t.config_id or t.env != e:
+                continue
+            pr = rep.per_run
+            held = int(((pr["classification"] == "trapped") & pr["config_id"].isin(t.configs)
+                        & pr["final_return"].between(t.mode.lo, t.mode.hi)).sum())
+            note = ("" if held == t.mode.count else
+                    f" {held} of them held it (the trapped runs below); the others "
+                    "were still learning or reached it late.")
+            lines.append(f"Trapped level **{t.mode.describe(d, 'runs')}**: runs of "
+                         f"{len(t.configs)} configs whose other seeds do better (so a "
+                         f"trap, not a weak config).{note}")
+    return lines
+
+
+def _md_runs(rep: FailureReport) -> list[str]:
+    d, lab, pr = rep.decimals, rep.labels, rep.per_run
     tr = pr[pr["classification"] == "trapped"]
-    lines += ["## Trapped runs", ""]
+    lines = ["## Trapped runs", ""]
     if tr.empty:
         lines.append("None.")
     else:
         rows = []
         for r in tr.itertuples(index=False):
             e, ref = r.entropy_at_plateau, r.reference_entropy
-            rows.append([label(r.config_id), str(r.seed), fmt_number(r.final_return, d),
-                         str(int(r.plateau_step)), f"{e:.3g}" if np.isfinite(e) else "-",
+            rows.append([lab.get(r.config_id, r.config_id), str(r.seed),
+                         fmt_number(r.final_return, d), str(int(r.plateau_step)),
+                         f"{e:.3g}" if np.isfinite(e) else "-",
                          f"{ref:.3g}" if np.isfinite(ref) else "-"])
         lines += _md(["config", "seed", "final return", "plateau step",
                       "entropy at plateau", "successful runs' entropy"],
-                     capped(rows, "trapped runs"))
+                     _capped(rep, rows, "trapped runs"))
         collapse = tr["reason"].str.contains("entropy collapse").sum()
         with_ref = np.isfinite(tr["reference_entropy"]).sum()
         if with_ref:
@@ -1119,63 +1502,66 @@ def _markdown(rep: FailureReport) -> str:
                       "lower policy entropy at their plateau than every successful run at "
                       "the same step (entropy collapse)."]
     lines.append("")
-
-    for what, title in (("learning", "Still learning at the end"), ("diverged", "Diverged")):
+    for what, title in (("collapsed", "Collapsed below their start"),
+                        ("learning", "Still learning at the end"), ("diverged", "Diverged")):
         sub = pr[pr["classification"] == what]
         if sub.empty:
             continue
-        lines += [f"## {title}", ""]
-        rows = [[label(r.config_id), str(r.seed), r.reason] for r in sub.itertuples()]
-        lines += _md(["config", "seed", "why"], capped(rows, "runs"))
-        lines.append("")
+        rows = [[lab.get(r.config_id, r.config_id), str(r.seed), r.reason]
+                for r in sub.itertuples()]
+        lines += [f"## {title}", "", *_md(["config", "seed", "why"], _capped(rep, rows, "runs")),
+                  ""]
+    return lines
 
-    # Rates per config.
+
+def _md_rates(rep: FailureReport) -> list[str]:
+    lines: list[str] = []
     pc = rep.per_config
     if not pc.empty:
         lines += ["## Trapped rate per config (95% Wilson interval)", ""]
         pc = pc.sort_values(["trapped_rate", "config_id"], ascending=[False, True])
-        rows = [[label(r.config_id), str(r.n_runs), str(r.n_ok), str(r.n_learning),
-                 _rate(r.n_trapped, r.n_runs, r.trapped_lo, r.trapped_hi), str(r.n_diverged)]
-                for r in pc.itertuples()]
-        lines += _md(["config", "runs", "ok", "learning", "trapped", "diverged"],
-                     capped(rows, "configs"))
+        rows = [[rep.labels.get(r.config_id, r.config_id), str(r.n_runs), str(r.n_ok),
+                 str(r.n_learning), _rate(r.n_trapped, r.n_runs, r.trapped_lo, r.trapped_hi),
+                 str(r.n_collapsed), str(r.n_diverged)] for r in pc.itertuples()]
+        lines += _md(["config", "runs", "ok", "learning", "trapped", "collapsed", "diverged"],
+                     _capped(rep, rows, "configs"))
         lines.append("")
-
     bh = rep.by_hyperparameter
-    if cnt["trapped"] and not bh.empty:
+    if rep.counts["trapped"] and not bh.empty:
         lines += ["## Hyperparameter values and the trapped rate", "",
-                  "Runs with each value vs all other runs; p from Fisher's exact test "
-                  "(uncorrected for the number of values compared).", ""]
+                  f"Runs with each value vs all other runs; p from Fisher's exact test, "
+                  f"Holm-adjusted over all {len(bh)} values compared (family-wise error "
+                  f"rate {ALPHA:.0%}); **raises**: a higher rate at adjusted p < {ALPHA}.", ""]
         rows = [[r.hyperparameter, r.value, _rate(r.trapped, r.n, r.lo, r.hi),
                  _rate(r.rest_trapped, r.rest_n, r.rest_lo, r.rest_hi), f"{r.p_value:.2g}",
-                 "**raises**" if r.raises else ""] for r in bh.itertuples()]
-        lines += _md(["hyperparameter", "value", "trapped", "rest of the sweep", "p", ""],
-                     rows)
+                 f"{r.p_holm:.2g}", "**raises**" if r.raises else ""]
+                for r in bh.itertuples()]
+        lines += _md(["hyperparameter", "value", "trapped", "rest of the sweep", "p",
+                      "p (Holm)", ""], rows)
         lines.append("")
+    return lines
 
-    lines += ["## Seeds needed to separate the two best configs", ""]
+
+def _md_seeds_needed(rep: FailureReport) -> list[str]:
+    d, lab = rep.decimals, rep.labels
+    lines = ["## Seeds needed to separate the two best configs", ""]
     s = rep.seeds_needed
     if s is None:
-        lines.append("Needs two configs with at least 2 finite final returns each.")
-    else:
-        diff = f"{fmt_number(s.mean_a, d)} vs {fmt_number(s.mean_b, d)}"
-        lines.append(
-            f"The two best configs by IQM of the final return: {label(s.config_a)} (mean "
-            f"{fmt_number(s.mean_a, d)}, sd {fmt_number(s.std_a, d)}, {s.n_a} seeds) and "
-            f"{label(s.config_b)} (mean {fmt_number(s.mean_b, d)}, sd "
-            f"{fmt_number(s.std_b, d)}, {s.n_b} seeds).")
-        lines.append("")
-        if s.seeds is None:
-            lines.append(f"The means are equal ({diff}) or too close: no number of seeds "
-                         "separates them with a Welch t-test.")
-        else:
-            enough = min(s.n_a, s.n_b) >= s.seeds
-            lines.append(
-                f"A one-sided Welch t-test (alpha {s.alpha}, power {s.power}) needs "
-                f"**{s.seeds} seeds per config** to detect this difference (Colas et al. "
-                f"2018); the store has {min(s.n_a, s.n_b)}"
-                + (", enough." if enough else ", not enough."))
-    return "\n".join(lines).rstrip() + "\n"
+        return lines + ["Needs two configs with at least 2 finite final returns each."]
+    diff = f"{fmt_number(s.mean_a, d)} vs {fmt_number(s.mean_b, d)}"
+    lines += [
+        f"The two best configs by IQM of the final return: {lab.get(s.config_a, s.config_a)} "
+        f"(mean {fmt_number(s.mean_a, d)}, sd {fmt_number(s.std_a, d)}, {s.n_a} seeds) and "
+        f"{lab.get(s.config_b, s.config_b)} (mean {fmt_number(s.mean_b, d)}, sd "
+        f"{fmt_number(s.std_b, d)}, {s.n_b} seeds).", ""]
+    if s.seeds is None:
+        return lines + [f"The means are equal ({diff}) or too close: no number of seeds "
+                        "separates them with a Welch t-test."]
+    enough = min(s.n_a, s.n_b) >= s.seeds
+    return lines + [
+        f"A one-sided Welch t-test (alpha {s.alpha}, power {s.power}) needs "
+        f"**{s.seeds} seeds per config** to detect this difference (Colas et al. "
+        f"2018); the store has {min(s.n_a, s.n_b)}" + (", enough." if enough else ", not enough.")]
 
 
 # --------------------------------------------------------------------------------------
@@ -1191,19 +1577,51 @@ def _load(path: str) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     return runs, (curves if len(curves) else None)
 
 
+def plain(text: str, width: int = 79) -> str:
+    """Docstring text for a terminal (``--help``): Sphinx roles and double backticks
+    dropped (``:func:`study.stats.holm``` and ````code```` read as ``study.stats.holm``
+    and ``code``), so no raw markup shows, and paragraphs refilled to ``width`` (indented
+    lines are kept as they are)."""
+    import re
+    import textwrap
+
+    text = re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", text).replace("``", "")
+    out = []
+    for para in text.strip("\n").split("\n\n"):
+        indented = any(line[:1].isspace() for line in para.splitlines())
+        out.append(para if indented else textwrap.fill(" ".join(para.split()), width))
+    return "\n\n".join(out)
+
+
+def _epilog() -> str:
+    import textwrap
+
+    defs = "\n".join(textwrap.fill(d, 79, initial_indent=f"  {c:<11}",
+                                   subsequent_indent=" " * 13) for c, d in DEFINITIONS)
+    tail = textwrap.fill("Trapped rates by hyperparameter value are Holm-adjusted over every "
+                         "value compared (family-wise error rate 5%).", 79)
+    return f"labels ({', '.join(FAILED)} count as failed):\n{defs}\n\n{tail}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m study.failures RESULTS_DIR [--csv FILE]``: print the Markdown report."""
+    import argparse
+
     from study.cli_util import ArgumentParser, run_cli
 
     def body(args_in: Sequence[str] | None) -> int:
         ap = ArgumentParser(prog="python -m study.failures",
-                            description="Classify every run (ok, learning, trapped, diverged) "
-                            "and report modes, trapped rates and seeds needed.")
+                            description=plain("Classify every run (ok, learning, trapped, "
+                            "collapsed, diverged) and report modes, trapped rates and seeds "
+                            "needed."), epilog=plain(_epilog()),
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
         ap.add_argument("results_dir", help="a results store written by a sweep")
         ap.add_argument("--csv", metavar="FILE", help="also write the per-run table as CSV")
         args = ap.parse_args(args_in)
         runs, curves = _load(args.results_dir)
-        rep = failure_report(runs, curves, source=str(args.results_dir))
+        note = incomplete_note(args.results_dir)
+        rep = failure_report(runs, curves, source=str(args.results_dir),
+                             notes=[note] if note else [])
         if args.csv:
             try:
                 Path(args.csv).parent.mkdir(parents=True, exist_ok=True)

@@ -32,11 +32,11 @@ from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
-from matplotlib.text import Text
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullLocator
 
-# Headless: Optuna's plots go through pyplot, which must never try a GUI backend (none of
-# the imports above loads pyplot, so this still takes effect).
+# Headless: whoever imports pyplot after this module (study.report closes figures with it)
+# must never get a GUI backend (none of the imports above loads pyplot, so this still
+# takes effect).
 matplotlib.use("Agg")
 
 __all__ = [
@@ -73,10 +73,11 @@ CLASS_COLORS: dict[str, str] = {
     "ok": "#56B4E9",
     "learning": "#009E73",
     "trapped": "#D55E00",
+    "collapsed": "#CC79A7",
     "diverged": "#000000",
     "pruned": "#999999",
 }
-CLASS_ORDER: tuple[str, ...] = ("ok", "learning", "trapped", "diverged", "pruned")
+CLASS_ORDER: tuple[str, ...] = ("ok", "learning", "trapped", "collapsed", "diverged", "pruned")
 
 COLUMN_WIDTH = 3.5  # inches: one column of a two-column paper
 TEXT_WIDTH = 7.0  # inches: the full text width
@@ -257,7 +258,14 @@ def small_multiples_figure(
     width = TEXT_WIDTH if ncols > 2 else COLUMN_WIDTH
     # A fixed grid instead of constrained layout: with dozens of panels the layout solver
     # (which measures every tick label) would cost more than drawing the curves.
-    axes_h, title_h, bottom, left, top = 1.0, 0.42, 0.62, 0.62, 0.02
+    axes_h, bottom, left, top = 1.0, 0.62, 0.62, 0.02
+    # Titles wrap to the panel's width (about 0.6 em per character at 8 pt), and the
+    # title band is as tall as the longest one: three hyperparameters and a budget fit.
+    panel_w = (width - left - 0.08) / ncols - 0.15
+    chars = max(14, int(panel_w * 72 / (0.6 * FONT_SIZE)))
+    titles = [_wrap(labels.get(c, c), chars) for c in shown]
+    n_lines = max((t.count("\n") + 1 for t in titles), default=1)
+    title_h = 0.08 + 0.14 * max(2, n_lines)
     height = nrows * (axes_h + title_h) + bottom + top
     fig = Figure(figsize=(width, height))
     gs = fig.add_gridspec(nrows, ncols, left=left / width, right=1 - 0.08 / width,
@@ -268,7 +276,6 @@ def small_multiples_figure(
     sub = _agg_rows(agg, metric)
     by_cfg = dict(tuple(sub.groupby("config_id", sort=False)))
     ref = by_cfg.get(shown[0]) if shown else None
-    chars = max(14, int(width / ncols * 72 / (0.55 * FONT_SIZE)) - 2)
     for k, ax in enumerate(axes.ravel()):
         if k >= len(shown):
             ax.set_axis_off()
@@ -283,7 +290,7 @@ def small_multiples_figure(
             ax.plot(x, g["median"].to_numpy(float), color=OKABE_ITO[0], lw=1.0)
             ax.fill_between(x, g["q25"].to_numpy(float), g["q75"].to_numpy(float),
                             color=OKABE_ITO[0], alpha=0.25, lw=0)
-        ax.set_title(_wrap(labels.get(cid, cid), chars), loc="left", pad=2)
+        ax.set_title(titles[k], loc="left", pad=2)
         ax.xaxis.set_major_formatter(steps_formatter)
         ax.xaxis.set_major_locator(MaxNLocator(3))
     for ax in axes[-1, :]:
@@ -350,7 +357,7 @@ def seed_curves_figure(
             mask = (cls["classification"] == c).to_numpy()
             if not mask.any():
                 continue
-            emphasis = c in ("trapped", "diverged")
+            emphasis = c in ("trapped", "collapsed", "diverged")
             lc = LineCollection(
                 [s for s, m in zip(segs, mask, strict=True) if m],
                 colors=CLASS_COLORS[c], linewidths=1.1 if emphasis else 0.8,
@@ -586,7 +593,7 @@ def sensitivity_figure(
                     color=OKABE_ITO[0], marker="o", ms=3.5, lw=1.2, capsize=2.5,
                     ls="-" if numeric else "none",  # no line between unordered choices
                     elinewidth=1.0, zorder=3)
-        if numeric and len(xs) <= 8:
+        if numeric and _grid_like(x, ax.get_xscale() == "log"):
             # Few grid values: tick exactly those, so each value reads off the axis.
             ax.set_xticks(x, [_category(float(a)) for a in xs])
             ax.xaxis.set_minor_locator(NullLocator())
@@ -594,6 +601,18 @@ def sensitivity_figure(
     for ax in axes[:, 0]:
         ax.set_ylabel(f"{_metric_label(metric)}\n(median, IQR over runs)")
     return fig
+
+
+def _grid_like(x: np.ndarray, log: bool) -> bool:
+    """Whether values can each get a tick: at most 8, none closer to the next than 8% of
+    the axis span (a grid; values an Optuna sampler drew lie anywhere, and their labels
+    would overlap), and short to write."""
+    if x.size > 8:
+        return False
+    t = np.sort(np.log10(x) if log else x)
+    if t.size > 1 and np.diff(t).min() < 0.08 * (t[-1] - t[0]):
+        return False
+    return all(len(_category(float(a))) <= 7 for a in x)
 
 
 def _category(x: object) -> str:
@@ -684,51 +703,113 @@ def filmstrip_figure(
 
 
 def optuna_figures(study: Any) -> tuple[dict[str, Figure], dict[str, str]]:
-    """Optuna's own matplotlib plots of ``study``: history, importances, intermediates.
+    """The optimisation history, parameter importances and intermediate values of an Optuna
+    ``study``, drawn here in this module's style (Optuna's own matplotlib plots bring
+    their ggplot theme and titles, and their labels are clipped at paper sizes).
 
     Returns ``(figures, notes)``: the figures that could be drawn, and for each that could
     not a one-line reason for the report (no completed trial, fewer than two for
-    importances, no intermediate values, or the error Optuna raised). Optuna draws through
-    pyplot; the caller must ``matplotlib.pyplot.close`` the figures after saving them.
+    importances, no intermediate values, or the error Optuna raised computing them).
     """
+    import optuna
+
+    trials = study.get_trials(deepcopy=False)
+    done = optuna.trial.TrialState.COMPLETE
+    complete = [t for t in trials if t.state == done and t.value is not None]
+    with_inter = [t for t in trials if t.intermediate_values]
+    figures: dict[str, Figure] = {}
+    notes: dict[str, str] = {}
+    if complete:
+        figures["optuna_history"] = _optuna_history(complete, _maximize(study))
+    else:
+        notes["optuna_history"] = "no completed trial"
+    if len(complete) < 2:
+        notes["optuna_importances"] = (f"needs at least 2 completed trials (the study has "
+                                       f"{len(complete)})")
+    else:
+        try:
+            imp = _importances(study)
+            figures["optuna_importances"] = _optuna_importances(imp)
+        except Exception as e:  # noqa: BLE001 - an evaluator failure becomes a report note
+            notes["optuna_importances"] = f"{type(e).__name__}: {' '.join(str(e).split())}"
+    if with_inter:
+        figures["optuna_intermediate"] = _optuna_intermediate(with_inter)
+    else:
+        notes["optuna_intermediate"] = "no trial reported intermediate values"
+    return figures, notes
+
+
+def _maximize(study: Any) -> bool:
+    import optuna
+
+    return study.direction == optuna.study.StudyDirection.MAXIMIZE
+
+
+def _importances(study: Any) -> dict[str, float]:
     import warnings
 
     import optuna
-    import optuna.visualization.matplotlib as ovm
 
-    complete = [t for t in study.get_trials(deepcopy=False)
-                if t.state == optuna.trial.TrialState.COMPLETE]
-    with_inter = [t for t in study.get_trials(deepcopy=False) if t.intermediate_values]
-    figures: dict[str, Figure] = {}
-    notes: dict[str, str] = {}
-    plots: list[tuple[str, Callable[[Any], Any], str | None]] = [
-        ("optuna_history", ovm.plot_optimization_history,
-         None if complete else "no completed trial"),
-        ("optuna_importances", ovm.plot_param_importances,
-         None if len(complete) >= 2 else
-         f"needs at least 2 completed trials (the study has {len(complete)})"),
-        ("optuna_intermediate", ovm.plot_intermediate_values,
-         None if with_inter else "no trial reported intermediate values"),
-    ]
-    for name, plot, skip in plots:
-        if skip:
-            notes[name] = skip
-            continue
-        try:
-            with warnings.catch_warnings(), matplotlib.rc_context(STYLE):
-                warnings.simplefilter("ignore")  # ExperimentalWarning on every call
-                ax = plot(study)
-            fig = ax.figure if hasattr(ax, "figure") else np.ravel(ax)[0].figure
-            fig.set_size_inches(TEXT_WIDTH * 0.8, 3.2)
-            for a in fig.axes:
-                a.set_title("")  # the report's caption says what it is
-            for t in fig.findobj(Text):
-                if t.get_fontsize() < FONT_SIZE:
-                    t.set_fontsize(FONT_SIZE)
-            figures[name] = fig
-        except Exception as e:  # noqa: BLE001 - any plotting failure becomes a report note
-            notes[name] = f"{type(e).__name__}: {' '.join(str(e).split())}"
-    return figures, notes
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ExperimentalWarning and friends
+        return dict(optuna.importance.get_param_importances(study))
+
+
+@_styled
+def _optuna_history(complete: Sequence[Any], maximize: bool) -> Figure:
+    """Each completed trial's objective (dots) and the best so far (step line)."""
+    fig = _new_figure(COLUMN_WIDTH, 2.4)
+    ax = fig.subplots()
+    n = np.array([t.number for t in complete])
+    v = np.array([float(t.value) for t in complete])
+    order = np.argsort(n)
+    n, v = n[order], v[order]
+    best = np.maximum.accumulate(v) if maximize else np.minimum.accumulate(v)
+    ax.scatter(n, v, s=12, color=OKABE_ITO[0], label="trial", zorder=3)
+    ax.step(n, best, where="post", color=OKABE_ITO[1], lw=1.2, label="best so far")
+    ax.set_xlabel("trial")
+    ax.set_ylabel("objective")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(loc="best")
+    return fig
+
+
+@_styled
+def _optuna_importances(imp: Mapping[str, float]) -> Figure:
+    """Horizontal bars, the most important parameter at the top, each bar labelled."""
+    names = list(imp)[::-1]
+    vals = np.array([imp[k] for k in names], dtype=float)
+    fig = _new_figure(COLUMN_WIDTH, 0.9 + 0.28 * len(names))
+    ax = fig.subplots()
+    ax.barh(np.arange(len(names)), vals, color=OKABE_ITO[0], height=0.6)
+    ax.set_yticks(np.arange(len(names)), names)
+    for i, x in enumerate(vals):
+        ax.text(x, i, f" {x:.2f}", va="center", ha="left")
+    ax.set_xlim(0, max(1e-9, float(vals.max())) * 1.2)
+    ax.set_xlabel("importance (fANOVA)")
+    return fig
+
+
+@_styled
+def _optuna_intermediate(trials: Sequence[Any]) -> Figure:
+    """Every trial's intermediate values against its step, coloured by the trial's end
+    state (pruned ones are the curves the pruner stopped)."""
+    fig = _new_figure(COLUMN_WIDTH, 2.6)
+    ax = fig.subplots()
+    colors = {"COMPLETE": OKABE_ITO[0], "PRUNED": OKABE_ITO[3], "FAIL": "#000000"}
+    seen: dict[str, Line2D] = {}
+    for t in sorted(trials, key=lambda t: t.number):
+        steps = sorted(t.intermediate_values)
+        state = t.state.name
+        (line,) = ax.plot(steps, [t.intermediate_values[k] for k in steps], lw=0.9,
+                          alpha=0.8, color=colors.get(state, "#999999"))
+        seen.setdefault(state, line)
+    ax.set_xlabel("environment steps")
+    ax.xaxis.set_major_formatter(steps_formatter)
+    ax.set_ylabel("intermediate value")
+    ax.legend(list(seen.values()), [f"{k.lower()} ({sum(t.state.name == k for t in trials)})"
+                                    for k in seen], loc="best")
+    return fig
 
 
 # --------------------------------------------------------------------------------------

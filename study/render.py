@@ -3,6 +3,7 @@
     python -m study.render results/a2c-blog-swingup --run 1f3c9a0e2b7d4c55
     python -m study.render results/a2c-blog-swingup --run 1f3c9a0e2b7d4c55 --out agent.gif
     python -m study.render results/a2c-blog-swingup --run 1f3c9a0e2b7d4c55 --frames 12 --seed 3
+    python -m study.render results/a2c-blog-swingup --list     # which runs can be drawn
 
 Needs a sweep run with ``save_policies = true`` (``policies/<run_id>.npz`` in the store).
 The run's hyperparameters rebuild its networks; the policy acts deterministically (the
@@ -45,6 +46,7 @@ __all__ = [
     "episode_filmstrip",
     "filmstrip",
     "frame_steps",
+    "list_runs",
     "load_policy",
     "main",
     "play_episode",
@@ -493,16 +495,52 @@ def render_filmstrip(results_dir: str | Path, run_id: str, out: str | Path | Non
 # CLI
 
 
+def list_runs(results_dir: str | Path) -> str:
+    """The store's runs as a text table: run id, config (the hyperparameters that differ),
+    seed, final return, status, and whether a policy is saved (what ``--run`` can draw).
+
+    ConfigError (one line) if the path is not a store or holds no runs.
+    """
+    from study.failures import config_labels, format_value
+
+    root = Path(results_dir)
+    runs = store.load_runs(root)
+    saved = {p.stem for p in (root / store.POLICIES_DIR).glob("*.npz")}
+    labels = config_labels(runs)
+    header = ["run_id", "config", "seed", "final_return", "status", "policy"]
+    rows = [[str(r.run_id), labels.get(str(r.config_id), str(r.config_id)), str(r.seed),
+             "nan" if math.isnan(float(r.final_return)) else format_value(
+                 round(float(r.final_return), 2)),
+             str(r.status), "saved" if str(r.run_id) in saved else "-"]
+            for r in runs.itertuples(index=False)]
+    widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=True)]
+    right = {2, 3}  # numbers
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
+
+    n_saved = sum(r[-1] == "saved" for r in rows)
+    tail = (f"{len(rows)} runs, {n_saved} with a saved policy"
+            + ("" if n_saved else "; run the sweep with save_policies = true to keep them"))
+    return "\n".join([line(header), *[line(r) for r in rows], tail]) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m study.render RESULTS_DIR --run RUN_ID [--out F] [--frames N] ...``."""
+    """``python -m study.render RESULTS_DIR --run RUN_ID [--out F] [--frames N] ...``, or
+    ``--list`` for the run ids."""
     from study.cli_util import ArgumentParser, run_cli
 
     def body(args_in: Sequence[str] | None) -> int:
         ap = ArgumentParser(prog="python -m study.render",
                             description="Draw one episode of a run's saved policy as a "
-                                        "filmstrip PNG or an animated GIF.")
+                                        "filmstrip PNG or an animated GIF, or list the runs.")
         ap.add_argument("results_dir", help="a results store of a sweep with save_policies")
-        ap.add_argument("--run", required=True, metavar="RUN_ID", help="the run to watch")
+        what = ap.add_mutually_exclusive_group(required=True)
+        what.add_argument("--run", metavar="RUN_ID", help="the run to watch")
+        what.add_argument("--list", action="store_true",
+                          help="list the runs (id, config, seed, final return, status, "
+                               "saved policy) and exit")
         ap.add_argument("--out", metavar="FILE",
                         help="FILE.png (filmstrip) or FILE.gif (animation); default "
                              "RESULTS_DIR/render/RUN_ID.png")
@@ -517,6 +555,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "even though the store was made elsewhere: it runs that "
                              "module's code")
         args = ap.parse_args(args_in)
+        if args.list:
+            print(list_runs(args.results_dir), end="")
+            return 0
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             path = render_filmstrip(args.results_dir, args.run, args.out, args.frames,

@@ -14,7 +14,13 @@ distribution per config with its modes; hyperparameter sensitivity (marginal med
 IQRs); the seed table; the failure report, with (where the sweep saved policies)
 filmstrips of a trapped and a successful agent side by side, or without traps of an agent
 of a config's lowest mode and one of its top mode (:mod:`study.render`); and, for Optuna
-studies, Optuna's own plots.
+studies, the optimisation history, parameter importances and intermediate values.
+
+Configs are ranked by the IQM of the metric everywhere (ties: median). The page says first
+what a reader must know before trusting it: an incomplete store (an interrupted sweep,
+with the command that resumes it), budgets that differ between runs, how runs without a
+final return count, and for an Optuna study which runs are tuning and which held-out
+(the figures show the tuning runs; the seed tables rank the two apart).
 
 Every number comes from the store's Parquet files (:mod:`study.store`), the statistics from
 :mod:`study.curves`, :mod:`study.tables` and :mod:`study.failures`, the figures from
@@ -28,6 +34,7 @@ written.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import html
 import math
 import os
@@ -46,7 +53,7 @@ import numpy as np
 import pandas as pd
 
 from study import curves as curves_mod
-from study import failures, figures, stats, store
+from study import failures, figures, store, tables
 from study.config import NAMES, ConfigError
 from study.trust import env_module
 
@@ -91,30 +98,6 @@ class _Timer:
 # inputs
 
 
-def _run_values(runs: pd.DataFrame, curves: pd.DataFrame, metric: str) -> np.ndarray:
-    """The ranking metric per run, aligned with ``runs`` (NaN where a run has none).
-
-    :func:`study.tables.run_metric` when available (so figures and the seed table agree
-    on what a run's value is: diverged and pruned runs have none); ``auc`` is the mean of
-    the run's episode-return curve, NaN windows skipped.
-    """
-    try:
-        from study.tables import run_metric
-    except ImportError:
-        run_metric = None  # type: ignore[assignment]
-    if run_metric is not None:
-        return run_metric(runs, curves, metric).to_numpy(dtype=float)
-    if metric == "auc":
-        if curves.empty:
-            raise ConfigError("metric auc needs curves, and there are none")
-        auc = curves.groupby("run_id", sort=False)["episode_return"].mean()
-        values = runs["run_id"].map(auc).to_numpy(dtype=float)
-    else:
-        values = runs[metric].to_numpy(dtype=float)
-    bad = runs["status"].astype(str).isin(["diverged", "pruned"]).to_numpy()
-    return np.where(bad, np.nan, values)
-
-
 def _check_out(results: Path, out: Path) -> None:
     """Refuse an output directory whose replacement would destroy something else."""
     r, o = results.resolve(), out.resolve()
@@ -130,60 +113,7 @@ def _check_out(results: Path, out: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------
-# the seed table (study.tables), kept in one place because that module's API is young
-
-
-def _seed_table(runs: pd.DataFrame, curves: pd.DataFrame, metric: str, values: np.ndarray,
-                hps: list[str], per_run: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, str]]:
-    """The seed table (best config first) and its renderings ``{"md", "csv", "tex"}``.
-
-    Uses :func:`study.tables.seed_table` (given the failure report's classification, so
-    runs are not classified twice) and :func:`study.tables.format_table` when that module
-    exists; otherwise a minimal table of the same kind computed here.
-    """
-    try:
-        from study import tables
-    except ImportError:
-        tables = None  # type: ignore[assignment]
-    if tables is not None and hasattr(tables, "seed_table"):
-        tab = tables.seed_table(runs, curves if len(curves) else None, metric=metric,
-                                classification=per_run)
-        fmt = getattr(tables, "format_table", None)
-        if fmt is not None:
-            out = {"md": fmt(tab, "markdown"), "csv": fmt(tab, "csv"), "tex": fmt(tab, "latex")}
-        else:
-            out = {"md": _df_markdown(tab), "csv": tab.to_csv(index=False),
-                   "tex": _df_latex(tab)}
-        return tab, out
-    tab = _fallback_seed_table(runs, values, hps)
-    return tab, {"md": _df_markdown(tab), "csv": tab.to_csv(index=False), "tex": _df_latex(tab)}
-
-
-def _fallback_seed_table(runs: pd.DataFrame, values: np.ndarray,
-                         hps: list[str]) -> pd.DataFrame:
-    """Per config: n, median, quartiles, IQR, mean, std, IQM with a 95% bootstrap CI."""
-    v = pd.Series(values, index=runs.index)
-    rows = []
-    first = runs.drop_duplicates("config_id").set_index("config_id")
-    for cid, idx in runs.groupby("config_id", sort=True).groups.items():
-        x = v.loc[idx].to_numpy(float)
-        f = x[np.isfinite(x)]
-        q25, med, q75 = (stats.quantiles(f) if f.size else [np.nan] * 3)
-        point, lo, hi = (stats.stratified_bootstrap_ci(f, "iqm", n_boot=2000,
-                                                       seed=stats.key_seed(0, str(cid)))
-                         if f.size else (np.nan, np.nan, np.nan))
-        rows.append({"config_id": cid, **{h: first.at[cid, h] for h in hps},
-                     "n": int(x.size), "median": med, "q25": q25, "q75": q75,
-                     "iqr": q75 - q25, "mean": f.mean() if f.size else np.nan,
-                     "std": f.std(ddof=1) if f.size > 1 else np.nan, "iqm": point,
-                     "iqm_lo": lo, "iqm_hi": hi, "n_nonfinite": int(x.size - f.size)})
-    tab = pd.DataFrame(rows)
-    return tab.sort_values(["iqm", "median", "config_id"], ascending=[False, False, True],
-                           kind="stable", na_position="last").reset_index(drop=True)
-
-
-# --------------------------------------------------------------------------------------
-# small writers (Markdown, LaTeX, HTML)
+# small writers (Markdown, LaTeX) for the failure tables
 
 
 def _cell(v: Any, decimals: int = 3) -> str:
@@ -206,22 +136,14 @@ def _df_markdown(df: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-_TEX_ESC = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
-            "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
-            "^": r"\textasciicircum{}"}
-
-
-def _tex(s: str) -> str:
-    return "".join(_TEX_ESC.get(ch, ch) for ch in s)
-
-
 def _df_latex(df: pd.DataFrame) -> str:
     """A booktabs ``tabular`` (no pandas Styler, so no jinja2 dependency)."""
     cols = "l" * len(df.columns)
-    lines = [f"\\begin{{tabular}}{{{cols}}}", "\\toprule",
-             " & ".join(_tex(str(c)) for c in df.columns) + r" \\", "\\midrule"]
+    lines = [r"% Needs \usepackage{booktabs} (\toprule, \midrule, \bottomrule).",
+             f"\\begin{{tabular}}{{{cols}}}", "\\toprule",
+             " & ".join(tables.latex_escape(str(c)) for c in df.columns) + r" \\", "\\midrule"]
     for row in df.itertuples(index=False):
-        lines.append(" & ".join(_tex(_cell(v)) for v in row) + r" \\")
+        lines.append(" & ".join(tables.latex_escape(_cell(v)) for v in row) + r" \\")
     lines += ["\\bottomrule", "\\end{tabular}"]
     return "\n".join(lines) + "\n"
 
@@ -255,102 +177,172 @@ def _split_row(line: str) -> list[str]:
 _IMAGE = re.compile(r"^!\[([^\]]*)\]\(([^)\s]+)\)$")
 
 
-def markdown_to_html(md: str) -> str:
+def markdown_to_html(md: str, figure_classes: Mapping[str, str] | None = None) -> str:
     """The small Markdown subset the report uses, as HTML body content.
 
-    Headings, paragraphs, ``- `` lists, pipe tables, images on their own line, and inline
-    code, bold, italics and links. Enough for this report (and the failure report and seed
-    table it embeds); not a general Markdown implementation.
+    Headings, paragraphs, ``- `` lists, ``> `` quotes (the report's warnings), pipe tables
+    (columns aligned ``---:`` are right-aligned), images on their own line, and inline
+    code, bold, italics and links. ``figure_classes`` maps an image's ``src`` to the class
+    of its ``<figure>`` ("col" for a column-width figure, set beside its caption). Enough
+    for this report (and the failure report and seed table it embeds); not a general
+    Markdown implementation.
     """
-    out: list[str] = []
     lines = md.splitlines()
-    i = 0
+    out: list[str] = []
     para: list[str] = []
-
-    def flush() -> None:
-        if para:
-            out.append("<p>" + _inline(" ".join(para)) + "</p>")
-            para.clear()
-
+    i = 0
     while i < len(lines):
         line = lines[i].rstrip()
-        if not line.strip():
-            flush()
+        kind = _block_kind(line)
+        if kind != "para" and para:
+            out.append("<p>" + _inline(" ".join(para)) + "</p>")
+            para.clear()
+        if kind == "para":
+            para.append(line.strip())
             i += 1
-            continue
-        m = re.match(r"^(#{1,6}) (.*)$", line)
-        if m:
-            flush()
-            level = len(m.group(1))
-            text = m.group(2)
-            anchor = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-            out.append(f'<h{level} id="{anchor}">{_inline(text)}</h{level}>')
+        elif kind == "blank":
             i += 1
-            continue
-        im = _IMAGE.match(line.strip())
-        if im:
-            flush()
-            alt, src = im.group(1), im.group(2)
-            i += 1
-            # A following "*Figure n.* ..." paragraph is the image's caption.
-            j = i
-            while j < len(lines) and not lines[j].strip():
-                j += 1
-            caption = []
-            if j < len(lines) and lines[j].lstrip().startswith("*Figure"):
-                while j < len(lines) and lines[j].strip():
-                    caption.append(lines[j].strip())
-                    j += 1
-                i = j
-            cap = f"<figcaption>{_inline(' '.join(caption))}</figcaption>" if caption else ""
-            out.append(f'<figure><img src="{html.escape(src)}" alt="{html.escape(alt)}">'
-                       f"{cap}</figure>")
-            continue
-        if line.lstrip().startswith("|"):
-            flush()
-            block = []
-            while i < len(lines) and lines[i].lstrip().startswith("|"):
-                block.append(lines[i])
-                i += 1
-            rows = [_split_row(b) for b in block]
-            if len(rows) >= 2 and all(re.fullmatch(r":?-{3,}:?", c) for c in rows[1]):
-                head, body = rows[0], rows[2:]
-            else:
-                head, body = None, rows
-            t = ['<div class="table"><table>']
-            if head:
-                t.append("<thead><tr>" + "".join(f"<th>{_inline(c)}</th>" for c in head)
-                         + "</tr></thead>")
-            t.append("<tbody>" + "".join(
-                "<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in body)
-                + "</tbody></table></div>")
-            out.append("".join(t))
-            continue
-        if line.lstrip().startswith("- "):
-            flush()
-            items = []
-            while i < len(lines) and lines[i].lstrip().startswith("- "):
-                items.append(f"<li>{_inline(lines[i].lstrip()[2:])}</li>")
-                i += 1
-            out.append("<ul>" + "".join(items) + "</ul>")
-            continue
-        para.append(line.strip())
+        else:
+            html_block, i = _BLOCKS[kind](lines, i, figure_classes or {})
+            out.append(html_block)
+    if para:
+        out.append("<p>" + _inline(" ".join(para)) + "</p>")
+    return "\n".join(_pair_figures(out))
+
+
+def _pair_figures(blocks: list[str]) -> list[str]:
+    """Two column-width figures in a row stand side by side, each with its caption below
+    (a lone one keeps its caption beside it)."""
+    out: list[str] = []
+    for b in blocks:
+        if (b.startswith('<figure class="col">') and out
+                and out[-1].startswith('<figure class="col">')):
+            out[-1] = f'<div class="pair">{out[-1]}{b}</div>'
+        else:
+            out.append(b)
+    return out
+
+
+def _block_kind(line: str) -> str:
+    stripped = line.lstrip()
+    if not stripped:
+        return "blank"
+    if re.match(r"^#{1,6} ", line):
+        return "heading"
+    if _IMAGE.match(line.strip()):
+        return "image"
+    for prefix, kind in (("|", "table"), ("- ", "list"), ("> ", "quote")):
+        if stripped.startswith(prefix):
+            return kind
+    return "para"
+
+
+def _heading(lines: list[str], i: int, _c: Mapping[str, str]) -> tuple[str, int]:
+    m = re.match(r"^(#{1,6}) (.*)$", lines[i].rstrip())
+    assert m is not None
+    level, text = len(m.group(1)), m.group(2)
+    anchor = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return f'<h{level} id="{anchor}">{_inline(text)}</h{level}>', i + 1
+
+
+def _image(lines: list[str], i: int, classes: Mapping[str, str]) -> tuple[str, int]:
+    im = _IMAGE.match(lines[i].strip())
+    assert im is not None
+    alt, src = im.group(1), im.group(2)
+    i += 1
+    # A following "*Figure n.* ..." paragraph is the image's caption.
+    j = i
+    while j < len(lines) and not lines[j].strip():
+        j += 1
+    caption = []
+    if j < len(lines) and lines[j].lstrip().startswith("*Figure"):
+        while j < len(lines) and lines[j].strip():
+            caption.append(lines[j].strip())
+            j += 1
+        i = j
+    cap = f"<figcaption>{_inline(' '.join(caption))}</figcaption>" if caption else ""
+    cls = f' class="{html.escape(classes[src])}"' if src in classes else ""
+    return (f'<figure{cls}><img src="{html.escape(src)}" alt="{html.escape(alt)}">{cap}'
+            "</figure>"), i
+
+
+def _table(lines: list[str], i: int, _c: Mapping[str, str]) -> tuple[str, int]:
+    block = []
+    while i < len(lines) and lines[i].lstrip().startswith("|"):
+        block.append(lines[i])
         i += 1
-    flush()
-    return "\n".join(out)
+    rows = [_split_row(b) for b in block]
+    head, body, right = None, rows, [False] * len(rows[0])
+    if len(rows) >= 2 and all(re.fullmatch(r":?-{3,}:?", c) for c in rows[1]):
+        head, body, right = rows[0], rows[2:], [c.endswith(":") for c in rows[1]]
+
+    def cell(tag: str, j: int, text: str) -> str:
+        cls = ' class="num"' if j < len(right) and right[j] else ""
+        return f"<{tag}{cls}>{_cell_html(text)}</{tag}>"
+
+    t = ['<div class="table"><table>']
+    if head:
+        t.append("<thead><tr>" + "".join(cell("th", j, c) for j, c in enumerate(head))
+                 + "</tr></thead>")
+    t.append("<tbody>" + "".join("<tr>" + "".join(cell("td", j, c) for j, c in enumerate(r))
+                                 + "</tr>" for r in body) + "</tbody></table></div>")
+    return "".join(t), i
 
 
+def _cell_html(text: str) -> str:
+    """A table cell that wraps only between a value and its interval: "-14.63 [-45.47,
+    -12.39]" may break before the bracket, never inside it; "+/-" reads as "±"."""
+    s = _inline(text)
+    s = re.sub(r"\[[^\]<>]*\]", lambda m: m.group(0).replace(" ", "&nbsp;"), s)
+    s = s.replace(" +/- ", "&nbsp;±&nbsp;").replace(" = ", "&nbsp;=&nbsp;")
+    return s
+
+
+def _list(lines: list[str], i: int, _c: Mapping[str, str]) -> tuple[str, int]:
+    items = []
+    while i < len(lines) and lines[i].lstrip().startswith("- "):
+        items.append(f"<li>{_inline(lines[i].lstrip()[2:])}</li>")
+        i += 1
+    return "<ul>" + "".join(items) + "</ul>", i
+
+
+def _quote(lines: list[str], i: int, _c: Mapping[str, str]) -> tuple[str, int]:
+    text = []
+    while i < len(lines) and lines[i].lstrip().startswith("> "):
+        text.append(lines[i].lstrip()[2:].strip())
+        i += 1
+    return f'<blockquote class="note">{_inline(" ".join(text))}</blockquote>', i
+
+
+_BLOCKS = {"heading": _heading, "image": _image, "table": _table, "list": _list,
+           "quote": _quote}
+
+# Figures are 200 dpi PNGs with 8 pt text: shown at 3/4 of their pixel size, their text
+# matches the page's. A text-width figure fills the column; a column-width one takes half
+# of it, with its caption beside it (below it on a narrow screen). Tables wrap between a
+# value and its interval; one still too wide scrolls, a shadow at the edge saying so.
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;
-max-width:1000px;margin:2em auto;padding:0 1em;color:#222;line-height:1.45}
+max-width:1100px;margin:2em auto;padding:0 1em;color:#222;line-height:1.45}
 h1{font-size:1.6em}h2{font-size:1.3em;border-bottom:1px solid #ddd;padding-bottom:.2em;
 margin-top:2em}h3{font-size:1.1em}
-figure{margin:1em 0}img{max-width:100%;height:auto;border:0}
-.table{overflow-x:auto;margin:.5em 0 1em}
-table{border-collapse:collapse;font-size:.85em;font-variant-numeric:tabular-nums}
-th,td{border-bottom:1px solid #e3e3e3;padding:.25em .6em;text-align:left;white-space:nowrap}
-th{border-bottom:2px solid #999}code{background:#f4f4f4;padding:0 .2em}
+figure{margin:1.2em 0}figure img{display:block;width:100%;max-width:100%;height:auto;border:0}
+figure.col{display:flex;gap:1.5em;align-items:flex-start}
+figure.col img{flex:0 0 50%;width:50%}figure.col figcaption{flex:1;margin-top:1em}
+.pair{display:flex;gap:1.5em;align-items:flex-start}.pair figure.col{display:block;flex:1}
+.pair figure.col img{width:100%}.pair figure.col figcaption{margin-top:.3em}
+@media (max-width:800px){figure.col,.pair{display:block}figure.col img{width:100%}}
+.table{overflow-x:auto;margin:.5em 0 1em;max-width:100%;background:
+linear-gradient(to right,#fff 30%,#fff0) left/3em 100% no-repeat local,
+linear-gradient(to left,#fff 30%,#fff0) right/3em 100% no-repeat local,
+radial-gradient(farthest-side at 0 50%,#0003,#0000) left/12px 100% no-repeat scroll,
+radial-gradient(farthest-side at 100% 50%,#0003,#0000) right/12px 100% no-repeat scroll}
+table{border-collapse:collapse;font-size:.8em;font-variant-numeric:tabular-nums}
+th,td{border-bottom:1px solid #e3e3e3;padding:.25em .5em;text-align:left;vertical-align:top}
+th{border-bottom:2px solid #999}th.num,td.num{text-align:right}
+code{background:#f4f4f4;padding:0 .2em}
 figcaption{font-size:.9em;color:#444;margin-top:.3em}
+blockquote.note{margin:1em 0;padding:.6em 1em;background:#fff4e0;border-left:4px solid #E69F00}
 """
 
 
@@ -414,8 +406,11 @@ def _sweep_name(root: Path) -> str | None:
         return None
 
 
-def _intermediate(v: Any) -> dict[int, float]:
-    """Intermediate values from a trials.parquet cell: a mapping, pairs, or JSON text."""
+def _intermediate(v: Any, steps: Any = None) -> dict[int, float]:
+    """Intermediate values from a trials.parquet cell: ``study.optuna`` writes two list
+    columns, ``intermediate_values`` with its ``intermediate_steps``; a mapping, a list of
+    (step, value) pairs or JSON text of either is read too. Non-finite values are dropped.
+    """
     import json
 
     if v is None or (isinstance(v, float) and math.isnan(v)):
@@ -423,9 +418,17 @@ def _intermediate(v: Any) -> dict[int, float]:
     if isinstance(v, str):
         v = json.loads(v) if v.strip() else {}
     if isinstance(v, Mapping):
-        items = v.items()
+        items = list(v.items())
     else:
-        items = [(p["step"], p["value"]) if isinstance(p, Mapping) else tuple(p) for p in v]
+        seq = list(v)
+        if seq and all(np.ndim(x) == 0 and not isinstance(x, Mapping) for x in seq):
+            if steps is None or len(list(steps)) != len(seq):
+                raise ValueError("intermediate_values is a list of numbers without an "
+                                 "intermediate_steps list of the same length")
+            items = list(zip(list(steps), seq, strict=True))
+        else:
+            items = [(p["step"], p["value"]) if isinstance(p, Mapping) else tuple(p)
+                     for p in seq]
     return {int(k): float(x) for k, x in items if x is not None and np.isfinite(float(x))}
 
 
@@ -488,7 +491,8 @@ def _study_from_trials(df: pd.DataFrame) -> Any:
         study.add_trial(create_trial(
             state=state, value=float(value) if state == TrialState.COMPLETE else None,
             params=params, distributions=pd_,
-            intermediate_values=_intermediate(row.get(inter_col)) if inter_col else {},
+            intermediate_values=(_intermediate(row.get(inter_col), row.get("intermediate_steps"))
+                                 if inter_col else {}),
         ))
     return study
 
@@ -535,7 +539,8 @@ def build_report(
     with timer("load store"):
         runs = store.load_runs(root)  # StoreError (a ConfigError) if not a store or empty
         curves = store.load_curves(root, allow_empty=True)
-    values = _run_values(runs, curves, metric)
+    # The tables' run values: diverged and pruned runs have none, auc is the curve's mean.
+    values = tables.run_metric(runs, curves if len(curves) else None, metric).to_numpy(float)
     if not np.isfinite(values).any():
         raise ConfigError(f"{root}: metric {metric} has no data (no run has a finite value)")
     _check_out(root, out_dir)
@@ -581,243 +586,348 @@ def _umask() -> int:
     return mask
 
 
+@dataclass
+class _Page:
+    """The report being written: its Markdown, files, notes and figure counter."""
+
+    out: Path
+    timer: _Timer
+    md: list[str] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    fig_classes: dict[str, str] = field(default_factory=dict)
+    nfig: int = 0
+
+    def write(self, path: Path, text: str) -> None:
+        path.write_text(text, encoding="utf-8")
+        self.files.append(path)
+
+    def figure(self, fig: Any, stem: str, alt: str, caption: str) -> None:
+        """Save ``fig`` and add it, numbered and captioned, to the Markdown."""
+        with self.timer(f"figure: {stem}"):
+            paths = figures.save_figure(fig, self.out / "figures", stem)
+        self.files.extend(paths)
+        png = next(p for p in paths if p.suffix == ".png")
+        if _png_width(png) < 0.75 * figures.TEXT_WIDTH * figures.PNG_DPI:
+            self.fig_classes[f"figures/{stem}.png"] = "col"
+        self.nfig += 1
+        self.md.append(_fig_block(self.nfig, stem, alt, caption))
+
+
+def _png_width(path: Path) -> int:
+    with open(path, "rb") as f:
+        head = f.read(24)
+    return int.from_bytes(head[16:20], "big")  # the IHDR chunk's width
+
+
+@dataclass
+class _Data:
+    """The store's runs and everything computed from them once."""
+
+    root: Path
+    name: str
+    runs: pd.DataFrame
+    curves: pd.DataFrame
+    values: np.ndarray
+    metric: str
+    hps: list[str]  # hyperparameters that differ (sensitivity)
+    labels: dict[str, str]
+    rep: failures.FailureReport
+    table: pd.DataFrame
+    rendered: dict[str, str]
+    ranked: list[str]  # config ids, best first (the tuning table's order in Optuna stores)
+    cls: pd.DataFrame
+    fig_mask: np.ndarray  # the runs the figures show (tuning runs of an Optuna study)
+
+
 def _write_report(root: Path, out: Path, runs: pd.DataFrame, curves: pd.DataFrame,
                   values: np.ndarray, metric: str, top: int, max_panels: int,
                   timer: _Timer) -> ReportResult:
-    import matplotlib.pyplot as plt
+    (out / "figures").mkdir()
+    (out / "tables").mkdir()
+    page = _Page(out, timer)
+    data = _analyse(root, runs, curves, values, metric, page)  # timed stage by stage
+    _header(page, data)
+    _curves_section(page, data, top, max_panels)
+    _seeds_section(page, data)
+    _distribution_section(page, data)
+    _sensitivity_section(page, data)
+    _tables_section(page, data)
+    if (root / "trials.parquet").is_file() or (root / "optuna.journal").is_file():
+        _optuna_section(page, root)
+    md = page.md
+    if page.notes:
+        md += ["## Notes", ""] + [f"- {n}" for n in page.notes] + [""]
+    md.append(f"*Generated by `python -m study.report` from `{root.name}`.*")
+    text = "\n".join(md).rstrip() + "\n"
+    with timer("markdown and html"):
+        page.write(out / "report.md", text)
+        page.write(out / "index.html", _html_page(f"Sweep report: {data.name}",
+                                                  markdown_to_html(text, page.fig_classes)))
+    return ReportResult(out, page.files, timer.t, page.notes)
 
-    fig_dir, tab_dir = out / "figures", out / "tables"
-    fig_dir.mkdir()
-    tab_dir.mkdir()
-    files: list[Path] = []
-    notes: list[str] = []
-    has_curves = not curves.empty
+
+def _analyse(root: Path, runs: pd.DataFrame, curves: pd.DataFrame, values: np.ndarray,
+             metric: str, page: _Page) -> _Data:
+    """The failure report and seed table(s), written to tables/, and the ranking."""
+    tab_dir = page.out / "tables"
     hps_all = failures.hyperparameter_columns(runs)
-    hps = [h for h in hps_all if h in NAMES]  # env is not a hyperparameter to marginalise
-    labels = failures.config_labels(runs, hps_all)
-
-    def write(path: Path, text: str) -> None:
-        path.write_text(text, encoding="utf-8")
-        files.append(path)
-
-    def save(fig: Any, stem: str) -> None:
-        with timer(f"figure: {stem}"):
-            files.extend(figures.save_figure(fig, fig_dir, stem))
-
-    # ---- statistics
     name = _sweep_name(root) or root.name
-    with timer("failure report"):
-        rep = failures.failure_report(runs, curves if has_curves else None, source=name)
-        fmd = rep.markdown()
+    with page.timer("failure report"):
+        rep = failures.failure_report(runs, curves if len(curves) else None, source=name)
         rep.per_run.to_csv(tab_dir / "failures_per_run.csv", index=False)
-        files.append(tab_dir / "failures_per_run.csv")
+        page.files.append(tab_dir / "failures_per_run.csv")
         pc = rep.per_config
-        write(tab_dir / "failures_per_config.csv", pc.to_csv(index=False))
-        write(tab_dir / "failures_per_config.md", _df_markdown(pc))
-        write(tab_dir / "failures_per_config.tex", _df_latex(pc))
-        write(tab_dir / "trapped_by_hyperparameter.csv",
-              rep.by_hyperparameter.to_csv(index=False))
-    with timer("seed table"):
-        table, rendered = _seed_table(runs, curves, metric, values, hps_all, rep.per_run)
-        for ext, key in (("md", "md"), ("csv", "csv"), ("tex", "tex")):
-            write(tab_dir / f"seed_table.{ext}", rendered[key])
-
-    # Ranking: the seed table's order when it names configs, else IQM of the metric.
-    cfg_all = sorted(runs["config_id"].astype(str).unique())
-    if "config_id" in table:
-        ranked = [str(c) for c in table["config_id"] if str(c) in set(cfg_all)]
-        ranked += [c for c in cfg_all if c not in set(ranked)]
-    else:
-        s = pd.Series(values).groupby(runs["config_id"].astype(str).to_numpy())
-        score = s.agg(lambda x: stats.iqm(x.to_numpy()))
-        ranked = list(score.sort_values(ascending=False, kind="stable").index)
-    top_ids = ranked[:top]
+        page.write(tab_dir / "failures_per_config.csv", pc.to_csv(index=False))
+        page.write(tab_dir / "failures_per_config.md", _df_markdown(pc))
+        page.write(tab_dir / "failures_per_config.tex", _df_latex(pc))
+        page.write(tab_dir / "trapped_by_hyperparameter.csv",
+                   rep.by_hyperparameter.to_csv(index=False))
+    with page.timer("seed table"):
+        table = tables.seed_table(runs, curves if len(curves) else None, metric=metric,
+                                  classification=rep.per_run)
+        rendered = {ext: tables.format_table(table, fmt)
+                    for ext, fmt in (("md", "markdown"), ("csv", "csv"), ("tex", "latex"))}
+        for ext, text in rendered.items():
+            page.write(tab_dir / f"seed_table.{ext}", text)
+    fig_mask = np.ones(len(runs), dtype=bool)
+    ranking = table
+    if "phase" in table:  # an Optuna study with held-out runs: figures show the tuning
+        fig_mask = (runs["phase"].fillna("").astype(str) == "tune").to_numpy()
+        ranking = table[table["phase"] == "tune"]
+    cfg_all = sorted(runs["config_id"].astype(str)[fig_mask].unique())
+    ranked = [str(c) for c in ranking["config_id"] if str(c) in set(cfg_all)]
+    ranked += [c for c in cfg_all if c not in set(ranked)]
     cls = rep.per_run.assign(classification=rep.per_run["classification"].astype(str))
+    return _Data(root, name, runs, curves, values, metric, [h for h in hps_all if h in NAMES],
+                 failures.config_labels(runs, hps_all), rep, table, rendered, ranked, cls,
+                 fig_mask)
 
-    md: list[str] = []
+
+def _header(page: _Page, d: _Data) -> None:
+    runs, metric = d.runs, d.metric
     env = ", ".join(sorted(runs["env"].astype(str).unique())) if "env" in runs else "?"
-    seeds = runs.groupby("config_id").size()
-    md += [f"# Sweep report: {name}", "",
-           f"{len(runs):,} runs of {env} in {len(cfg_all)} configs "
+    seeds = runs[d.fig_mask].groupby("config_id").size()
+    n_cfg = runs["config_id"].nunique()
+    hps = d.hps
+    md = page.md
+    md += [f"# Sweep report: {d.name}", ""]
+    note = failures.incomplete_note(d.root)
+    if note:
+        md += [f"> **{note}**", ""]
+        page.notes.append(note)
+    md += [f"{len(runs):,} runs of {env} in {n_cfg} configs "
            f"({seeds.min()}{'' if seeds.min() == seeds.max() else f'-{seeds.max()}'} seeds "
-           f"each); configs ranked by **{metric}**"
+           f"each); every table and figure ranks configs by the **IQM of {metric}** "
+           "(interquartile mean over seeds; ties: median), best first"
            + (f"; hyperparameters that differ: {', '.join(f'`{h}`' for h in hps)}."
               if hps else "; a single config."), ""]
-    nfig = 0
+    budget = failures.budget_note(runs)
+    if budget:
+        md += [f"> {budget}", ""]
+    if "phase" in d.table:
+        md += [_optuna_phases(d), ""]
+    md += _no_final_sentence(runs)
 
-    # ---- 1. learning curves
+
+def _no_final_sentence(runs: pd.DataFrame) -> list[str]:
+    status = runs["status"].astype(str)
+    fin = runs["final_return"].to_numpy(float)
+    k = int(((~np.isfinite(fin)) & ~status.isin(["diverged", "pruned"]).to_numpy()).sum())
+    if not k:
+        return []
+    return [f"{k} run{'s' if k > 1 else ''} with status ok ha{'ve' if k > 1 else 's'} no final "
+            "return (no episode finished in the last 10% of steps). Such a run is not "
+            "diverged (only the trainer's status says so): it counts among its config's "
+            "seeds (\"4 of 5\") but in no statistic of the final return, and is labelled by "
+            "its curve like any other.", ""]
+
+
+def _optuna_phases(d: _Data) -> str:
+    """What an Optuna report shows where, and which config best.toml names."""
+    runs = d.runs
+    phase = runs["phase"].fillna("").astype(str)
+    tune, conf = runs[phase == "tune"], runs[phase == "confirm"]
+    text = (f"An Optuna study: {len(tune):,} tuning runs ({tune['config_id'].nunique()} "
+            f"configs on the tuning seeds) and {len(conf):,} held-out confirmation runs "
+            f"({conf['config_id'].nunique()} configs on {conf['seed'].nunique()} test seeds). "
+            "The figures show the tuning runs; the seed tables below rank tuning and held-out "
+            "results apart, the confirmation by its held-out seeds only.")
+    winner = _best_toml_trial(d.root)
+    if winner is not None and "trial_number" in conf:
+        cid = conf.loc[conf["trial_number"] == winner, "config_id"]
+        if len(cid):
+            c = str(cid.iloc[0])
+            text += (f" `best.toml` names trial {winner} ({d.labels.get(c, c)}), the best on "
+                     "the test seeds by the study's own objective (diverged test runs scored "
+                     "at their lowest logged return); the confirmation table ranks by IQM with "
+                     "diverged runs left out, so the two can differ only by the objective or "
+                     "a diverged run.")
+    return text
+
+
+def _best_toml_trial(root: Path) -> int | None:
+    try:
+        head = (root / "best.toml").read_text(encoding="utf-8").splitlines()[0]
+    except (OSError, IndexError):
+        return None
+    m = re.search(r"trial (\d+)", head)
+    return int(m.group(1)) if m else None
+
+
+def _curves_section(page: _Page, d: _Data, top: int, max_panels: int) -> None:
+    md = page.md
     md += ["## Learning curves", ""]
-    if has_curves:
-        with timer("curve aggregation"):
-            # Median and IQR only: one bootstrap replicate, since the IQM band is not
-            # drawn for the whole grid (a full bootstrap of every config would dominate
-            # the report's run time); the top configs get a real one below.
-            agg = curves_mod.learning_curves(runs, curves, n_boot=1)
-            top_runs = runs[runs["config_id"].astype(str).isin(top_ids)]
-            agg_iqm = curves_mod.aggregate_curves(top_runs, curves, "episode_return",
-                                                  n_boot=IQM_BOOT)
-        with timer("figure: learning_curves"):
-            fig = figures.learning_curves_figure(agg, top_ids, labels)
-        save(fig, "learning_curves")
-        nfig += 1
-        evals = "; evaluation returns below" if (agg["metric"] == "eval_return").any() else ""
-        md.append(_fig_block(
-            nfig, "learning_curves", "median learning curves of the top configs",
-            f"The {len(top_ids)} best configs by {metric}: median episode return over seeds "
-            f"(line) and inter-quartile range (band) against environment steps{evals}."))
-        with timer("figure: learning_curves_iqm"):
-            fig = figures.learning_curves_figure(agg_iqm, top_ids, labels, center="iqm")
-        save(fig, "learning_curves_iqm")
-        nfig += 1
-        md.append(_fig_block(
-            nfig, "learning_curves_iqm", "IQM learning curves of the top configs",
-            "The same configs: interquartile mean over seeds with a 95% stratified "
-            f"bootstrap interval ({IQM_BOOT:,} resamples of whole curves, seeded)."))
-        with timer("figure: small_multiples"):
-            fig = figures.small_multiples_figure(agg, ranked, labels, max_panels=max_panels)
-        save(fig, "small_multiples")
-        nfig += 1
-        shown = min(len(ranked), max_panels)
-        md.append(_fig_block(
-            nfig, "small_multiples", "learning curves of every config",
-            f"Median and IQR of the episode return per config, best first "
-            f"({shown} of {len(ranked)} configs"
-            + ("; raise --max-panels to see more" if shown < len(ranked) else "")
-            + "); grey: the best config, for reference."))
-    else:
-        md.append("The store has no curves: no learning-curve figures.")
-        notes.append("no curves in the store")
+    if d.curves.empty:
+        md += ["The store has no curves: no learning-curve figures.", ""]
+        page.notes.append("no curves in the store")
+        return
+    top_ids = d.ranked[:top]
+    runs = d.runs[d.fig_mask]
+    with page.timer("curve aggregation"):
+        # Median and IQR only: one bootstrap replicate, since the IQM band is not drawn
+        # for the whole grid (a full bootstrap of every config would dominate the report's
+        # run time); the top configs get a real one below.
+        agg = curves_mod.learning_curves(runs, d.curves, n_boot=1)
+        top_runs = runs[runs["config_id"].astype(str).isin(top_ids)]
+        agg_iqm = curves_mod.aggregate_curves(top_runs, d.curves, "episode_return",
+                                              n_boot=IQM_BOOT)
+    with page.timer("figure: learning_curves"):
+        fig = figures.learning_curves_figure(agg, top_ids, d.labels)
+    evals = "; evaluation returns below" if (agg["metric"] == "eval_return").any() else ""
+    page.figure(fig, "learning_curves", "median learning curves of the top configs",
+                f"The {len(top_ids)} best configs by IQM of {d.metric}: median episode return "
+                f"over seeds (line) and inter-quartile range (band) against environment "
+                f"steps{evals}.")
+    with page.timer("figure: learning_curves_iqm"):
+        fig = figures.learning_curves_figure(agg_iqm, top_ids, d.labels, center="iqm")
+    page.figure(fig, "learning_curves_iqm", "IQM learning curves of the top configs",
+                "The same configs: interquartile mean over seeds with a 95% stratified "
+                f"bootstrap interval ({IQM_BOOT:,} resamples of whole curves, seeded).")
+    with page.timer("figure: small_multiples"):
+        fig = figures.small_multiples_figure(agg, d.ranked, d.labels, max_panels=max_panels)
+    shown = min(len(d.ranked), max_panels)
+    page.figure(fig, "small_multiples", "learning curves of every config",
+                f"Median and IQR of the episode return per config, best first by IQM "
+                f"({shown} of {len(d.ranked)} configs"
+                + ("; raise --max-panels to see more" if shown < len(d.ranked) else "")
+                + "); grey: the best config, for reference.")
     md.append("")
 
-    # ---- 2. per-seed curves of one config
-    md += ["## Seeds of one config", ""]
-    counts = cls.groupby("config_id")["classification"].agg(
-        trapped=lambda c: int((c == "trapped").sum()))
-    trapped_counts = counts["trapped"]
-    if (trapped_counts > 0).any():
-        rank_of = {c: i for i, c in enumerate(ranked)}
-        pick = min(trapped_counts[trapped_counts == trapped_counts.max()].index,
-                   key=lambda c: rank_of.get(c, 0))
-        why = f"the config with the most trapped runs ({int(trapped_counts[pick])})"
-    else:
-        pick = ranked[0]
-        why = "the best config (no config has trapped runs)"
-    if has_curves:
-        sub = cls[cls["config_id"] == pick]
-        with timer("figure: seed_curves"):
-            fig = figures.seed_curves_figure(curves, sub, labels.get(pick, pick))
-        save(fig, "seed_curves")
-        nfig += 1
-        md.append(_fig_block(
-            nfig, "seed_curves", "every seed of one config",
-            f"Every seed of {labels.get(pick, pick)}, {why}, coloured by its failure "
-            "class (study.failures); open circles: where a trapped run plateaued. The "
-            "lower panel shows policy entropy, which collapses in trapped runs."))
-    else:
-        md.append("No curves to draw.")
-    md.append("")
 
-    # ---- 3. final-return distributions
-    md += ["## Final-return distributions", ""]
+def _seeds_section(page: _Page, d: _Data) -> None:
+    page.md += ["## Seeds of one config", ""]
+    shown = d.cls[d.cls["config_id"].isin(d.ranked)]
+    rank_of = {c: i for i, c in enumerate(d.ranked)}
+    pick, why = d.ranked[0], "the best config (no config has trapped or collapsed runs)"
+    for label in ("trapped", "collapsed"):  # a trap tells the most; then a collapse
+        n = (shown["classification"] == label).groupby(shown["config_id"]).sum()
+        if (n > 0).any():
+            pick = min(n[n == n.max()].index, key=lambda c: rank_of.get(c, 0))
+            why = f"the config with the most {label} runs ({int(n[pick])})"
+            break
+    if d.curves.empty:
+        page.md += ["No curves to draw.", ""]
+        return
+    sub = d.cls[d.cls["config_id"] == pick]
+    with page.timer("figure: seed_curves"):
+        fig = figures.seed_curves_figure(d.curves, sub, d.labels.get(pick, pick))
+    page.figure(fig, "seed_curves", "every seed of one config",
+                f"Every seed of {d.labels.get(pick, pick)}, {why}, coloured by its failure "
+                "class (study.failures); open circles: where a trapped run plateaued. The "
+                "lower panel shows policy entropy, which collapses in trapped runs.")
+    page.md.append("")
+
+
+def _distribution_section(page: _Page, d: _Data) -> None:
+    page.md += ["## Final-return distributions", ""]
+    rep, metric = d.rep, d.metric
     trapped_modes = [(t.config_id, t.mode.index) for t in rep.trapped_levels]
-    rows = _distribution_rows(ranked, {c for c, _ in trapped_modes})
+    rows = _distribution_rows(d.ranked, {c for c, _ in trapped_modes})
+    runs = d.runs[d.fig_mask]
     vals = pd.DataFrame({"config_id": runs["config_id"].astype(str).to_numpy(),
-                         "run_id": runs["run_id"].astype(str).to_numpy(), "value": values})
-    vals = vals.merge(cls[["run_id", "classification"]], on="run_id", how="left")
-    with timer("figure: final_distribution"):
-        fig = figures.final_distribution_figure(vals, rows, labels, modes=rep.modes,
+                         "run_id": runs["run_id"].astype(str).to_numpy(),
+                         "value": d.values[d.fig_mask]})
+    vals = vals.merge(d.cls[["run_id", "classification"]], on="run_id", how="left")
+    with page.timer("figure: final_distribution"):
+        fig = figures.final_distribution_figure(vals, rows, d.labels, modes=rep.modes,
                                                 trapped_modes=trapped_modes, metric=metric)
-    save(fig, "final_distribution")
-    nfig += 1
-    md.append(_fig_block(
-        nfig, "final_distribution", f"{metric} per config",
+    page.figure(
+        fig, "final_distribution", f"{metric} per config",
         f"{metric} of every seed (points, coloured by failure class) with a box plot "
-        "(median, quartiles, whiskers at 1.5 IQR) per config, best at the top"
-        + (f" ({len(rows)} of {len(ranked)} configs: the best, and every config with a "
-           "trapped mode)" if len(rows) < len(ranked) else "")
+        "(median, quartiles, whiskers at 1.5 IQR) per config, best by IQM at the top"
+        + (f" ({len(rows)} of {len(d.ranked)} configs: the best, and every config with a "
+           "trapped mode)" if len(rows) < len(d.ranked) else "")
         + ". Shaded bands: the modes found in configs with more than one (range of their "
-        "seeds, tick at the level); vermillion: trapped modes."))
-    md.append("")
+        "seeds, tick at the level); vermillion: trapped modes.")
+    page.md.append("")
 
-    # ---- 4. sensitivity
-    md += ["## Hyperparameter sensitivity", ""]
-    if hps:
-        sv = runs[["config_id", *hps]].assign(value=values)
-        with timer("figure: sensitivity"):
-            fig = figures.sensitivity_figure(sv, hps, metric=metric)
-        save(fig, "sensitivity")
-        nfig += 1
-        md.append(_fig_block(
-            nfig, "sensitivity", "hyperparameter sensitivity",
-            f"{metric} against each hyperparameter that varies: median (markers) and IQR "
-            "(error bars) over every run with that value, i.e. over seeds and all other "
-            "hyperparameters; grey dots: each config's median. Learning rates on a log "
-            "axis."))
-    else:
-        md.append("No hyperparameter varies in this store.")
-    md.append("")
 
-    # ---- 5. tables
-    md += ["## Seed table", "",
-           f"One row per config, best first by {metric}.", "", rendered["md"].rstrip(), "",
+def _sensitivity_section(page: _Page, d: _Data) -> None:
+    page.md += ["## Hyperparameter sensitivity", ""]
+    if not d.hps:
+        page.md += ["No hyperparameter varies in this store.", ""]
+        return
+    runs = d.runs[d.fig_mask]
+    sv = runs[["config_id", *d.hps]].assign(value=d.values[d.fig_mask])
+    with page.timer("figure: sensitivity"):
+        fig = figures.sensitivity_figure(sv, d.hps, metric=d.metric)
+    page.figure(fig, "sensitivity", "hyperparameter sensitivity",
+                f"{d.metric} against each hyperparameter that varies: median (markers) and "
+                "IQR (error bars) over every run with that value, i.e. over seeds and all "
+                "other hyperparameters; grey dots: each config's median. Learning rates on a "
+                "log axis.")
+    page.md.append("")
+
+
+def _tables_section(page: _Page, d: _Data) -> None:
+    md = page.md
+    md += ["## Seed table", "", d.rendered["md"].rstrip(), "",
            _downloads("seed_table", ("csv", "md", "tex")), ""]
-    md += [_shift_headings(fmd).rstrip(), ""]
-    if (root / store.POLICIES_DIR).is_dir():
-        with timer("figure: agents"):
-            agents = _agent_filmstrips(root, runs, cls, ranked, labels, notes)
+    # Its notes (budgets) are already at the top of the page.
+    md += [_shift_headings(dataclasses.replace(d.rep, notes=[]).markdown()).rstrip(), ""]
+    if (d.root / store.POLICIES_DIR).is_dir():
+        with page.timer("figure: agents"):
+            agents = _agent_filmstrips(d.root, d.runs, d.cls, d.ranked, d.labels, page.notes)
         if agents is not None:
             fig, caption, alt = agents
-            save(fig, "agents")
-            nfig += 1
-            md.append(_fig_block(nfig, "agents", alt, caption))
+            page.figure(fig, "agents", alt, caption)
     md += ["Per-run classifications: [CSV](tables/failures_per_run.csv); per config: "
            + ", ".join(f"[{e.upper()}](tables/failures_per_config.{e})"
                        for e in ("csv", "md", "tex"))
            + "; trapped rate by hyperparameter value: "
            "[CSV](tables/trapped_by_hyperparameter.csv).", ""]
 
-    # ---- 6. Optuna
-    if (root / "trials.parquet").is_file() or (root / "optuna.journal").is_file():
-        md += ["## Optuna study", ""]
-        with timer("optuna: load"):
-            study, source = _optuna_study(root)
-        if study is None:
-            md.append(f"The Optuna results could not be read: {source}.")
-            notes.append(f"optuna: {source}")
-        else:
-            with timer("optuna: figures"):
-                figs, fnotes = figures.optuna_figures(study)
-            md.append(f"Read from {source}: {len(study.trials)} trials.")
-            md.append("")
-            caps = {
-                "optuna_history": "Optimisation history: each trial's objective and the "
-                                  "best so far.",
-                "optuna_importances": "Hyperparameter importances (Optuna's default "
-                                      "evaluator, fANOVA) for the objective.",
-                "optuna_intermediate": "Intermediate values reported by each trial (the "
-                                       "objective over its seeds at each log point), as "
-                                       "seen by the pruner.",
-            }
-            for stem, cap in caps.items():
-                if stem in figs:
-                    save(figs[stem], stem)
-                    plt.close(figs[stem])
-                    nfig += 1
-                    md.append(_fig_block(nfig, stem, stem.replace("_", " "), cap))
-                else:
-                    md.append(f"*{cap.split(':')[0]}: not drawn* ({fnotes[stem]}).")
-                    md.append("")
-                    notes.append(f"{stem}: {fnotes[stem]}")
-        md.append("")
 
-    if notes:
-        md += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
-    md.append(f"*Generated by `python -m study.report` from `{root.name}`.*")
-    text = "\n".join(md).rstrip() + "\n"
-    with timer("markdown and html"):
-        write(out / "report.md", text)
-        write(out / "index.html", _html_page(f"Sweep report: {name}", markdown_to_html(text)))
-    return ReportResult(out, files, timer.t, notes)
+_OPTUNA_CAPTIONS = {
+    "optuna_history": "Optimisation history: each completed trial's objective (dots) and "
+                      "the best so far (line).",
+    "optuna_importances": "Hyperparameter importances (Optuna's default evaluator, fANOVA): "
+                          "each parameter's share of the objective's variance.",
+    "optuna_intermediate": "Intermediate values reported by each trial (the objective over "
+                           "its seeds at each log point), as seen by the pruner, coloured by "
+                           "how the trial ended.",
+}
+
+
+def _optuna_section(page: _Page, root: Path) -> None:
+    page.md += ["## Optuna study", ""]
+    with page.timer("optuna: load"):
+        study, source = _optuna_study(root)
+    if study is None:
+        page.md += [f"The Optuna results could not be read: {source}.", ""]
+        page.notes.append(f"optuna: {source}")
+        return
+    with page.timer("optuna: figures"):
+        figs, fnotes = figures.optuna_figures(study)
+    page.md += [f"Read from {source}: {len(study.trials)} trials.", ""]
+    for stem, cap in _OPTUNA_CAPTIONS.items():
+        if stem in figs:
+            page.figure(figs[stem], stem, stem.replace("_", " "), cap)
+        else:
+            page.md += [f"*{cap.split(':')[0]}: not drawn* ({fnotes[stem]}).", ""]
+            page.notes.append(f"{stem}: {fnotes[stem]}")
+    page.md.append("")
 
 
 #: Frames per agent in the side-by-side agents figure (two rows of three).
@@ -983,14 +1093,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap = ArgumentParser(
             prog="python -m study.report",
             description="Write an offline HTML + Markdown report (figures, seed table, "
-                        "failure analysis) of a results store.")
+                        "failure analysis) of a results store; configs ranked by IQM.")
         ap.add_argument("results_dir", help="a results store written by a sweep")
         ap.add_argument("--out", metavar="DIR",
                         help="report directory (default RESULTS_DIR/report)")
         ap.add_argument("--top", metavar="K", type=int, default=5,
                         help="configs in the learning-curve figures (default 5)")
         ap.add_argument("--metric", choices=METRICS, default="final_return",
-                        help="what ranks configs (default final_return)")
+                        help="the metric whose IQM ranks configs (default final_return)")
         ap.add_argument("--max-panels", metavar="N", type=int, default=24,
                         help="at most N configs in the small multiples (default 24)")
         args = ap.parse_args(args_in)

@@ -7,7 +7,8 @@ statistic here, so callers never have to filter first.
 
 References: Agarwal et al. 2021, "Deep RL at the Edge of the Statistical Precipice"
 (rliable: IQM, stratified bootstrap, probability of improvement); Colas et al. 2018,
-"How Many Random Seeds?" (Welch power analysis); Wilson 1927 (binomial interval).
+"How Many Random Seeds?" (Welch power analysis); Wilson 1927 (binomial interval); Holm
+1979 (multiple tests).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from scipy import stats as _st
 
 __all__ = [
     "cvar",
+    "holm",
     "key_seed",
     "iqm",
     "iqr",
@@ -359,3 +361,28 @@ def welch_seeds_needed(
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if ok(mid) else (mid, hi)
     return hi if hi <= max_n else None
+
+
+def holm(p_values: ArrayLike) -> np.ndarray:
+    """Holm-Bonferroni adjusted p-values (Holm 1979), in the input's order.
+
+    With the ``m`` finite p-values sorted ascending, ``p_(1) <= ... <= p_(m)``::
+
+        p_adj_(i) = min(1, max_{j <= i} (m - j + 1) p_(j))
+
+    Rejecting where ``p_adj < alpha`` controls the family-wise error rate at ``alpha``
+    under any dependence between the tests (unlike Benjamini-Hochberg, which needs
+    independence or positive dependence; the values of one hyperparameter are compared
+    with complementary rests, so theirs is neither). NaN stays NaN and does not count
+    towards ``m``.
+    """
+    p = np.asarray(p_values, dtype=float).ravel()
+    out = np.full(p.shape, np.nan)
+    ok = np.flatnonzero(np.isfinite(p))
+    if ok.size == 0:
+        return out
+    order = ok[np.argsort(p[ok], kind="stable")]
+    m = order.size
+    scaled = (m - np.arange(m)) * p[order]
+    out[order] = np.minimum(1.0, np.maximum.accumulate(scaled))
+    return out

@@ -1,25 +1,35 @@
 """The seed table: one row per config, every number a seed-variance study needs.
 
-Columns: the hyperparameters that differ between configs, then ``config_id``, ``n_seeds``
-(runs, pruned ones left out), ``n`` (runs with a finite metric), ``median``, ``q25``,
-``q75``, ``iqr``, ``mean``, ``std`` (ddof 1), ``iqm`` with ``iqm_lo``/``iqm_hi`` (95%
-percentile interval of a seeded bootstrap over the config's seeds), ``min``, ``max``,
-``n_failed``, ``failure_rate`` with ``failure_lo``/``failure_hi`` (95% Wilson interval),
-``p_improve`` (probability that a seed of the best config beats a seed of this one), and
-with ``per_seed`` one ``seed_<seed>`` column per seed (the classic table).
+Columns: the hyperparameters that differ between configs (and the budget, ``total_steps``
+or ``log_every``, when it differs: a sweep edited under the same name stores both), then
+``config_id``, ``n_seeds`` (runs, pruned ones left out), ``n`` (runs with a finite
+metric), ``median``, ``q25``, ``q75``, ``iqr``, ``mean``, ``std`` (ddof 1), ``iqm`` with
+``iqm_lo``/``iqm_hi`` (95% percentile interval of a seeded bootstrap over the config's
+seeds), ``min``, ``max``, ``n_failed``, ``failure_rate`` with ``failure_lo``/``failure_hi``
+(95% Wilson interval), ``p_improve`` (probability that a seed of the best config beats a
+seed of this one), and with ``per_seed`` one ``seed_<seed>`` column per seed (the classic
+table). An Optuna store's table has a leading ``phase`` column: held-out confirmation
+("confirm") and tuning ("tune") rows are ranked apart, each on its own seeds.
 
-A run fails when :func:`study.failures.classify_runs` calls it diverged or trapped. A
-diverged run has no metric (NaN, left out of every statistic) but counts as a failure; a
-trapped run has a real, low return and stays in the statistics. Rows are sorted best
-first by IQM, ties by median, then config id. Every bootstrap is seeded by the config id,
-so the same store always gives the same table, whatever else is in it.
+A run fails when :func:`study.failures.classify_runs` calls it trapped, collapsed or
+diverged. Only a run whose status is "diverged" is diverged: it has no metric (NaN, left
+out of every statistic) but counts as a failure; a run with status ok and no final return
+(no episode finished in its last 10% of steps) is left out of the statistics ("4 of 5"
+seeds) and fails only if its curve says so. Trapped and collapsed runs have a real, low
+return and stay in the statistics. Rows are ranked by IQM, best first, ties by median,
+then config id. Every bootstrap is seeded by the config id, so the same store always gives
+the same table, whatever else is in it. CSV holds every number at full precision (it is
+data); Markdown and LaTeX round for people.
 
 CLI: ``python -m study.tables RESULTS_DIR [--metric M] [--per-seed] [--format F]
-[--top K] [--out FILE] [--check REFERENCE_DIR]``.
+[--top K] [--out FILE] [--check REFERENCE_DIR]``. An incomplete store (an interrupted
+sweep) or one mixing budgets is said first: in the Markdown, as LaTeX comments, and on
+stderr for CSV, LaTeX and ``--check``.
 """
 
 from __future__ import annotations
 
+import argparse
 import io
 import math
 import sys
@@ -33,11 +43,14 @@ import pandas as pd
 from study import stats
 from study.config import ConfigError
 from study.failures import (
+    FAILED,
+    budget_note,
     classify_runs,
     decimals_for,
     fmt_number,
     format_value,
     hyperparameter_columns,
+    plain,
 )
 
 __all__ = [
@@ -60,6 +73,14 @@ _VALUE_COLS = ("median", "q25", "q75", "iqr", "mean", "std", "iqm", "iqm_lo", "i
 _RATE_COLS = ("failure_rate", "failure_lo", "failure_hi", "p_improve")
 _INT_COLS = ("n_seeds", "n", "n_failed")
 _RATE_DECIMALS = 3
+#: Phases of an Optuna store's runs, in the order their tables are shown.
+PHASES: tuple[str, ...] = ("confirm", "tune")
+#: What each phase's table holds (Markdown and LaTeX captions).
+PHASE_CAPTIONS: dict[str, str] = {
+    "confirm": "Held-out confirmation: the top configs re-run on the test seeds, ranked by "
+               "those seeds only",
+    "tune": "Tuning: every trial's config on the tuning seeds",
+}
 
 
 def run_metric(runs: pd.DataFrame, curves: pd.DataFrame | None, metric: str) -> pd.Series:
@@ -98,11 +119,14 @@ def seed_table(
 ) -> pd.DataFrame:
     """The seed table of ``runs`` (see the module docstring for the columns).
 
-    ``curves`` are needed for ``metric="auc"`` and to find trapped runs (without them
-    only diverged runs count as failures). ``classification`` may pass the result of
-    :func:`study.failures.classify_runs` when the caller already has it. ``top`` keeps the
-    best ``top`` rows (``p_improve`` is still relative to the best config overall).
-    Raises ConfigError (one line) when there is nothing to tabulate.
+    ``curves`` are needed for ``metric="auc"`` and to find trapped and collapsed runs
+    (without them only diverged runs count as failures). ``classification`` may pass the
+    result of :func:`study.failures.classify_runs` when the caller already has it. ``top``
+    keeps the best ``top`` rows (``p_improve`` is still relative to the best config
+    overall). Runs of an Optuna store (a ``phase`` column, "tune" and "confirm") give one
+    table per phase, held-out confirmation first, each ranked on its own seeds only, with
+    a leading ``phase`` column. Raises ConfigError (one line) when there is nothing to
+    tabulate.
     """
     for c in ("run_id", "config_id", "seed", "status"):
         if c not in runs:
@@ -124,10 +148,40 @@ def seed_table(
         classification = classify_runs(runs, curves)
     cls = runs["run_id"].map(classification.set_index("run_id")["classification"].astype(str))
     diverged = (cls == "diverged").to_numpy() | (runs["status"] == "diverged").to_numpy()
-    failed = diverged | (cls == "trapped").to_numpy()
+    failed = diverged | cls.isin(FAILED).to_numpy()
     values = np.where(diverged, np.nan, values)  # a diverged run has no metric
-
     hps = hyperparameter_columns(runs)
+    args = (hps, per_seed, top, n_boot, confidence, seed)
+    phases = _phases(runs)
+    if phases is None:
+        df = _table(runs, values, failed, *args)
+    else:
+        parts = []
+        for ph in phases:
+            sel = (runs["phase"].fillna("").astype(str) == ph).to_numpy()
+            part = _table(runs[sel], values[sel], failed[sel], *args)
+            parts.append(part.assign(phase=ph)[["phase", *part.columns]])
+        df = pd.concat(parts, ignore_index=True)
+    df.attrs["metric"] = metric
+    return df
+
+
+def _phases(runs: pd.DataFrame) -> list[str] | None:
+    """The phases of an Optuna store's runs, held-out confirmation first; None when the
+    runs have one phase (a grid, or a study without confirmation)."""
+    if "phase" not in runs:
+        return None
+    found = set(runs["phase"].fillna("").astype(str))
+    if len(found) < 2:
+        return None
+    order = {p: i for i, p in enumerate(PHASES)}
+    return sorted(found, key=lambda p: (order.get(p, len(order)), p))
+
+
+def _table(runs: pd.DataFrame, values: np.ndarray, failed: np.ndarray, hps: list[str],
+           per_seed: bool, top: int | None, n_boot: int, confidence: float,
+           seed: int) -> pd.DataFrame:
+    """One seed table: a row per config, ranked by IQM (ties: median, then config id)."""
     cfg = runs["config_id"].astype(str).to_numpy()
     first = runs.drop_duplicates("config_id").set_index("config_id")
     rows = []
@@ -141,16 +195,7 @@ def seed_table(
         lo_f, hi_f = stats.wilson_interval(k, n_seeds, confidence)
         row = {h: first.at[cid, h] for h in hps}
         row.update(config_id=cid, n_seeds=n_seeds, n=int(fin.size))
-        if fin.size:
-            q25, med, q75 = stats.quantiles(fin, (0.25, 0.5, 0.75))
-            point, lo, hi = stats.stratified_bootstrap_ci(
-                fin, "iqm", n_boot=n_boot, confidence=confidence,
-                seed=stats.key_seed(seed, cid))
-            row.update(median=med, q25=q25, q75=q75, iqr=q75 - q25, mean=fin.mean(),
-                       std=fin.std(ddof=1) if fin.size > 1 else np.nan, iqm=point,
-                       iqm_lo=lo, iqm_hi=hi, min=fin.min(), max=fin.max())
-        else:
-            row.update({c: np.nan for c in _VALUE_COLS})
+        row.update(_summary(fin, n_boot, confidence, stats.key_seed(seed, cid)))
         row.update(n_failed=k, failure_rate=k / n_seeds, failure_lo=lo_f, failure_hi=hi_f)
         if per_seed:
             for s, x in zip(runs["seed"].to_numpy()[sel], v, strict=True):
@@ -170,10 +215,19 @@ def seed_table(
     cols = [*hps, "config_id", "n_seeds", "n", *_VALUE_COLS, "n_failed", "failure_rate",
             "failure_lo", "failure_hi", "p_improve", *seed_cols]
     df = df[cols]
-    if top is not None:
-        df = df.head(top).reset_index(drop=True)
-    df.attrs["metric"] = metric
-    return df
+    return df.head(top).reset_index(drop=True) if top is not None else df
+
+
+def _summary(fin: np.ndarray, n_boot: int, confidence: float, key: list[int]) -> dict:
+    """The value columns of one config from its finite metric values (NaN without any)."""
+    if not fin.size:
+        return {c: np.nan for c in _VALUE_COLS}
+    q25, med, q75 = stats.quantiles(fin, (0.25, 0.5, 0.75))
+    point, lo, hi = stats.stratified_bootstrap_ci(fin, "iqm", n_boot=n_boot,
+                                                  confidence=confidence, seed=key)
+    return dict(median=med, q25=q25, q75=q75, iqr=q75 - q25, mean=fin.mean(),
+                std=fin.std(ddof=1) if fin.size > 1 else np.nan, iqm=point, iqm_lo=lo,
+                iqm_hi=hi, min=fin.min(), max=fin.max())
 
 
 # --------------------------------------------------------------------------------------
@@ -185,7 +239,7 @@ def _kinds(df: pd.DataFrame) -> tuple[list[str], list[str]]:
     cols = list(df.columns)
     hps = cols[: cols.index("config_id")] if "config_id" in cols else []
     seeds = [c for c in cols if c.startswith("seed_")]
-    return hps, seeds
+    return [h for h in hps if h != "phase"], seeds
 
 
 def _value_decimals(df: pd.DataFrame) -> int:
@@ -194,26 +248,23 @@ def _value_decimals(df: pd.DataFrame) -> int:
     return decimals_for(df[cols].to_numpy(dtype=float)) if cols else 2
 
 
-def _cells(df: pd.DataFrame, missing: str) -> list[list[str]]:
-    """Every cell of ``df`` as text, at the precision the table prints."""
-    hps, seeds = _kinds(df)
-    d = _value_decimals(df)
-    out = []
-    for row in df.itertuples(index=False):
-        cells = []
-        for c, v in zip(df.columns, row, strict=True):
-            if c in hps or c == "config_id":
-                cells.append(format_value(v))
-            elif v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
-                cells.append(missing)
-            elif c in _INT_COLS:
-                cells.append(str(int(v)))
-            elif c in _RATE_COLS:
-                cells.append(fmt_number(v, _RATE_DECIMALS))
-            else:
-                cells.append(fmt_number(v, d))
-        out.append(cells)
-    return out
+def _full(v: object) -> str:
+    """A number at full precision (the shortest text that reads back to the same float),
+    "" for a missing value: CSV is data, rounding is for people."""
+    if v is None or v is pd.NA or (isinstance(v, float | np.floating) and math.isnan(v)):
+        return ""
+    if isinstance(v, int | np.integer):
+        return str(int(v))
+    return repr(float(v))  # type: ignore[arg-type]
+
+
+def _csv(df: pd.DataFrame) -> str:
+    hps, _ = _kinds(df)
+    labels = {"config_id", "phase", *hps}
+    out = pd.DataFrame({c: df[c].map(format_value if c in labels else _full) for c in df})
+    buf = io.StringIO()
+    out.to_csv(buf, index=False, lineterminator="\n")
+    return buf.getvalue()
 
 
 def _display(df: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
@@ -248,47 +299,92 @@ def _display(df: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
 _LATEX_ESCAPES = {
     "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
     "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+    # In LaTeX's default OT1 font encoding these three print as other glyphs (">" as an
+    # inverted question mark): they need their text commands.
+    "<": r"\textless{}", ">": r"\textgreater{}", "|": r"\textbar{}",
 }
 
 
-def _latex_escape(s: str) -> str:
+def latex_escape(s: str) -> str:
+    """Text for a LaTeX table cell: every special character escaped, "+/-" as $\\pm$."""
     out = "".join(_LATEX_ESCAPES.get(ch, ch) for ch in s)
     return out.replace("+/-", r"$\pm$")
 
 
-def format_table(df: pd.DataFrame, fmt: str = "markdown") -> str:
-    """A seed table as ``markdown``, ``csv`` (every column, machine-readable) or ``latex``.
+def ranking_sentence(metric: str) -> str:
+    """How every table and report of this package ranks configs."""
+    return (f"one row per config, ranked by the IQM of {metric} (interquartile mean over "
+            "seeds; ties: median), best first")
 
-    Values in the metric's unit get :func:`study.failures.decimals_for` decimals (about 4
-    significant digits, the same for every row), rates and probabilities 3. Markdown and
-    LaTeX fold intervals into one cell ("IQM [lo, hi]"); LaTeX is a booktabs ``tabular``
-    with every special character (underscores included) escaped.
+
+def _parts(df: pd.DataFrame, trim: bool = True) -> list[tuple[str | None, pd.DataFrame]]:
+    """The table as ``(phase, rows)`` pieces (one piece, phase None, without phases); with
+    ``trim`` a piece keeps only the seed columns its own runs have."""
+    if "phase" not in df:
+        return [(None, df)]
+    out = []
+    for ph in pd.unique(df["phase"]):
+        sub = df[df["phase"] == ph].drop(columns="phase").reset_index(drop=True)
+        empty = [c for c in sub if trim and c.startswith("seed_") and sub[c].isna().all()]
+        out.append((str(ph), sub.drop(columns=empty)))
+    return out
+
+
+def format_table(df: pd.DataFrame, fmt: str = "markdown") -> str:
+    """A seed table as ``markdown``, ``csv`` (every column, full precision: data) or
+    ``latex``.
+
+    Markdown and LaTeX are for people: values in the metric's unit get
+    :func:`study.failures.decimals_for` decimals (about 4 significant digits, the same for
+    every row), rates and probabilities 3, intervals are folded into one cell ("IQM [lo,
+    hi]"), and a first line says how rows are ranked; an Optuna table's phases become
+    separate tables (Markdown) or row groups (LaTeX). LaTeX is a booktabs ``tabular``
+    (``\\usepackage{booktabs}``, said in a comment) with every special character escaped.
     """
     if fmt == "csv":
-        cells = _cells(df, "")
-        out = io.StringIO()
-        pd.DataFrame(cells, columns=list(df.columns)).to_csv(out, index=False,
-                                                            lineterminator="\n")
-        return out.getvalue()
-    header, rows = _display(df)
+        return _csv(df)
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    metric = df.attrs.get("metric", "final_return")
+    title = f"Seed table{'s' if 'phase' in df else ''} of {metric}: {ranking_sentence(metric)}"
     if fmt == "markdown":
-        hps, _ = _kinds(df)
-        align = ["---" if i < len(hps) + 1 else "---:" for i in range(len(header))]
+        out = [title + (", tuning and held-out seeds apart." if "phase" in df else ".")]
+        for ph, sub in _parts(df):
+            out += ["", f"{PHASE_CAPTIONS.get(ph, ph)}."] if ph else []
+            out += ["", _markdown_table(sub).rstrip()]
+        return "\n".join(out) + "\n"
+    return _latex(df, title)
 
-        def line(cells: Sequence[str]) -> str:
-            return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
-        return "\n".join([line(header), "|" + "|".join(align) + "|",
-                          *[line(r) for r in rows]]) + "\n"
-    if fmt == "latex":
-        hps, _ = _kinds(df)
-        spec = "l" * (len(hps) + 1) + "r" * (len(header) - len(hps) - 1)
-        body = [r"\begin{tabular}{" + spec + "}", r"\toprule",
-                " & ".join(_latex_escape(h) for h in header) + r" \\", r"\midrule"]
-        body += [" & ".join(_latex_escape(c) for c in r) + r" \\" for r in rows]
-        body += [r"\bottomrule", r"\end{tabular}"]
-        return "\n".join(body) + "\n"
-    raise ConfigError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+def _markdown_table(df: pd.DataFrame) -> str:
+    header, rows = _display(df)
+    hps, _ = _kinds(df)
+    align = ["---" if i < len(hps) + 1 else "---:" for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    return "\n".join([line(header), "|" + "|".join(align) + "|",
+                      *[line(r) for r in rows]]) + "\n"
+
+
+def _latex(df: pd.DataFrame, title: str) -> str:
+    parts = _parts(df, trim=False)  # one header: every piece keeps every column
+    header, _ = _display(parts[0][1])
+    hps, _ = _kinds(parts[0][1])
+    spec = "l" * (len(hps) + 1) + "r" * (len(header) - len(hps) - 1)
+    body = [f"% {title}.", r"% Needs \usepackage{booktabs} (\toprule, \midrule, \bottomrule).",
+            r"\begin{tabular}{" + spec + "}", r"\toprule",
+            " & ".join(latex_escape(h) for h in header) + r" \\", r"\midrule"]
+    for i, (ph, sub) in enumerate(parts):
+        if ph:
+            body += [r"\midrule"] if i else []
+            body.append(rf"\multicolumn{{{len(header)}}}{{l}}{{\textit{{"
+                        f"{latex_escape(PHASE_CAPTIONS.get(ph, ph))}}}}} \\")
+        _, rows = _display(sub)
+        body += [" & ".join(latex_escape(c) for c in r) + r" \\" for r in rows]
+    body += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(body) + "\n"
 
 
 # --------------------------------------------------------------------------------------
@@ -375,50 +471,48 @@ def _load(path: str, need_curves: bool) -> tuple[pd.DataFrame, pd.DataFrame | No
     return runs, (curves if len(curves) else None)
 
 
+def store_notes(path: str | Path, runs: pd.DataFrame) -> list[str]:
+    """What a reader must know before trusting a store's tables: that it is incomplete
+    (:func:`study.failures.incomplete_note`), that its runs mix budgets."""
+    from study.failures import incomplete_note
+
+    return [n for n in (incomplete_note(path), budget_note(runs)) if n]
+
+
+def _with_notes(text: str, fmt: str, notes: Sequence[str]) -> str:
+    """Notes at the top where the format has room for prose: Markdown lines (bold for an
+    incomplete store), LaTeX comments; CSV is data and gets none (see :func:`main`)."""
+    if not notes or fmt == "csv":
+        return text
+    if fmt == "latex":
+        return "".join(f"% {n}\n" for n in notes) + text
+    return "".join(f"**{n}**\n\n" if n.startswith("incomplete") else f"{n}\n\n"
+                   for n in notes) + text
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m study.tables``: print (or write, or check) the seed table."""
     from study.cli_util import ArgumentParser, run_cli
 
     def body(args_in: Sequence[str] | None) -> int:
-        ap = ArgumentParser(
-            prog="python -m study.tables",
-            description="The seed table of a results store: per config median, IQR, mean, "
-            "IQM with a bootstrap CI, failure rate and P(improvement), best first.")
-        ap.add_argument("results_dir", nargs="?",
-                        help="results store (default: REFERENCE_DIR with --check)")
-        ap.add_argument("--metric", choices=METRICS, default="final_return")
-        ap.add_argument("--per-seed", action="store_true",
-                        help="add one column per seed (the classic seed table)")
-        ap.add_argument("--format", choices=FORMATS, default="markdown")
-        ap.add_argument("--top", type=int, metavar="K", help="only the best K configs")
-        ap.add_argument("--out", metavar="FILE", help="write the table here, not to stdout")
-        ap.add_argument("--check", metavar="REFERENCE_DIR",
-                        help="compare with REFERENCE_DIR/seed_table.csv; exit 1 if it differs")
+        ap = _parser(ArgumentParser)
         args = ap.parse_args(args_in)
         store_dir = args.results_dir or args.check
         if store_dir is None:
             ap.error("the following arguments are required: results_dir")
         if args.top is not None and args.top < 1:
             ap.error(f"--top must be at least 1, got {args.top}")
-        ref_text = None
-        if args.check:
-            ref_file = Path(args.check) / "seed_table.csv"
-            try:
-                ref_text = ref_file.read_text()
-            except OSError as e:
-                raise ConfigError(f"cannot read {ref_file}: {e.strerror or e}") from None
+        ref_text = _reference(args.check) if args.check else None
         runs, curves = _load(store_dir, args.metric == "auc")
         table = seed_table(runs, curves, args.metric, args.per_seed, args.top)
+        notes = store_notes(store_dir, runs)
+        # On stderr wherever stdout is data (CSV) or a verdict (--check); LaTeX gets them
+        # as comments too, which a reader of the typeset table would never see.
+        if notes and (ref_text is not None or args.format in ("csv", "latex")):
+            print("\n".join(f"note: {n}" for n in notes), file=sys.stderr)
         if ref_text is not None:
-            diffs = compare_tables(ref_text, format_table(table, "csv"))
-            if diffs:
-                print(f"seed table of {store_dir} differs from {args.check}/seed_table.csv:")
-                print("\n".join(f"  {d}" for d in diffs))
-                return 1
-            print(f"seed table of {store_dir} matches {args.check}/seed_table.csv "
-                  f"({len(table)} configs, {len(table.columns)} columns)")
-            return 0
-        text = format_table(table, args.format)
+            return _check(ref_text, table, store_dir, args.check)
+        text = _with_notes(format_table(table, args.format), args.format, notes)
         if args.out:
             try:
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -432,6 +526,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         return run_cli(body, argv)
+
+
+def _parser(cls: type) -> argparse.ArgumentParser:
+    ap = cls(prog="python -m study.tables",
+             description=plain("The seed table of a results store: per config median, IQR, "
+                               "mean, IQM with a bootstrap CI, failure rate and "
+                               "P(improvement), ranked by IQM."),
+             epilog=plain(__doc__.split("\n\nCLI:")[0].split("\n\n", 1)[1]),
+             formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("results_dir", nargs="?",
+                    help="results store (default: REFERENCE_DIR with --check)")
+    ap.add_argument("--metric", choices=METRICS, default="final_return")
+    ap.add_argument("--per-seed", action="store_true",
+                    help="add one column per seed (the classic seed table)")
+    ap.add_argument("--format", choices=FORMATS, default="markdown")
+    ap.add_argument("--top", type=int, metavar="K", help="only the best K configs")
+    ap.add_argument("--out", metavar="FILE", help="write the table here, not to stdout")
+    ap.add_argument("--check", metavar="REFERENCE_DIR",
+                    help="compare with REFERENCE_DIR/seed_table.csv; exit 1 if it differs")
+    return ap
+
+
+def _reference(ref_dir: str) -> str:
+    ref_file = Path(ref_dir) / "seed_table.csv"
+    try:
+        return ref_file.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read {ref_file}: {e.strerror or e}") from None
+
+
+def _check(ref_text: str, table: pd.DataFrame, store_dir: str, ref_dir: str) -> int:
+    diffs = compare_tables(ref_text, format_table(table, "csv"))
+    if diffs:
+        print(f"seed table of {store_dir} differs from {ref_dir}/seed_table.csv:")
+        print("\n".join(f"  {d}" for d in diffs))
+        return 1
+    print(f"seed table of {store_dir} matches {ref_dir}/seed_table.csv "
+          f"({len(table)} configs, {len(table.columns)} columns)")
+    return 0
 
 
 if __name__ == "__main__":

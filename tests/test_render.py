@@ -188,7 +188,9 @@ def test_bad_input_exits_2_and_writes_nothing(tiny, tmp_path, capsys):
          "unknown extension '.jpg'"),
         ([str(out), "--run", plain[0], "--out", str(tmp_path / "x")], "no extension"),
         ([str(out), "--run", plain[0], "--frames", "0"], "--frames 0 is invalid"),
-        ([str(out)], "required: --run"),
+        ([str(out)], "one of the arguments --run --list is required"),
+        ([str(out), "--list", "--run", plain[0]], "not allowed with argument --list"),
+        ([str(tmp_path / "missing"), "--list"], "no such results store"),
     ]
     before = _listing(tmp_path) | _listing(out)
     for argv, message in cases:
@@ -197,6 +199,27 @@ def test_bad_input_exits_2_and_writes_nothing(tiny, tmp_path, capsys):
         assert err.startswith("error: ") and err.count("\n") == 1, err
         assert message in err, (argv, err)
     assert _listing(tmp_path) | _listing(out) == before
+
+
+def test_list_shows_every_run_and_whether_it_can_be_drawn(tiny, tmp_path, capsys):
+    out, plain, normed = tiny
+    assert render.main([str(out), "--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["run_id", "config", "seed", "final_return", "status", "policy"]
+    runs = store.load_runs(out)
+    assert len(lines) == 1 + len(runs) + 1 and lines[-1] == "4 runs, 4 with a saved policy"
+    for r in runs.itertuples():
+        row = next(line for line in lines if line.startswith(r.run_id))
+        assert f"normalize_obs={'true' if r.normalize_obs else 'false'}" in row
+        assert row.split()[-2:] == ["ok", "saved"] and f" {r.seed} " in row
+        assert f"{r.final_return:.2f}".rstrip("0").rstrip(".") in row
+    bare = _make_store(tmp_path, "bare", save=False)
+    capsys.readouterr()
+    assert render.main([str(bare), "--list"]) == 0
+    text = capsys.readouterr().out
+    assert text.rstrip().endswith("0 with a saved policy; run the sweep with "
+                                  "save_policies = true to keep them")
+    assert all(line.endswith(" -") for line in text.splitlines()[1:-1])
 
 
 def _pretend_trapped(monkeypatch, trapped_id: str, ok_id: str) -> None:

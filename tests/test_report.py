@@ -151,6 +151,11 @@ def test_html_is_offline_and_references_existing_files(built):
         assert f'src="figures/{stem}.png"' in text
     assert "<table>" in text  # tables inlined, not linked only
     assert "<figcaption>" in text
+    # Column-width figures take half the page (paired, or beside their caption); the
+    # text-width grid of small multiples takes all of it.
+    assert ('<div class="pair"><figure class="col"><img src="figures/learning_curves.png"'
+            in text)
+    assert '<figure><img src="figures/small_multiples.png"' in text
 
 
 def test_markdown_has_seed_table_and_failure_report(built):
@@ -186,7 +191,7 @@ def test_default_out_dir_and_replacement(tmp_path, capsys):
     # a second run replaces the whole report (and the store reader ignores report/)
     assert report.main([str(root), "--metric", "auc", "--top", "1"]) == 0
     assert not (out / "stale.txt").exists() and (out / "index.html").is_file()
-    assert "ranked by **auc**" in (out / "report.md").read_text()
+    assert "ranks configs by the **IQM of auc**" in (out / "report.md").read_text()
     assert sorted(p.name for p in root.iterdir() if p.name.startswith(".")) == []
 
 
@@ -356,6 +361,40 @@ def test_distribution_and_sensitivity_figures(data):
     assert math.isclose(med[0], float(np.median(c)))
 
 
+def test_small_multiple_titles_stay_within_their_panel():
+    # Regression: labels with a budget and three hyperparameters ran into the next panel.
+    steps = np.arange(1, 11) * 100.0
+    ids = [f"c{i}" for i in range(8)]
+    agg = pd.concat([pd.DataFrame({"config_id": c, "step": steps, "median": steps / 100,
+                                   "q25": 0.0, "q75": 1.0}) for c in ids])
+    labels = {c: f"total_steps={2000 + 1000 * (i % 2)}, "
+                 + ("gamma=0.99, policy_lr=0.01" if i % 3 else "gamma=0.9, policy_lr=0.001")
+              for i, c in enumerate(ids)}
+    fig = figures.small_multiples_figure(agg, ids, labels)
+    fig.draw_without_rendering()
+    axes = [ax for ax in fig.axes if ax.axison]
+    for i, ax in enumerate(axes):
+        title = ax.title if ax.title.get_text() else ax._left_title
+        right = title.get_window_extent().x1
+        limit = axes[i + 1].get_window_extent().x0 if (i + 1) % 4 else fig.bbox.x1
+        assert right <= limit, (title.get_text(), right, limit)
+        above = axes[i - 4].get_window_extent().y0 if i >= 4 else fig.bbox.y1
+        assert title.get_window_extent().y1 <= above, title.get_text()
+
+
+def test_sensitivity_ticks_every_grid_value_but_not_sampled_ones():
+    # Regression: values an Optuna sampler drew (two of them 3% apart) each got a tick,
+    # and their labels overlapped.
+    sampled = [0.00141359, 0.00205476, 0.00431171, 0.00443038]
+    for xs, exact in ((sampled, False), ([0.001, 0.01, 0.1], True)):
+        sv = pd.DataFrame({"config_id": [f"c{i}" for i in range(len(xs))], "policy_lr": xs,
+                           "value": np.arange(len(xs), dtype=float)})
+        ax = figures.sensitivity_figure(sv, ["policy_lr"]).axes[0]
+        ticked = np.allclose(sorted(ax.get_xticks()), xs) if len(ax.get_xticks()) == len(
+            xs) else False
+        assert ticked == exact, (xs, ax.get_xticks())
+
+
 # --------------------------------------------------------------------------------------
 # Markdown -> HTML
 
@@ -363,15 +402,31 @@ def test_distribution_and_sensitivity_figures(data):
 def test_markdown_to_html_subset():
     md = ("# T\n\nSome **bold** and `code`, a [link](tables/x.csv).\n\n"
           "| a | b \\| c |\n|---|---:|\n| 1 | <2> |\n\n![alt](figures/f.png)\n\n"
-          "*Figure 1.* Cap.\n\n- one\n- two\n")
+          "*Figure 1.* Cap.\n\n- one\n- two\n\n> **careful**: this\n> matters\n")
     h = report.markdown_to_html(md)
     assert '<h1 id="t">T</h1>' in h
     assert "<strong>bold</strong>" in h and "<code>code</code>" in h
     assert '<a href="tables/x.csv">link</a>' in h
-    assert "<th>b | c</th>" in h and "<td>&lt;2&gt;</td>" in h
+    assert '<th class="num">b | c</th>' in h and '<td class="num">&lt;2&gt;</td>' in h
+    assert "<th>a</th>" in h and "<td>1</td>" in h
     assert ('<figure><img src="figures/f.png" alt="alt"><figcaption><em>Figure 1.</em> '
             "Cap.</figcaption></figure>") in h
     assert "<ul><li>one</li><li>two</li></ul>" in h
+    assert '<blockquote class="note"><strong>careful</strong>: this matters</blockquote>' in h
+    h = report.markdown_to_html(md, {"figures/f.png": "col"})
+    assert '<figure class="col"><img src="figures/f.png"' in h
+
+
+def test_wide_tables_fit_the_page_by_wrapping_before_intervals():
+    # Regression: the 13-column seed table was clipped at the page's right edge. Cells now
+    # wrap between a value and its interval, never inside it, and +/- reads as a sign.
+    h = report.markdown_to_html("| IQM [95% CI] | mean +/- sd | failed |\n|---:|---:|---:|\n"
+                                "| -14.63 [-45.47, -12.39] | 1.5 +/- 0.2 | 0/6 = 0% [0%, 39%] |")
+    assert "-14.63 [-45.47,&nbsp;-12.39]" in h
+    assert "1.5&nbsp;±&nbsp;0.2" in h and "0/6&nbsp;=&nbsp;0% [0%,&nbsp;39%]" in h
+    css = report._CSS
+    assert "white-space:nowrap" not in css and ".table{overflow-x:auto" in css
+    assert "figure.col{display:flex" in css and "figure img{display:block;width:100%" in css
 
 
 # --------------------------------------------------------------------------------------
@@ -434,3 +489,69 @@ def test_optuna_journal_and_trials_parquet(tmp_path):
 
         for f in figs.values():
             plt.close(f)
+
+
+def test_optuna_figures_are_drawn_in_the_report_style():
+    # Regression: Optuna's own plots came with their ggplot theme (grey panels, grid,
+    # titles), at another size, and with the importances' axis label cut off.
+    optuna = pytest.importorskip("optuna")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize",
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+
+    def objective(trial):
+        lr = trial.suggest_float("policy_lr", 1e-4, 1e-1, log=True)
+        lam = trial.suggest_categorical("lam", [0.9, 1.0])
+        for step in range(1, 4):
+            trial.report(-abs(math.log10(lr) + 2.5) / step, step * 1000)
+        return -abs(math.log10(lr) + 2.5) + lam
+
+    study.optimize(objective, n_trials=6)
+    figs, notes = figures.optuna_figures(study)
+    assert set(figs) == {"optuna_history", "optuna_importances", "optuna_intermediate"}, notes
+    for stem, fig in figs.items():
+        _check_paper_style(fig)
+        for ax in fig.axes:
+            assert matplotlib.colors.to_hex(ax.get_facecolor()) == "#ffffff", stem
+            assert not ax.get_title() and not ax.xaxis.get_gridlines()[0].get_visible(), stem
+            assert ax.get_xlabel() and ax.get_ylabel() or stem == "optuna_importances"
+        fig.draw_without_rendering()  # lays it out: every label inside the canvas
+        box = fig.bbox
+        labels = [t for ax in fig.axes for t in (ax.xaxis.label, ax.yaxis.label, *ax.texts,
+                                                 *ax.get_yticklabels()) if t.get_text()]
+        for t in labels:
+            ext = t.get_window_extent()
+            assert ext.x0 >= box.x0 - 1 and ext.x1 <= box.x1 + 1, (stem, t.get_text())
+    assert [t.get_text() for t in figs["optuna_importances"].axes[0].get_yticklabels()] == [
+        "lam", "policy_lr"]
+
+
+@pytest.mark.parametrize("module", ["tables", "failures", "report", "render"])
+def test_help_shows_no_raw_markup(module, capsys):
+    # --help text taken from docstrings must not show reStructuredText (``code``, roles).
+    import importlib
+
+    mod = importlib.import_module(f"study.{module}")
+    assert mod.main(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert "``" not in text and ":func:" not in text and ":data:" not in text
+    if module == "failures":
+        assert "collapsed  it ended clearly below the return of an untrained policy" in text
+    if module == "tables":
+        assert "ranked by IQM" in text and "A run fails when study.failures.classify_runs" in text
+
+
+def test_report_header_says_how_runs_without_a_final_return_count(tmp_path):
+    root = make_store(tmp_path / "store", with_eval=False)
+    runs = pd.read_parquet(root / "runs" / "chunk-0.parquet")
+    runs.loc[runs["run_id"] == "cA-s0", "final_return"] = np.nan  # status stays ok
+    runs.to_parquet(root / "runs" / "chunk-0.parquet", index=False)
+    res = report.build_report(root, tmp_path / "report", top=1)
+    md = (res.out / "report.md").read_text()
+    assert "1 run with status ok has no final return" in md
+    assert "it counts among its config's seeds" in md
+    assert "ranks configs by the **IQM of final_return**" in md
+    pc = pd.read_csv(res.out / "tables" / "failures_per_config.csv").set_index("config_id")
+    assert pc.loc["cA", "n_diverged"] == 0
+    st = pd.read_csv(res.out / "tables" / "seed_table.csv").set_index("config_id")
+    assert (st.loc["cA", "n"], st.loc["cA", "n_seeds"], st.loc["cA", "n_failed"]) == (7, 8, 0)

@@ -1,10 +1,9 @@
-"""Counter-based streams against a plain-Python SplitMix64, and the allocator setting."""
+"""Counter-based streams against a plain-Python SplitMix64.
 
-import subprocess
-import sys
+(The allocator setting's page-fault check counts OS counters, so it is a benchmark:
+``python benchmarks/timing_checks.py``.)"""
 
 import numpy as np
-import pytest
 
 from study.rng import MemberStreams, stream_key
 
@@ -36,33 +35,3 @@ def test_a_members_draws_do_not_depend_on_the_population():
     alone = MemberStreams([42], 3).uniform((5, 8))
     together = MemberStreams([1, 42, 2], 3).uniform((5, 8))
     assert np.array_equal(alone[0], together[1])
-
-
-_FAULTS = """
-import resource, numpy as np
-from study.alloc import keep_freed_memory
-if {keep}:
-    assert keep_freed_memory() and keep_freed_memory()
-def faults():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
-    blocks = [np.ones(1 << 18) for _ in range(4)]  # 4 x 2 MiB, then all freed
-before = faults()
-for _ in range(50):
-    blocks = [np.ones(1 << 18) for _ in range(4)]
-    del blocks
-print(faults() - before)
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc only")
-def test_keep_freed_memory_stops_the_page_faults_of_reallocation():
-    def faults(keep: bool) -> int:
-        out = subprocess.run([sys.executable, "-c", _FAULTS.format(keep=keep)],
-                             capture_output=True, text=True, check=True)  # fmt: skip
-        return int(out.stdout)
-
-    # Without it, glibc gives the freed 8 MiB back (trim) and faults it in again: about
-    # 2,000 pages per round. With it the pages stay mapped.
-    assert faults(False) > 50 * 1000
-    assert faults(True) < 200

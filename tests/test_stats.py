@@ -149,6 +149,15 @@ def _power_by_hand(d, s1, s2, n, alpha=0.05):
     return st.nct.sf(st.t.ppf(1 - alpha, nu), nu, nc)
 
 
+def test_holm_by_hand():
+    p = [0.01, 0.04, 0.03, 0.005, np.nan]
+    # sorted: 0.005, 0.01, 0.03, 0.04 (m = 4): 4*0.005, 3*0.01, 2*0.03, 1*0.04, running max
+    expected = [0.03, 0.06, 0.06, 0.02, np.nan]
+    np.testing.assert_allclose(stats.holm(p), expected, equal_nan=True)
+    np.testing.assert_allclose(stats.holm([0.5, 0.9]), [1.0, 1.0])  # capped at 1
+    assert stats.holm([]).size == 0 and np.isnan(stats.holm([np.nan])).all()
+
+
 def test_welch_power_by_hand():
     assert stats.welch_power(5.0, 4.0, 6.0, 10) == pytest.approx(_power_by_hand(5.0, 4.0, 6.0, 10))
     two = stats.welch_power(5.0, 4.0, 6.0, 10, alternative="two-sided")

@@ -13,7 +13,14 @@ import pytest
 from scipy import stats as st
 
 from study import stats
-from study.tables import compare_tables, format_table, main, run_metric, seed_table
+from study.tables import (
+    compare_tables,
+    format_table,
+    latex_escape,
+    main,
+    run_metric,
+    seed_table,
+)
 
 VALUES = {
     # config: (policy_lr, policy_hidden_sizes, final returns by seed; NaN = diverged)
@@ -209,29 +216,58 @@ def test_bad_metric_input():
 def test_formats():
     t = seed_table(make_runs(), per_seed=True)
     md = format_table(t, "markdown").splitlines()
-    assert md[0].startswith("| policy_lr | policy_hidden_sizes | config | seeds | median")
-    assert len(md) == 2 + 3
-    assert "| 0.001 | [64, 64] | a | 7 of 8 | 310.00 |" in md[2]
+    assert md[0].startswith("Seed table of final_return: one row per config, ranked by the "
+                            "IQM of final_return")
+    assert md[2].startswith("| policy_lr | policy_hidden_sizes | config | seeds | median")
+    assert len(md) == 2 + 2 + 3
+    assert "| 0.001 | [64, 64] | a | 7 of 8 | 310.00 |" in md[4]
     csv = pd.read_csv(io.StringIO(format_table(t, "csv")))
     assert list(csv.columns) == list(t.columns)
-    assert np.allclose(csv["iqm"], t["iqm"].round(2))
-    assert np.allclose(csv["p_improve"].iloc[1:], t["p_improve"].iloc[1:].round(3))
     tex = format_table(t, "latex")
-    assert tex.startswith("\\begin{tabular}") and tex.rstrip().endswith("\\end{tabular}")
+    lines = tex.splitlines()
+    assert lines[0].startswith("% Seed table of final_return") and "booktabs" in lines[1]
+    assert lines[2].startswith("\\begin{tabular}") and tex.rstrip().endswith("\\end{tabular}")
     assert "policy\\_lr & policy\\_hidden\\_sizes" in tex and "seed\\_0" in tex
     assert "$\\pm$" in tex and "\\%" in tex
-    assert "_" not in tex.replace("\\_", "")
+    body = "\n".join(line for line in lines if not line.startswith("%"))  # comments: prose
+    assert "_" not in body.replace("\\_", "")
+
+
+def test_csv_is_data_at_full_precision():
+    # Regression: CSV used to round to the Markdown's 2 decimals.
+    t = seed_table(make_runs(), per_seed=True)
+    csv = pd.read_csv(io.StringIO(format_table(t, "csv")))
+    for c in ("median", "mean", "std", "iqm", "iqm_lo", "iqm_hi", "failure_hi", "p_improve",
+              "seed_0"):
+        np.testing.assert_array_equal(csv[c].to_numpy(float), t[c].to_numpy(float), err_msg=c)
+    assert (t["mean"].round(2) != t["mean"]).any()  # there was something to lose
+
+
+def test_latex_escapes_comparison_signs_and_says_booktabs():
+    # Regression: "P(best > this)" came out as "P(best ¿ this)" under LaTeX's OT1 encoding,
+    # and nothing said the table needs booktabs.
+    tex = format_table(seed_table(make_runs()), "latex")
+    assert "P(best \\textgreater{} this)" in tex
+    body = tex.replace("\\textgreater{}", "").replace("\\textless{}", "")
+    assert ">" not in body and "<" not in body
+    assert "% Needs \\usepackage{booktabs}" in tex
+    assert latex_escape("a|b<c>d_e & 50% +/- $1") == (
+        "a\\textbar{}b\\textless{}c\\textgreater{}d\\_e \\& 50\\% $\\pm$ \\$1")
 
 
 def test_compare_tables_uses_the_printed_precision():
     csv = format_table(seed_table(make_runs()), "csv")
     assert compare_tables(csv, csv) == []
-    # The reference printed 2 decimals: a recomputation differing in the 4th matches.
-    ref = pd.read_csv(io.StringIO(csv), dtype=str, keep_default_na=False)
-    new = ref.copy()
-    new.loc[0, "mean"] = f"{float(ref.loc[0, 'mean']) + 0.001:.4f}"
+    # A reference written with 2 decimals (as --format csv wrote them before CSV kept full
+    # precision): the full-precision recomputation still matches it...
+    new = pd.read_csv(io.StringIO(csv), dtype=str, keep_default_na=False)
+    ref = new.copy()
+    for c in ("median", "q25", "q75", "iqr", "mean", "std", "iqm", "iqm_lo", "iqm_hi", "min",
+              "max"):
+        ref[c] = [f"{float(x):.2f}" if x else "" for x in new[c]]
     assert compare_tables(ref.to_csv(index=False), new.to_csv(index=False)) == []
-    new.loc[0, "mean"] = f"{float(ref.loc[0, 'mean']) + 0.01:.2f}"
+    # ...and a difference at its printed precision is caught.
+    new.loc[0, "mean"] = repr(float(ref.loc[0, "mean"]) + 0.01)
     diffs = compare_tables(ref.to_csv(index=False), new.to_csv(index=False))
     assert len(diffs) == 1 and "config a, mean" in diffs[0]
     swapped = pd.concat([new.iloc[[1]], new.iloc[[0]], new.iloc[2:]])
@@ -254,10 +290,11 @@ def store(tmp_path):
 def test_cli_formats_out_and_check(store, tmp_path, capsys):
     assert main([str(store)]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("| policy_lr |") and out.count("\n") == 5
+    assert out.startswith("Seed table of final_return") and out.count("\n") == 7
+    assert "\n\n| policy_lr |" in out
     for fmt in ("csv", "latex"):
         assert main([str(store), "--format", fmt, "--metric", "auc", "--top", "2"]) == 0
-        assert capsys.readouterr().out.count("\n") == {"csv": 3, "latex": 8}[fmt]
+        assert capsys.readouterr().out.count("\n") == {"csv": 3, "latex": 10}[fmt]
     # Write the reference table, then check the same store against it.
     ref = store / "seed_table.csv"
     assert main([str(store), "--format", "csv", "--out", str(ref)]) == 0
