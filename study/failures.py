@@ -1055,8 +1055,12 @@ def _reasons(runs: pd.DataFrame, cls: np.ndarray, candidate: np.ndarray, why: di
             s = "pruned by the sweep (stopped early); left out of every rate"
         elif c == "diverged":
             at = div_at.iloc[i] if div_at is not None else None
-            s = ("diverged (non-finite loss or parameters)"
-                 + (f" at step {int(at)}" if at is not None and not pd.isna(at) else ""))
+            reason = runs["diverged_reason"].iloc[i] if "diverged_reason" in runs else None
+            if isinstance(reason, str) and reason:  # the trainer says what went non-finite
+                s = f"diverged: {reason}"
+            else:
+                s = ("diverged (non-finite loss or parameters)"
+                     + (f" at step {int(at)}" if at is not None and not pd.isna(at) else ""))
         elif c == "trapped":
             s = _trapped_reason(i, f, why, ref_entropy, ref_min, ref_n)
         elif c == "collapsed":
@@ -1185,6 +1189,10 @@ class FailureReport:
     decimals: int = 1
     max_rows: int = 50
     notes: list[str] = field(default_factory=list)  # shown first: incomplete store, budgets
+    #: Per config, Chan et al.'s reliability metrics (:func:`study.reliability.reliability`).
+    reliability: pd.DataFrame = field(default_factory=pd.DataFrame)
+    #: Runs that lost most of their level mid-training (:func:`study.reliability.collapses`).
+    drops: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -1321,7 +1329,39 @@ def failure_report(
         source=source,
         decimals=dec,
         notes=[*notes, *([b] if (b := budget_note(runs)) else [])],
+        **_reliability(runs, curves),
     )
+
+
+def _curve_matrix(curves: pd.DataFrame, run_ids: Sequence[str]) -> tuple[np.ndarray,
+                                                                           np.ndarray]:
+    """``(steps, episode_return[run, point])`` of ``run_ids``, NaN where a run has no
+    point (it stopped early, or logged at other steps)."""
+    mine = curves[curves["run_id"].isin(run_ids)]
+    table = mine.pivot_table(index="run_id", columns="step", values="episode_return",
+                             aggfunc="first").reindex(list(run_ids))
+    return table.columns.to_numpy(dtype=float), table.to_numpy(dtype=float)
+
+
+def _reliability(runs: pd.DataFrame, curves: pd.DataFrame | None) -> dict[str, pd.DataFrame]:
+    """Chan et al.'s metrics per config and the mid-training drops of every run."""
+    from study import reliability as rel
+
+    if curves is None or curves.empty or "episode_return" not in curves:
+        return {}
+    metrics, drops = [], []
+    for cid, group in runs[runs["status"] != "pruned"].groupby("config_id", sort=False):
+        ids = group["run_id"].astype(str).tolist()
+        steps, mat = _curve_matrix(curves, ids)
+        metrics.append({"config_id": cid, "runs": len(ids), **rel.reliability(
+            mat, group["final_return"].to_numpy(float))})
+        for c in rel.collapses(steps, mat):
+            row = group.iloc[c.run]
+            drops.append({"run_id": row["run_id"], "config_id": cid, "seed": int(row["seed"]),
+                          "peak_step": c.peak_step, "peak": c.peak, "step": c.step,
+                          "trough": c.trough, "depth": c.depth,
+                          "points_below": c.points_below, "recovered": c.recovered})
+    return {"reliability": pd.DataFrame(metrics), "drops": pd.DataFrame(drops)}
 
 
 # --------------------------------------------------------------------------------------
@@ -1387,8 +1427,48 @@ def _markdown(rep: FailureReport) -> str:
     lines += _md_modes(rep)
     lines += _md_runs(rep)
     lines += _md_rates(rep)
+    lines += _md_drops(rep)
+    lines += _md_reliability(rep)
     lines += _md_seeds_needed(rep)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _md_drops(rep: FailureReport) -> list[str]:
+    if rep.drops.empty:
+        return []
+    d, lab = rep.decimals, rep.labels
+    rows = [[lab.get(str(r.config_id), str(r.config_id)), str(r.seed),
+             f"{fmt_number(r.peak, d)} at {_thousands(r.peak_step)}",
+             f"{_thousands(r.step)}", fmt_number(r.trough, d), fmt_number(r.depth, d),
+             str(r.points_below), "yes" if r.recovered else "no"]
+            for r in rep.drops.itertuples()]
+    return ["## Runs that lost most of their level mid-training", "",
+            "A run drops when, after some peak, its return falls below the peak minus half "
+            "of what it had gained since its first log point, for at least 2 log points "
+            "(it may recover; a run that ends below an untrained policy is *collapsed* "
+            "above instead).", "",
+            *_md(["config", "seed", "peak (at step)", "fell at step", "lowest", "depth",
+                  "log points below", "recovered"], _capped(rep, rows, "drops")), ""]
+
+
+def _md_reliability(rep: FailureReport) -> list[str]:
+    if rep.reliability.empty:
+        return []
+    d, lab = rep.decimals, rep.labels
+    rows = [[lab.get(str(r.config_id), str(r.config_id)), str(r.runs),
+             *(fmt_number(getattr(r, k), d) for k in ("dt", "srt", "lrt", "dr", "rr"))]
+            for r in rep.reliability.itertuples()]
+    return ["## Reliability of training (Chan et al. 2020)", "",
+            "Per config, from the training curves (first differences d between log points "
+            "remove the learning trend; CVaR is the mean of the worst 5%): **DT** "
+            "dispersion across time, the median over runs of the IQR of d; **SRT** "
+            "short-term risk, the CVaR of d (the typical worst drop between log points); "
+            "**LRT** long-term risk, minus the CVaR of the drawdowns below each run's best "
+            "so far; **DR** dispersion across runs, the IQR of the final returns; **RR** "
+            "risk across runs, the CVaR of the final returns (the worst runs). Lower "
+            "dispersions and higher risks (closer to 0, or higher returns) are better.", "",
+            *_md(["config", "runs", "DT", "SRT", "LRT", "DR", "RR"],
+                 _capped(rep, rows, "configs")), ""]
 
 
 def _capped(rep: FailureReport, rows: list[list[str]], what: str) -> list[list[str]]:
