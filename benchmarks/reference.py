@@ -36,7 +36,8 @@ def _analyse(store: Path, ref: Path) -> None:
     if pd.read_parquet(store / "runs", columns=["env"])["env"].nunique() > 1:
         # A study across environments: the aggregate table is its seed table.
         _run("study.aggregate", str(store), "--importance", "--out", str(ref / "aggregate.md"),
-             "--figure", str(ref / "performance_profiles.png"))
+             "--figure", str(ref / "performance_profiles.png"),
+             "--efficiency", str(ref / "sample_efficiency.png"))
         _run("study.aggregate", str(store), "--format", "csv",
              "--out", str(ref / "aggregate.csv"))
     _run("study.tables", str(store), "--out", str(ref / "seed_table.md"))

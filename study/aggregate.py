@@ -32,6 +32,7 @@ from study.config import SPECS, ConfigError
 __all__ = [
     "METRICS",
     "aggregate_table",
+    "efficiency_curves",
     "iqm",
     "main",
     "mean",
@@ -212,6 +213,97 @@ def _render(table: pd.DataFrame, fmt: str, note: str) -> str:
     return f"{note}\n\n" + "\n".join(lines) + "\n"
 
 
+# --------------------------------------------------------------------------------------
+# sample efficiency
+
+#: Fractions of each env's budget at which the sample-efficiency curves are compared
+#: (envs of one sweep may have different budgets).
+FRACTIONS = np.linspace(0.05, 1.0, 20)
+
+
+def score_references(root: Path, envs: Sequence[str]) -> dict[str, tuple[float, float]]:
+    """``(low, high)`` per env: the store's resolved ``sweep.toml`` ``[normalize]`` table,
+    else the shipped :data:`study.scores.REFERENCES` (read as data: no env is built)."""
+    import tomllib
+
+    from study.scores import REFERENCES
+
+    try:
+        table = tomllib.loads((root / "sweep.toml").read_text()).get("normalize", {})
+    except (OSError, ValueError):
+        table = {}
+    refs = {}
+    for env in envs:
+        pair = table.get(env) or REFERENCES.get(env)
+        if pair is None:
+            raise ConfigError(f"task {env!r} has no score references; add [normalize] "
+                              f'"{env}" = [low, high] to the sweep file')
+        refs[env] = (float(pair[0]), float(pair[1]))
+    return refs
+
+
+def efficiency_curves(runs: pd.DataFrame, curves: pd.DataFrame, axes: Sequence[str],
+                      refs: dict[str, tuple[float, float]], n_boot: int = 1000,
+                      seed: int = 0) -> pd.DataFrame:
+    """Aggregate IQM of the normalised training return against the fraction of each
+    env's budget, with 95% stratified bootstrap CIs: one row per (config, fraction).
+
+    Each run's curve (``episode_return`` at its log points) is normalised with its env's
+    references and linearly interpolated at :data:`FRACTIONS` of its ``total_steps``; at
+    each fraction the config's ``[seed, task]`` matrix is aggregated as in the table.
+    """
+    keys = list(axes) or ["sweep"]
+    merged = curves.merge(runs[["run_id", "env", "seed", "total_steps", *keys]], on="run_id")
+    rows = []
+    for key, group in merged.groupby(keys, sort=True, dropna=False):
+        key = key if isinstance(key, tuple) else (key,)
+        tasks = sorted(group["env"].unique())
+        seeds = sorted(group["seed"].unique())
+        cube = np.full((len(FRACTIONS), len(seeds), len(tasks)), np.nan)
+        for (env, sd), run in group.groupby(["env", "seed"]):
+            low, high = refs[env]
+            x = run["step"].to_numpy(float) / float(run["total_steps"].iloc[0])
+            y = (run["episode_return"].to_numpy(float) - low) / (high - low)
+            ok = np.isfinite(y)
+            if ok.any():  # one log point fills its own fraction only
+                inside = (FRACTIONS >= x[ok].min() - 1e-9) & (FRACTIONS <= x[ok].max() + 1e-9)
+                cube[inside, seeds.index(sd), tasks.index(env)] = np.interp(
+                    FRACTIONS[inside], x[ok], y[ok])
+        for f, mat in zip(FRACTIONS, cube, strict=True):
+            if np.isnan(mat).any():
+                continue  # not every (seed, task) has reached this fraction yet
+            lo, hi = _ci(iqm(stratified_bootstrap(mat, n_boot, seed)), 0.95)
+            rows.append({**dict(zip(keys, key, strict=True)), "fraction": float(f),
+                         "iqm": float(iqm(mat)), "iqm_lo": float(lo), "iqm_hi": float(hi)})
+    return pd.DataFrame(rows)
+
+
+def _efficiency_figure(table: pd.DataFrame, axes: Sequence[str], path: Path,
+                       top: int = 4) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(axes) or ["sweep"]
+    final = table[table["fraction"] == table["fraction"].max()]
+    best = final.sort_values("iqm", ascending=False)[keys].head(top)
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for _, cfg in best.iterrows():
+        mine = table[(table[keys] == cfg[keys]).all(axis=1)]
+        label = ", ".join(f"{a}={cfg[a]:.4g}" if isinstance(cfg[a], float) else f"{a}={cfg[a]}"
+                          for a in keys)
+        ax.plot(mine["fraction"], mine["iqm"], label=label)
+        ax.fill_between(mine["fraction"], mine["iqm_lo"], mine["iqm_hi"], alpha=0.2)
+    ax.set_xlabel("fraction of each env's training budget")
+    ax.set_ylabel("IQM normalized return")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
 def _profile_figure(matrices: dict[tuple, np.ndarray], axes: Sequence[str], path: Path,
                     n_boot: int, seed: int, top: int = 4) -> None:
     import matplotlib
@@ -252,6 +344,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.add_argument("--out", metavar="FILE", help="write the table here (default stdout)")
         ap.add_argument("--figure", metavar="PNG",
                         help="also draw the performance profiles of the best configs")
+        ap.add_argument("--efficiency", metavar="PNG",
+                        help="also draw sample-efficiency curves (aggregate IQM of the "
+                             "normalized training return against the fraction of the budget) "
+                             "and write their numbers next to it as CSV")
         ap.add_argument("--importance", action="store_true",
                         help="also rank the hyperparameters by PED-ANOVA importance, across "
                              "tasks, per task, and how often seeds agree on the top one")
@@ -291,6 +387,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.write(text)
         if args.figure:
             _profile_figure(matrices, axes, Path(args.figure), min(args.reps, 1000), 0)
+        if args.efficiency:
+            root = Path(args.results_dir)
+            eff = efficiency_curves(runs, store.load_curves(root), axes,
+                                    score_references(root, tasks), min(args.reps, 1000))
+            _efficiency_figure(eff, axes, Path(args.efficiency))
+            store.atomic_write_text(Path(args.efficiency).with_suffix(".csv"),
+                                    eff.to_csv(index=False))
         return 0
 
     return run_cli(body, argv)

@@ -215,3 +215,27 @@ def test_aggregate_cli_importance(multi_store, capsys):
     assert agg.main([str(multi_store), "--reps", "100", "--importance"]) == 0
     out = capsys.readouterr().out
     assert "Hyperparameter importance (PED-ANOVA" in out and "| hyperparameter |" in out
+
+
+def test_sample_efficiency_curves(multi_store, tmp_path):
+    runs = store.load_runs(multi_store)
+    curves = store.load_curves(multi_store)
+    refs = agg.score_references(multi_store, ["Acrobot-v1", "CartPole-v1"])
+    assert refs["CartPole-v1"] == (0.0, 500.0)  # the sweep's [normalize], not the shipped
+    assert refs["Acrobot-v1"] == REFERENCES["Acrobot-v1"]
+    eff = agg.efficiency_curves(runs, curves, ["policy_lr"], refs, n_boot=200)
+    assert set(eff["policy_lr"]) == {0.01, 0.001}
+    assert ((eff["iqm_lo"] <= eff["iqm"] + 1e-12) & (eff["iqm"] <= eff["iqm_hi"] + 1e-12)).all()
+    # at the end of the budget: the IQM of every (seed, task)'s last normalized point
+    last = eff[(eff["policy_lr"] == 0.01) & (eff["fraction"] == 1.0)]["iqm"].item()
+    mine = runs[runs["policy_lr"] == 0.01]
+    ends = curves[curves["run_id"].isin(mine["run_id"])].merge(
+        mine[["run_id", "env", "total_steps"]], on="run_id")
+    ends = ends[ends["step"] == ends["total_steps"]]
+    norm = [(r.episode_return - refs[r.env][0]) / (refs[r.env][1] - refs[r.env][0])
+            for r in ends.itertuples()]
+    assert len(norm) == 6 and last == pytest.approx(st.trim_mean(norm, 0.25))
+    assert agg.main([str(multi_store), "--reps", "100", "--efficiency",
+                     str(tmp_path / "eff.png")]) == 0
+    assert (tmp_path / "eff.png").stat().st_size > 0
+    assert len(pd.read_csv(tmp_path / "eff.csv")) == len(eff)
