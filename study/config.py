@@ -110,9 +110,15 @@ SPECS: dict[str, Spec] = {
         Spec("activation", "tanh", "choice", True, "one of tanh, relu", choices=("tanh", "relu")),
         _f("log_std_init", 0.0, "a finite float", allow_inf=False),
         Spec("normalize_obs", False, "bool", False, "true or false"),
+        Spec("normalize_reward", False, "bool", False, "true or false",
+             help="divide rewards by the running std of the discounted return"),
         Spec("share_trunk", False, "bool", True, "true or false"),
     ]
 }
+
+#: Hyperparameters added after stores existed: left out of run and config ids while at
+#: their default, so the runs stored before them keep their ids (and are not retrained).
+ID_OMIT_AT_DEFAULT: frozenset[str] = frozenset({"normalize_reward"})
 
 NAMES: tuple[str, ...] = tuple(SPECS)
 STRUCTURAL: tuple[str, ...] = tuple(n for n, s in SPECS.items() if s.structural)

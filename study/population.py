@@ -331,6 +331,35 @@ class ObsNormalizer:
         return np.where(self.enabled, normed, obs).astype(np.float32)
 
 
+class RewardNormalizer:
+    """Per member, rewards scaled by the running std of the discounted return (SB3's
+    ``VecNormalize(norm_reward=True)``): per environment ``R_t = gamma R_{t-1} + r_t``
+    (reset to 0 when an episode ends), a running variance of R over the member's own
+    environments, and ``r_t / sqrt(var + 1e-8)`` clipped to +-10 for learning. Episode
+    returns, curves and final returns stay in the environment's units."""
+
+    def __init__(self, n_envs: int, enabled: np.ndarray, gamma: np.ndarray) -> None:
+        n = len(enabled)
+        self.enabled = enabled.reshape(-1, 1)
+        self.gamma = gamma.reshape(-1, 1).astype(np.float64)
+        self.active = bool(enabled.any())
+        self.ret = np.zeros((n, n_envs))
+        self.mean, self.var, self.count = np.zeros(n), np.ones(n), np.full(n, 1e-4)
+
+    def __call__(self, reward: np.ndarray, done: np.ndarray) -> np.ndarray:
+        """The rewards ``[S, E]`` to learn from this step."""
+        self.ret = self.ret * self.gamma + reward
+        n = self.ret.shape[1]
+        batch_mean, batch_var = self.ret.mean(axis=1), self.ret.var(axis=1)
+        delta, total = batch_mean - self.mean, self.count + n
+        self.var = (self.var * self.count + batch_var * n
+                    + delta**2 * self.count * n / total) / total
+        self.mean, self.count = self.mean + delta * n / total, total
+        scaled = np.clip(reward / np.sqrt(self.var[:, None] + 1e-8), -10.0, 10.0)
+        self.ret[done] = 0.0
+        return np.where(self.enabled, scaled, reward)
+
+
 # --------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------
@@ -554,6 +583,22 @@ def train_population(
     ``check_memory`` refuses (ConfigError) a population too large for the memory available
     before anything is built; drivers that checked it already pass False.
     """
+    # One thread: with several, MKL splits a batched matmul by the population size, and a
+    # member's bits would depend on who else is in its population.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train(env_id, members, total_steps, log_every, eval_every, eval_episodes,
+                      device, save_policies, on_log, on_progress, check_memory)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(env_id: str, members: Sequence[Member], total_steps: int, log_every: int,
+           eval_every: int, eval_episodes: int, device: str, save_policies: bool,
+           on_log: Callable[[int, dict[str, np.ndarray]], np.ndarray | None] | None,
+           on_progress: Callable[[int], None] | None, check_memory: bool) -> list[RunResult]:
+    """:func:`train_population`'s body, run with one torch thread."""
     t_start = time.perf_counter()
     keep_freed_memory()
     hp = _check_members(members)
@@ -590,6 +635,9 @@ def train_population(
     normalizer = ObsNormalizer(
         n_mem, obs_dim, np.array([bool(m.hyperparameters["normalize_obs"]) for m in members])
     )
+    reward_norm = RewardNormalizer(
+        n_envs, np.array([bool(m.hyperparameters.get("normalize_reward")) for m in members]),
+        np.array([float(m.hyperparameters["gamma"]) for m in members]))
     action_rng = MemberStreams(seeds, STREAM_ACTIONS)
     shuffle_rng = MemberStreams(seeds, STREAM_SHUFFLE)
 
@@ -776,6 +824,8 @@ def train_population(
                 windows.final_sum, windows.final_count, global_step > final_from, last_ret,
             )  # fmt: skip
             _note_env_faults(step, global_step, env_fault)
+            if reward_norm.active:  # learn from scaled rewards; episodes keep raw ones
+                buf_rew[t] = reward_norm(step.reward, step.terminated | step.truncated)
 
             next_raw = step.obs.reshape(n_mem, n_envs, -1)
             normalizer.update(next_raw)

@@ -21,7 +21,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from study.config import ConfigError, check_name, coerce, resolve, to_jsonable
+from study.config import (
+    ID_OMIT_AT_DEFAULT,
+    SPECS,
+    ConfigError,
+    check_name,
+    coerce,
+    resolve,
+    to_jsonable,
+)
 
 __all__ = [
     "Run",
@@ -183,9 +191,11 @@ def _digest(payload: Mapping[str, Any]) -> str:
 
 def _id_payload(env: str, hp: Mapping[str, Any], total_steps: int, log_every: int,
                 eval_every: int, eval_episodes: int) -> dict[str, Any]:
+    resolved = {k: v for k, v in resolve(hp).items()
+                if not (k in ID_OMIT_AT_DEFAULT and v == SPECS[k].default)}
     payload: dict[str, Any] = {
         "env": env,
-        "hyperparameters": to_jsonable(resolve(hp)),
+        "hyperparameters": to_jsonable(resolved),
         "total_steps": int(total_steps),
         "log_every": int(log_every),
     }
