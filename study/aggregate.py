@@ -23,6 +23,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -278,55 +279,60 @@ def efficiency_curves(runs: pd.DataFrame, curves: pd.DataFrame, axes: Sequence[s
     return pd.DataFrame(rows)
 
 
-def _efficiency_figure(table: pd.DataFrame, axes: Sequence[str], path: Path,
-                       top: int = 4) -> None:
+def _save_figure(path: Path, xlabel: str, ylabel: str,
+                 draw: Callable[[Any], None]) -> None:
+    """One column-wide figure: ``draw(ax)`` plots the series, the rest is shared."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = list(axes) or ["sweep"]
-    final = table[table["fraction"] == table["fraction"].max()]
-    best = final.sort_values("iqm", ascending=False)[keys].head(top)
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    for _, cfg in best.iterrows():
-        mine = table[(table[keys] == cfg[keys]).all(axis=1)]
-        label = ", ".join(f"{a}={cfg[a]:.4g}" if isinstance(cfg[a], float) else f"{a}={cfg[a]}"
-                          for a in keys)
-        ax.plot(mine["fraction"], mine["iqm"], label=label)
-        ax.fill_between(mine["fraction"], mine["iqm_lo"], mine["iqm_hi"], alpha=0.2)
-    ax.set_xlabel("fraction of each env's training budget")
-    ax.set_ylabel("IQM normalized return")
+    draw(ax)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=150)
     plt.close(fig)
+
+
+def _label(axes: Sequence[str], values: Sequence[Any]) -> str:
+    return ", ".join(f"{a}={v:.4g}" if isinstance(v, float) else f"{a}={v}"
+                     for a, v in zip(axes, values, strict=True)) or "all runs"
+
+
+def _efficiency_figure(table: pd.DataFrame, axes: Sequence[str], path: Path,
+                       top: int = 4) -> None:
+    keys = list(axes) or ["sweep"]
+    final = table[table["fraction"] == table["fraction"].max()]
+    best = final.sort_values("iqm", ascending=False)[keys].head(top)
+
+    def draw(ax: Any) -> None:
+        for _, cfg in best.iterrows():
+            mine = table[(table[keys] == cfg[keys]).all(axis=1)]
+            ax.plot(mine["fraction"], mine["iqm"], label=_label(keys, cfg[keys].tolist()))
+            ax.fill_between(mine["fraction"], mine["iqm_lo"], mine["iqm_hi"], alpha=0.2)
+
+    _save_figure(path, "fraction of each env's training budget", "IQM normalized return",
+                 draw)
 
 
 def _profile_figure(matrices: dict[tuple, np.ndarray], axes: Sequence[str], path: Path,
                     n_boot: int, seed: int, top: int = 4) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     taus = np.linspace(-0.25, 1.25, 61)
     ranked = sorted(matrices, key=lambda k: -float(iqm(matrices[k])))[:top]
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    for key in ranked:
-        x = matrices[key]
-        lo, hi = _ci(performance_profile(stratified_bootstrap(x, n_boot, seed), taus), 0.95)
-        label = ", ".join(f"{a}={v}" for a, v in zip(axes, key, strict=True)) or "all runs"
-        ax.plot(taus, performance_profile(x, taus), label=label)
-        ax.fill_between(taus, lo, hi, alpha=0.2)
-    ax.set_xlabel("normalized score tau")
-    ax.set_ylabel("fraction of runs with score > tau")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
+
+    def draw(ax: Any) -> None:
+        for key in ranked:
+            x = matrices[key]
+            reps = stratified_bootstrap(x, n_boot, seed)
+            lo, hi = _ci(performance_profile(reps, taus), 0.95)
+            ax.plot(taus, performance_profile(x, taus), label=_label(axes, key))
+            ax.fill_between(taus, lo, hi, alpha=0.2)
+
+    _save_figure(path, "normalized score tau", "fraction of runs with score > tau", draw)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

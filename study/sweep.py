@@ -440,15 +440,19 @@ def _parse_envs(data: Mapping[str, Any], where: str) -> tuple[str, ...]:
     return tuple(values)
 
 
+def _check_swept(env: str, envs: Sequence[str], where: str) -> None:
+    if env not in envs:
+        raise ConfigError(f"{where}names an environment the sweep does not run; expected one "
+                          f"of {', '.join(envs)}")
+
+
 def _parse_overrides(data: Mapping[str, Any], envs: Sequence[str],
                      grid: Mapping[str, Any], where: str) -> dict[str, dict[str, Any]]:
     """``[overrides."<env>"]``: that env's budget and fixed hyperparameters."""
     out: dict[str, dict[str, Any]] = {}
     for env, table in _table(data, "overrides", where).items():
         owhere = f"{where}[overrides.{json.dumps(env)}] "
-        if env not in envs:
-            raise ConfigError(f"{owhere}names an environment the sweep does not run; "
-                              f"expected one of {', '.join(envs)}")
+        _check_swept(env, envs, owhere)
         if not isinstance(table, dict):
             raise ConfigError(f"{owhere}is invalid: expected a table of key = value")
         own: dict[str, Any] = {}
@@ -471,9 +475,7 @@ def _parse_normalize(data: Mapping[str, Any], envs: Sequence[str],
     out: dict[str, tuple[float, float]] = {}
     for env, value in _table(data, "normalize", where).items():
         nwhere = f"{where}[normalize] {json.dumps(env)} "
-        if env not in envs:
-            raise ConfigError(f"{nwhere}names an environment the sweep does not run; "
-                              f"expected one of {', '.join(envs)}")
+        _check_swept(env, envs, nwhere)
         ok = (isinstance(value, list) and len(value) == 2
               and all(isinstance(v, int | float) and not isinstance(v, bool)
                       and math.isfinite(v) for v in value))
