@@ -64,7 +64,7 @@ def test_run_id_is_stable():
 
     hp = resolve({"policy_lr": 0.01, "gamma": 0.99})
     rid = run_id("CartPole-v1", hp, 7, 100_000, 1_000)
-    assert rid == "733aca8e767751d8"  # what every version since numerics 3 has computed
+    assert rid == "733aca8e767751d8"  # the id it had before normalize_reward existed
     # The documented scheme, computed independently: sha1 of canonical JSON, 16 hex chars,
     # without the keys added later while they are at their defaults.
     kept = {k: v for k, v in hp.items()
