@@ -1443,10 +1443,11 @@ def _md_drops(rep: FailureReport) -> list[str]:
              str(r.points_below), "yes" if r.recovered else "no"]
             for r in rep.drops.itertuples()]
     return ["## Runs that lost most of their level mid-training", "",
-            "A run drops when, after some peak, its return falls below the peak minus half "
-            "of what it had gained since its first log point, for at least 2 log points "
-            "(it may recover; a run that ends below an untrained policy is *collapsed* "
-            "above instead).", "",
+            "After its first 10% of log points (its start-up), a run drops when its return "
+            "(a rolling median of 3 log points) falls below its peak minus half of the height "
+            "the peak stands above the lowest point before it, for at least 3 log points, "
+            "and by at least half of its whole range (it may recover; a run that ends below "
+            "an untrained policy is *collapsed* above instead).", "",
             *_md(["config", "seed", "peak (at step)", "fell at step", "lowest", "depth",
                   "log points below", "recovered"], _capped(rep, rows, "drops")), ""]
 

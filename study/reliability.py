@@ -19,10 +19,10 @@ Chan et al. compute DT on detrended, low-pass-filtered evaluation curves and rep
 across algorithms; here the curves are the stored training curves and the values are
 reported as they are, per config, with a = 0.05 by default.
 
-A **collapse** (:func:`collapses`) is a run that, after reaching a level, lost at least
-``depth`` of the ground it had gained since its first log point and stayed below that
-line for at least ``min_points`` log points; it may recover later. One SwingUp seed, for
-instance, falls from about 300 to 10 near 5.5M steps and recovers at 7M.
+A **collapse** (:func:`collapses`) is a run that, after its start-up, lost at least
+``depth`` of the height it had climbed to its peak and stayed below that line for at least
+``min_points`` log points; it may recover later (in the SwingUp seed study, 9 of 24 seeds
+drop; seed 4 falls from 127 to 6 at 2.6M steps and climbs back).
 """
 
 from __future__ import annotations
@@ -88,29 +88,42 @@ class Collapse:
 
 
 def collapses(steps: np.ndarray, curves: np.ndarray, depth: float = 0.5,
-              min_points: int = 2) -> list[Collapse]:
+              min_points: int = 3, skip: float = 0.1, smooth: int = 3) -> list[Collapse]:
     """The first collapse of every run of ``curves[run, point]`` logged at ``steps``.
 
-    With ``start`` a run's first finite value and ``peak`` its running maximum, the run
-    collapses at the first point t where ``curve[t] < peak - depth (peak - start)``, when
-    ``peak > start`` and the run stays below that line for ``min_points`` points.
+    A run's first ``skip`` of log points are its start-up (a policy's early fall, like
+    SwingUp's race to the edge, is not a level yet). After them, with ``peak`` its running
+    maximum and ``floor`` the lowest point between the start-up and that peak, the run
+    collapses at the first point below ``peak - depth (peak - floor)`` from which it stays
+    below that line for ``min_points`` points and falls by at least ``depth`` of its whole
+    range after the start-up: it lost at least half of the height it had climbed, and the
+    fall is large on the run's own scale (early wobbles are not collapses). Levels are read
+    from a centred rolling median of ``smooth`` log points.
     """
     out = []
-    for r, row in enumerate(np.asarray(curves, dtype=float)):
+    for r, raw in enumerate(np.asarray(curves, dtype=float)):
+        # A centred rolling median of ``smooth`` points: one noisy log window is no fall.
+        row = _rolling_median(raw, smooth)
         finite = np.flatnonzero(np.isfinite(row))
-        if finite.size < min_points + 2:
+        k0 = max(1, int(skip * finite.size))
+        if finite.size < k0 + min_points + 2:
             continue
-        start, best, best_t = row[finite[0]], -np.inf, finite[0]
-        for i, t in enumerate(finite):
+        settled = row[finite[k0:]]
+        scale = float(settled.max() - settled.min())  # the run's whole range after start-up
+        best, best_t, lowest, floor = -np.inf, finite[k0], np.inf, np.inf
+        for i in range(k0, finite.size):
+            t = finite[i]
             if row[t] > best:
-                best, best_t = row[t], t
-            line = best - depth * (best - start)
-            if best > start and row[t] < line:
+                best, best_t, floor = row[t], t, min(lowest, row[t])
+            lowest = min(lowest, row[t])
+            line = best - depth * (best - floor)
+            if best > floor and row[t] < line:
                 after = finite[i:]
                 below = after[row[after] < line]
                 back = after[row[after] >= line]
                 n_below = int(np.sum(after < (back[0] if back.size else np.inf)))
-                if n_below >= min_points:
+                fall = best - row[below].min()
+                if n_below >= min_points and fall >= depth * scale:
                     out.append(Collapse(
                         run=r, peak_step=float(steps[best_t]), peak=float(best),
                         step=float(steps[t]), trough=float(row[below].min()),
@@ -118,3 +131,15 @@ def collapses(steps: np.ndarray, curves: np.ndarray, depth: float = 0.5,
                         recovered=bool(back.size)))
                     break
     return out
+
+
+def _rolling_median(x: np.ndarray, width: int) -> np.ndarray:
+    if width <= 1:
+        return x
+    half = width // 2
+    padded = np.pad(x, half, mode="edge")
+    windows = np.lib.stride_tricks.sliding_window_view(padded, width)
+    with np.errstate(all="ignore"):
+        out = np.nanmedian(windows, axis=1) if np.isnan(windows).any() else \
+            np.median(windows, axis=1)
+    return np.where(np.isfinite(x), out, np.nan)

@@ -41,13 +41,15 @@ def test_a_mid_training_drop_is_found_with_its_step_depth_and_recovery():
     curve = np.concatenate([rise, [10.0, 12.0, 9.0], np.full(7, 300.0)])
     steady = np.linspace(0, 300, 20) + np.random.default_rng(0).normal(0, 3, 20)
     brief = np.concatenate([rise, [50.0], np.full(9, 300.0)])  # one point only: noise
-    found = rel.collapses(STEPS, np.stack([curve, steady, brief]))
+    # the defaults smooth with a rolling median of 3 and want 3 points below: same verdict
+    assert [c.run for c in rel.collapses(STEPS, np.stack([curve, steady, brief]))] == [0]
+    found = rel.collapses(STEPS, np.stack([curve, steady, brief]), smooth=1, min_points=2)
     assert len(found) == 1
     c = found[0]
     assert (c.run, c.peak, c.peak_step, c.step) == (0, 300.0, 10_000.0, 11_000.0)
     assert (c.trough, c.depth, c.points_below, c.recovered) == (9.0, 291.0, 3, True)
     stays = np.concatenate([rise, np.full(10, 20.0)])
-    (c,) = rel.collapses(STEPS, stays[None, :])
+    (c,) = rel.collapses(STEPS, stays[None, :], smooth=1)
     assert not c.recovered and c.points_below == 10
 
 
