@@ -28,6 +28,7 @@ drop; seed 4 falls from 127 to 6 at 2.6M steps and climbs back).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -139,7 +140,8 @@ def _rolling_median(x: np.ndarray, width: int) -> np.ndarray:
     half = width // 2
     padded = np.pad(x, half, mode="edge")
     windows = np.lib.stride_tricks.sliding_window_view(padded, width)
-    with np.errstate(all="ignore"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN windows give NaN, quietly
         out = np.nanmedian(windows, axis=1) if np.isnan(windows).any() else \
             np.median(windows, axis=1)
     return np.where(np.isfinite(x), out, np.nan)
