@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from study import stats
 from study.config import SPECS, ConfigError
 
 __all__ = [
@@ -56,9 +57,7 @@ def median(x: np.ndarray) -> np.ndarray:
 def iqm(x: np.ndarray) -> np.ndarray:
     """Interquartile mean of all ``runs x tasks`` scores: with the ``n`` scores sorted,
     ``k = floor(n / 4)`` cut from each end and the rest averaged."""
-    flat = np.sort(x.reshape(*x.shape[:-2], -1), axis=-1)
-    k = flat.shape[-1] // 4
-    return flat[..., k: flat.shape[-1] - k].mean(axis=-1)
+    return np.asarray(stats.iqm(x.reshape(*x.shape[:-2], -1), axis=-1))
 
 
 def mean(x: np.ndarray) -> np.ndarray:

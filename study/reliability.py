@@ -27,30 +27,14 @@ drop; seed 4 falls from 127 to 6 at 2.6M steps and climbs back).
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Collapse", "collapses", "cvar", "reliability"]
+from study.stats import cvar, iqr
 
-
-def cvar(x: np.ndarray, alpha: float = 0.05) -> float:
-    """Mean of the lowest ``ceil(alpha n)`` finite values (NaN if there are none)."""
-    v = np.sort(np.asarray(x, dtype=float)[np.isfinite(x)])
-    if v.size == 0:
-        return float("nan")
-    return float(v[: max(1, math.ceil(alpha * v.size))].mean())
-
-
-def _iqr(x: np.ndarray) -> float:
-    v = np.asarray(x, dtype=float)
-    v = v[np.isfinite(v)]
-    if v.size == 0:
-        return float("nan")
-    q75, q25 = np.percentile(v, [75, 25])
-    return float(q75 - q25)
+__all__ = ["Collapse", "collapses", "reliability"]
 
 
 def reliability(curves: np.ndarray, finals: np.ndarray, alpha: float = 0.05
@@ -60,14 +44,14 @@ def reliability(curves: np.ndarray, finals: np.ndarray, alpha: float = 0.05
     drawdown risk is reported as a negative number: minus the mean of the worst falls."""
     c = np.asarray(curves, dtype=float)
     d = np.diff(c, axis=1)
-    per_run = [_iqr(row) for row in d]
+    per_run = [iqr(row) for row in d]
     peak = np.fmax.accumulate(np.where(np.isfinite(c), c, -np.inf), axis=1)
     drawdown = np.where(np.isfinite(c), peak - c, np.nan)
     return {
         "dt": float(np.nanmedian(per_run)) if np.isfinite(per_run).any() else float("nan"),
         "srt": cvar(d.ravel(), alpha),
         "lrt": cvar(-drawdown.ravel(), alpha),
-        "dr": _iqr(finals),
+        "dr": iqr(finals),
         "rr": cvar(finals, alpha),
     }
 

@@ -13,13 +13,6 @@ from study.failures import failure_report
 STEPS = np.arange(1, 21) * 1000.0
 
 
-def test_cvar_is_the_mean_of_the_worst_tail():
-    x = np.arange(1, 101, dtype=float)
-    assert rel.cvar(x, 0.05) == pytest.approx(3.0)  # mean of 1..5
-    assert rel.cvar(np.array([np.nan, 4.0, 2.0]), 0.5) == 2.0
-    assert np.isnan(rel.cvar(np.array([np.nan])))
-
-
 def test_metrics_on_known_curves():
     flat = np.full((3, 20), 100.0)
     m = rel.reliability(flat, np.array([100.0, 100.0, 100.0]))
