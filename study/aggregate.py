@@ -146,6 +146,33 @@ def _check_one_normalization(runs: pd.DataFrame) -> None:
                 f"sweep's [normalize] changed between runs); re-run the sweep with --fresh")
 
 
+def study_runs(runs: pd.DataFrame, phase: str | None = None) -> tuple[pd.DataFrame, str]:
+    """``(runs to aggregate, what they are)``. A grid store's runs as they are; of an
+    Optuna store (a ``phase`` column) the runs of one phase: ``"tune"`` (default), the
+    tuning runs of its COMPLETE trials (pruned and failed trials lack tasks), or
+    ``"confirm"``, the held-out confirmation runs. Pruned runs never count."""
+    runs = runs[runs["status"] != "pruned"]
+    has_phase = "phase" in runs.columns and runs["phase"].notna().any()
+    if not has_phase:
+        if phase is not None:
+            raise ConfigError(f"--phase {phase}: this store is a grid's, it has no phases; "
+                              f"expected no --phase")
+        return runs, "runs"
+    phase = phase or "tune"
+    sel = runs["phase"].fillna("").astype(str).eq(phase)
+    if phase == "tune":
+        sel &= runs["trial_state"].fillna("").astype(str).eq("COMPLETE")
+    picked = runs[sel.to_numpy()]
+    if picked.empty:
+        raise ConfigError(f"this Optuna store has no {phase} runs"
+                          + (" of COMPLETE trials" if phase == "tune" else "")
+                          + ("; run study.optuna with --confirm K first" if phase == "confirm"
+                             else ""))
+    what = ("tuning runs of the study's COMPLETE trials" if phase == "tune"
+            else "held-out confirmation runs")
+    return picked, what
+
+
 def score_matrices(runs: pd.DataFrame) -> tuple[dict[tuple, np.ndarray], list[str], list[str]]:
     """``({config: x[seed, task]}, tasks, axes)`` from a runs table with
     ``normalized_return``. ConfigError (one line) when a task has no normalised score or
@@ -153,6 +180,12 @@ def score_matrices(runs: pd.DataFrame) -> tuple[dict[tuple, np.ndarray], list[st
     tasks = sorted(runs["env"].astype(str).unique())
     missing = runs.groupby("env")["normalized_return"].apply(lambda s: s.notna().any())
     absent = [t for t in tasks if not missing.get(t, False)]
+    ended = runs.groupby("env")["final_return"].apply(lambda s: s.notna().any())
+    unfinished = [t for t in absent if not ended.get(t, False)]
+    if unfinished:
+        raise ConfigError(
+            f"task {unfinished[0]!r} has no score: none of its runs finished an episode "
+            f"(final_return is NaN everywhere); train it longer ([overrides] total_steps)")
     if absent:
         raise ConfigError(
             f"task {absent[0]!r} has no normalized score (no score references for it); add "
@@ -353,6 +386,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="also draw sample-efficiency curves (aggregate IQM of the "
                              "normalized training return against the fraction of the budget) "
                              "and write their numbers next to it as CSV")
+        ap.add_argument("--phase", choices=("tune", "confirm"),
+                        help="of an Optuna store: aggregate its tuning runs (default; "
+                             "COMPLETE trials) or its held-out confirmation runs")
         ap.add_argument("--importance", action="store_true",
                         help="also rank the hyperparameters by PED-ANOVA importance, across "
                              "tasks, per task, and how often seeds agree on the top one")
@@ -361,12 +397,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "normalized_return" not in runs.columns:
             raise ConfigError(f"{args.results_dir}: its runs have no normalized_return "
                               f"(written by an older version); re-run its sweep")
-        runs = runs[runs["status"] != "pruned"]
-        if runs.empty:
+        if runs[runs["status"] != "pruned"].empty:
             raise ConfigError(f"{args.results_dir}: every run was pruned; nothing to aggregate")
+        runs, what = study_runs(runs, args.phase)
         matrices, tasks, axes = score_matrices(runs)
         table = aggregate_table(matrices, axes, n_boot=args.reps)
-        note = (f"Aggregates of normalized final return over {len(tasks)} tasks "
+        note = (("" if what == "runs" else f"Of the {what}: ")
+                + f"Aggregates of normalized final return over {len(tasks)} tasks "
                 f"({', '.join(tasks)}) x {table['seeds'].iloc[0]} seeds, 95% stratified "
                 f"bootstrap CIs ({args.reps} replicates); best IQM first")
         if len(matrices) >= 2:

@@ -16,6 +16,19 @@ the ``episode_return`` curve so far (the mean of the last 10% of log points for
 says so the trial's runs stop training (they stay in the store with status "pruned") and
 the trial is told PRUNED.
 
+Across tasks: a sweep with several envs (``env = [...]``, ``[overrides."<env>"]``,
+``[normalize]``) trains each trial's config on every env with the same tuning seeds (one
+population per env and structural group of a batch) and scores it by the objective over
+every (task, seed) pair of *normalized* scores, ``(x - low) / (high - low)`` with the
+env's references (the sweep's ``[normalize]``, else :data:`study.scores.REFERENCES`; an
+env with neither is refused); the IQM is :func:`study.stats.iqm`, as in study.aggregate.
+Learning curves of different tasks are not comparable step by step, so such a study never
+prunes within a task: with a pruner, a trial trains one env after the other (in the
+order of ``env``) and after each env but the last reports its objective over the tasks
+done so far, at step = their number; the pruner compares trials judged on the same tasks,
+and a pruned trial trains no further env. With ``pruner = "none"`` every env of a batch
+trains at once. A trial is stored and told when all its envs are done.
+
 Diverged runs: a seed whose training diverged scores the lowest ``episode_return`` it
 logged (or, if it logged none, the lowest of its trial), so divergence drags a trial
 down instead of silently leaving the aggregate; a trial whose seeds *all* diverged is told
@@ -161,14 +174,17 @@ def load_optuna_sweep(path: str | Path) -> Sweep:
 
     Without ``seeds`` the tuning and test seeds are derived from the sweep name
     (:func:`derive_seeds`), so the file stays runnable as is. A sweep over several
-    environments, or with per-env overrides, is refused: trials are judged on one env.
+    environments tunes across tasks (see the module docstring); every env then needs
+    score references (its ``[normalize]`` entry or :data:`study.scores.REFERENCES`).
     """
     sweep = _load_optuna_sweep(path)
-    if len(sweep.envs) > 1 or sweep.overrides:
-        raise ConfigError(
-            f"{sweep.source}: study.optuna tunes on one environment; this sweep has "
-            f"{'envs ' + ', '.join(sweep.envs) if len(sweep.envs) > 1 else '[overrides]'} "
-            f"(run it with study.grid and compare with study.aggregate, or give one env)")
+    if len(sweep.envs) > 1:
+        for env in sweep.envs:
+            if normalization(sweep, env) is None:
+                raise ConfigError(
+                    f"{sweep.source}: task {env!r} has no score references, and a study "
+                    f"across tasks judges trials on normalized scores; add [normalize] "
+                    f'"{env}" = [low, high] (e.g. a random and a solved score)')
     return sweep
 
 
@@ -215,6 +231,29 @@ def seed_sets(sweep: Sweep, settings: OptunaSettings,
     else:
         test = derive_seeds(f"{sweep.name}/test", n_test, exclude=tune)
     return tune, test
+
+
+def trial_hp(sweep: Sweep, settings: OptunaSettings, params: Mapping[str, Any], env: str,
+             where: str = "") -> dict[str, Any]:
+    """The resolved hyperparameters of a trial's ``params`` on ``env``: the sweep's fixed
+    ones, that env's ``[overrides]`` (budget keys aside), then the searched ones."""
+    own = {k: v for k, v in sweep.overrides.get(env, {}).items()
+           if k not in ("total_steps", "log_every")}
+    return resolve({**sweep.fixed, **own, **settings.overrides(params)}, where)
+
+
+def _env_config_id(sweep: Sweep, env: str, hp: Mapping[str, Any]) -> str:
+    total_steps, log_every = sweep.budget(env)
+    return config_id(env, hp, total_steps, log_every, sweep.eval_every, sweep.eval_episodes)
+
+
+def trial_config_id(sweep: Sweep, cids: Mapping[str, str]) -> str:
+    """A trial's config id: its env's config id, or, across tasks, 16 hex chars of the
+    sha1 of every env's config id in the sweep's env order."""
+    if len(sweep.envs) == 1:
+        return cids[sweep.env]
+    text = ",".join(cids[e] for e in sweep.envs)
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------
@@ -695,12 +734,26 @@ class _TrialRun:
     trial: optuna.Trial
     number: int
     params: dict[str, Any]
-    hp: dict[str, Any]
-    config_id: str
+    hps: dict[str, dict[str, Any]]  # env -> resolved hyperparameters
+    cids: dict[str, str]  # env -> config id
+    config_id: str  # the trial's config: its env's, or one over every env's
     pruned: bool = False
     state: TrialState | None = None
     value: float | None = None
     failure: str | None = None
+    values: dict[str, np.ndarray] = field(default_factory=dict)  # env -> per-seed scores
+    diverged: list[bool] = field(default_factory=list)  # per unit: all its seeds diverged
+
+
+@dataclass
+class _Group:
+    """Trials of one batch that share structural hyperparameters: trained on each env
+    as one unit, told when every env is done (or when pruned between tasks)."""
+
+    trials: list[_TrialRun]
+    stage: int = 0  # envs launched so far (in the sweep's order)
+    in_flight: int = 0
+    done: list[tuple[_UnitState, Sequence[Any]]] = field(default_factory=list)
 
 
 @dataclass
@@ -709,6 +762,7 @@ class _UnitState:
     trials: list[_TrialRun]
     member_trial: np.ndarray  # index into `trials` per member
     runs: tuple[Run, ...]
+    group: _Group
     env_steps: int = 0
 
 
@@ -872,54 +926,79 @@ class Driver:
 
     def _prepare(self, trial: optuna.Trial) -> _TrialRun:
         params = dict(trial.params)
-        overrides = {**self.sweep.fixed, **self.settings.overrides(params)}
         try:
-            hp = resolve(overrides, f"trial {trial.number}: ")
+            hps = {env: trial_hp(self.sweep, self.settings, params, env,
+                                 f"trial {trial.number}: ") for env in self.sweep.envs}
         except ConfigError as e:
             # A combination the space allows but the trainer does not (e.g. more
             # minibatches than samples): the trial fails on its own and counts.
             trial.set_user_attr("failure", redact(f"invalid: {e}"))
             self.study.tell(trial, state=TrialState.FAIL)
-            tr = _TrialRun(trial, trial.number, params, {}, "", state=TrialState.FAIL,
+            tr = _TrialRun(trial, trial.number, params, {}, {}, "", state=TrialState.FAIL,
                            failure="invalid")
             return tr
-        cid = config_id(self.sweep.env, hp, self.sweep.total_steps, self.sweep.log_every,
-                        self.sweep.eval_every, self.sweep.eval_episodes)
+        cids = {env: _env_config_id(self.sweep, env, hp) for env, hp in hps.items()}
+        cid = trial_config_id(self.sweep, cids)
         trial.set_user_attr("config_id", cid)
-        return _TrialRun(trial, trial.number, params, hp, cid)
+        return _TrialRun(trial, trial.number, params, hps, cids, cid)
 
-    def _run_id(self, hp: Mapping[str, Any], seed: int, number: int) -> str:
+    def _run_id(self, env: str, hp: Mapping[str, Any], seed: int, number: int) -> str:
         # The grid's run id names (config, seed); a tuning run is also one trial's, and two
         # trials may share a config (re-queued, categorical spaces) with different fates
         # (pruned or not), so the study's uid and the trial number enter the id too.
-        base = run_id(self.sweep.env, hp, seed, self.sweep.total_steps, self.sweep.log_every,
-                      self.sweep.eval_every, self.sweep.eval_episodes)
+        total_steps, log_every = self.sweep.budget(env)
+        base = run_id(env, hp, seed, total_steps, log_every, self.sweep.eval_every,
+                      self.sweep.eval_episodes)
         text = f"{base}:{self.uid_token}:{number}"
         return hashlib.sha1(text.encode()).hexdigest()[:16]
 
-    def _units_for(self, batch: Sequence[_TrialRun]) -> list[_UnitState]:
-        """One unit per structural group of the batch's (valid) trials."""
+    @property
+    def across_tasks(self) -> bool:
+        """Whether trials are judged on several envs (normalized scores, pruned between
+        tasks)."""
+        return len(self.sweep.envs) > 1
+
+    def _groups_for(self, batch: Sequence[_TrialRun]) -> list[_Group]:
+        """One group per structural group of the batch's (valid) trials (the same
+        partition on every env: per-env tables are the same for every trial)."""
         groups: dict[tuple, list[_TrialRun]] = {}
         for tr in batch:
             if tr.state is None:
-                groups.setdefault(structural_key(tr.hp), []).append(tr)
-        units = []
-        for trials in groups.values():
-            members, owner, runs = [], [], []
-            for j, tr in enumerate(trials):
-                for seed in self.tune_seeds:
-                    members.append((tr.hp, seed))
-                    owner.append(j)
-                    runs.append(Run(self._run_id(tr.hp, seed, tr.number), tr.config_id, seed,
-                                    tr.hp))
-            s = self.sweep
-            unit = Unit(uid=self._next_uid, env=s.env, total_steps=s.total_steps,
-                        log_every=s.log_every, eval_every=s.eval_every,
-                        eval_episodes=s.eval_episodes, save_policies=s.save_policies,
-                        metric=self.settings.metric, members=tuple(members))
-            self._next_uid += 1
-            units.append(_UnitState(unit, trials, np.asarray(owner), tuple(runs)))
+                groups.setdefault(structural_key(tr.hps[self.sweep.env]), []).append(tr)
+        return [_Group(trials) for trials in groups.values()]
+
+    def _launch(self, group: _Group) -> list[_UnitState]:
+        """The group's next units: every env at once, or, when a study across tasks
+        prunes, the next env only (trials pruned so far left out)."""
+        envs = self.sweep.envs
+        staged = self.across_tasks and self.settings.pruner != "none"
+        todo = envs[group.stage:group.stage + 1] if staged else envs[group.stage:]
+        group.stage += len(todo)
+        units = [self._unit(group, env) for env in todo]
+        group.in_flight += len(units)
+        with self._mutex:
+            self._units.update({u.unit.uid: u for u in units})
         return units
+
+    def _unit(self, group: _Group, env: str) -> _UnitState:
+        """The population of the group's live trials x tuning seeds on ``env``."""
+        trials = [tr for tr in group.trials if not tr.pruned]
+        members, owner, runs = [], [], []
+        for j, tr in enumerate(trials):
+            hp = tr.hps[env]
+            for seed in self.tune_seeds:
+                members.append((hp, seed))
+                owner.append(j)
+                runs.append(Run(self._run_id(env, hp, seed, tr.number), tr.cids[env], seed,
+                                hp, env))
+        s = self.sweep
+        total_steps, log_every = s.budget(env)
+        unit = Unit(uid=self._next_uid, env=env, total_steps=total_steps,
+                    log_every=log_every, eval_every=s.eval_every,
+                    eval_episodes=s.eval_episodes, save_policies=s.save_policies,
+                    metric=self.settings.metric, members=tuple(members))
+        self._next_uid += 1
+        return _UnitState(unit, trials, np.asarray(owner), tuple(runs), group)
 
     # -- reporting (called from train_unit, in this process or via the report server) ---
     def report(self, uid: int, step: int, values: np.ndarray, env_steps: int) -> np.ndarray:
@@ -932,6 +1011,9 @@ class Driver:
             st.env_steps = max(st.env_steps, int(env_steps))
             values = np.asarray(values, dtype=float)
             mask = np.zeros(len(values), dtype=bool)
+            if self.across_tasks:  # one env's curve is not comparable to the others'
+                self._maybe_print()
+                return mask
             for j, tr in enumerate(st.trials):
                 idx = st.member_trial == j
                 if not tr.pruned:
@@ -947,8 +1029,9 @@ class Driver:
             return mask
 
     # -- finishing ---------------------------------------------------------------------------
-    def _seed_values(self, results: Sequence[Any]) -> np.ndarray:
-        """Per-seed metric of one trial's runs; diverged seeds get their lowest return."""
+    def _seed_values(self, results: Sequence[Any], env: str) -> np.ndarray:
+        """Per-seed metric of one trial's runs on ``env``; diverged seeds get their lowest
+        return; normalized with the env's score references in a study across tasks."""
         metric = self.settings.metric
         import warnings
 
@@ -970,36 +1053,76 @@ class Driver:
         diverged = np.array([r.status == "diverged" for r in results])
         trial_floor = np.nanmin(f) if np.isfinite(f).any() else np.nan
         f = np.where(np.isfinite(f), f, trial_floor)
-        return np.where(diverged, f, v)
+        return _scale(self.sweep, env, np.where(diverged, f, v))
 
-    def _finish_unit(self, st: _UnitState, results: Sequence[Any]) -> None:
+    def objective(self, tr: _TrialRun) -> float:
+        """The trial's objective over its scores so far: per seed on one env; over every
+        (task, seed) pair of normalized scores across tasks (the IQM is
+        :func:`study.stats.iqm`, as study.aggregate's)."""
+        x = np.concatenate([tr.values[e] for e in self.sweep.envs if e in tr.values])
+        return objective_of(self.settings, self.across_tasks, x)
+
+    def _unit_done(self, st: _UnitState, results: Sequence[Any]) -> list[_UnitState]:
+        """Record a finished unit's scores; then launch its group's next env, or finish
+        the group. Returns the units launched."""
+        g = st.group
+        g.done.append((st, results))
+        g.in_flight -= 1
+        for j, tr in enumerate(st.trials):
+            res = [results[i] for i in np.flatnonzero(st.member_trial == j)]
+            tr.values[st.unit.env] = self._seed_values(res, st.unit.env)
+            tr.diverged.append(all(r.status == "diverged" for r in res))
+        with self._mutex:
+            self._steps_done += max(0, sum(r.env_steps for r in results) - st.env_steps)
+            del self._units[st.unit.uid]
+        if g.in_flight:
+            return []
+        if g.stage < len(self.sweep.envs) and self._prune_between_tasks(g):
+            return self._launch(g)
+        self._finish_group(g)
+        return []
+
+    def _prune_between_tasks(self, g: _Group) -> bool:
+        """Report each live trial's objective over the tasks done so far (step = their
+        number) and ask the pruner; whether any trial goes on to the next task."""
+        step = g.stage
+        for tr in g.trials:
+            if tr.pruned or all(tr.diverged):
+                continue
+            v = self.objective(tr)
+            if math.isfinite(v):
+                try:
+                    tr.trial.report(v, step)
+                    tr.pruned = tr.trial.should_prune()
+                except Exception as e:  # a storage hiccup must not stop the study
+                    self._log(f"[optuna] trial {tr.number}: report failed: {e}")
+        return any(not tr.pruned for tr in g.trials)
+
+    def _finish_group(self, g: _Group) -> None:
         """Decide each trial's state and value, store the runs, then tell Optuna.
 
         The store is written first: a crash between the two leaves runs of a trial that
         is later marked stale, never a finished trial without its runs.
         """
-        for j, tr in enumerate(st.trials):
-            res = [results[i] for i in np.flatnonzero(st.member_trial == j)]
+        for tr in g.trials:
             if tr.pruned:
                 tr.state = TrialState.PRUNED
                 continue
-            if all(r.status == "diverged" for r in res):
+            if all(tr.diverged):
                 tr.state, tr.failure = TrialState.FAIL, "diverged"
                 continue
-            value = self.settings.aggregate(self._seed_values(res))
+            value = self.objective(tr)
             if math.isfinite(value):
                 tr.state, tr.value = TrialState.COMPLETE, value
             else:
                 tr.state, tr.failure = TrialState.FAIL, "no value"
         with store.deferred_sigint():  # stored, told and counted, or none of it
-            self._store_tuning(st, results)
-            for tr in st.trials:
+            for st, results in g.done:
+                self._store_tuning(st, results)
+            for tr in g.trials:
                 self._tell(tr)
-            self._kept_trials += len(st.trials)
-            self._kept_runs += len(st.runs)
-        with self._mutex:
-            self._steps_done += max(0, sum(r.env_steps for r in results) - st.env_steps)
-            del self._units[st.unit.uid]
+            self._kept_trials += len(g.trials)
+            self._kept_runs += sum(len(st.runs) for st, _ in g.done)
 
     def _tell(self, tr: _TrialRun) -> None:
         try:
@@ -1015,12 +1138,12 @@ class Driver:
             self._log(f"[optuna] trial {tr.number}: could not tell {tr.state}: {e}")
 
     def _store_tuning(self, st: _UnitState, results: Sequence[Any]) -> None:
-        s = self.sweep
-        chunk = Chunk(index=st.unit.uid, key="", sweep=s.name, env=s.env,
-                      total_steps=s.total_steps, log_every=s.log_every,
+        s, u = self.sweep, st.unit
+        chunk = Chunk(index=u.uid, key="", sweep=s.name, env=u.env,
+                      total_steps=u.total_steps, log_every=u.log_every,
                       eval_every=s.eval_every, eval_episodes=s.eval_episodes,
                       save_policies=s.save_policies, runs=st.runs,
-                      normalize=normalization(s, s.env))
+                      normalize=normalization(s, u.env))
         runs_df, curves_df = result_frames(chunk, results)
         owner = st.member_trial
         runs_df["trial_number"] = [st.trials[j].number for j in owner]
@@ -1079,6 +1202,20 @@ class Driver:
                                 name="study-optuna-heartbeat")
         beat.start()
         futures: dict[cf.Future, _UnitState] = {}
+
+        def submit(units: Sequence[_UnitState]) -> None:
+            for u in units:
+                reporter: Reporter
+                if server is None:
+                    uid = u.unit.uid
+
+                    def reporter(step: int, values: np.ndarray, steps: int,
+                                 uid: int = uid) -> np.ndarray:
+                        return self.report(uid, step, values, steps)
+                else:
+                    reporter = _RemoteReporter(server.address, server.authkey, u.unit.uid)
+                futures[executor.submit(train_unit, u.unit, reporter)] = u
+
         asking = True
         try:
             while True:
@@ -1091,22 +1228,10 @@ class Driver:
                         asking = False
                         break
                     outcome.trials_run += len(batch)
-                    units = self._units_for(batch)
-                    with self._mutex:
-                        self._units.update({u.unit.uid: u for u in units})
-                    for u in units:
-                        reporter: Reporter
-                        if server is None:
-                            uid = u.unit.uid
-
-                            def reporter(step: int, values: np.ndarray, steps: int,
-                                         uid: int = uid) -> np.ndarray:
-                                return self.report(uid, step, values, steps)
-                        else:
-                            reporter = _RemoteReporter(server.address, server.authkey,
-                                                       u.unit.uid)
-                        futures[executor.submit(train_unit, u.unit, reporter)] = u
-                    if not units:  # every trial of the batch was invalid
+                    groups = self._groups_for(batch)
+                    for g in groups:
+                        submit(self._launch(g))
+                    if not groups:  # every trial of the batch was invalid
                         self._write_trials()
                 if not futures:
                     break
@@ -1116,13 +1241,13 @@ class Driver:
                     try:
                         results = fut.result()
                     except Exception as e:
-                        for tr in st.trials:
+                        for tr in st.group.trials:
                             tr.state, tr.failure = TrialState.FAIL, f"error: {e}"
                             self._tell(tr)
                         with self._mutex:
                             self._units.pop(st.unit.uid, None)
                         raise
-                    self._finish_unit(st, results)
+                    submit(self._unit_done(st, results))
                 self._write_trials()
                 self._update_best_line()
                 self._maybe_print(force=True)
@@ -1305,29 +1430,9 @@ def confirm(driver: Driver, k: int, test_seeds: Sequence[int],
         print("confirm: no COMPLETE trial yet, nothing to confirm", file=sys.stderr)
         return None
     stored = store.stored_run_ids(driver.out)
-    configs: list[tuple[FrozenTrial, dict[str, Any], str]] = []
-    runs: list[tuple[Run, int]] = []
-    for t in top:
-        hp = resolve({**s.fixed, **settings.overrides(t.params)})
-        cid = config_id(s.env, hp, s.total_steps, s.log_every, s.eval_every, s.eval_episodes)
-        configs.append((t, hp, cid))
-        for seed in test_seeds:
-            rid = run_id(s.env, hp, seed, s.total_steps, s.log_every, s.eval_every,
-                         s.eval_episodes)
-            runs.append((Run(rid, cid, seed, hp), t.number))
+    configs, runs = _confirm_runs(s, settings, top, test_seeds)
     todo = [(r, n) for r, n in runs if r.run_id not in stored]
-    groups: dict[tuple, list[tuple[Run, int]]] = {}
-    for r, n in todo:
-        groups.setdefault(structural_key(r.hyperparameters), []).append((r, n))
-    chunks = []
-    for i, members in enumerate(groups.values()):
-        part = tuple(r for r, _ in members)
-        chunks.append((Chunk(index=i, key=_chunk_key(part), sweep=s.name, env=s.env,
-                             total_steps=s.total_steps, log_every=s.log_every,
-                             eval_every=s.eval_every, eval_episodes=s.eval_episodes,
-                             save_policies=s.save_policies, runs=part,
-                             normalize=normalization(s, s.env)),
-                       [n for _, n in members]))
+    chunks = _confirm_chunks(s, todo)
     if chunks and show:
         print(f"confirm: re-running the top {len(top)} config(s) on {len(test_seeds)} held-out "
               f"test seeds ({len(todo)} runs, {len(chunks)} population(s))",
@@ -1364,19 +1469,24 @@ def confirm(driver: Driver, k: int, test_seeds: Sequence[int],
     mine["_value"] = np.where(mine["status"].eq("diverged").to_numpy(), floor.to_numpy(float),
                               run_metric(mine, curves, metric).to_numpy(float))
     summary = []
-    for t, _hp, cid in configs:
-        vals = mine.loc[mine["config_id"] == cid, "_value"].to_numpy(dtype=float)
+    for t, hps, cids, cid in configs:
+        x = [_scale(s, env, mine.loc[mine["config_id"] == cids[env], "_value"])
+             for env in hps]
         summary.append({"trial": t.number, "config_id": cid, "tuning": float(t.value),
-                        "test": settings.aggregate(vals), "test_seeds": len(vals),
+                        "test": objective_of(settings, len(s.envs) > 1, np.concatenate(x)),
+                        "test_seeds": len(x[0]),
                         **{f"param_{n}": t.params.get(n) for n in settings.names}})
     summary_df = pd.DataFrame(summary)
     order = summary_df["test"].fillna(-np.inf).to_numpy()
     win = int(np.argmax(order))
-    winner_trial, winner_hp, _ = configs[win]
+    winner_trial, winner_hps, _, _ = configs[win]
+    winner_hp = winner_hps[s.env] if len(s.envs) == 1 else resolve(
+        {**s.fixed, **settings.overrides(winner_trial.params)})
     if show:
         print(f"\nheld-out test seeds ({len(test_seeds)}, disjoint from the "
               f"{len(driver.tune_seeds)} tuning seeds): seed table of the top {len(top)} "
-              f"config(s) by tuning {settings.objective} of {metric}")
+              f"config(s) by tuning {settings.objective} of "
+              f"{'normalized ' if len(s.envs) > 1 else ''}{metric}{_tasks_phrase(s)}")
         try:
             print(format_table(seed_table(mine.drop(columns="_value"), curves, metric=metric),
                                "markdown"))
@@ -1397,6 +1507,64 @@ def confirm(driver: Driver, k: int, test_seeds: Sequence[int],
     return summary_df, winner_hp
 
 
+def _confirm_runs(s: Sweep, settings: OptunaSettings, top: Sequence[FrozenTrial],
+                  test_seeds: Sequence[int]) -> tuple[list[tuple], list[tuple[Run, int]]]:
+    """``(configs, runs)``: per top trial ``(trial, {env: hp}, {env: config id}, its
+    config id)``, and its test runs on every env with their trial numbers."""
+    configs: list[tuple] = []
+    runs: list[tuple[Run, int]] = []
+    for t in top:
+        hps = {env: trial_hp(s, settings, t.params, env) for env in s.envs}
+        cids = {env: _env_config_id(s, env, hp) for env, hp in hps.items()}
+        configs.append((t, hps, cids, trial_config_id(s, cids)))
+        for env, hp in hps.items():
+            total_steps, log_every = s.budget(env)
+            for seed in test_seeds:
+                rid = run_id(env, hp, seed, total_steps, log_every, s.eval_every,
+                             s.eval_episodes)
+                runs.append((Run(rid, cids[env], seed, hp, env), t.number))
+    return configs, runs
+
+
+def _confirm_chunks(s: Sweep, todo: Sequence[tuple[Run, int]]
+                    ) -> list[tuple[Chunk, list[int]]]:
+    """One chunk (with its runs' trial numbers) per env and structural group."""
+    groups: dict[tuple, list[tuple[Run, int]]] = {}
+    for r, n in todo:
+        groups.setdefault((r.env, structural_key(r.hyperparameters)), []).append((r, n))
+    chunks = []
+    for i, ((env, _), members) in enumerate(groups.items()):
+        part = tuple(r for r, _ in members)
+        total_steps, log_every = s.budget(env)
+        chunks.append((Chunk(index=i, key=_chunk_key(part), sweep=s.name, env=env,
+                             total_steps=total_steps, log_every=log_every,
+                             eval_every=s.eval_every, eval_episodes=s.eval_episodes,
+                             save_policies=s.save_policies, runs=part,
+                             normalize=normalization(s, env)),
+                       [n for _, n in members]))
+    return chunks
+
+
+def _scale(s: Sweep, env: str, values: Any) -> np.ndarray:
+    """Scores of ``env`` as a study of ``s`` judges them: normalized across tasks."""
+    x = np.asarray(values, dtype=float)
+    if len(s.envs) == 1:
+        return x
+    low, high = normalization(s, env) or (0.0, 1.0)
+    return (x - low) / (high - low)
+
+
+def objective_of(settings: OptunaSettings, across_tasks: bool, x: np.ndarray) -> float:
+    """The objective of scores ``x``: per seed on one env, or over every (task, seed)
+    pair of normalized scores (the IQM then is :func:`study.stats.iqm`, as
+    study.aggregate's)."""
+    if across_tasks and settings.objective == "iqm":
+        from study import stats
+
+        return float(stats.iqm(x))
+    return settings.aggregate(x)
+
+
 def write_best(driver: Driver, trial: FrozenTrial, hp: Mapping[str, Any],
                test_seeds: Sequence[int], row: Mapping[str, Any], k: int) -> Path:
     """``best.toml``: a grid sweep file (for ``python -m study.grid``) of the winner's
@@ -1409,6 +1577,7 @@ def write_best(driver: Driver, trial: FrozenTrial, hp: Mapping[str, Any],
                      f"on {len(test_seeds)} held-out test seeds"),
         save_policies=s.save_policies, eval_every=s.eval_every,
         eval_episodes=s.eval_episodes, source=f"{s.source} by study.optuna",
+        envs=s.envs, overrides=s.overrides, normalize=s.normalize,
     )
     head = [
         f"# Best config of the Optuna study {driver.study_name!r}: trial {trial.number}, the "
@@ -1473,7 +1642,7 @@ def _parser() -> ArgumentParser:
     return p
 
 
-def _check_out(out: Path, env: str) -> None:
+def _check_out(out: Path, env: str | Sequence[str]) -> None:
     """:func:`study.store.check_compatible`, also accepting a directory that holds only
     what a driver writes before its manifest (the driver lock, the journal and its locks,
     sweep.toml, temp files): another driver starting on the same study at the same moment,
@@ -1515,7 +1684,20 @@ def _settings_record(sweep: Sweep, settings: OptunaSettings,
         "tuning_seeds": [int(x) for x in tune], "objective": settings.objective,
         "metric": settings.metric,
     }
+    if len(sweep.envs) > 1:  # (absent for one env: studies made before stay resumable)
+        rec["envs"] = list(sweep.envs)
+        rec["overrides"] = {e: to_jsonable(dict(v)) for e, v in sweep.overrides.items()}
+        rec["normalize"] = {e: list(normalization(sweep, e) or ()) for e in sweep.envs}
+        rec["pruner"] = settings.pruner  # its steps are tasks in this order
     return json.loads(json.dumps(rec))
+
+
+def _pruner_span(sweep: Sweep) -> tuple[int, int]:
+    """``(log_every, total_steps)`` of the pruner: env steps for one env, tasks (1 to
+    the number of envs) for a study across tasks."""
+    if len(sweep.envs) > 1:
+        return 1, len(sweep.envs)
+    return sweep.log_every, sweep.total_steps
 
 
 def _open_study(storage: Any, lock: Any, name: str, where: str, record: dict[str, Any],
@@ -1557,7 +1739,8 @@ def _manifest(sweep: Sweep, command: str, study_name: str, storage_desc: str,
 
             versions[dist] = metadata.version(dist)
     return {
-        "format": store.FORMAT, "kind": "optuna", "sweep": sweep.name, "env": sweep.env,
+        "format": store.FORMAT, "kind": "optuna", "sweep": sweep.name,
+        "env": sweep.env if len(sweep.envs) == 1 else list(sweep.envs),
         "sweep_file": sweep.source, "command": command, "cwd": os.getcwd(),
         "started": _now(), "finished": None, "status": "running",
         "driver": procs.me(),  # readers call a "running" store whose driver died interrupted
@@ -1572,6 +1755,8 @@ def _manifest(sweep: Sweep, command: str, study_name: str, storage_desc: str,
         "history": history,
         # Lets study.render import the env's module from this store without --trust.
         **({"env_signature": sig} if (sig := sign_env(sweep.env)) else {}),
+        **({"env_signatures": sigs} if (sigs := {e: sg for e in sweep.envs[1:]
+                                                  if (sg := sign_env(e))}) else {}),
     }
 
 
@@ -1602,15 +1787,17 @@ def _summary(driver: Driver, outcome: StudyOutcome) -> str:
         f"results: {driver.out} (study {driver.study_name!r}: {len(trials)} trials, "
         + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())) + ")",
     ]
+    tasks = _tasks_phrase(driver.sweep)
     if outcome.trials_run:
-        lines.append(f"ran {outcome.trials_run} trials x {len(driver.tune_seeds)} seeds, "
-                     f"{outcome.env_steps:,} env steps in {outcome.wall_s:.1f} s "
+        lines.append(f"ran {outcome.trials_run} trials x {len(driver.tune_seeds)} seeds"
+                     f"{tasks}, {outcome.env_steps:,} env steps in {outcome.wall_s:.1f} s "
                      f"({rate:,.0f} env steps/s)")
     top = _top_configs(driver.study, 5)
     if top:
         s = driver.settings
-        lines.append(f"best trials by {s.objective} of {s.metric} over the "
-                     f"{len(driver.tune_seeds)} tuning seeds:")
+        norm = "normalized " if driver.across_tasks else ""
+        lines.append(f"best trials by {s.objective} of {norm}{s.metric} over the "
+                     f"{len(driver.tune_seeds)} tuning seeds{tasks}:")
         for t in top:
             lines.append(f"  trial {t.number:>4}  {t.value:10.4g}  {_format_params(t.params)}")
     lines.append(f"trials: {driver.out / TRIALS_FILE}; runs: study.store.load(\"{driver.out}\")")
@@ -1643,7 +1830,26 @@ def _settings(args: argparse.Namespace, sweep: Sweep) -> OptunaSettings:
         settings = dataclasses.replace(settings, n_trials=args.n_trials)
     if args.batch_size is not None:
         settings = dataclasses.replace(settings, trials_per_batch=args.batch_size)
+    if len(sweep.envs) > 1:
+        settings = _across_tasks(sweep, settings)
     return settings
+
+
+def _across_tasks(sweep: Sweep, settings: OptunaSettings) -> OptunaSettings:
+    """The settings of a study across tasks: its pruner steps are tasks, not env steps
+    (so no env-step warm-up), and no per-env table may set a searched hyperparameter."""
+    for env, own in sweep.overrides.items():
+        clash = [k for k in own if k in settings.names]
+        if clash:
+            raise ConfigError(
+                f"{sweep.source}: [overrides.{json.dumps(env)}] {clash[0]} is searched in "
+                f"[optuna.space]; expected per-env values of fixed hyperparameters only")
+    if "pruner_warmup_steps" in (sweep.optuna or {}):
+        raise ConfigError(
+            f"{sweep.source}: [optuna] pruner_warmup_steps is invalid for a study across "
+            f"tasks: its trials are pruned between tasks (after each env in the order of "
+            f"env), never within one; expected no pruner_warmup_steps (or one env)")
+    return dataclasses.replace(settings, pruner_warmup_steps=0)
 
 
 def _job(args: argparse.Namespace, argv: Sequence[str] | None) -> _Job:
@@ -1659,7 +1865,7 @@ def _job(args: argparse.Namespace, argv: Sequence[str] | None) -> _Job:
     study_name = args.study_name if args.study_name is not None else sweep.name
     if not study_name.strip():
         raise ConfigError("--study-name '' is invalid: expected a non-empty name")
-    _check_out(out, sweep.env)
+    _check_out(out, sweep.envs)
     if settings.n_trials == 0 and not store.is_store(out):
         raise ConfigError(f"{out}: --n-trials 0 --confirm needs a study run before, and this "
                           f"is not its results store; expected the --out of that study")
@@ -1687,8 +1893,8 @@ def _main(argv: Sequence[str] | None) -> int:
 def _study(job: _Job, storage: Any, lock: Any, desc: str) -> tuple[optuna.Study, Any, str]:
     s = job.settings
     study = _open_study(storage, lock, job.study_name, desc,
-                        _settings_record(job.sweep, s, job.tune_seeds), s, job.sweep.log_every,
-                        job.sweep.total_steps)
+                        _settings_record(job.sweep, s, job.tune_seeds), s,
+                        *_pruner_span(job.sweep))
     return study, lock, desc
 
 
@@ -1733,9 +1939,18 @@ def _announce(job: _Job, driver: Driver, desc: str) -> None:
     done = sum(_counts(t) and t.state.is_finished() for t in driver.study.get_trials())
     plan = (f"{driver.target} trials ({done} done)" if s.n_trials else
             f"{done} trials done, none to run (--n-trials 0)")
-    print(f"study {job.study_name!r} in {desc}: {plan}; {s.describe()}; tuning seeds "
-          f"{list(job.tune_seeds)}; {s.trials_per_batch} trials x {len(job.tune_seeds)} "
-          f"seeds per population batch", file=sys.stderr, flush=True)
+    across = ""
+    if len(job.sweep.envs) > 1:
+        across = (f"; across tasks: normalized scores of every (task, seed) pair on "
+                  f"{', '.join(job.sweep.envs)}"
+                  + ("" if s.pruner == "none" else ", pruned between tasks in this order"))
+    print(f"study {job.study_name!r} in {desc}: {plan}; {s.describe()}{across}; tuning "
+          f"seeds {list(job.tune_seeds)}; {s.trials_per_batch} trials x "
+          f"{len(job.tune_seeds)} seeds per population batch", file=sys.stderr, flush=True)
+
+
+def _tasks_phrase(sweep: Sweep) -> str:
+    return f" x {len(sweep.envs)} tasks" if len(sweep.envs) > 1 else ""
 
 
 def _drive(job: _Job, driver: Driver,
