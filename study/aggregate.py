@@ -35,15 +35,21 @@ __all__ = [
     "METRICS",
     "aggregate_table",
     "efficiency_curves",
+    "efficiency_figure",
     "iqm",
     "main",
     "mean",
     "median",
     "optimality_gap",
     "performance_profile",
+    "profile_figure",
     "probability_of_improvement",
     "score_matrices",
+    "score_references",
+    "render",
     "stratified_bootstrap",
+    "table_note",
+    "study_runs",
 ]
 
 Metric = Callable[[np.ndarray], np.ndarray]
@@ -229,7 +235,24 @@ def aggregate_table(matrices: dict[tuple, np.ndarray], axes: Sequence[str],
                                           ignore_index=True)
 
 
-def _render(table: pd.DataFrame, fmt: str, note: str) -> str:
+def table_note(matrices: dict[tuple, np.ndarray], tasks: Sequence[str], table: pd.DataFrame,
+               reps: int, what: str = "runs") -> str:
+    """The sentence above the table: what it aggregates, how, and the probability that
+    the best config beats the second best."""
+    note = (("Aggregates" if what == "runs" else f"Of the {what}: aggregates")
+            + f" of normalized final return over {len(tasks)} tasks "
+            f"({', '.join(tasks)}) x {table['seeds'].iloc[0]} seeds, 95% stratified "
+            f"bootstrap CIs ({reps} replicates); best IQM first")
+    if len(matrices) >= 2:
+        keys = sorted(matrices, key=lambda k: -float(iqm(matrices[k])))
+        poi = probability_of_improvement(matrices[keys[0]], matrices[keys[1]])
+        note += f"; P(best > second best) = {poi:.2f}"
+    return note
+
+
+def render(table: pd.DataFrame, fmt: str, note: str) -> str:
+    """The table as Markdown (the note above it), CSV (data only, full precision) or
+    LaTeX (booktabs; the note as a comment)."""
     if fmt == "csv":
         return table.to_csv(index=False)
     shown = table.copy()
@@ -311,23 +334,31 @@ def efficiency_curves(runs: pd.DataFrame, curves: pd.DataFrame, axes: Sequence[s
     return pd.DataFrame(rows)
 
 
-def _save_figure(path: Path, xlabel: str, ylabel: str,
-                 draw: Callable[[Any], None]) -> None:
-    """One column-wide figure: ``draw(ax)`` plots the series, the rest is shared."""
-    import matplotlib
+#: Size (inches) of the figures of the command line; the report draws them a column wide.
+FIGSIZE = (5.0, 3.2)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+def _figure(xlabel: str, ylabel: str, draw: Callable[[Any], None],
+            size: tuple[float, float] = FIGSIZE) -> Any:
+    """One figure: ``draw(ax)`` plots the series, the rest is shared. A matplotlib Figure
+    not attached to pyplot (the caller saves it; nothing to close)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size, layout="constrained")
+    ax = fig.add_subplot()
     draw(ax)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:  # below the axes: labels of several hyperparameters are long
+        fig.set_figheight(size[1] + 0.16 * len(handles))
+        fig.legend(handles, labels, loc="outside lower center", ncols=1, fontsize=7)
+    return fig
+
+
+def _save(fig: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=150)
-    plt.close(fig)
 
 
 def _label(axes: Sequence[str], values: Sequence[Any]) -> str:
@@ -335,8 +366,10 @@ def _label(axes: Sequence[str], values: Sequence[Any]) -> str:
                      for a, v in zip(axes, values, strict=True)) or "all runs"
 
 
-def _efficiency_figure(table: pd.DataFrame, axes: Sequence[str], path: Path,
-                       top: int = 4) -> None:
+def efficiency_figure(table: pd.DataFrame, axes: Sequence[str], top: int = 4,
+                      size: tuple[float, float] = FIGSIZE) -> Any:
+    """Sample-efficiency curves (:func:`efficiency_curves`) of the ``top`` configs by
+    final IQM, with their CI bands: a matplotlib Figure."""
     keys = list(axes) or ["sweep"]
     final = table[table["fraction"] == table["fraction"].max()]
     best = final.sort_values("iqm", ascending=False)[keys].head(top)
@@ -347,12 +380,14 @@ def _efficiency_figure(table: pd.DataFrame, axes: Sequence[str], path: Path,
             ax.plot(mine["fraction"], mine["iqm"], label=_label(keys, cfg[keys].tolist()))
             ax.fill_between(mine["fraction"], mine["iqm_lo"], mine["iqm_hi"], alpha=0.2)
 
-    _save_figure(path, "fraction of each env's training budget", "IQM normalized return",
-                 draw)
+    return _figure("fraction of each env's training budget", "IQM normalized return",
+                   draw, size)
 
 
-def _profile_figure(matrices: dict[tuple, np.ndarray], axes: Sequence[str], path: Path,
-                    n_boot: int, seed: int, top: int = 4) -> None:
+def profile_figure(matrices: dict[tuple, np.ndarray], axes: Sequence[str], n_boot: int,
+                   seed: int = 0, top: int = 4, size: tuple[float, float] = FIGSIZE) -> Any:
+    """Performance profiles of the ``top`` configs by IQM with stratified bootstrap CI
+    bands: a matplotlib Figure."""
     taus = np.linspace(-0.25, 1.25, 61)
     ranked = sorted(matrices, key=lambda k: -float(iqm(matrices[k])))[:top]
 
@@ -364,7 +399,7 @@ def _profile_figure(matrices: dict[tuple, np.ndarray], axes: Sequence[str], path
             ax.plot(taus, performance_profile(x, taus), label=_label(axes, key))
             ax.fill_between(taus, lo, hi, alpha=0.2)
 
-    _save_figure(path, "normalized score tau", "fraction of runs with score > tau", draw)
+    return _figure("normalized score tau", "fraction of runs with score > tau", draw, size)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -402,15 +437,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs, what = study_runs(runs, args.phase)
         matrices, tasks, axes = score_matrices(runs)
         table = aggregate_table(matrices, axes, n_boot=args.reps)
-        note = (("" if what == "runs" else f"Of the {what}: ")
-                + f"Aggregates of normalized final return over {len(tasks)} tasks "
-                f"({', '.join(tasks)}) x {table['seeds'].iloc[0]} seeds, 95% stratified "
-                f"bootstrap CIs ({args.reps} replicates); best IQM first")
-        if len(matrices) >= 2:
-            keys = sorted(matrices, key=lambda k: -float(iqm(matrices[k])))
-            poi = probability_of_improvement(matrices[keys[0]], matrices[keys[1]])
-            note += f"; P(best > second best) = {poi:.2f}"
-        text = _render(table, args.format, note)
+        text = render(table, args.format, table_note(matrices, tasks, table, args.reps, what))
         if args.importance and not axes:
             text += "\nHyperparameter importance: no hyperparameter varies in this store.\n"
         elif args.importance:
@@ -419,7 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             imp = importance_table(runs, axes).reset_index()
             few = (f"; NaN: fewer than {MIN_CONFIGS} configs, too few to estimate"
                    if len(matrices) < MIN_CONFIGS else "")
-            text += "\n" + _render(imp, args.format, (
+            text += "\n" + render(imp, args.format, (
                 "Hyperparameter importance (PED-ANOVA over the grid's configs; per task on "
                 "final_return; top_on_seeds: share of seeds whose own ranking puts it first"
                 f"{few})"))
@@ -428,12 +455,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             sys.stdout.write(text)
         if args.figure:
-            _profile_figure(matrices, axes, Path(args.figure), min(args.reps, 1000), 0)
+            _save(profile_figure(matrices, axes, min(args.reps, 1000)), Path(args.figure))
         if args.efficiency:
             root = Path(args.results_dir)
             eff = efficiency_curves(runs, store.load_curves(root), axes,
                                     score_references(root, tasks), min(args.reps, 1000))
-            _efficiency_figure(eff, axes, Path(args.efficiency))
+            _save(efficiency_figure(eff, axes), Path(args.efficiency))
             store.atomic_write_text(Path(args.efficiency).with_suffix(".csv"),
                                     eff.to_csv(index=False))
         return 0

@@ -14,7 +14,11 @@ distribution per config with its modes; hyperparameter sensitivity (marginal med
 IQRs); the seed table; the failure report, with (where the sweep saved policies)
 filmstrips of a trapped and a successful agent side by side, or without traps of an agent
 of a config's lowest mode and one of its top mode (:mod:`study.render`); and, for Optuna
-studies, the optimisation history, parameter importances and intermediate values.
+studies, the optimisation history, parameter importances and intermediate values. A store
+of several envs also gets a section across tasks: :mod:`study.aggregate`'s table of
+normalized scores (IQM, median, mean, optimality gap with stratified bootstrap CIs; of an
+Optuna store, its held-out and tuning runs apart), performance profiles and
+sample-efficiency curves (``tables/aggregate*.csv|md|tex``).
 
 Configs are ranked by the IQM of the metric everywhere (ties: median). The page says first
 what a reader must know before trusting it: an incomplete store (an interrupted sweep,
@@ -648,6 +652,8 @@ def _write_report(root: Path, out: Path, runs: pd.DataFrame, curves: pd.DataFram
     page = _Page(out, timer)
     data = _analyse(root, runs, curves, values, metric, page)  # timed stage by stage
     _header(page, data)
+    if data.runs["env"].nunique() > 1:
+        _aggregate_section(page, data)
     _curves_section(page, data, top, max_panels)
     _seeds_section(page, data)
     _distribution_section(page, data)
@@ -773,6 +779,97 @@ def _best_toml_trial(root: Path) -> int | None:
         return None
     m = re.search(r"trial (\d+)", head)
     return int(m.group(1)) if m else None
+
+
+#: Bootstrap replicates of the cross-task table (study.aggregate's default); its figures
+#: use at most 1000, as study.aggregate's do.
+AGGREGATE_BOOT = 2000
+#: Rows of the cross-task table shown on the page (all of them in its CSV).
+AGGREGATE_ROWS = 20
+
+
+def _aggregate_phases(runs: pd.DataFrame) -> list[str | None]:
+    """The run sets to aggregate: the store's runs (a grid), or an Optuna study's
+    held-out confirmation runs (if any) and its tuning runs."""
+    if "phase" not in runs or not runs["phase"].notna().any():
+        return [None]
+    has_confirm = runs["phase"].fillna("").astype(str).eq("confirm").any()
+    return ["confirm", "tune"] if has_confirm else ["tune"]
+
+
+def _aggregate_section(page: _Page, d: _Data) -> None:
+    """Across tasks (a store of several envs): study.aggregate's table with its CIs, the
+    performance profiles and the sample-efficiency curves, from the store alone."""
+    from study import aggregate
+
+    page.md += ["## Across tasks", "",
+                "Normalized scores, `(final_return - low) / (high - low)` with each env's "
+                "score references (0 = a random policy, 1 = solved), aggregated over every "
+                "(task, seed) pair per config as `python -m study.aggregate` does (Agarwal et "
+                "al. 2021): IQM, median, mean and optimality gap with 95% stratified bootstrap "
+                "CIs, strata = tasks.", ""]
+    drawn = False
+    for phase in _aggregate_phases(d.runs):
+        with page.timer(f"aggregate: {phase or 'table'}"):
+            try:
+                sel, what = aggregate.study_runs(d.runs, phase)
+                matrices, tasks, axes = aggregate.score_matrices(sel)
+            except ConfigError as e:
+                page.md += [f"Not aggregated ({phase or 'runs'}): {e}.", ""]
+                page.notes.append(f"aggregate: {e}")
+                continue
+            table = aggregate.aggregate_table(matrices, axes, n_boot=AGGREGATE_BOOT)
+            note = aggregate.table_note(matrices, tasks, table, AGGREGATE_BOOT, what)
+        stem = "aggregate" if phase in (None, "tune") else f"aggregate_{phase}"
+        for ext, fmt in (("csv", "csv"), ("md", "markdown"), ("tex", "latex")):
+            page.write(page.out / "tables" / f"{stem}.{ext}", aggregate.render(table, fmt, note))
+        shown = table.head(AGGREGATE_ROWS)
+        more = (f" The top {AGGREGATE_ROWS} of {len(table)} configs; all in the CSV."
+                if len(table) > AGGREGATE_ROWS else "")
+        page.md += [aggregate.render(shown, "markdown", note + "." + more).rstrip(), "",
+                    _downloads(stem, ("csv", "md", "tex")), ""]
+        if not drawn and phase != "confirm":
+            _aggregate_figures(page, d, sel, matrices, tasks, axes)
+            drawn = True
+
+
+def _aggregate_figures(page: _Page, d: _Data, runs: pd.DataFrame,
+                       matrices: dict[tuple, np.ndarray], tasks: Sequence[str],
+                       axes: Sequence[str]) -> None:
+    """Performance profiles and sample-efficiency curves of the best configs."""
+    import matplotlib
+
+    from study import aggregate
+
+    size = (figures.COLUMN_WIDTH, 2.6)
+    n_boot = min(AGGREGATE_BOOT, 1000)
+    with page.timer("aggregate: profiles"), matplotlib.rc_context(figures.STYLE):
+        fig = aggregate.profile_figure(matrices, axes, n_boot, size=size)
+    page.figure(fig, "aggregate_profiles", "performance profiles",
+                "Performance profiles of the best configs by IQM: the fraction of runs (over "
+                "tasks and seeds) whose normalized score exceeds tau, with 95% stratified "
+                "bootstrap bands.")
+    if d.curves.empty:
+        return
+    try:
+        refs = aggregate.score_references(d.root, tasks)
+    except ConfigError as e:
+        page.notes.append(f"sample efficiency: {e}")
+        return
+    with page.timer("aggregate: efficiency"):
+        eff = aggregate.efficiency_curves(runs, d.curves, axes, refs, n_boot)
+    if eff.empty:
+        page.notes.append("sample efficiency: no fraction of the budget is reached by every "
+                          "(task, seed) pair of a config")
+        return
+    page.write(page.out / "tables" / "aggregate_efficiency.csv", eff.to_csv(index=False))
+    with matplotlib.rc_context(figures.STYLE):
+        fig = aggregate.efficiency_figure(eff, axes, size=size)
+    page.figure(fig, "aggregate_efficiency", "sample-efficiency curves",
+                "Sample efficiency: the IQM of the normalized training return (episode returns "
+                "at log points) against the fraction of each env's budget, with 95% "
+                "stratified bootstrap bands "
+                "([CSV](tables/aggregate_efficiency.csv)).")
 
 
 def _curves_section(page: _Page, d: _Data, top: int, max_panels: int) -> None:

@@ -147,6 +147,43 @@ def test_aggregate_cli_tables(multi_store, tmp_path, capsys):
     assert "P(best > second best)" in md and "| policy_lr | iqm |" in md
 
 
+def test_report_of_a_multi_env_store_has_the_aggregate_section(multi_store, tmp_path, capsys):
+    from study import report
+
+    out = tmp_path / "report"
+    assert report.main([str(multi_store), "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert "## Across tasks" in md and "P(best > second best)" in md
+    assert md.index("## Across tasks") < md.index("## Learning curves")
+    # the numbers are study.aggregate's own, table and sample-efficiency curves alike
+    capsys.readouterr()
+    eff = tmp_path / "eff.png"
+    assert agg.main([str(multi_store), "--format", "csv", "--efficiency", str(eff)]) == 0
+    assert (out / "tables" / "aggregate.csv").read_text() == capsys.readouterr().out
+    assert (out / "tables" / "aggregate_efficiency.csv").read_text() == (
+        eff.with_suffix(".csv").read_text())
+    for stem in ("aggregate_profiles", "aggregate_efficiency"):
+        for ext in ("png", "svg"):
+            assert (out / "figures" / f"{stem}.{ext}").stat().st_size > 0
+        assert f"figures/{stem}.png" in md
+    assert (out / "tables" / "aggregate.tex").read_text().startswith("% needs")
+    assert "Across tasks" in (out / "index.html").read_text()
+
+
+def test_report_says_why_a_store_is_not_aggregated(tmp_path, capsys):
+    from study import report
+
+    sweep = tmp_path / "s.toml"
+    sweep.write_text(MULTI.replace('"Acrobot-v1"]', '"CartPoleSwingUp-v1"]').replace(
+        '[overrides."Acrobot-v1"]', '[overrides."CartPoleSwingUp-v1"]'))
+    store_dir = tmp_path / "out"
+    assert grid_main([str(sweep), "--out", str(store_dir), "--n-jobs", "1", "--quiet"]) == 0
+    assert report.main([str(store_dir), "--out", str(tmp_path / "r")]) == 0
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "## Across tasks" in md and "Not aggregated (runs): task 'CartPoleSwingUp-v1'" in md
+    assert not (tmp_path / "r" / "tables" / "aggregate.csv").exists()
+
+
 def test_aggregate_refuses_a_task_without_references(tmp_path, capsys):
     sweep = tmp_path / "s.toml"
     sweep.write_text(MULTI.replace('"Acrobot-v1"]', '"CartPoleSwingUp-v1"]').replace(

@@ -174,6 +174,26 @@ def test_confirm_reruns_every_env_and_best_toml_is_a_suite_sweep(tasks_study, ca
     assert "held-out confirmation runs" in capsys.readouterr().out
 
 
+def test_report_aggregates_held_out_and_tuning_runs_apart(tasks_study, tmp_path):
+    from study import report
+
+    out = tasks_study["out"]
+    if not (out / "best.toml").exists():  # run alone: confirm first
+        assert main([str(tasks_study["path"]), "--out", str(out), "--n-trials", "0",
+                     "--confirm", "1", "--quiet"]) == 0
+    assert report.main([str(out), "--out", str(tmp_path / "r")]) == 0
+    md = (tmp_path / "r" / "report.md").read_text()
+    section = md[md.index("## Across tasks"):md.index("## Learning curves")]
+    assert section.index("Of the held-out confirmation runs") < section.index(
+        "Of the tuning runs of the study's COMPLETE trials")
+    tables = tmp_path / "r" / "tables"
+    tune = pd.read_csv(tables / "aggregate.csv")
+    assert len(tune) == 4 and (tune["seeds"] == 2).all() and (tune["tasks"] == 2).all()
+    conf = pd.read_csv(tables / "aggregate_confirm.csv")
+    assert len(conf) == 1 and (conf["seeds"] == 10).all()
+    assert "figures/aggregate_profiles.png" in section
+
+
 class _PruneOdd(optuna.pruners.BasePruner):
     """Prunes odd-numbered trials at their first report."""
 

@@ -162,6 +162,8 @@ def test_markdown_has_seed_table_and_failure_report(built):
     root, out = built
     md = (out / "report.md").read_text()
     assert "## Seed table" in md
+    assert "## Across tasks" not in md  # one env: no aggregate section
+    assert not list((out / "tables").glob("aggregate*"))
     # the seed table is the tables module's own Markdown (same header, same rows)
     from study import tables
 
