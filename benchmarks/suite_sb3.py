@@ -11,7 +11,9 @@ The two are interleaved, ``--repeats`` times, and each column is the median; the
 of the medians. Our population runs for about ``--seconds`` per timed run (its budget is
 calibrated once per env, untimed, which also compiles the kernels); SB3 trains
 ``--sb3-steps`` env steps per run. The share of our training time spent in the
-environments is reported too (the rest is the learner).
+environments is reported too (the rest is the learner). Where envpool is installed, the
+same population also trains on ``envpool:<env>`` (study/envs/envpool_backend.py: one
+envpool per member), timed the same way.
 """
 
 from __future__ import annotations
@@ -40,18 +42,41 @@ def suite_members(sweep_path: str, env: str) -> list[Member]:
     return [Member(hp, seed) for hp in sweep.configs(env) for seed in sweep.seeds]
 
 
+def envpool_id(env: str) -> str | None:
+    """``envpool:<env>``, registered, where envpool is installed and has the task."""
+    try:
+        from study.envs.envpool_backend import register
+
+        register(f"envpool:{env}")
+    except Exception:  # not installed, or no such task: no envpool column
+        return None
+    return f"envpool:{env}"
+
+
+def _steps(env: str, members: list[Member], seconds: float) -> int:
+    """Env steps per member for a timed run of about ``seconds`` (untimed calibration,
+    which also compiles the kernels)."""
+    n_batch = members[0].hyperparameters["num_envs"] * members[0].hyperparameters["n_steps"]
+    rate, _ = timed_run(env, members, 4 * n_batch)
+    rate, _ = timed_run(env, members, max(4 * n_batch, int(rate * 0.5 / len(members))))
+    return max(4 * n_batch, int(rate * seconds / len(members)) // n_batch * n_batch)
+
+
 def measure(sweep_path: str, env: str, seconds: float, repeats: int,
             sb3_steps: int) -> dict[str, object]:
-    """Interleaved timed runs of our population and of SB3 A2C on ``env``."""
+    """Interleaved timed runs of our population (and on envpool) and of SB3 A2C on
+    ``env``."""
     members = suite_members(sweep_path, env)
-    n_batch = members[0].hyperparameters["num_envs"] * members[0].hyperparameters["n_steps"]
-    rate, _ = timed_run(env, members, 4 * n_batch)  # compiles, warms up, calibrates
-    rate, _ = timed_run(env, members, max(4 * n_batch, int(rate * 0.5 / len(members))))
-    steps = max(4 * n_batch, int(rate * seconds / len(members)) // n_batch * n_batch)
+    steps = _steps(env, members, seconds)
+    pool = envpool_id(env)
+    pool_steps = _steps(pool, members, seconds) if pool else 0
     ours: list[tuple[float, float]] = []
+    pooled: list[tuple[float, float]] = []
     sb3: list[float] = []
     for _ in range(repeats):
         ours.append(timed_run(env, members, steps))
+        if pool:
+            pooled.append(timed_run(pool, members, pool_steps))
         if sb3_available():
             sb3.append(run_sb3_a2c(env, 0, sb3_steps, dict(members[0].hyperparameters))[
                 "steps_per_s"])
@@ -60,6 +85,9 @@ def measure(sweep_path: str, env: str, seconds: float, repeats: int,
         "ours_steps_per_s": statistics.median(r[0] for r in ours),
         "ours_env_share": statistics.median(r[1] for r in ours),
         "ours_runs": [r[0] for r in ours],
+        "envpool_steps_per_s": statistics.median(r[0] for r in pooled) if pooled else None,
+        "envpool_env_share": statistics.median(r[1] for r in pooled) if pooled else None,
+        "envpool_runs": [r[0] for r in pooled],
         "sb3_steps_per_s": statistics.median(sb3) if sb3 else None,
         "sb3_runs": sb3,
     }
@@ -75,14 +103,18 @@ def table(rows: list[dict[str, object]], args: argparse.Namespace, wall: float) 
         f"whole run {wall:.0f} s",
         "",
         "| env | population | ours (env steps/s) | SB3 A2C (env steps/s) | ours / SB3 | "
-        "env share of our time |",
-        "|---|---:|---:|---:|---:|---:|",
+        "env share of our time | ours on envpool | envpool / ours | envpool env share |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        ours, sb3 = float(r["ours_steps_per_s"]), r["sb3_steps_per_s"]
+        ours, sb3, pool = float(r["ours_steps_per_s"]), r["sb3_steps_per_s"], \
+            r["envpool_steps_per_s"]
         sb3_cols = f"{float(sb3):,.0f} | {ours / float(sb3):.0f}x" if sb3 else "n/a | n/a"
+        pool_cols = (f"{float(pool):,.0f} | {float(pool) / ours:.2f}x | "
+                     f"{float(r['envpool_env_share']):.0%}" if pool else "n/a | n/a | n/a")
         lines.append(f"| {r['env']} | {r['members']} x {r['steps_per_member']:,} steps | "
-                     f"{ours:,.0f} | {sb3_cols} | {float(r['ours_env_share']):.0%} |")
+                     f"{ours:,.0f} | {sb3_cols} | {float(r['ours_env_share']):.0%} | "
+                     f"{pool_cols} |")
     return "\n".join(lines) + "\n"
 
 
