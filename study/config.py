@@ -30,6 +30,7 @@ class Spec:
     low_open: bool = False
     allow_inf: bool = False
     help: str = ""
+    max_len: int = 0  # intlist: at most this many items (0: MAX_LAYERS)
 
 
 def _f(name, default, allowed, low=None, high=None, low_open=False, allow_inf=False, help=""):
@@ -57,6 +58,19 @@ def _i(name, default, low, high, help=""):
 MAX_LAYERS = 16
 MAX_WIDTH = 65_536
 
+
+#: Observation encoders: a flat MLP input, a convolution stack from cnn_* keys, or a preset
+#: (see :data:`CNN_PRESETS`).
+ENCODERS: tuple[str, ...] = ("mlp", "cnn", "nature_cnn", "minatar_cnn")
+
+#: Preset encoders: (channels, kernels, strides, hidden units after the convolutions).
+#: nature_cnn: Mnih et al. 2015; minatar_cnn: Young & Tian 2019.
+CNN_PRESETS: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], int]] = {
+    "nature_cnn": ((32, 64, 64), (8, 4, 3), (4, 2, 1), 512),
+    "minatar_cnn": ((16,), (3,), (1,), 128),
+}
+
+_CNN_LIST = "a list of at most 8 integers in [1, 1024], one per convolution ({what})"
 
 SPECS: dict[str, Spec] = {
     s.name: s
@@ -113,12 +127,84 @@ SPECS: dict[str, Spec] = {
         Spec("normalize_reward", False, "bool", False, "true or false",
              help="divide rewards by the running std of the discounted return"),
         Spec("share_trunk", False, "bool", True, "true or false"),
+        # ---- observation encoders (structural: they fix the network's shapes)
+        Spec("encoder", "mlp", "choice", True, "one of " + ", ".join(ENCODERS),
+             choices=ENCODERS,
+             help="mlp: flat observations; cnn: cnn_channels/kernels/strides; or a preset"),
+        Spec("cnn_channels", (), "intlist", True, _CNN_LIST.format(what="output channels"),
+             high=1024, max_len=8,
+             help="output channels of each convolution (encoder = cnn)"),
+        Spec("cnn_kernels", (), "intlist", True, _CNN_LIST.format(what="kernel sizes"),
+             high=1024, max_len=8,
+             help="square kernel size of each convolution"),
+        Spec("cnn_strides", (), "intlist", True, _CNN_LIST.format(what="strides"),
+             high=1024, max_len=8,
+             help="stride of each convolution"),
+        # ---- Atari preprocessing (ALE/* only; structural: they change the environment)
+        _i("frame_skip", 4, 1, 64, "ALE: frames per action (max-pooled over the last two)"),
+        _i("frame_stack", 4, 1, 64, "ALE: observations stacked as channels"),
+        _i("screen_size", 84, 8, 1024, "ALE: observations resized to screen_size^2"),
+        Spec("grayscale", True, "bool", True, "true or false", help="ALE: grayscale frames"),
+        _i("noop_max", 30, 0, 10_000, "ALE: at most this many no-ops after a reset"),
+        _f("sticky_actions", 0.25, "a float in [0, 1]", 0.0, 1.0,
+           help="ALE: repeat_action_probability (Machado et al. 2018)"),
+        # ---- per-member reward and episode handling
+        Spec("clip_reward", False, "bool", False, "true or false",
+             help="learn from sign(reward); episode returns stay in the game's units"),
+        Spec("terminal_on_life_loss", False, "bool", False, "true or false",
+             help="ALE: a lost life ends the episode for learning (not for the game)"),
     ]
 }
+# sticky_actions changes the environment, so it is structural too.
+SPECS["sticky_actions"] = Spec(**{**SPECS["sticky_actions"].__dict__, "structural": True})
+
+#: Keys that only mean something for ALE/* environments.
+ALE_ONLY: tuple[str, ...] = ("frame_skip", "frame_stack", "screen_size", "grayscale",
+                             "noop_max", "sticky_actions", "terminal_on_life_loss")
+
+#: Defaults that differ by environment namespace (the common protocol of each family):
+#: Atari after Mnih et al. 2015 and Machado et al. 2018, MinAtar after Young & Tian 2019.
+ENV_DEFAULTS: dict[str, dict[str, Any]] = {
+    "ALE": {"encoder": "nature_cnn", "share_trunk": True, "policy_hidden_sizes": (),
+            "value_hidden_sizes": (), "clip_reward": True},
+    "MinAtar": {"encoder": "minatar_cnn", "share_trunk": True, "policy_hidden_sizes": (),
+                "value_hidden_sizes": ()},
+}
+
+
+def env_family(env_id: str) -> str:
+    """The namespace of ``env_id`` ("ALE", "MinAtar", ...), or "" for plain ids."""
+    return env_id.split("/", 1)[0] if "/" in env_id else ""
+
+
+def env_defaults(env_id: str | None) -> dict[str, Any]:
+    """Every hyperparameter at its default for ``env_id`` (see :data:`ENV_DEFAULTS`)."""
+    return {**defaults(), **ENV_DEFAULTS.get(env_family(env_id or ""), {})}
+
+
+def conv_spec(hp: Mapping[str, Any]) -> tuple[tuple[int, int, int], ...]:
+    """``(channels, kernel, stride)`` of each convolution of ``hp``'s encoder (empty for
+    the MLP encoder)."""
+    name = hp["encoder"]
+    if name == "mlp":
+        return ()
+    if name in CNN_PRESETS:
+        chans, kernels, strides, _ = CNN_PRESETS[name]
+    else:
+        chans, kernels, strides = hp["cnn_channels"], hp["cnn_kernels"], hp["cnn_strides"]
+    return tuple(zip(map(int, chans), map(int, kernels), map(int, strides), strict=True))
+
+
+def encoder_units(hp: Mapping[str, Any]) -> int:
+    """Units of the dense layer a preset encoder ends with (0: none)."""
+    return CNN_PRESETS[hp["encoder"]][3] if hp["encoder"] in CNN_PRESETS else 0
 
 #: Hyperparameters added after stores existed: left out of run and config ids while at
 #: their default, so the runs stored before them keep their ids (and are not retrained).
-ID_OMIT_AT_DEFAULT: frozenset[str] = frozenset({"normalize_reward"})
+ID_OMIT_AT_DEFAULT: frozenset[str] = frozenset({
+    "normalize_reward", "encoder", "cnn_channels", "cnn_kernels", "cnn_strides",
+    "frame_skip", "frame_stack", "screen_size", "grayscale", "noop_max", "sticky_actions",
+    "clip_reward", "terminal_on_life_loss"})
 
 NAMES: tuple[str, ...] = tuple(SPECS)
 STRUCTURAL: tuple[str, ...] = tuple(n for n, s in SPECS.items() if s.structural)
@@ -173,9 +259,9 @@ def coerce(name: str, value: Any, where: str = "") -> Any:
                 value = [int(v) for v in text.replace(",", " ").split()] if text else []
             except ValueError:
                 raise bad() from None
-        if isinstance(value, (list, tuple)) and len(value) <= MAX_LAYERS and all(
-            isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_WIDTH
-            for v in value
+        top = int(spec.high) if spec.high is not None else MAX_WIDTH
+        if isinstance(value, (list, tuple)) and len(value) <= (spec.max_len or MAX_LAYERS) and all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 < v <= top for v in value
         ):
             return tuple(int(v) for v in value)
         raise bad()
@@ -215,11 +301,19 @@ def coerce(name: str, value: Any, where: str = "") -> Any:
     return value
 
 
-def resolve(overrides: Mapping[str, Any], where: str = "") -> dict[str, Any]:
-    """Defaults updated with validated ``overrides``; checks cross-key constraints."""
-    hp = defaults()
+def resolve(overrides: Mapping[str, Any], where: str = "",
+            env: str | None = None) -> dict[str, Any]:
+    """Defaults (those of ``env``'s family when given) updated with validated
+    ``overrides``; checks cross-key constraints, and with ``env`` that the keys apply to it."""
+    hp = env_defaults(env)
     for k, v in overrides.items():
         hp[k] = coerce(k, v, where)
+    _check_encoder(hp, where)
+    if env is not None and env_family(env) != "ALE":
+        for k in ALE_ONLY:
+            if hp[k] != SPECS[k].default:
+                raise ConfigError(f"{where}{k} applies to ALE/* environments only, not to "
+                                  f"{env!r}; remove it or set it to {SPECS[k].default}")
     batch = hp["num_envs"] * hp["n_steps"]
     if hp["n_minibatches"] > batch:
         raise ConfigError(
@@ -231,9 +325,25 @@ def resolve(overrides: Mapping[str, Any], where: str = "") -> dict[str, Any]:
             f"{where}share_trunk = true needs policy_hidden_sizes == value_hidden_sizes "
             f"(got {list(hp['policy_hidden_sizes'])} and {list(hp['value_hidden_sizes'])})"
         )
-    if hp["share_trunk"] and not hp["policy_hidden_sizes"]:
+    if hp["share_trunk"] and not hp["policy_hidden_sizes"] and hp["encoder"] == "mlp":
         raise ConfigError(f"{where}share_trunk = true needs a non-empty policy_hidden_sizes")
     return hp
+
+
+def _check_encoder(hp: Mapping[str, Any], where: str) -> None:
+    """The cnn_* lists: given (equally long) exactly when ``encoder = "cnn"``."""
+    lists = ("cnn_channels", "cnn_kernels", "cnn_strides")
+    if hp["encoder"] == "cnn":
+        lengths = {k: len(hp[k]) for k in lists}
+        if 0 in lengths.values() or len(set(lengths.values())) != 1:
+            shown = ", ".join(f"{k} = {list(hp[k])}" for k in lists)
+            raise ConfigError(f"{where}encoder = \"cnn\" needs cnn_channels, cnn_kernels and "
+                              f"cnn_strides as non-empty lists of one length (got {shown})")
+        return
+    for k in lists:
+        if hp[k]:
+            raise ConfigError(f"{where}{k} = {list(hp[k])} applies only with encoder = "
+                              f"\"cnn\" (encoder is {hp['encoder']!r})")
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:

@@ -239,7 +239,7 @@ def trial_hp(sweep: Sweep, settings: OptunaSettings, params: Mapping[str, Any], 
     ones, that env's ``[overrides]`` (budget keys aside), then the searched ones."""
     own = {k: v for k, v in sweep.overrides.get(env, {}).items()
            if k not in ("total_steps", "log_every")}
-    return resolve({**sweep.fixed, **own, **settings.overrides(params)}, where)
+    return resolve({**sweep.fixed, **own, **settings.overrides(params)}, where, env=env)
 
 
 def _env_config_id(sweep: Sweep, env: str, hp: Mapping[str, Any]) -> str:
@@ -1481,7 +1481,7 @@ def confirm(driver: Driver, k: int, test_seeds: Sequence[int],
     win = int(np.argmax(order))
     winner_trial, winner_hps, _, _ = configs[win]
     winner_hp = winner_hps[s.env] if len(s.envs) == 1 else resolve(
-        {**s.fixed, **settings.overrides(winner_trial.params)})
+        {**s.fixed, **settings.overrides(winner_trial.params)}, env=s.env)
     if show:
         print(f"\nheld-out test seeds ({len(test_seeds)}, disjoint from the "
               f"{len(driver.tune_seeds)} tuning seeds): seed table of the top {len(top)} "

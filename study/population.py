@@ -33,15 +33,8 @@ from study.alloc import keep_freed_memory
 from study.envs import Step, make_population_env
 from study.envs.memory import check_fits
 from study.gae import gae_advantages
-from study.nets import (
-    Prepared,
-    activation_fn,
-    backward,
-    forward_cached,
-    hidden_gains,
-    init_layers,
-    mlp,
-)
+from study.nets import Prepared, backward, forward_cached
+from study.networks import ActorCritic, check_network
 from study.optim import MemberOptimizer
 from study.rng import STREAM_ACTIONS, STREAM_EVAL_RESET, STREAM_SHUFFLE, MemberStreams
 
@@ -57,7 +50,6 @@ CURVE_COLUMNS: tuple[str, ...] = (
     "eval_return",
 )
 _UPDATE_METRICS = ("entropy", "policy_loss", "value_loss", "explained_variance", "grad_norm")
-_LOG_2PI = math.log(2.0 * math.pi)
 _EVAL_MAX_STEPS = 100_000  # safety cap for environments without a time limit
 
 
@@ -85,208 +77,6 @@ class RunResult:
     policy_state: dict[str, np.ndarray] | None = field(default=None, repr=False)
     #: For a diverged run: what went non-finite first, and at which env step.
     diverged_reason: str | None = None
-
-
-# --------------------------------------------------------------------------------------
-# The actor-critic: stacked weights of the learning members
-# --------------------------------------------------------------------------------------
-
-
-class ActorCritic:
-    """Policy and value networks of the learning members, weights stacked ``[S, ...]``.
-
-    Discrete actions: the policy outputs logits (Categorical). Box actions: it outputs the
-    mean of a diagonal Gaussian whose log-std is a state-independent parameter per member.
-    With ``share_trunk`` one hidden trunk feeds a policy head and a value head.
-    """
-
-    def __init__(
-        self,
-        hp: dict[str, Any],
-        seeds: Sequence[int],
-        obs_dim: int,
-        action_space: gym.spaces.Space,
-        log_std_init: torch.Tensor,
-        device: torch.device,
-    ) -> None:
-        self.activation = hp["activation"]
-        self.share_trunk = bool(hp["share_trunk"])
-        self.discrete = isinstance(action_space, gym.spaces.Discrete)
-        self.act_dim = int(action_space.n) if self.discrete else int(np.prod(action_space.shape))
-        pi_hidden = list(hp["policy_hidden_sizes"])
-        v_hidden = list(hp["value_hidden_sizes"])
-        if self.share_trunk:
-            trunk = init_layers(seeds, [obs_dim, *pi_hidden], [math.sqrt(2.0)] * len(pi_hidden), 0)
-            pi_head = init_layers(seeds, [pi_hidden[-1], self.act_dim], [0.01], 1)
-            v_head = init_layers(seeds, [pi_hidden[-1], 1], [1.0], 2)
-            self.trunk = trunk
-            self.pi = pi_head
-            self.v = v_head
-        else:
-            self.trunk = []
-            self.pi = init_layers(
-                seeds, [obs_dim, *pi_hidden, self.act_dim], hidden_gains(len(pi_hidden), 0.01), 1
-            )
-            self.v = init_layers(
-                seeds, [obs_dim, *v_hidden, 1], hidden_gains(len(v_hidden), 1.0), 2
-            )
-        self.log_std = (
-            None
-            if self.discrete
-            else log_std_init.reshape(-1, 1).repeat(1, self.act_dim).to(torch.float32)
-        )
-        for p in self.all_params():
-            p.data = p.data.to(device)
-            p.requires_grad_(True)
-
-    # parameter groups -------------------------------------------------------------
-    def policy_params(self) -> list[torch.Tensor]:
-        """What the policy optimizer updates (everything, when the trunk is shared)."""
-        extra = [self.log_std] if self.log_std is not None else []
-        if self.share_trunk:
-            return [*self.trunk, *self.pi, *self.v, *extra]
-        return [*self.pi, *extra]
-
-    def value_params(self) -> list[torch.Tensor]:
-        return [] if self.share_trunk else list(self.v)
-
-    def all_params(self) -> list[torch.Tensor]:
-        return self.policy_params() + self.value_params()
-
-    def set_params(self, new: list[torch.Tensor]) -> None:
-        """Replace all parameters, in the order of :meth:`all_params`."""
-        new = [p.detach().requires_grad_(True) for p in new]
-        n_trunk, n_pi, n_v = len(self.trunk), len(self.pi), len(self.v)
-        if self.share_trunk:
-            self.trunk = new[:n_trunk]
-            self.pi = new[n_trunk : n_trunk + n_pi]
-            self.v = new[n_trunk + n_pi : n_trunk + n_pi + n_v]
-            rest = new[n_trunk + n_pi + n_v :]
-        else:
-            self.pi = new[:n_pi]
-            self.v = new[n_pi + (0 if self.log_std is None else 1) :]
-            rest = new[n_pi : n_pi + (0 if self.log_std is None else 1)]
-        if self.log_std is not None:
-            self.log_std = rest[0]
-
-    # forward passes -------------------------------------------------------------------
-    def _features(self, obs: torch.Tensor) -> torch.Tensor:
-        if not self.share_trunk:
-            return obs
-        return activation_fn(self.activation)(mlp(obs, self.trunk, self.activation))
-
-    def policy_out(self, obs: torch.Tensor) -> torch.Tensor:
-        """Logits (discrete) or Gaussian means (Box), ``[S, B, act_dim]``."""
-        return mlp(self._features(obs), self.pi, self.activation)
-
-    def values(self, obs: torch.Tensor) -> torch.Tensor:
-        """State values ``[S, B]``."""
-        return mlp(self._features(obs), self.v, self.activation).squeeze(-1)
-
-    def log_prob_entropy(
-        self, out: torch.Tensor, actions: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-probability of ``actions`` and entropy, both ``[S, B]``."""
-        if self.discrete:
-            logp_all = torch.log_softmax(out, dim=-1)
-            logp = torch.take_along_dim(logp_all, actions.long().unsqueeze(-1), dim=-1)
-            entropy = -(logp_all.exp() * logp_all).sum(-1)
-            return logp.squeeze(-1), entropy
-        log_std = self.log_std.unsqueeze(1)  # [S, 1, A]
-        z = (actions - out) * torch.exp(-log_std)
-        logp = (-0.5 * z * z - log_std - 0.5 * _LOG_2PI).sum(-1)
-        entropy = (log_std + 0.5 * (1.0 + _LOG_2PI)).sum(-1).expand_as(logp)
-        return logp, entropy
-
-    # hand-written gradients (separate networks only) -------------------------------------
-    @torch.no_grad()
-    def policy_grads(
-        self,
-        obs: torch.Tensor,
-        actions: torch.Tensor,
-        adv: torch.Tensor,
-        entropy_coef: torch.Tensor,
-        n_rows: int,
-        forward: tuple[torch.Tensor, list[torch.Tensor]] | None = None,
-    ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
-        """Sums over these rows, divided by ``n_rows``, of the policy-gradient loss
-        ``-A log pi(a|s)`` and the entropy, and the gradients of ``pg - c_ent * entropy``
-        with respect to :meth:`policy_params` (``actions``: ``[S, B]`` or ``[S, B, A]``).
-
-        Categorical, with p = softmax(z), H = -sum p log p:
-            d pg / dz = A (p - onehot(a)),    d H / dz = -p (log p + H).
-        Diagonal Gaussian, with u = (a - mu) / sigma:
-            d log pi / d mu = u / sigma,      d log pi / d log sigma = u^2 - 1,
-            H = sum(log sigma) + const.
-
-        ``forward`` is the policy's :func:`forward_cached` on ``obs`` when already computed.
-        """
-        out, inputs = forward or forward_cached(obs, self.pi, self.activation)
-        w = (adv / n_rows).unsqueeze(-1)  # [S, B, 1]
-        c = (entropy_coef / n_rows).reshape(-1, 1, 1)
-        terms: dict[str, torch.Tensor] = {}
-        if self.discrete and out.device.type == "cpu" and out.dtype == torch.float32:
-            g_out = torch.empty_like(out)
-            pg, ent = kernels.categorical_policy_grad(
-                out.contiguous().numpy(), actions.long().contiguous().numpy(),
-                w.squeeze(-1).contiguous().numpy(), c.reshape(-1).contiguous().numpy(),
-                g_out.numpy(),
-            )  # fmt: skip
-            grads = backward(g_out, inputs, self.pi, self.activation)
-            terms["ent"] = torch.from_numpy(ent) / n_rows
-            terms["pg"] = torch.from_numpy(pg)
-            terms["loss"] = terms["pg"] - entropy_coef * terms["ent"]
-            return terms, grads
-        if self.discrete:
-            logp_all = torch.log_softmax(out, dim=-1)
-            p = logp_all.exp()
-            onehot = torch.zeros_like(p).scatter_(-1, actions.long().unsqueeze(-1), 1.0)
-            logp = (logp_all * onehot).sum(-1)
-            entropy = -(p * logp_all).sum(-1)  # [S, B]
-            g_out = w * (p - onehot) + c * p * (logp_all + entropy.unsqueeze(-1))
-            grads = backward(g_out, inputs, self.pi, self.activation)
-            terms["ent"] = entropy.sum(dim=1) / n_rows
-        else:
-            log_std = self.log_std.unsqueeze(1)  # [S, 1, A]
-            inv_std = torch.exp(-log_std)
-            u = (actions - out) * inv_std
-            logp = (-0.5 * u * u - log_std - 0.5 * _LOG_2PI).sum(-1)
-            g_out = -w * u * inv_std
-            grads = backward(g_out, inputs, self.pi, self.activation)
-            # Every row has the same entropy, so its term contributes c_ent * rows / n_rows.
-            g_log_std = -(w * (u * u - 1.0)).sum(dim=1) - c.squeeze(-1) * obs.shape[1]
-            grads.append(g_log_std)
-            entropy = (log_std + 0.5 * (1.0 + _LOG_2PI)).sum(-1).squeeze(1)  # [S]
-            terms["ent"] = entropy * (obs.shape[1] / n_rows)
-        terms["pg"] = -(adv * logp).sum(dim=1) / n_rows
-        terms["loss"] = terms["pg"] - entropy_coef * terms["ent"]
-        return terms, grads
-
-    @torch.no_grad()
-    def value_grads(
-        self, obs: torch.Tensor, returns: torch.Tensor, value_coef: torch.Tensor, n_rows: int
-    ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
-        """Sum over these rows, divided by ``n_rows``, of ``(V(s) - R)^2``, and the gradients
-        of ``c_v`` times it with respect to :meth:`value_params`."""
-        out, inputs = forward_cached(obs, self.v, self.activation)
-        err = out.squeeze(-1) - returns
-        g_out = ((2.0 / n_rows) * value_coef.reshape(-1, 1) * err).unsqueeze(-1)
-        v = (err * err).sum(dim=1) / n_rows
-        return {"v": v, "loss": value_coef * v}, backward(g_out, inputs, self.v, self.activation)
-
-    def select(self, idx: torch.Tensor) -> None:
-        """Keep only the members at ``idx`` (population compaction)."""
-        self.set_params([p.detach()[idx] for p in self.all_params()])
-
-    def member_state(self, i: int) -> dict[str, np.ndarray]:
-        """Member i's weights as NumPy arrays (for saved policies)."""
-        out: dict[str, np.ndarray] = {}
-        for name, group in (("trunk", self.trunk), ("pi", self.pi), ("v", self.v)):
-            for j, p in enumerate(group):
-                out[f"{name}.{j}"] = p.detach()[i].cpu().numpy()
-        if self.log_std is not None:
-            out["log_std"] = self.log_std.detach()[i].cpu().numpy()
-        return out
 
 
 # --------------------------------------------------------------------------------------
@@ -324,8 +114,8 @@ class ObsNormalizer:
         self.count = total
 
     def __call__(self, obs: np.ndarray) -> np.ndarray:
-        if not self.active:
-            return obs.astype(np.float32, copy=False)
+        if not self.active:  # images stay uint8 until the network's first layer
+            return obs if obs.dtype == np.uint8 else obs.astype(np.float32, copy=False)
         obs = obs.astype(np.float64)
         normed = np.clip((obs - self.mean[:, None]) / np.sqrt(self.var[:, None] + 1e-8), -10, 10)
         return np.where(self.enabled, normed, obs).astype(np.float32)
@@ -412,16 +202,19 @@ def _chunked_gradients(
     terms_fn: Callable[[int, int], dict[str, torch.Tensor]],
     params: list[torch.Tensor],
     n_rows: int,
+    chunk_rows: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
     """Per-member means of the terms ``terms_fn(a, b)`` returns (sums over rows a:b, each
-    ``[S]``) over ``n_rows`` rows, and the gradients of the mean of ``terms["loss"]``.
+    ``[S]``) over ``n_rows`` rows, and the gradients of the mean of ``terms["loss"]``, by
+    autograd over chunks of ``chunk_rows`` rows (default :data:`CHUNK_ROWS`).
 
     The loss summed over members has, for each member, the gradient of its own mean loss.
     """
     total: dict[str, torch.Tensor] = {}
     grads: list[torch.Tensor] | None = None
-    for a in range(0, n_rows, CHUNK_ROWS):
-        terms = terms_fn(a, min(a + CHUNK_ROWS, n_rows))
+    chunk = chunk_rows or CHUNK_ROWS
+    for a in range(0, n_rows, chunk):
+        terms = terms_fn(a, min(a + chunk, n_rows))
         terms = {k: v / n_rows for k, v in terms.items()}
         g = torch.autograd.grad(terms["loss"].sum(), params, allow_unused=True)
         g = [torch.zeros_like(p) if x is None else x for p, x in zip(params, g, strict=True)]
@@ -491,6 +284,13 @@ def _rollout_targets(
     # [T, S, E] -> [S, T*E]
     adv = adv.transpose(0, 1).reshape(n_alive, n_batch)
     return adv, returns.transpose(0, 1).reshape(n_alive, n_batch)
+
+
+def _value_terms(agent: ActorCritic, obs: torch.Tensor, returns: torch.Tensor,
+                 value_coef: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Sums over these rows of ``(V(s) - R)^2`` and of ``c_v`` times it (``loss``)."""
+    v = ((agent.values(obs) - returns) ** 2).sum(dim=1)
+    return {"v": v, "loss": value_coef * v}
 
 
 def _check_members(members: Sequence[Member]) -> dict[str, Any]:
@@ -613,10 +413,12 @@ def _train(env_id: str, members: Sequence[Member], total_steps: int, log_every: 
     total_effective = n_updates * n_batch
     final_from = 0.9 * total_effective
 
-    env = make_population_env(env_id, seeds, n_envs)
+    env = make_population_env(env_id, seeds, n_envs, hp=hp)
     n_evals = 0
     obs_space, act_space = env.observation_space, env.action_space
-    obs_dim = int(np.prod(obs_space.shape))
+    check_network(env_id, hp, obs_space)
+    obs_shape = tuple(obs_space.shape)
+    obs_dim = int(np.prod(obs_shape))
     discrete = isinstance(act_space, gym.spaces.Discrete)
     act_shape: tuple[int, ...] = () if discrete else tuple(act_space.shape)
     if not discrete:
@@ -628,7 +430,7 @@ def _train(env_id: str, members: Sequence[Member], total_steps: int, log_every: 
     hps["mc"] = torch.tensor(
         [m.hyperparameters["value_target"] == "mc" for m in members], device=dev
     )
-    agent = ActorCritic(hp, seeds, obs_dim, act_space, hps["log_std_init"], dev)
+    agent = ActorCritic(hp, seeds, obs_space, act_space, hps["log_std_init"], dev)
     pi_opt = MemberOptimizer(hp["policy_optimizer"], agent.policy_params())
     v_opt = MemberOptimizer(hp["value_optimizer"], agent.value_params())
     alive = np.arange(n_mem)  # members still learning, in population order
@@ -638,6 +440,8 @@ def _train(env_id: str, members: Sequence[Member], total_steps: int, log_every: 
     reward_norm = RewardNormalizer(
         n_envs, np.array([bool(m.hyperparameters.get("normalize_reward")) for m in members]),
         np.array([float(m.hyperparameters["gamma"]) for m in members]))
+    clip_reward = np.array([bool(m.hyperparameters["clip_reward"]) for m in members])
+    life_loss = np.array([bool(m.hyperparameters["terminal_on_life_loss"]) for m in members])
     action_rng = MemberStreams(seeds, STREAM_ACTIONS)
     shuffle_rng = MemberStreams(seeds, STREAM_SHUFFLE)
 
@@ -702,14 +506,14 @@ def _train(env_id: str, members: Sequence[Member], total_steps: int, log_every: 
         """
         nonlocal n_evals
         eval_env = make_population_env(
-            env_id, seeds, eval_episodes, stream=STREAM_EVAL_RESET + 1000 * (n_evals + 1)
+            env_id, seeds, eval_episodes, stream=STREAM_EVAL_RESET + 1000 * (n_evals + 1), hp=hp
         )
         n_evals += 1
         obs = eval_env.reset()
         returns = np.zeros((n_mem, eval_episodes))
         finished = np.zeros((n_mem, eval_episodes), dtype=bool)
         for _ in range(_EVAL_MAX_STEPS):
-            x = normalizer(obs.reshape(n_mem, eval_episodes, -1))[alive]
+            x = normalizer(obs.reshape(n_mem, eval_episodes, *obs_shape))[alive]
             with torch.no_grad():
                 out = agent.policy_out(to_torch(x))
             step = eval_env.step(env_actions(act(out, True, None)))
@@ -771,7 +575,7 @@ def _train(env_id: str, members: Sequence[Member], total_steps: int, log_every: 
         return opt.step(params, grads, lr, max_norm, torch.isfinite(loss_per_member))
 
     # ---------------------------------------------------------------- the training loop
-    obs_raw = env.reset().reshape(n_mem, n_envs, -1)
+    obs_raw = env.reset().reshape(n_mem, n_envs, *obs_shape)
     normalizer.update(obs_raw)
     obs = normalizer(obs_raw)
     next_log = log_every
@@ -783,7 +587,7 @@ def _train(env_id: str, members: Sequence[Member], total_steps: int, log_every: 
         if len(alive) == 0:
             break
         # 1. Rollout: n_steps vectorized steps of every environment of every member.
-        buf_obs = np.zeros((n_steps, n_mem, n_envs, obs_dim), dtype=np.float32)
+        buf_obs = np.zeros((n_steps, n_mem, n_envs, *obs_shape), dtype=obs.dtype)
         buf_next = np.zeros_like(buf_obs)
         buf_act = np.zeros((n_steps, n_mem, n_envs, *act_shape))
         buf_rew = np.zeros((n_steps, n_mem, n_envs))
@@ -791,8 +595,10 @@ def _train(env_id: str, members: Sequence[Member], total_steps: int, log_every: 
         buf_done = np.zeros((n_steps, n_mem, n_envs), dtype=bool)
         # With one policy step on the whole (small) batch, the forward passes that choose the
         # actions are kept and reused for the gradient step (the weights have not changed).
-        reuse_policy = not agent.share_trunk and n_mb == 1 and n_batch <= CHUNK_ROWS
+        reuse_policy = agent.accelerated and n_mb == 1 and n_batch <= CHUNK_ROWS
         rollout_fwd: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
+        # Networks whose passes are costly (CNNs) compute the values in the rollout's passes.
+        rollout_values: list[torch.Tensor] = []
         # The rollout's random draws in one call, for every member (alive or not), so each
         # member's stream advances the same way whoever else is in the population.
         if discrete:
@@ -811,6 +617,10 @@ def _train(env_id: str, members: Sequence[Member], total_steps: int, log_every: 
                 x = to_torch(learning_rows(obs))
                 out, cache = forward_cached(x, policy_net, agent.activation, into=(hidden, t))
                 rollout_fwd.append((out, cache[:1]))
+            elif agent.values_in_rollout:
+                with torch.no_grad():
+                    out, v = agent.policy_and_values(to_torch(learning_rows(obs)))
+                rollout_values.append(v)
             else:
                 with torch.no_grad():
                     out = agent.policy_out(to_torch(learning_rows(obs)))
@@ -824,13 +634,21 @@ def _train(env_id: str, members: Sequence[Member], total_steps: int, log_every: 
                 windows.final_sum, windows.final_count, global_step > final_from, last_ret,
             )  # fmt: skip
             _note_env_faults(step, global_step, env_fault)
-            if reward_norm.active:  # learn from scaled rewards; episodes keep raw ones
-                buf_rew[t] = reward_norm(step.reward, step.terminated | step.truncated)
+            # Learn from clipped or scaled rewards; episodes keep the raw ones.
+            if clip_reward.any():
+                buf_rew[t] = np.where(clip_reward[:, None], np.sign(step.reward), step.reward)
+            if reward_norm.active:
+                buf_rew[t] = reward_norm(buf_rew[t] if clip_reward.any() else step.reward,
+                                         step.terminated | step.truncated)
+            if step.life_lost is not None and life_loss.any():  # a lost life ends learning's
+                lost = step.life_lost & life_loss[:, None]      # episode, not the game's
+                buf_term[t] |= lost
+                buf_done[t] |= lost
 
-            next_raw = step.obs.reshape(n_mem, n_envs, -1)
+            next_raw = step.obs.reshape(n_mem, n_envs, *obs_shape)
             normalizer.update(next_raw)
             if step.truncated.any():  # V(final obs) is only needed to bootstrap truncations
-                buf_next[t] = normalizer(step.final_obs.reshape(n_mem, n_envs, -1))
+                buf_next[t] = normalizer(step.final_obs.reshape(n_mem, n_envs, *obs_shape))
             obs = normalizer(next_raw)
         if on_progress is not None:
             on_progress(n_batch * len(alive))
@@ -838,18 +656,22 @@ def _train(env_id: str, members: Sequence[Member], total_steps: int, log_every: 
         # 2. Advantages and value targets from the pre-update value function.
         a_idx, n_alive = alive, len(alive)
         b_obs = to_torch(np.ascontiguousarray(learning_cols(buf_obs).swapaxes(0, 1))).reshape(
-            n_alive, n_batch, obs_dim
+            n_alive, n_batch, *obs_shape
         )
         # V(s_0..s_T) in one pass: row t*E + e of the rollout is followed by row (t+1)*E + e.
         # With one value step on the whole (small) batch, the pass doubles as the forward
         # pass of that step: its activations are kept for the backward pass.
         fused_value = (
-            not agent.share_trunk and int(hp["value_iters"]) * n_mb == 1 and n_batch <= CHUNK_ROWS
+            agent.accelerated and int(hp["value_iters"]) * n_mb == 1 and n_batch <= CHUNK_ROWS
         )
         all_obs = torch.cat([b_obs, to_torch(learning_rows(obs))], dim=1)
         if fused_value:
             v_all, v_cache = forward_cached(all_obs, agent.v, agent.activation)
             v_all = v_all.squeeze(-1)
+        elif agent.values_in_rollout:
+            with torch.no_grad():
+                v_last = agent.values(to_torch(learning_rows(obs)))
+            v_all = torch.cat([*rollout_values, v_last], dim=1)
         else:
             with torch.no_grad():
                 v_all = agent.values(all_obs)
@@ -860,7 +682,7 @@ def _train(env_id: str, members: Sequence[Member], total_steps: int, log_every: 
                 # Time-limit truncation bootstraps from V(final obs), not V(reset obs). Only
                 # whether this pass runs depends on the population, never its per-member values.
                 b_next = to_torch(np.ascontiguousarray(learning_cols(buf_next).swapaxes(0, 1)))
-                v_final = agent.values(b_next.reshape(n_alive, n_batch, obs_dim))
+                v_final = agent.values(b_next.reshape(n_alive, n_batch, *obs_shape))
             adv, returns = _rollout_targets(
                 v_all, v_final, buf_rew, buf_term, buf_done, a_idx, hps, trunc
             )
@@ -907,17 +729,21 @@ def _train(env_id: str, members: Sequence[Member], total_steps: int, log_every: 
                 a: int, b: int, mb=mb, ent_c=entropy_coef, v_c=value_coef
             ) -> dict[str, torch.Tensor]:
                 obs_c = mb["obs"][:, a:b]
-                logp, entropy = agent.log_prob_entropy(agent.policy_out(obs_c), mb["act"][:, a:b])
+                if agent.share_trunk:
+                    out, values = agent.policy_and_values(obs_c)
+                else:
+                    out = agent.policy_out(obs_c)
+                logp, entropy = agent.log_prob_entropy(out, mb["act"][:, a:b])
                 terms = {"pg": -(logp * mb["adv"][:, a:b]).sum(dim=1), "ent": entropy.sum(dim=1)}
                 terms["loss"] = terms["pg"] - ent_c * terms["ent"]
                 if agent.share_trunk:
-                    terms["v"] = ((agent.values(obs_c) - mb["ret"][:, a:b]) ** 2).sum(dim=1)
+                    terms["v"] = ((values - mb["ret"][:, a:b]) ** 2).sum(dim=1)
                     terms["loss"] = terms["loss"] + v_c * terms["v"]
                 return terms
 
             params = agent.policy_params()
-            if agent.share_trunk:
-                terms, grads = _chunked_gradients(policy_terms, params, hi - lo)
+            if not agent.accelerated:
+                terms, grads = _chunked_gradients(policy_terms, params, hi - lo, agent.chunk_rows)
             elif reuse_policy:
                 forward = (
                     torch.cat([o for o, _ in rollout_fwd], dim=1),
@@ -960,6 +786,12 @@ def _train(env_id: str, members: Sequence[Member], total_steps: int, log_every: 
                     idx = None if perm is None else perm[:, lo:hi]
                     mb_obs = b_obs if idx is None else _gather(b_obs, idx)
                     mb_ret = returns if idx is None else _gather(returns, idx)
+                if not fused_value and not agent.accelerated:
+                    terms, grads = _chunked_gradients(
+                        lambda a, b, o=mb_obs, r=mb_ret, c=value_coef: _value_terms(
+                            agent, o[:, a:b], r[:, a:b], c),
+                        agent.value_params(), hi - lo, agent.chunk_rows)
+                elif not fused_value:
                     terms, grads = _manual_chunks(
                         lambda a, b, o=mb_obs, r=mb_ret, n=hi - lo, c=value_coef: agent.value_grads(
                             o[:, a:b], r[:, a:b], c, n

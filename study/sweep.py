@@ -22,11 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from study.config import (
+    ALE_ONLY,
     ID_OMIT_AT_DEFAULT,
     SPECS,
     ConfigError,
     check_name,
     coerce,
+    env_defaults,
+    env_family,
     resolve,
     to_jsonable,
 )
@@ -147,7 +150,7 @@ class Sweep:
         for combo in itertools.product(*(values for _, values in axes)):
             overrides = {**self.fixed, **own}
             overrides.update({name: value for (name, _), value in zip(axes, combo, strict=True)})
-            out.append(resolve(overrides, f"{self.source}: "))
+            out.append(resolve(overrides, f"{self.source}: ", env=env or self.env))
         return out
 
     def runs(self) -> list[Run]:
@@ -235,14 +238,17 @@ def validate_env_id(env: str, where: str = "") -> str:
     import gymnasium as gym
 
     import study  # noqa: F401  (registers CartPoleSwingUp-v0/v1)
+    from study.envs import env_spaces, register_namespace
 
+    try:
+        register_namespace(env)  # ALE/*, MinAtar/*: their package, or the extra to install
+    except ConfigError as e:
+        raise ConfigError(f"{where}env = {env!r}: {e}") from None
     if ":" not in env and env not in gym.registry:
         raise ConfigError(
             f"{where}env = {env!r} is not a registered gymnasium environment"
             f"{_suggest(env, gym.registry.keys())}; expected an id such as 'CartPole-v1'"
         )
-    from study.envs import env_spaces
-
     # Registered is not enough: the env must also be makeable, with spaces the trainer
     # supports (e.g. an optional dependency may be missing).
     try:
@@ -535,6 +541,26 @@ def _toml_table(lines: list[str], header: str, table: Mapping[str, Any]) -> None
         _toml_table(lines, f"{header}.{_toml_key(k)}", v)
 
 
+def _resolved_fixed(sweep: Sweep) -> dict[str, Any]:
+    """The fixed hyperparameters with the defaults filled in: those every env of the sweep
+    resolves alike (a default that differs by env family stays implicit), without keys that
+    do not apply to these envs (Atari preprocessing elsewhere, cnn_* without a CNN)."""
+    fixed = resolve(sweep.fixed, env=sweep.env)
+    family_defaults = [env_defaults(e) for e in sweep.envs]
+    out = {}
+    for k, v in fixed.items():
+        if k in sweep.grid:
+            continue
+        if k not in sweep.fixed and any(d[k] != family_defaults[0][k] for d in family_defaults):
+            continue
+        if k in ALE_ONLY and all(env_family(e) != "ALE" for e in sweep.envs):
+            continue
+        if k.startswith("cnn_") and not v and k not in sweep.fixed:
+            continue
+        out[k] = v
+    return out
+
+
 def sweep_to_toml(sweep: Sweep) -> str:
     """The sweep as resolved: explicit seeds, every hyperparameter not on the grid at its
     resolved value (defaults filled in). Loading the result gives the same runs."""
@@ -548,8 +574,7 @@ def sweep_to_toml(sweep: Sweep) -> str:
         f"seeds = {_toml_scalar(list(sweep.seeds))}",
         f"save_policies = {_toml_scalar(sweep.save_policies)}",
     ]
-    fixed = resolve(sweep.fixed)
-    _toml_table(lines, "hyperparameters", {k: v for k, v in fixed.items() if k not in sweep.grid})
+    _toml_table(lines, "hyperparameters", _resolved_fixed(sweep))
     if sweep.grid:
         _toml_table(lines, "grid", {k: list(values) for k, values in sweep.grid.items()})
     _toml_table(lines, "eval", {"every": sweep.eval_every, "episodes": sweep.eval_episodes})

@@ -94,7 +94,7 @@ def _main(argv: Sequence[str] | None) -> int:
     )
     eval_episodes = _positive_int("--eval-episodes", args.eval_episodes)
     seeds = parse_seeds(args.seeds)
-    hp = cfg.resolve(cfg.parse_set(args.set), where="--set: ")
+    hp = cfg.resolve(cfg.parse_set(args.set), where="--set: ", env=args.env)
     if args.device != "cpu":
         import torch
 

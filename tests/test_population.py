@@ -172,13 +172,14 @@ def test_learns_cartpole_with_small_budget():
 def test_hand_written_gradients_match_autograd(discrete):
     import gymnasium as gym
 
-    from study.population import ActorCritic
+    from study.networks import ActorCritic
 
     space = gym.spaces.Discrete(3) if discrete else gym.spaces.Box(-1, 1, (2,))
     hp = cfg.resolve({"policy_hidden_sizes": [8, 8], "value_hidden_sizes": [8]})
     S, B = 3, 11
     agent = ActorCritic(
-        hp, [0, 1, 2], 4, space, torch.tensor([0.0, -0.5, 0.3]), torch.device("cpu")
+        hp, [0, 1, 2], gym.spaces.Box(-1, 1, (4,)), space, torch.tensor([0.0, -0.5, 0.3]),
+        torch.device("cpu"),
     )
     gen = torch.Generator().manual_seed(0)
     obs = torch.randn(S, B, 4, generator=gen)

@@ -13,8 +13,9 @@ import contextlib
 import difflib
 import functools
 import importlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import gymnasium as gym
 
@@ -22,7 +23,8 @@ from study.config import ConfigError
 from study.envs.base import PopulationEnv, Step
 from study.envs.cartpole import CartPolePopulation, cartpole_spaces
 from study.envs.classic import CLASSIC_ENVS, classic_spaces
-from study.envs.generic import GymPopulationEnv, check_spaces, flat_box
+from study.envs.generic import GymPopulationEnv, check_spaces, population_space
+from study.envs.images import env_options, make_atari, wrap_images
 from study.envs.swingup import SwingUpPopulation, swingup_spaces
 from study.rng import STREAM_RESET
 
@@ -37,6 +39,7 @@ __all__ = [
     "make_single_env",
     "register_envs",
     "register_fast_env",
+    "register_namespace",
 ]
 
 
@@ -64,6 +67,8 @@ def register_fast_env(env_id: str, make: Callable[[Sequence[int], int, int], Pop
 
 
 def _fast(env_id: str) -> FastEnv | None:
+    if env_id.startswith("envpool:") and env_id not in FAST_ENVS:  # the envpool backend
+        importlib.import_module("study.envs.envpool_backend").register(env_id)
     return None if env_id in _DISABLED else FAST_ENVS.get(env_id)
 
 
@@ -113,7 +118,7 @@ NAMESPACES: dict[str, tuple[str, str]] = {
 }
 
 
-def _register_namespace(env_id: str) -> None:
+def register_namespace(env_id: str) -> None:
     """Import the package behind ``ALE/...`` or ``MinAtar/...`` ids on demand (gymnasium
     1.x does not load plugins itself); a one-line hint names the extra when missing."""
     namespace = env_id.split("/", 1)[0] if "/" in env_id else ""
@@ -135,7 +140,7 @@ def _register_namespace(env_id: str) -> None:
 def _resolve(env_id: str) -> None:
     """ConfigError (one line, with close matches) unless ``env_id`` can be made."""
     register_envs()
-    _register_namespace(env_id)
+    register_namespace(env_id)
     name = env_id
     if ":" in env_id:  # gymnasium's "module:EnvName-v0": importing registers the env
         module, name = env_id.split(":", 1)
@@ -150,9 +155,11 @@ def _resolve(env_id: str) -> None:
         raise ConfigError(f"unknown environment id {env_id!r}{hint}")
 
 
-def env_spaces(env_id: str) -> tuple[gym.spaces.Box, gym.spaces.Space]:
+def env_spaces(env_id: str, hp: Mapping[str, Any] | None = None
+               ) -> tuple[gym.spaces.Box, gym.spaces.Space]:
     """``(observation_space, action_space)`` of one environment, as a population env
-    built from ``env_id`` reports them (observations flattened to 1-D float32).
+    built from ``env_id`` (preprocessed as ``hp`` says) reports them: observations flat
+    float32, or uint8 ``[C, H, W]`` images.
 
     Cheap for :data:`FAST_ENVS` (no ``gym.make``); otherwise makes and closes one
     instance. Raises ConfigError for unknown ids and unsupported spaces.
@@ -160,13 +167,13 @@ def env_spaces(env_id: str) -> tuple[gym.spaces.Box, gym.spaces.Space]:
     fast = _fast(env_id)
     if fast is not None:
         return fast.spaces()
-    env = make_single_env(env_id)
+    env = make_single_env(env_id, hp)
     try:
         obs_space, act_space = env.observation_space, env.action_space
     finally:
         env.close()
     check_spaces(env_id, obs_space, act_space)
-    return flat_box(obs_space), act_space
+    return population_space(obs_space), act_space
 
 
 def _cannot_make(env_id: str, e: Exception) -> ConfigError:
@@ -176,12 +183,22 @@ def _cannot_make(env_id: str, e: Exception) -> ConfigError:
     return ConfigError(f"environment {env_id!r} cannot be made: {first_line}")
 
 
-def make_single_env(env_id: str) -> gym.Env:
-    """One ``gym.make`` instance of ``env_id`` (its module or namespace imported first);
-    ConfigError (one line) when it cannot be made."""
+def _instance(env_id: str, hp: Mapping[str, Any] | None, render_mode: str | None) -> gym.Env:
+    options = env_options(env_id, hp)
+    if options is not None:
+        return wrap_images(make_atari(env_id, options, render_mode))
+    kwargs = {} if render_mode is None else {"render_mode": render_mode}
+    return wrap_images(gym.make(env_id, **kwargs))
+
+
+def make_single_env(env_id: str, hp: Mapping[str, Any] | None = None,
+                    render_mode: str | None = None) -> gym.Env:
+    """One instance of ``env_id`` (its module or namespace imported first) as the trainer
+    sees it: ``ALE/*`` preprocessed as ``hp`` says (default: the Atari protocol), image
+    observations channel-first uint8. ConfigError (one line) when it cannot be made."""
     _resolve(env_id)
     try:
-        return gym.make(env_id)
+        return _instance(env_id, hp, render_mode)
     except gym.error.Error as e:
         raise _cannot_make(env_id, e) from e
 
@@ -191,8 +208,10 @@ def make_population_env(
     seeds: Sequence[int],
     num_envs: int,
     stream: int = STREAM_RESET,
+    hp: Mapping[str, Any] | None = None,
 ) -> PopulationEnv:
-    """A population of ``len(seeds)`` members x ``num_envs`` environments of ``env_id``.
+    """A population of ``len(seeds)`` members x ``num_envs`` environments of ``env_id``
+    (``ALE/*`` preprocessed as the hyperparameters ``hp`` say).
 
     ``stream`` picks the members' reset streams (``STREAM_RESET`` for training,
     ``STREAM_EVAL_RESET`` for evaluation), so training and evaluation environments of
@@ -210,6 +229,7 @@ def make_population_env(
         return fast.make(seeds, int(num_envs), stream)
     _resolve(env_id)
     try:
-        return GymPopulationEnv(env_id, seeds, num_envs, stream)
+        return GymPopulationEnv(env_id, seeds, num_envs, stream,
+                                make=lambda: _instance(env_id, hp, None))
     except gym.error.Error as e:
         raise _cannot_make(env_id, e) from e

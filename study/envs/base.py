@@ -29,16 +29,19 @@ class Step:
     terminated: np.ndarray
     truncated: np.ndarray
     final_obs: np.ndarray
+    #: Where the environment reports lives (ALE): which environments lost one this step.
+    life_lost: np.ndarray | None = None
 
 
 class PopulationEnv(Protocol):
     n_members: int
     n_envs: int
-    observation_space: gym.spaces.Box  # of ONE environment
+    observation_space: gym.spaces.Box  # of ONE environment (flat float32, or uint8 CHW)
     action_space: gym.spaces.Space  # of ONE environment: Discrete or Box
 
     def reset(self) -> np.ndarray:
-        """Reset every environment; returns observations ``[S, E, *obs_shape]`` float32."""
+        """Reset every environment; returns observations ``[S, E, *obs_shape]``: float32,
+        or uint8 ``[C, H, W]`` images."""
         ...
 
     def step(self, actions: np.ndarray) -> Step:

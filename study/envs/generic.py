@@ -11,7 +11,8 @@ those of :class:`study.envs.base.Step` whatever gymnasium's autoreset mode.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -74,12 +75,20 @@ def _warn_once(caught: Sequence[warnings.WarningMessage]) -> None:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
+def population_space(space: gym.spaces.Box) -> gym.spaces.Box:
+    """How a population env reports one environment's observations: images (uint8
+    ``[C, H, W]``, see study.envs.images) as they are, anything else flattened to float32."""
+    return space if space.dtype == np.uint8 and len(space.shape) == 3 else flat_box(space)
+
+
 class GymPopulationEnv:
     """``S x E`` gymnasium environments (with their registered ``TimeLimit``) in a loop.
 
-    Observations are flattened to ``[S, E, obs_dim]`` float32. Discrete actions arrive as
-    ``[S, E]`` indices ``0..n-1`` (the space's ``start`` is added here); Box actions as
-    ``[S, E, *shape]``, cast to the space's dtype.
+    Observations are ``[S, E, obs_dim]`` float32, or ``[S, E, C, H, W]`` uint8 for images
+    (see :func:`population_space`). Discrete actions arrive as ``[S, E]`` indices
+    ``0..n-1`` (the space's ``start`` is added here); Box actions as ``[S, E, *shape]``,
+    cast to the space's dtype. Environments that report ``lives`` (ALE) also report, per
+    step, which ones lost a life (``Step.life_lost``).
     """
 
     def __init__(
@@ -88,46 +97,53 @@ class GymPopulationEnv:
         seeds: Sequence[int],
         num_envs: int,
         stream: int = STREAM_RESET,
+        make: Callable[[], gym.Env] | None = None,
     ) -> None:
         if len(seeds) == 0 or num_envs < 1:
             raise ValueError("need at least one seed and num_envs >= 1")
         self.env_id = env_id
         self.n_members = len(seeds)
         self.n_envs = int(num_envs)
+        make = make or (lambda: gym.make(env_id))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            first = gym.make(env_id)
+            first = make()
             single_obs, single_act = first.observation_space, first.action_space
             try:
                 check_spaces(env_id, single_obs, single_act)
             except ConfigError:
                 first.close()
                 raise
-            others = [gym.make(env_id) for _ in range(self.n_members * self.n_envs - 1)]
+            others = [make() for _ in range(self.n_members * self.n_envs - 1)]
         _warn_once(caught)
         self.envs: list[gym.Env] = [first, *others]
         self.single_observation_space: gym.spaces.Box = single_obs
-        self.observation_space = flat_box(single_obs)
+        self.observation_space = population_space(single_obs)
         self.action_space = single_act
         bits = seed_bits(env_id)
         self._seeds = [instance_seed(seed, e, stream, bits)
                        for seed in seeds for e in range(self.n_envs)]
         self._seeded = False
         self._stepped = False
-        obs_dim = self.observation_space.shape[0]
-        self._obs = np.zeros((self.n_members * self.n_envs, obs_dim), dtype=np.float32)
+        space = self.observation_space
+        self._obs = np.zeros((self.n_members * self.n_envs, *space.shape), dtype=space.dtype)
+        self._lives = np.zeros(len(self.envs), dtype=np.int64)
 
     def _shape(self, flat: np.ndarray) -> np.ndarray:
         return flat.reshape(self.n_members, self.n_envs, *flat.shape[1:])
 
+    def _as_obs(self, obs: Any) -> np.ndarray:
+        return np.asarray(obs, dtype=self._obs.dtype).reshape(self._obs.shape[1:])
+
     def _reset_one(self, i: int) -> np.ndarray:
         # Seed only the first reset: afterwards each env continues its own RNG.
         seed = None if self._seeded else self._seeds[i]
-        obs, _ = self.envs[i].reset(seed=seed)
-        return np.asarray(obs, dtype=np.float32).reshape(-1)
+        obs, info = self.envs[i].reset(seed=seed)
+        self._lives[i] = info.get("lives", 0)
+        return self._as_obs(obs)
 
     def reset(self) -> np.ndarray:
-        """Reset every environment; ``[S, E, obs_dim]`` float32."""
+        """Reset every environment; ``[S, E, *obs_shape]``."""
         # gymnasium's env checker warns on each instance's first reset and step: once here.
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -163,10 +179,14 @@ class GymPopulationEnv:
         terminated = np.zeros(n, dtype=bool)
         truncated = np.zeros(n, dtype=bool)
         final_obs = np.empty_like(self._obs)
+        life_lost = np.zeros(n, dtype=bool)
         for i, env in enumerate(self.envs):
-            obs, r, term, trunc, _ = env.step(flat_actions[i])
-            final_obs[i] = np.asarray(obs, dtype=np.float32).reshape(-1)
+            obs, r, term, trunc, info = env.step(flat_actions[i])
+            final_obs[i] = self._as_obs(obs)
             reward[i], terminated[i], truncated[i] = float(r), bool(term), bool(trunc)
+            lives = info.get("lives", 0)
+            life_lost[i] = lives < self._lives[i]
+            self._lives[i] = lives
             self._obs[i] = self._reset_one(i) if term or trunc else final_obs[i]
         return Step(
             obs=self._shape(self._obs.copy()),
@@ -174,6 +194,7 @@ class GymPopulationEnv:
             terminated=self._shape(terminated),
             truncated=self._shape(truncated),
             final_obs=self._shape(final_obs),
+            life_lost=self._shape(life_lost),
         )
 
     def close(self) -> None:

@@ -58,18 +58,26 @@ def available_bytes() -> int | None:
     return None
 
 
+def instance_bytes(env_id: str, hp: Mapping[str, Any] | None = None) -> int:
+    """Marginal resident memory of one more environment instance of ``env_id`` (``ALE/*``
+    preprocessed as ``hp`` says): the resident-set growth from making and resetting 4
+    instances after a first one, over 4."""
+    from study.envs.images import env_options
+
+    return _instance_bytes(env_id, env_options(env_id, hp))
+
+
 @functools.cache
-def instance_bytes(env_id: str) -> int:
-    """Marginal resident memory of one more environment instance of ``env_id``: the
-    resident-set growth from making and resetting 4 instances after a first one, over 4."""
+def _instance_bytes(env_id: str, options: Any) -> int:
     from study.envs import FAST_ENVS, make_single_env
 
     if env_id in FAST_ENVS:
         return _FAST_ENV_BYTES
-    first = make_single_env(env_id)
+    hp = None if options is None else options.__dict__
+    first = make_single_env(env_id, hp)
     first.reset(seed=0)
     before = _rss_bytes()
-    more = [make_single_env(env_id) for _ in range(_MEASURED)]
+    more = [make_single_env(env_id, hp) for _ in range(_MEASURED)]
     for i, env in enumerate(more):
         env.reset(seed=i + 1)
     after = _rss_bytes()
@@ -105,20 +113,45 @@ def _mlp_params(sizes: Sequence[int]) -> int:
     return sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
 
 
-def population_bytes(env_id: str, hp: Mapping[str, Any], n_members: int, obs_size: int,
-                     n_outputs: int) -> PopulationMemory:
+def _encoder(hp: Mapping[str, Any], obs_shape: Sequence[int]) -> tuple[int, int, int]:
+    """(parameters, activations per row, features) of the encoder of ``hp``."""
+    from study.config import conv_spec, encoder_units
+
+    convs = conv_spec(hp)
+    if not convs:
+        return 0, 0, math.prod(obs_shape)
+    (c, h, w), params, acts = obs_shape, 0, 0
+    for out, k, stride in convs:
+        h, w = (h - k) // stride + 1, (w - k) // stride + 1
+        params += (c * k * k + 1) * out
+        acts += 2 * out * h * w
+        c = out
+    units = encoder_units(hp)
+    if units:
+        params += (c * h * w + 1) * units
+        acts += units
+    return params, acts, units or c * h * w
+
+
+def population_bytes(env_id: str, hp: Mapping[str, Any], n_members: int,
+                     obs_shape: Sequence[int] | int, n_outputs: int,
+                     obs_itemsize: int = _FLOAT) -> PopulationMemory:
     """The estimate for ``n_members`` members with hyperparameters ``hp`` (network sizes,
-    num_envs, n_steps) on ``env_id``, whose flat observation has ``obs_size`` numbers and
-    whose policy head ``n_outputs``."""
+    num_envs, n_steps) on ``env_id``, whose observations have shape ``obs_shape`` (items
+    of ``obs_itemsize`` bytes: 1 for images) and whose policy head ``n_outputs``."""
     n_envs, n_steps = int(hp["num_envs"]), int(hp["n_steps"])
-    pi = [obs_size, *map(int, hp["policy_hidden_sizes"]), n_outputs]
-    vf = [obs_size, *map(int, hp["value_hidden_sizes"]), 1]
-    params = _mlp_params(pi) + _mlp_params(vf)
-    activations = obs_size + sum(pi[1:]) + sum(vf[1:])
+    shape = (obs_shape,) if isinstance(obs_shape, int) else tuple(obs_shape)
+    enc_params, enc_acts, n_feat = _encoder(hp, shape)
+    towers = 1 if hp["share_trunk"] else 2
+    pi = [n_feat, *map(int, hp["policy_hidden_sizes"]), n_outputs]
+    vf = [n_feat, *map(int, hp["value_hidden_sizes"]), 1]
+    params = _mlp_params(pi) + _mlp_params(vf) + towers * enc_params
+    activations = sum(pi[1:]) + sum(vf[1:]) + towers * enc_acts
     rows = (n_steps + 1) * n_envs
+    obs_bytes = math.prod(shape) * obs_itemsize
     return PopulationMemory(
-        envs=n_members * n_envs * instance_bytes(env_id),
-        buffers=2 * n_members * rows * activations * _FLOAT,
+        envs=n_members * n_envs * instance_bytes(env_id, hp),
+        buffers=2 * n_members * rows * (activations * _FLOAT + obs_bytes),
         networks=4 * n_members * params * _FLOAT,
     )
 
@@ -130,13 +163,16 @@ def check_fits(populations: Sequence[tuple[str, Mapping[str, Any], int]],
     line saying what they need (for dry runs). ``fewer`` names what makes populations
     fewer or smaller in the caller's terms."""
     from study.envs import env_spaces
+    from study.networks import check_network
 
     estimates = []
     for env_id, hp, n in populations:
-        obs_space, act_space = env_spaces(env_id)
+        obs_space, act_space = env_spaces(env_id, hp)
+        check_network(env_id, hp, obs_space)
         n_out = int(getattr(act_space, "n", 0)) or math.prod(act_space.shape)
-        estimates.append((population_bytes(env_id, hp, n, math.prod(obs_space.shape), n_out),
-                          env_id, hp, n))
+        memory = population_bytes(env_id, hp, n, obs_space.shape, n_out,
+                                  obs_space.dtype.itemsize)
+        estimates.append((memory, env_id, hp, n))
     total = sum(e.total for e, *_ in estimates)
     biggest, env_id, hp, n = max(estimates, key=lambda x: x[0].total)
     free = available_bytes()
