@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from study import store
-from study.config import ConfigError, coerce
+from study.config import SPECS, ConfigError, coerce, resolve
 from study.trust import require_trust
 
 __all__ = [
@@ -73,15 +73,16 @@ DEFAULT_MAX_STEPS = 1000
 
 @dataclass(frozen=True)
 class SavedPolicy:
-    """A run's final policy weights with what is needed to act with them."""
+    """A run's final policy weights with what is needed to act with them: its resolved
+    hyperparameters rebuild the trainer's own network (study.networks.ActorCritic), into
+    which the weights are loaded by name."""
 
     run_id: str
     env_id: str
     seed: int
     status: str
     final_return: float
-    activation: str
-    share_trunk: bool
+    hyperparameters: dict[str, Any]
     weights: dict[str, np.ndarray]
 
     def _normalise(self, x: np.ndarray) -> np.ndarray:
@@ -91,37 +92,48 @@ class SavedPolicy:
         mean, var = self.weights["obs_mean"], self.weights["obs_var"]
         return np.clip((x.astype(np.float64) - mean) / np.sqrt(var + 1e-8), -10, 10)
 
-    def _layers(self, prefix: str) -> list[np.ndarray]:
-        n = sum(1 for k in self.weights if k.startswith(f"{prefix}."))
-        return [np.asarray(self.weights[f"{prefix}.{j}"], np.float32) for j in range(n)]
-
     def policy_fn(self) -> Callable[[np.ndarray], np.ndarray]:
-        """``obs (flat) -> policy output`` (logits or Gaussian means), as the trainer's
-        networks compute it (:func:`study.nets.mlp`), in NumPy float32: replaying a policy
-        needs no torch (whose import alone takes seconds)."""
-        pi, trunk = self._layers("pi"), self._layers("trunk")
-        act = np.tanh if self.activation == "tanh" else (lambda h: np.maximum(h, 0.0))
+        """``obs -> policy output`` (logits or Gaussian means, float64) of one observation
+        of :func:`study.envs.make_single_env`, computed by the trainer's network with one
+        member; ConfigError (one line) when the weights do not fit that network."""
+        import torch
 
-        def mlp(x: np.ndarray, params: list[np.ndarray]) -> np.ndarray:
-            n_layers = len(params) // 2
-            for layer in range(n_layers):
-                x = x @ params[2 * layer] + params[2 * layer + 1]
-                if layer < n_layers - 1:
-                    x = act(x)
-            return x
+        from study.envs import env_spaces
+        from study.networks import ActorCritic
+
+        obs_space, act_space = env_spaces(self.env_id, self.hyperparameters)
+        log_std = torch.zeros(1)
+        net = ActorCritic(self.hyperparameters, [0], obs_space, act_space, log_std,
+                          torch.device("cpu"))
+        try:
+            net.load_member_state({k: v for k, v in self.weights.items()
+                                   if not k.startswith("obs_")})
+        except ConfigError as e:
+            raise ConfigError(f"the saved policy of run {self.run_id} does not fit its "
+                              f"network on {self.env_id}: {e}") from None
+        image = obs_space.dtype == np.uint8
 
         def out(obs: np.ndarray) -> np.ndarray:
-            x = self._normalise(np.asarray(obs, np.float64).reshape(1, -1)).astype(np.float32)
-            if self.share_trunk:
-                x = act(mlp(x, trunk))  # the trunk's last layer is activated too
-            return mlp(x, pi)[0].astype(np.float64)
+            x = np.asarray(obs)
+            x = x.astype(np.uint8) if image else self._normalise(
+                x.astype(np.float32).reshape(-1)).astype(np.float32)
+            with torch.no_grad():
+                y = net.policy_out(torch.from_numpy(np.ascontiguousarray(x))[None, None])
+            return y[0, 0].numpy().astype(np.float64)
 
         return out
 
-    @property
-    def obs_dim(self) -> int:
-        first = self.weights["trunk.0" if self.share_trunk else "pi.0"]
-        return int(first.shape[0])
+
+def _hyperparameters(row: dict[str, Any], env_id: str) -> dict[str, Any]:
+    """A run's resolved hyperparameters from its row (keys a store predates, or NaN cells
+    of other envs' keys, at their defaults for ``env_id``)."""
+    given = {}
+    for k in SPECS:
+        v = row.get(k)
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            continue
+        given[k] = v.tolist() if hasattr(v, "tolist") else v
+    return resolve(given, f"run {row.get('run_id')}: ", env=env_id)
 
 
 def _run_row(root: Path, run_id: str) -> dict[str, Any]:
@@ -158,17 +170,16 @@ def load_policy(results_dir: str | Path, run_id: str) -> SavedPolicy:
         raise ConfigError(
             f"run {run_id} used normalize_obs = true and its observation statistics are not "
             "saved (a store from an older version), so its policy cannot be replayed")
-    share = bool(coerce("share_trunk", row.get("share_trunk", False)))
-    if "pi.0" not in weights or (share and "trunk.0" not in weights):
-        raise ConfigError(f"{path}: not a saved policy (no {'trunk.0' if share else 'pi.0'})")
+    if not any(k.startswith(("pi.", "trunk.")) for k in weights):
+        raise ConfigError(f"{path}: not a saved policy (no policy weights)")
     if not all(np.isfinite(w).all() for w in weights.values()):
         raise ConfigError(f"run {run_id} ({row.get('status')}) has non-finite saved weights; "
                           "there is no policy to replay")
+    env_id = str(row["env"])
     return SavedPolicy(
-        run_id=run_id, env_id=str(row["env"]), seed=int(row["seed"]),
+        run_id=run_id, env_id=env_id, seed=int(row["seed"]),
         status=str(row.get("status", "ok")), final_return=float(row.get("final_return", np.nan)),
-        activation=coerce("activation", row.get("activation", "tanh")),
-        share_trunk=share, weights=weights,
+        hyperparameters=_hyperparameters(row, env_id), weights=weights,
     )
 
 
@@ -196,18 +207,14 @@ class Episode:
         return float(self.rewards[:step].sum())
 
 
-def _make_env(env_id: str) -> Any:
-    import gymnasium as gym
+def _make_env(policy: SavedPolicy) -> Any:
+    """The run's environment as the trainer made it (Atari preprocessing, channel-first
+    images), drawing ``rgb_array`` frames of the game itself."""
+    from study.envs import make_single_env
 
-    from study.envs import env_spaces
-
-    env_spaces(env_id)  # ConfigError (one line, with close matches) for unknown ids
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # e.g. "CartPole-v0 is out of date"
-            return gym.make(env_id, render_mode="rgb_array", disable_env_checker=True)
-    except gym.error.Error as e:
-        raise ConfigError(f"environment {env_id!r} cannot be made: {e}") from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. "CartPole-v0 is out of date"
+        return make_single_env(policy.env_id, policy.hyperparameters, render_mode="rgb_array")
 
 
 def _actor(policy: SavedPolicy, env: Any) -> Callable[[np.ndarray], Any]:
@@ -215,10 +222,6 @@ def _actor(policy: SavedPolicy, env: Any) -> Callable[[np.ndarray], Any]:
     import gymnasium as gym
 
     space = env.action_space
-    obs_dim = int(np.prod(env.observation_space.shape))
-    if obs_dim != policy.obs_dim:
-        raise ConfigError(f"the saved policy of run {policy.run_id} takes {policy.obs_dim} "
-                          f"inputs but {policy.env_id} observations have {obs_dim}")
     out = policy.policy_fn()
     if isinstance(space, gym.spaces.Discrete):
         return lambda obs: int(space.start + int(np.argmax(out(obs))))
@@ -232,7 +235,7 @@ def play_episode(policy: SavedPolicy, seed: int = 0, max_steps: int | None = Non
     Ends at termination, at the env's time limit, or after ``max_steps`` steps, whichever
     comes first (without a time limit and ``max_steps``: :data:`DEFAULT_MAX_STEPS`).
     """
-    env = _make_env(policy.env_id)
+    env = _make_env(policy)
     try:
         act = _actor(policy, env)
         limit = max_steps or (env.spec.max_episode_steps if env.spec else None) or \
@@ -330,7 +333,7 @@ def episode_frames(policy: SavedPolicy, episode: Episode, steps: Sequence[int]) 
     the episode's actions from the same reset."""
     import gymnasium as gym
 
-    env = _make_env(policy.env_id)
+    env = _make_env(policy)
     drawer: Any = None
 
     def frame() -> np.ndarray:
@@ -483,7 +486,7 @@ def render_filmstrip(results_dir: str | Path, run_id: str, out: str | Path | Non
     if ext == ".png":
         data = _png_bytes(strip)
     else:
-        env = _make_env(policy.env_id)
+        env = _make_env(policy)
         fps = float(env.metadata.get("render_fps") or 50)
         env.close()
         data = _gif_bytes(strip, fps)

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from study import failures, figures, grid, render, report, store
+from study.config import ConfigError
 from study.nets import mlp
 
 SWEEP = """
@@ -114,29 +115,31 @@ def test_episode_and_frames(tiny):
 
 
 @pytest.mark.parametrize("share_trunk", [False, True])
-def test_policy_matches_the_trainer_networks(share_trunk):
-    rng = np.random.default_rng(0)
-    sizes = [5, 16, 8, 1]
-    layers = []
-    for a, b in zip(sizes[:-1], sizes[1:], strict=True):
-        layers += [rng.normal(size=(a, b)).astype(np.float32),
-                   rng.normal(size=(1, b)).astype(np.float32)]
-    if share_trunk:
-        weights = {"trunk.0": layers[0], "trunk.1": layers[1], "trunk.2": layers[2],
-                   "trunk.3": layers[3], "pi.0": layers[4], "pi.1": layers[5]}
-    else:
-        weights = {f"pi.{j}": w for j, w in enumerate(layers)}
-    policy = render.SavedPolicy("r", "CartPoleSwingUp-v1", 0, "ok", 0.0, "tanh", share_trunk,
-                                weights)
-    obs = rng.normal(size=5).astype(np.float32)
-    t = [torch.from_numpy(w)[None] for w in layers]
-    x = torch.from_numpy(obs)[None, None]
-    if share_trunk:
-        want = mlp(torch.tanh(mlp(x, t[:4], "tanh")), t[4:], "tanh")
-    else:
-        want = mlp(x, t, "tanh")
-    np.testing.assert_allclose(policy.policy_fn()(obs), want[0, 0].numpy(), rtol=1e-5,
-                               atol=1e-5)
+def test_policy_is_the_trainer_network_of_that_member(share_trunk):
+    """A saved member's weights, loaded into a one-member network, give what the member
+    computed inside its population (the render does not re-implement the network)."""
+    import gymnasium as gym
+
+    from study import config as cfg
+    from study.envs import env_spaces
+    from study.networks import ActorCritic
+
+    hp = cfg.resolve({"share_trunk": share_trunk, "policy_hidden_sizes": [16, 8],
+                      "value_hidden_sizes": [16, 8]})
+    obs_space, act_space = env_spaces("CartPoleSwingUp-v1")
+    agent = ActorCritic(hp, [4, 5, 6], obs_space, act_space, torch.tensor([0.0, 0.1, -0.2]),
+                        torch.device("cpu"))
+    assert isinstance(act_space, gym.spaces.Box)
+    policy = render.SavedPolicy("r", "CartPoleSwingUp-v1", 5, "ok", 0.0, hp,
+                                agent.member_state(1))
+    obs = np.random.default_rng(0).normal(size=5).astype(np.float32)
+    x = torch.from_numpy(np.stack([obs] * 3))[:, None]
+    want = agent.policy_out(x)[1, 0].detach().numpy()
+    np.testing.assert_array_equal(policy.policy_fn()(obs), want.astype(np.float64))
+    broken = render.SavedPolicy("r", "CartPoleSwingUp-v1", 5, "ok", 0.0, hp,
+                                {k: v for k, v in agent.member_state(1).items() if k != "pi.1"})
+    with pytest.raises(ConfigError, match="pi.1"):
+        broken.policy_fn()
 
 
 def _listing(root: Path) -> set[Path]:
