@@ -53,7 +53,7 @@ GROUPS = ("trunk_enc", "trunk", "pi_enc", "pi", "v_enc", "v")
 #: they had before encoders existed, so MLP members start from the same weights.
 _STREAM = {"trunk": 0, "pi": 1, "v": 2, "trunk_enc": 3, "pi_enc": 4, "v_enc": 5}
 #: A loss over a large batch is accumulated over chunks of rows of about this many bytes of
-#: activations per member (see study.population.CHUNK_ROWS for MLPs).
+#: activations per member (see study.updates.CHUNK_ROWS for MLPs).
 _CHUNK_BYTES = 32 * 2**20
 
 
@@ -164,7 +164,7 @@ class ActorCritic:
             if self.discrete
             else log_std_init.reshape(-1, 1).repeat(1, self.act_dim).to(torch.float32)
         )
-        #: Hand-written gradients available (study.population's accelerated update).
+        #: Hand-written gradients available (study.updates.AcceleratedMLPUpdate).
         self.accelerated = (_ACCELERATE[0] and not self.share_trunk and not self.convs
                             and not self.image)
         for p in self.all_params():
@@ -285,7 +285,7 @@ class ActorCritic:
     def chunk_rows(self) -> int | None:
         """Rows per chunk for losses over large batches of image observations (about
         ``_CHUNK_BYTES`` of encoder activations per member; it depends on the network
-        only, never on S); None: study.population's default."""
+        only, never on S); None: study.updates.CHUNK_ROWS."""
         if not self.convs:
             return None
         c, h, w = self.obs_shape

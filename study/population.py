@@ -1,13 +1,24 @@
 """Population A2C/GAE: S members (hyperparameters, seed) trained as one vectorized computation.
 
-Read it top to bottom like a CleanRL script: :func:`train_population` collects a rollout of
-``n_steps`` steps from ``num_envs`` environments per member, computes GAE advantages, takes
-policy and value gradient steps, and logs, for all members at once.
+Read it top to bottom like a CleanRL script: :meth:`_Trainer.train` is the loop, and each
+of its steps is one short method, for all members at once:
+
+1. :meth:`~_Trainer.collect_rollout`: ``n_steps`` steps of ``num_envs`` environments per
+   member, actions sampled from each member's own stream;
+2. :meth:`~_Trainer.compute_targets`: GAE advantages and value targets (truncations
+   bootstrap from the value of the final observation);
+3. :meth:`~_Trainer.update`: a policy pass and ``value_iters`` value passes over
+   minibatches, gradients from study.updates (the autograd reference, or a registered
+   acceleration of it for the network at hand), per-member optimizers;
+4. :meth:`~_Trainer.log`: curve points and evaluations every ``log_every`` env steps.
+
+The networks (study.networks) own their weights and forward passes; nothing here depends
+on which network a population has.
 
 Members never touch each other:
 
 * every member owns its random streams (init, actions, env resets, shuffles; see rng.py);
-* weights are stacked ``[S, ...]`` and applied with batched matmuls (nets.py);
+* weights are stacked ``[S, ...]`` and applied per member (nets.py);
 * advantage normalization, gradient clipping, optimizer state and learning rates are per
   member, and the loss is the sum over members of per-member means, so the gradient of a
   member depends on nothing but its own data.
@@ -33,10 +44,10 @@ from study.alloc import keep_freed_memory
 from study.envs import Step, make_population_env
 from study.envs.memory import check_fits
 from study.gae import gae_advantages
-from study.nets import Prepared, backward, forward_cached
 from study.networks import ActorCritic, check_network
 from study.optim import MemberOptimizer
 from study.rng import STREAM_ACTIONS, STREAM_EVAL_RESET, STREAM_SHUFFLE, MemberStreams
+from study.updates import Minibatch, make_update
 
 CURVE_COLUMNS: tuple[str, ...] = (
     "step",
@@ -192,52 +203,6 @@ def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.take_along_dim(x, idx.reshape(shape), dim=1)
 
 
-# Rows per chunk when a loss is evaluated over a large batch: gradients are accumulated
-# chunk by chunk so activations stay in cache (2-3x faster on 32k-sample batches). It
-# depends only on the batch size, never on the population, so members stay bit-identical.
-CHUNK_ROWS = 1024
-
-
-def _chunked_gradients(
-    terms_fn: Callable[[int, int], dict[str, torch.Tensor]],
-    params: list[torch.Tensor],
-    n_rows: int,
-    chunk_rows: int | None = None,
-) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
-    """Per-member means of the terms ``terms_fn(a, b)`` returns (sums over rows a:b, each
-    ``[S]``) over ``n_rows`` rows, and the gradients of the mean of ``terms["loss"]``, by
-    autograd over chunks of ``chunk_rows`` rows (default :data:`CHUNK_ROWS`).
-
-    The loss summed over members has, for each member, the gradient of its own mean loss.
-    """
-    total: dict[str, torch.Tensor] = {}
-    grads: list[torch.Tensor] | None = None
-    chunk = chunk_rows or CHUNK_ROWS
-    for a in range(0, n_rows, chunk):
-        terms = terms_fn(a, min(a + chunk, n_rows))
-        terms = {k: v / n_rows for k, v in terms.items()}
-        g = torch.autograd.grad(terms["loss"].sum(), params, allow_unused=True)
-        g = [torch.zeros_like(p) if x is None else x for p, x in zip(params, g, strict=True)]
-        grads = g if grads is None else [x + y for x, y in zip(grads, g, strict=True)]
-        for k, v in terms.items():
-            total[k] = v.detach() if k not in total else total[k] + v.detach()
-    assert grads is not None
-    return total, grads
-
-
-def _manual_chunks(
-    fn: Callable[[int, int], tuple[dict[str, torch.Tensor], list[torch.Tensor]]], n_rows: int
-) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
-    """Accumulate the terms and gradients ``fn(a, b)`` returns over row chunks."""
-    total: dict[str, torch.Tensor] = {}
-    grads: list[torch.Tensor] = []
-    for a in range(0, n_rows, CHUNK_ROWS):
-        terms, g = fn(a, min(a + CHUNK_ROWS, n_rows))
-        grads = g if not grads else [x.add_(y) for x, y in zip(grads, g, strict=True)]
-        total = terms if not total else {k: total[k] + v for k, v in terms.items()}
-    return total, grads
-
-
 def _rollout_targets(
     v_all: torch.Tensor,
     v_final: torch.Tensor | None,
@@ -284,13 +249,6 @@ def _rollout_targets(
     # [T, S, E] -> [S, T*E]
     adv = adv.transpose(0, 1).reshape(n_alive, n_batch)
     return adv, returns.transpose(0, 1).reshape(n_alive, n_batch)
-
-
-def _value_terms(agent: ActorCritic, obs: torch.Tensor, returns: torch.Tensor,
-                 value_coef: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Sums over these rows of ``(V(s) - R)^2`` and of ``c_v`` times it (``loss``)."""
-    v = ((agent.values(obs) - returns) ** 2).sum(dim=1)
-    return {"v": v, "loss": value_coef * v}
 
 
 def _check_members(members: Sequence[Member]) -> dict[str, Any]:
@@ -360,6 +318,7 @@ def _note_env_faults(step: Step, global_step: int, env_fault: list[str | None]) 
                                 f"{global_step}")
 
 
+
 def train_population(
     env_id: str,
     members: Sequence[Member],
@@ -388,91 +347,350 @@ def train_population(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _train(env_id, members, total_steps, log_every, eval_every, eval_episodes,
-                      device, save_policies, on_log, on_progress, check_memory)
+        t_start = time.perf_counter()
+        keep_freed_memory()
+        hp = _check_members(members)
+        if check_memory:  # drivers check all the populations they start together instead
+            check_fits([(env_id, hp, len(members))], fewer="the population")
+        trainer = _Trainer(env_id, members, hp, total_steps, device)
+        return trainer.train(_Schedule(log_every, eval_every, eval_episodes), save_policies,
+                             on_log, on_progress, t_start)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(env_id: str, members: Sequence[Member], total_steps: int, log_every: int,
-           eval_every: int, eval_episodes: int, device: str, save_policies: bool,
-           on_log: Callable[[int, dict[str, np.ndarray]], np.ndarray | None] | None,
-           on_progress: Callable[[int], None] | None, check_memory: bool) -> list[RunResult]:
-    """:func:`train_population`'s body, run with one torch thread."""
-    t_start = time.perf_counter()
-    keep_freed_memory()
-    hp = _check_members(members)
-    if check_memory:  # drivers check all the populations they start together instead
-        check_fits([(env_id, hp, len(members))], fewer="the population")
-    dev = torch.device(device)
-    seeds = [int(m.seed) for m in members]
-    n_mem = len(members)
-    n_envs, n_steps = int(hp["num_envs"]), int(hp["n_steps"])
-    n_batch = n_envs * n_steps
-    n_updates = max(1, math.ceil(total_steps / n_batch))
-    total_effective = n_updates * n_batch
-    final_from = 0.9 * total_effective
+@dataclass(frozen=True)
+class _Schedule:
+    """When to log and evaluate (env steps) and how many episodes an evaluation plays."""
 
-    env = make_population_env(env_id, seeds, n_envs, hp=hp)
-    n_evals = 0
-    obs_space, act_space = env.observation_space, env.action_space
-    check_network(env_id, hp, obs_space)
-    obs_shape = tuple(obs_space.shape)
-    obs_dim = int(np.prod(obs_shape))
-    discrete = isinstance(act_space, gym.spaces.Discrete)
-    act_shape: tuple[int, ...] = () if discrete else tuple(act_space.shape)
-    if not discrete:
-        act_low = np.broadcast_to(act_space.low, act_shape).astype(np.float64)
-        act_high = np.broadcast_to(act_space.high, act_shape).astype(np.float64)
+    log_every: int
+    eval_every: int
+    eval_episodes: int
 
-    # Per-member scalar hyperparameters; rows follow `alive` (members still learning).
-    hps = {n: _member_tensor(members, n, dev) for n in cfg.SCALAR if n not in ("value_target",)}
-    hps["mc"] = torch.tensor(
-        [m.hyperparameters["value_target"] == "mc" for m in members], device=dev
-    )
-    agent = ActorCritic(hp, seeds, obs_space, act_space, hps["log_std_init"], dev)
-    pi_opt = MemberOptimizer(hp["policy_optimizer"], agent.policy_params())
-    v_opt = MemberOptimizer(hp["value_optimizer"], agent.value_params())
-    alive = np.arange(n_mem)  # members still learning, in population order
-    normalizer = ObsNormalizer(
-        n_mem, obs_dim, np.array([bool(m.hyperparameters["normalize_obs"]) for m in members])
-    )
-    reward_norm = RewardNormalizer(
-        n_envs, np.array([bool(m.hyperparameters.get("normalize_reward")) for m in members]),
-        np.array([float(m.hyperparameters["gamma"]) for m in members]))
-    clip_reward = np.array([bool(m.hyperparameters["clip_reward"]) for m in members])
-    life_loss = np.array([bool(m.hyperparameters["terminal_on_life_loss"]) for m in members])
-    action_rng = MemberStreams(seeds, STREAM_ACTIONS)
-    shuffle_rng = MemberStreams(seeds, STREAM_SHUFFLE)
 
-    status = np.array(["ok"] * n_mem, dtype=object)
-    diverged_at: list[int | None] = [None] * n_mem
-    reasons: list[str | None] = [None] * n_mem
-    stopped_at = np.full(n_mem, -1)  # global step at which a member stopped learning
-    policy_states: list[dict[str, np.ndarray] | None] = [None] * n_mem
-    curves: dict[str, list[np.ndarray]] = {c: [] for c in CURVE_COLUMNS}
-    windows = _Windows(n_mem)
-    ep_ret = np.zeros((n_mem, n_envs))
-    ep_len = np.zeros((n_mem, n_envs))
-    last_ret = np.full((n_mem, n_envs), np.nan)  # each env's last finished episode
-    env_fault: list[str | None] = [None] * n_mem  # the first non-finite env output seen
-    last_eval = np.full(n_mem, np.nan)
+@dataclass
+class _Rollout:
+    """One rollout of the whole population, ``[T, S, E, ...]`` (the first axis is time)."""
 
-    def to_torch(x: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(x).to(dev)
+    obs: np.ndarray
+    final_obs: np.ndarray  # observation after each step where it was a truncation
+    actions: np.ndarray
+    rewards: np.ndarray  # what the members learn from (clipped or scaled)
+    terminated: np.ndarray  # for learning (a lost life counts where asked)
+    dones: np.ndarray
 
-    def learning_rows(x: np.ndarray) -> np.ndarray:
+
+@dataclass
+class _Batch:
+    """A rollout's learning rows per learner ``[S', T * E, ...]`` with their targets."""
+
+    obs: torch.Tensor
+    actions: torch.Tensor
+    adv: torch.Tensor
+    returns: torch.Tensor
+    explained_variance: torch.Tensor
+
+
+class _Trainer:
+    """The state of one population's training; :meth:`train` is the loop."""
+
+    def __init__(self, env_id: str, members: Sequence[Member], hp: dict[str, Any],
+                 total_steps: int, device: str) -> None:
+        self.env_id, self.members, self.hp = env_id, members, hp
+        self.dev = torch.device(device)
+        self.seeds = [int(m.seed) for m in members]
+        self.n_mem = len(members)
+        self.n_envs, self.n_steps = int(hp["num_envs"]), int(hp["n_steps"])
+        self.n_batch = self.n_envs * self.n_steps
+        self.n_updates = max(1, math.ceil(total_steps / self.n_batch))
+        self.total_effective = self.n_updates * self.n_batch
+        self.final_from = 0.9 * self.total_effective
+
+        self.env = make_population_env(env_id, self.seeds, self.n_envs, hp=hp)
+        self.n_evals = 0
+        obs_space, act_space = self.env.observation_space, self.env.action_space
+        check_network(env_id, hp, obs_space)
+        self.obs_shape = tuple(obs_space.shape)
+        self.discrete = isinstance(act_space, gym.spaces.Discrete)
+        self.act_shape: tuple[int, ...] = () if self.discrete else tuple(act_space.shape)
+        if not self.discrete:
+            self.act_low = np.broadcast_to(act_space.low, self.act_shape).astype(np.float64)
+            self.act_high = np.broadcast_to(act_space.high, self.act_shape).astype(np.float64)
+
+        # Per-member scalar hyperparameters; rows follow `alive` (members still learning).
+        self.hps = {n: _member_tensor(members, n, self.dev)
+                    for n in cfg.SCALAR if n not in ("value_target",)}
+        self.hps["mc"] = torch.tensor(
+            [m.hyperparameters["value_target"] == "mc" for m in members], device=self.dev)
+        self.agent = ActorCritic(hp, self.seeds, obs_space, act_space, self.hps["log_std_init"],
+                                 self.dev)
+        self.updater = make_update(self.agent, hp)
+        self.pi_opt = MemberOptimizer(hp["policy_optimizer"], self.agent.policy_params())
+        self.v_opt = MemberOptimizer(hp["value_optimizer"], self.agent.value_params())
+        self.alive = np.arange(self.n_mem)  # members still learning, in population order
+
+        def flags(name: str) -> np.ndarray:
+            return np.array([bool(m.hyperparameters[name]) for m in members])
+
+        self.normalizer = ObsNormalizer(self.n_mem, int(np.prod(self.obs_shape)),
+                                        flags("normalize_obs"))
+        self.reward_norm = RewardNormalizer(
+            self.n_envs, flags("normalize_reward"),
+            np.array([float(m.hyperparameters["gamma"]) for m in members]))
+        self.clip_reward, self.life_loss = flags("clip_reward"), flags("terminal_on_life_loss")
+        self.action_rng = MemberStreams(self.seeds, STREAM_ACTIONS)
+        self.shuffle_rng = MemberStreams(self.seeds, STREAM_SHUFFLE)
+
+        n = self.n_mem
+        self.status = np.array(["ok"] * n, dtype=object)
+        self.diverged_at: list[int | None] = [None] * n
+        self.reasons: list[str | None] = [None] * n
+        self.stopped_at = np.full(n, -1)  # global step at which a member stopped learning
+        self.policy_states: list[dict[str, np.ndarray] | None] = [None] * n
+        self.curves: dict[str, list[np.ndarray]] = {c: [] for c in CURVE_COLUMNS}
+        self.windows = _Windows(n)
+        self.ep_ret = np.zeros((n, self.n_envs))
+        self.ep_len = np.zeros((n, self.n_envs))
+        self.last_ret = np.full((n, self.n_envs), np.nan)  # each env's last finished episode
+        self.env_fault: list[str | None] = [None] * n  # the first non-finite env output seen
+        self.last_eval = np.full(n, np.nan)
+        self.global_step = 0
+        self.save_policies = False
+
+    # ------------------------------------------------------------------- the loop
+    def train(self, schedule: _Schedule, save_policies: bool,
+              on_log: Callable[[int, dict[str, np.ndarray]], np.ndarray | None] | None,
+              on_progress: Callable[[int], None] | None, t_start: float) -> list[RunResult]:
+        """Collect a rollout, compute its targets, update, log; until the budget is spent
+        or no member is learning."""
+        self.save_policies = save_policies
+        self.obs = self.observe(self.env.reset(), update=True)
+        self.next_log = schedule.log_every
+        self.next_eval = schedule.eval_every if schedule.eval_every > 0 else math.inf
+        for update in range(self.n_updates):
+            if len(self.alive) == 0:
+                break
+            rollout = self.collect_rollout()
+            if on_progress is not None:
+                on_progress(self.n_batch * len(self.alive))
+            batch = self.compute_targets(rollout)
+            stats, diverged = self.update(batch)
+            self.record(stats)
+            self.stop(diverged.cpu().numpy(), "diverged", self.global_step)
+            self.log(schedule, on_log, last=update == self.n_updates - 1)
+        if save_policies:
+            for pos, i in enumerate(self.alive):
+                self.policy_states[i] = self.policy_state(pos, int(i))
+        self.env.close()
+        return self.results((time.perf_counter() - t_start) / self.n_mem)
+
+    # ------------------------------------------------------------------- 1. rollout
+    def collect_rollout(self) -> _Rollout:
+        """``n_steps`` vectorized steps of every environment of every member."""
+        shape = (self.n_steps, self.n_mem, self.n_envs)
+        ro = _Rollout(
+            obs=np.zeros((*shape, *self.obs_shape), dtype=self.obs.dtype),
+            final_obs=np.zeros((*shape, *self.obs_shape), dtype=self.obs.dtype),
+            actions=np.zeros((*shape, *self.act_shape)),
+            rewards=np.zeros(shape), terminated=np.zeros(shape, dtype=bool),
+            dones=np.zeros(shape, dtype=bool))
+        # The rollout's random draws in one call, for every member (alive or not), so each
+        # member's stream advances the same way whoever else is in the population.
+        if self.discrete:
+            draws = self.action_rng.uniform((self.n_steps, self.n_envs))
+        else:
+            draws = self.action_rng.normal((self.n_steps, self.n_envs, *self.act_shape))
+        self.updater.begin_rollout(len(self.alive), self.n_steps, self.n_envs)
+        for t in range(self.n_steps):
+            out = self.updater.rollout_pass(self.to_torch(self.learning_rows(self.obs)), t)
+            actions = self.act(out, False, draws[:, t])
+            step = self.env.step(self.env_actions(actions))
+            self.global_step += self.n_envs
+            ro.obs[t], ro.actions[t] = self.obs, actions
+            self.record_step(ro, t, step)
+            next_obs = self.observe(step.obs, update=True)
+            if step.truncated.any():  # V(final obs) is only needed to bootstrap truncations
+                ro.final_obs[t] = self.observe(step.final_obs)
+            self.obs = next_obs
+        return ro
+
+    def observe(self, raw: np.ndarray, update: bool = False) -> np.ndarray:
+        """Observations ``[S, E, ...]`` as the networks take them (normalised where asked,
+        after updating the running statistics with ``raw`` when ``update``)."""
+        raw = raw.reshape(self.n_mem, -1, *self.obs_shape)
+        if update:
+            self.normalizer.update(raw)
+        return self.normalizer(raw)
+
+    def record_step(self, ro: _Rollout, t: int, step: Step) -> None:
+        """Store step t's rewards and ends, and add finished episodes to the windows."""
+        w = self.windows
+        kernels.record_step_(
+            t, step.reward, step.terminated, step.truncated, ro.rewards, ro.terminated,
+            ro.dones, self.ep_ret, self.ep_len, w.ret_sum, w.len_sum, w.ep_count,
+            w.final_sum, w.final_count, self.global_step > self.final_from, self.last_ret,
+        )  # fmt: skip
+        _note_env_faults(step, self.global_step, self.env_fault)
+        # Learn from clipped or scaled rewards; episodes keep the raw ones.
+        clip = self.clip_reward.any()
+        if clip:
+            ro.rewards[t] = np.where(self.clip_reward[:, None], np.sign(step.reward), step.reward)
+        if self.reward_norm.active:
+            ro.rewards[t] = self.reward_norm(ro.rewards[t] if clip else step.reward,
+                                             step.terminated | step.truncated)
+        if step.life_lost is not None and self.life_loss.any():  # a lost life ends
+            lost = step.life_lost & self.life_loss[:, None]      # learning's episode only
+            ro.terminated[t] |= lost
+            ro.dones[t] |= lost
+
+    # ------------------------------------------------------------------- 2. targets
+    def compute_targets(self, ro: _Rollout) -> _Batch:
+        """GAE advantages and value targets from the pre-update value function; advantages
+        normalised per member where asked."""
+        n_alive, n_batch, cols = len(self.alive), self.n_batch, self.learning_cols
+
+        def rows(x: np.ndarray) -> torch.Tensor:  # [T, S, E, ...] -> [S', T * E, ...]
+            t = self.to_torch(np.ascontiguousarray(cols(x).swapaxes(0, 1)))
+            return t.reshape(n_alive, n_batch, *x.shape[3:])
+
+        obs = rows(ro.obs)
+        # V(s_0..s_T): row t*E + e of the rollout is followed by row (t+1)*E + e.
+        v_all = self.updater.state_values(obs, self.to_torch(self.learning_rows(self.obs)))
+        with torch.no_grad():
+            trunc = cols(ro.dones) & ~cols(ro.terminated)
+            v_final = None
+            if trunc.any():
+                # Time-limit truncation bootstraps from V(final obs), not V(reset obs). Only
+                # whether this pass runs depends on the population, never its per-member values.
+                v_final = self.agent.values(rows(ro.final_obs))
+            adv, returns = _rollout_targets(v_all, v_final, ro.rewards, ro.terminated, ro.dones,
+                                            self.alive, self.hps, trunc)
+            ev = self._normalize_advantages(adv, returns, v_all[:, :n_batch])
+        actions = rows(ro.actions)
+        return _Batch(obs, actions if self.discrete else actions.float(), adv, returns, ev)
+
+    def _normalize_advantages(self, adv: torch.Tensor, returns: torch.Tensor,
+                              values: torch.Tensor) -> torch.Tensor:
+        """Normalise ``adv`` in place for the members that asked; returns the explained
+        variance of ``values`` per member."""
+        if self.dev.type == "cpu":
+            ev = torch.empty(len(self.alive))
+            kernels.advantage_stats_(
+                adv.numpy(), returns.numpy(), values.numpy(),
+                self.hps["normalize_advantage"].numpy() > 0, ev.numpy(),
+            )  # fmt: skip
+            return ev
+        if adv.shape[1] > 1:
+            mean, std = _row_mean(adv), _row_var(adv, correction=1).sqrt()
+            normed = (adv - mean) / (std + 1e-8)
+            adv.copy_(torch.where(self.hps["normalize_advantage"][:, None] > 0, normed, adv))
+        return _explained_variance(values, returns)
+
+    # ------------------------------------------------------------------- 3. update
+    def update(self, batch: _Batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """One policy pass and ``value_iters`` value passes over minibatches; returns the
+        update's metrics per learner and which learners went non-finite."""
+        n_alive, hps = len(self.alive), self.hps
+        spans = _minibatches(self.n_batch, int(self.hp["n_minibatches"]))
+        stats = {k: torch.zeros(n_alive, device=self.dev) for k in _UPDATE_METRICS}
+        diverged = torch.zeros(n_alive, dtype=torch.bool, device=self.dev)
+        perm = self.permutation(len(spans))
+        for lo, hi in spans:
+            terms, grads = self.updater.policy_gradients(
+                self.minibatch(batch, perm, lo, hi), hps["entropy_coef"], hps["value_coef"])
+            norm, finite = self.pi_opt.step(self.agent.policy_params(), grads, hps["policy_lr"],
+                                            hps["max_grad_norm"], torch.isfinite(terms["loss"]))
+            diverged |= ~finite
+            stats["policy_loss"] += terms["pg"] / len(spans)
+            stats["entropy"] += terms["ent"] / len(spans)
+            stats["grad_norm"] += norm / len(spans)
+            if self.agent.share_trunk:
+                stats["value_loss"] += terms["v"] / len(spans)
+        for _ in range(0 if self.agent.share_trunk else int(self.hp["value_iters"])):
+            perm = self.permutation(len(spans))
+            v_loss_sum = torch.zeros(n_alive, device=self.dev)
+            for lo, hi in spans:
+                terms, grads = self.updater.value_gradients(
+                    self.minibatch(batch, perm, lo, hi), hps["value_coef"])
+                _, finite = self.v_opt.step(self.agent.value_params(), grads, hps["value_lr"],
+                                            hps["value_max_grad_norm"],
+                                            torch.isfinite(terms["loss"]))
+                diverged |= ~finite
+                v_loss_sum += terms["v"]
+            stats["value_loss"] = v_loss_sum / len(spans)
+        stats["explained_variance"] = batch.explained_variance
+        return stats, diverged
+
+    def permutation(self, n_minibatches: int) -> torch.Tensor | None:
+        """Each learner's own shuffle of the rollout's rows (None with one minibatch)."""
+        if n_minibatches == 1:
+            return None
+        u = self.shuffle_rng.uniform((self.n_batch,))[self.alive]
+        return torch.from_numpy(np.argsort(u, axis=1, kind="stable")).to(self.dev)
+
+    @staticmethod
+    def minibatch(batch: _Batch, perm: torch.Tensor | None, lo: int, hi: int) -> Minibatch:
+        """Rows ``perm[:, lo:hi]`` of the batch (all of it, in order, without ``perm``)."""
+        if perm is None:
+            return Minibatch(batch.obs, batch.actions, batch.adv, batch.returns, full=True)
+        idx = perm[:, lo:hi]
+        return Minibatch(_gather(batch.obs, idx), _gather(batch.actions, idx),
+                         _gather(batch.adv, idx), _gather(batch.returns, idx), full=False)
+
+    # ------------------------------------------------------------------- 4. logging
+    def record(self, stats: dict[str, torch.Tensor]) -> None:
+        for k in _UPDATE_METRICS:
+            self.windows.metric_sum[k][self.alive] += stats[k].cpu().numpy()
+        self.windows.updates[self.alive] += 1
+
+    def log(self, schedule: _Schedule,
+            on_log: Callable[[int, dict[str, np.ndarray]], np.ndarray | None] | None,
+            last: bool) -> None:
+        """A log point (with an evaluation when one is due) every ``log_every`` env steps;
+        the last update always logs."""
+        step = self.global_step
+        if not (step >= self.next_log or last):
+            return
+        while self.next_log <= step:
+            self.next_log += schedule.log_every
+        row = self.windows.row()
+        row["step"] = np.full(self.n_mem, float(step))
+        row["eval_return"] = np.full(self.n_mem, np.nan)
+        if schedule.eval_every > 0 and (step >= self.next_eval or last) and len(self.alive):
+            while self.next_eval <= step:
+                self.next_eval += schedule.eval_every
+            self.last_eval = self.evaluate(schedule.eval_episodes)
+            row["eval_return"] = self.last_eval
+        learning = np.zeros(self.n_mem, dtype=bool)
+        learning[self.alive] = True
+        for k in CURVE_COLUMNS:
+            if k != "step":
+                row[k] = np.where(learning, row[k], np.nan)
+            self.curves[k].append(row[k])
+        self.windows.reset()
+        if on_log is not None and len(self.alive):
+            prune = on_log(step, row)
+            if prune is not None:
+                self.stop(np.asarray(prune, dtype=bool)[self.alive], "pruned", step)
+
+    # ------------------------------------------------------------------- helpers
+    def to_torch(self, x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(x).to(self.dev)
+
+    def learning_rows(self, x: np.ndarray) -> np.ndarray:
         """Rows of ``x`` ([S, ...]) of the members still learning (no copy while all are)."""
-        return x if len(alive) == n_mem else x[alive]
+        return x if len(self.alive) == self.n_mem else x[self.alive]
 
-    def learning_cols(x: np.ndarray) -> np.ndarray:
-        """:func:`learning_rows` of a rollout buffer ``[T, S, ...]``."""
-        return x if len(alive) == n_mem else x[:, alive]
+    def learning_cols(self, x: np.ndarray) -> np.ndarray:
+        """:meth:`learning_rows` of a rollout buffer ``[T, S, ...]``."""
+        return x if len(self.alive) == self.n_mem else x[:, self.alive]
 
-    def act(out: torch.Tensor, deterministic: bool, draws: np.ndarray | None) -> np.ndarray:
+    def act(self, out: torch.Tensor, deterministic: bool, draws: np.ndarray | None
+            ) -> np.ndarray:
         """Actions for all S members from the policy output of the alive ones; ``draws``
         are this step's uniforms ``[S, E]`` (discrete) or normals ``[S, E, *act]`` (Box)."""
-        if discrete:
+        alive, n_mem = self.alive, self.n_mem
+        if self.discrete:
             logits = np.ascontiguousarray(out.detach().cpu().numpy())
             full = np.zeros((n_mem, out.shape[1]), dtype=np.int64)
             if deterministic:
@@ -485,391 +703,96 @@ def _train(env_id: str, members: Sequence[Member], total_steps: int, log_every: 
                 full[alive] = part
             return full
         out_np = out.detach().cpu().numpy().astype(np.float64)
-        full = np.zeros((n_mem, out.shape[1], *act_shape))
+        full = np.zeros((n_mem, out.shape[1], *self.act_shape))
         if deterministic:
             full[alive] = out_np
         else:
-            noise = draws
-            std = np.exp(agent.log_std.detach().cpu().numpy().astype(np.float64))
-            full[alive] = out_np + std[:, None] * noise[alive]
+            std = np.exp(self.agent.log_std.detach().cpu().numpy().astype(np.float64))
+            full[alive] = out_np + std[:, None] * draws[alive]
         return full
 
-    def env_actions(a: np.ndarray) -> np.ndarray:
+    def env_actions(self, a: np.ndarray) -> np.ndarray:
         # The env gets clipped actions; the log-prob is of the unclipped sample.
-        return a if discrete else np.clip(a, act_low, act_high).astype(np.float32)
+        return a if self.discrete else np.clip(a, self.act_low, self.act_high).astype(np.float32)
 
-    def evaluate() -> np.ndarray:
+    def evaluate(self, episodes: int) -> np.ndarray:
         """Mean return of one deterministic episode per eval env, per member.
 
         Evaluation k gets fresh environments seeded from (seed, k): how long another
         member's evaluation runs must not shift this member's starting states.
         """
-        nonlocal n_evals
+        self.n_evals += 1
         eval_env = make_population_env(
-            env_id, seeds, eval_episodes, stream=STREAM_EVAL_RESET + 1000 * (n_evals + 1), hp=hp
-        )
-        n_evals += 1
+            self.env_id, self.seeds, episodes,
+            stream=STREAM_EVAL_RESET + 1000 * self.n_evals, hp=self.hp)
         obs = eval_env.reset()
-        returns = np.zeros((n_mem, eval_episodes))
-        finished = np.zeros((n_mem, eval_episodes), dtype=bool)
+        returns = np.zeros((self.n_mem, episodes))
+        finished = np.zeros((self.n_mem, episodes), dtype=bool)
         for _ in range(_EVAL_MAX_STEPS):
-            x = normalizer(obs.reshape(n_mem, eval_episodes, *obs_shape))[alive]
+            x = self.normalizer(obs.reshape(self.n_mem, episodes, *self.obs_shape))[self.alive]
             with torch.no_grad():
-                out = agent.policy_out(to_torch(x))
-            step = eval_env.step(env_actions(act(out, True, None)))
+                out = self.agent.policy_out(self.to_torch(x))
+            step = eval_env.step(self.env_actions(self.act(out, True, None)))
             returns += np.where(finished, 0.0, step.reward)
             finished |= step.terminated | step.truncated
             obs = step.obs
-            if finished[alive].all():
+            if finished[self.alive].all():
                 break
         eval_env.close()
-        result = np.full(n_mem, np.nan)
-        result[alive] = returns[alive].mean(axis=1)
+        result = np.full(self.n_mem, np.nan)
+        result[self.alive] = returns[self.alive].mean(axis=1)
         return result
 
-    def policy_state(pos: int, i: int) -> dict[str, np.ndarray]:
+    def policy_state(self, pos: int, i: int) -> dict[str, np.ndarray]:
         """Weights of the learner at ``pos`` (member i), with the observation statistics
         that its inputs were normalised with, when it normalised them."""
-        state = agent.member_state(pos)
-        if normalizer.enabled[i].item():
-            state["obs_mean"] = normalizer.mean[i].copy()
-            state["obs_var"] = normalizer.var[i].copy()
+        state = self.agent.member_state(pos)
+        if self.normalizer.enabled[i].item():
+            state["obs_mean"] = self.normalizer.mean[i].copy()
+            state["obs_var"] = self.normalizer.var[i].copy()
         return state
 
-    def stop(local: np.ndarray, why: str, step: int) -> None:
+    def stop(self, local: np.ndarray, why: str, step: int) -> None:
         """Stop members at positions ``local`` of `alive`; compact the learner tensors."""
-        nonlocal alive
         if not local.any():
             return
         for pos in np.flatnonzero(local):
-            i = alive[pos]
-            status[i] = why
-            stopped_at[i] = step
+            i = self.alive[pos]
+            self.status[i] = why
+            self.stopped_at[i] = step
             if why == "diverged":
-                diverged_at[i] = step
-                reasons[i] = env_fault[i] or (
+                self.diverged_at[i] = step
+                self.reasons[i] = self.env_fault[i] or (
                     f"non-finite loss, gradient or weights in the update at env step {step}")
-            if save_policies:
-                policy_states[i] = policy_state(int(pos), int(i))
-        keep = torch.from_numpy(np.flatnonzero(~local)).to(dev)
-        agent.select(keep)
-        pi_opt.select(keep)
-        v_opt.select(keep)
-        for k in hps:
-            hps[k] = hps[k][keep]
-        alive = alive[~local]
+            if self.save_policies:
+                self.policy_states[i] = self.policy_state(int(pos), int(i))
+        keep = torch.from_numpy(np.flatnonzero(~local)).to(self.dev)
+        self.agent.select(keep)
+        self.pi_opt.select(keep)
+        self.v_opt.select(keep)
+        for k in self.hps:
+            self.hps[k] = self.hps[k][keep]
+        self.alive = self.alive[~local]
 
-    def optimize(
-        opt: MemberOptimizer,
-        params: list[torch.Tensor],
-        loss_per_member: torch.Tensor,
-        grads: list[torch.Tensor],
-        lr: torch.Tensor,
-        max_norm: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One clipped gradient step; returns (pre-clip grad norm, ok mask) per member.
-
-        A member whose loss, gradient or new weights are not finite is reported (not ok)
-        so the caller can freeze it; with a non-finite loss or gradient it takes no step.
-        """
-        return opt.step(params, grads, lr, max_norm, torch.isfinite(loss_per_member))
-
-    # ---------------------------------------------------------------- the training loop
-    obs_raw = env.reset().reshape(n_mem, n_envs, *obs_shape)
-    normalizer.update(obs_raw)
-    obs = normalizer(obs_raw)
-    next_log = log_every
-    next_eval = eval_every if eval_every > 0 else math.inf
-    global_step = 0
-
-    n_mb = int(hp["n_minibatches"])
-    for update in range(n_updates):
-        if len(alive) == 0:
-            break
-        # 1. Rollout: n_steps vectorized steps of every environment of every member.
-        buf_obs = np.zeros((n_steps, n_mem, n_envs, *obs_shape), dtype=obs.dtype)
-        buf_next = np.zeros_like(buf_obs)
-        buf_act = np.zeros((n_steps, n_mem, n_envs, *act_shape))
-        buf_rew = np.zeros((n_steps, n_mem, n_envs))
-        buf_term = np.zeros((n_steps, n_mem, n_envs), dtype=bool)
-        buf_done = np.zeros((n_steps, n_mem, n_envs), dtype=bool)
-        # With one policy step on the whole (small) batch, the forward passes that choose the
-        # actions are kept and reused for the gradient step (the weights have not changed).
-        reuse_policy = agent.accelerated and n_mb == 1 and n_batch <= CHUNK_ROWS
-        rollout_fwd: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
-        # Networks whose passes are costly (CNNs) compute the values in the rollout's passes.
-        rollout_values: list[torch.Tensor] = []
-        # The rollout's random draws in one call, for every member (alive or not), so each
-        # member's stream advances the same way whoever else is in the population.
-        if discrete:
-            draws = action_rng.uniform((n_steps, n_envs))
-        else:
-            draws = action_rng.normal((n_steps, n_envs, *act_shape))
-        policy_net = Prepared(agent.pi) if reuse_policy else None
-        # Hidden activations of the rollout's policy passes, member-major [S, T, E, width]:
-        # member s's rows t * E + e are contiguous, ready for the gradient step.
-        hidden = [
-            torch.empty(len(alive), n_steps, n_envs, w.shape[2], device=dev)
-            for w, _, _ in (policy_net.layers[:-1] if policy_net is not None else [])
-        ]
-        for t in range(n_steps):
-            if policy_net is not None:
-                x = to_torch(learning_rows(obs))
-                out, cache = forward_cached(x, policy_net, agent.activation, into=(hidden, t))
-                rollout_fwd.append((out, cache[:1]))
-            elif agent.values_in_rollout:
-                with torch.no_grad():
-                    out, v = agent.policy_and_values(to_torch(learning_rows(obs)))
-                rollout_values.append(v)
-            else:
-                with torch.no_grad():
-                    out = agent.policy_out(to_torch(learning_rows(obs)))
-            actions = act(out, False, draws[:, t])
-            step = env.step(env_actions(actions))
-            global_step += n_envs
-            buf_obs[t], buf_act[t] = obs, actions
-            kernels.record_step_(
-                t, step.reward, step.terminated, step.truncated, buf_rew, buf_term, buf_done,
-                ep_ret, ep_len, windows.ret_sum, windows.len_sum, windows.ep_count,
-                windows.final_sum, windows.final_count, global_step > final_from, last_ret,
-            )  # fmt: skip
-            _note_env_faults(step, global_step, env_fault)
-            # Learn from clipped or scaled rewards; episodes keep the raw ones.
-            if clip_reward.any():
-                buf_rew[t] = np.where(clip_reward[:, None], np.sign(step.reward), step.reward)
-            if reward_norm.active:
-                buf_rew[t] = reward_norm(buf_rew[t] if clip_reward.any() else step.reward,
-                                         step.terminated | step.truncated)
-            if step.life_lost is not None and life_loss.any():  # a lost life ends learning's
-                lost = step.life_lost & life_loss[:, None]      # episode, not the game's
-                buf_term[t] |= lost
-                buf_done[t] |= lost
-
-            next_raw = step.obs.reshape(n_mem, n_envs, *obs_shape)
-            normalizer.update(next_raw)
-            if step.truncated.any():  # V(final obs) is only needed to bootstrap truncations
-                buf_next[t] = normalizer(step.final_obs.reshape(n_mem, n_envs, *obs_shape))
-            obs = normalizer(next_raw)
-        if on_progress is not None:
-            on_progress(n_batch * len(alive))
-
-        # 2. Advantages and value targets from the pre-update value function.
-        a_idx, n_alive = alive, len(alive)
-        b_obs = to_torch(np.ascontiguousarray(learning_cols(buf_obs).swapaxes(0, 1))).reshape(
-            n_alive, n_batch, *obs_shape
-        )
-        # V(s_0..s_T) in one pass: row t*E + e of the rollout is followed by row (t+1)*E + e.
-        # With one value step on the whole (small) batch, the pass doubles as the forward
-        # pass of that step: its activations are kept for the backward pass.
-        fused_value = (
-            agent.accelerated and int(hp["value_iters"]) * n_mb == 1 and n_batch <= CHUNK_ROWS
-        )
-        all_obs = torch.cat([b_obs, to_torch(learning_rows(obs))], dim=1)
-        if fused_value:
-            v_all, v_cache = forward_cached(all_obs, agent.v, agent.activation)
-            v_all = v_all.squeeze(-1)
-        elif agent.values_in_rollout:
-            with torch.no_grad():
-                v_last = agent.values(to_torch(learning_rows(obs)))
-            v_all = torch.cat([*rollout_values, v_last], dim=1)
-        else:
-            with torch.no_grad():
-                v_all = agent.values(all_obs)
-        with torch.no_grad():
-            trunc = learning_cols(buf_done) & ~learning_cols(buf_term)
-            v_final = None
-            if trunc.any():
-                # Time-limit truncation bootstraps from V(final obs), not V(reset obs). Only
-                # whether this pass runs depends on the population, never its per-member values.
-                b_next = to_torch(np.ascontiguousarray(learning_cols(buf_next).swapaxes(0, 1)))
-                v_final = agent.values(b_next.reshape(n_alive, n_batch, *obs_shape))
-            adv, returns = _rollout_targets(
-                v_all, v_final, buf_rew, buf_term, buf_done, a_idx, hps, trunc
-            )
-            values_flat = v_all[:, :n_batch]
-            if dev.type == "cpu":
-                ev = torch.empty(n_alive)
-                kernels.advantage_stats_(
-                    adv.numpy(), returns.numpy(), values_flat.numpy(),
-                    hps["normalize_advantage"].numpy() > 0, ev.numpy(),
-                )  # fmt: skip
-            else:
-                if n_batch > 1:
-                    mean, std = _row_mean(adv), _row_var(adv, correction=1).sqrt()
-                    normed = (adv - mean) / (std + 1e-8)
-                    adv = torch.where(hps["normalize_advantage"][:, None] > 0, normed, adv)
-                ev = _explained_variance(values_flat, returns)
-        b_act = to_torch(np.ascontiguousarray(learning_cols(buf_act).swapaxes(0, 1))).reshape(
-            len(a_idx), n_batch, *act_shape
-        )
-        if not discrete:
-            b_act = b_act.float()
-
-        # 3. Gradient steps: one policy pass and `value_iters` value passes over minibatches.
-        spans = _minibatches(n_batch, n_mb)
-
-        def permutation() -> torch.Tensor | None:
-            if n_mb == 1:
-                return None
-            u = shuffle_rng.uniform((n_batch,))[alive]
-            return torch.from_numpy(np.argsort(u, axis=1, kind="stable")).to(dev)
-
-        stats = {k: torch.zeros(n_alive, device=dev) for k in _UPDATE_METRICS}
-        diverged = torch.zeros(n_alive, dtype=torch.bool, device=dev)
-        entropy_coef, value_coef = hps["entropy_coef"], hps["value_coef"]
-
-        perm = permutation()
-        for lo, hi in spans:
-            idx = None if perm is None else perm[:, lo:hi]
-            mb = {"obs": b_obs, "act": b_act, "adv": adv, "ret": returns}
-            if idx is not None:
-                mb = {k: _gather(v, idx) for k, v in mb.items()}
-
-            def policy_terms(
-                a: int, b: int, mb=mb, ent_c=entropy_coef, v_c=value_coef
-            ) -> dict[str, torch.Tensor]:
-                obs_c = mb["obs"][:, a:b]
-                if agent.share_trunk:
-                    out, values = agent.policy_and_values(obs_c)
-                else:
-                    out = agent.policy_out(obs_c)
-                logp, entropy = agent.log_prob_entropy(out, mb["act"][:, a:b])
-                terms = {"pg": -(logp * mb["adv"][:, a:b]).sum(dim=1), "ent": entropy.sum(dim=1)}
-                terms["loss"] = terms["pg"] - ent_c * terms["ent"]
-                if agent.share_trunk:
-                    terms["v"] = ((values - mb["ret"][:, a:b]) ** 2).sum(dim=1)
-                    terms["loss"] = terms["loss"] + v_c * terms["v"]
-                return terms
-
-            params = agent.policy_params()
-            if not agent.accelerated:
-                terms, grads = _chunked_gradients(policy_terms, params, hi - lo, agent.chunk_rows)
-            elif reuse_policy:
-                forward = (
-                    torch.cat([o for o, _ in rollout_fwd], dim=1),
-                    [
-                        torch.cat([c[0] for _, c in rollout_fwd], dim=1),
-                        *(h.reshape(n_alive, n_batch, -1) for h in hidden),
-                    ],
-                )
-                terms, grads = agent.policy_grads(
-                    b_obs, b_act, adv, entropy_coef, n_batch, forward=forward
-                )
-            else:
-                terms, grads = _manual_chunks(
-                    lambda a, b, mb=mb, n=hi - lo, c=entropy_coef: agent.policy_grads(
-                        mb["obs"][:, a:b], mb["act"][:, a:b], mb["adv"][:, a:b], c, n
-                    ),
-                    hi - lo,
-                )
-            norm, finite = optimize(
-                pi_opt, params, terms["loss"], grads, hps["policy_lr"], hps["max_grad_norm"]
-            )
-            diverged |= ~finite
-            stats["policy_loss"] += terms["pg"] / len(spans)
-            stats["entropy"] += terms["ent"] / len(spans)
-            stats["grad_norm"] += norm / len(spans)
-            if agent.share_trunk:
-                stats["value_loss"] += terms["v"] / len(spans)
-
-        for _ in range(0 if agent.share_trunk else int(hp["value_iters"])):
-            perm = permutation()
-            v_loss_sum = torch.zeros(n_alive, device=dev)
-            for lo, hi in spans:
-                if fused_value:  # reuse the forward pass of step 2, without its s_T rows
-                    err = v_all[:, :n_batch] - returns
-                    v_loss = (err * err).sum(dim=1) / n_batch
-                    g_out = ((2.0 / n_batch) * value_coef.reshape(-1, 1) * err).unsqueeze(-1)
-                    grads = backward(g_out, v_cache, agent.v, agent.activation)
-                    terms = {"v": v_loss, "loss": value_coef * v_loss}
-                else:
-                    idx = None if perm is None else perm[:, lo:hi]
-                    mb_obs = b_obs if idx is None else _gather(b_obs, idx)
-                    mb_ret = returns if idx is None else _gather(returns, idx)
-                if not fused_value and not agent.accelerated:
-                    terms, grads = _chunked_gradients(
-                        lambda a, b, o=mb_obs, r=mb_ret, c=value_coef: _value_terms(
-                            agent, o[:, a:b], r[:, a:b], c),
-                        agent.value_params(), hi - lo, agent.chunk_rows)
-                elif not fused_value:
-                    terms, grads = _manual_chunks(
-                        lambda a, b, o=mb_obs, r=mb_ret, n=hi - lo, c=value_coef: agent.value_grads(
-                            o[:, a:b], r[:, a:b], c, n
-                        ),
-                        hi - lo,
-                    )
-                _, finite = optimize(
-                    v_opt,
-                    agent.value_params(),
-                    terms["loss"],
-                    grads,
-                    hps["value_lr"],
-                    hps["value_max_grad_norm"],
-                )
-                diverged |= ~finite
-                v_loss_sum += terms["v"]
-            stats["value_loss"] = v_loss_sum / len(spans)
-        stats["explained_variance"] = ev
-
-        for k in _UPDATE_METRICS:
-            windows.metric_sum[k][a_idx] += stats[k].cpu().numpy()
-        windows.updates[a_idx] += 1
-        stop(diverged.cpu().numpy(), "diverged", global_step)
-
-        # 4. Logging (and evaluation) every `log_every` env steps; the last update always logs.
-        last = update == n_updates - 1
-        if global_step >= next_log or last:
-            while next_log <= global_step:
-                next_log += log_every
-            row = windows.row()
-            row["step"] = np.full(n_mem, float(global_step))
-            row["eval_return"] = np.full(n_mem, np.nan)
-            if eval_every > 0 and (global_step >= next_eval or last) and len(alive):
-                while next_eval <= global_step:
-                    next_eval += eval_every
-                last_eval = evaluate()
-                row["eval_return"] = last_eval
-            learning = np.zeros(n_mem, dtype=bool)
-            learning[alive] = True
-            for k in CURVE_COLUMNS:
-                if k != "step":
-                    row[k] = np.where(learning, row[k], np.nan)
-            for k in CURVE_COLUMNS:
-                curves[k].append(row[k])
-            windows.reset()
-            if on_log is not None and len(alive):
-                prune = on_log(global_step, row)
-                if prune is not None:
-                    stop(np.asarray(prune, dtype=bool)[alive], "pruned", global_step)
-
-    if save_policies:
-        for pos, i in enumerate(alive):
-            policy_states[i] = policy_state(pos, int(i))
-    env.close()
-
-    wall = (time.perf_counter() - t_start) / n_mem
-    stacked = {k: np.stack(v, axis=1) if v else np.zeros((n_mem, 0)) for k, v in curves.items()}
-    results = []
-    for i, m in enumerate(members):
-        n_points = stacked["step"].shape[1]
-        if stopped_at[i] >= 0:  # the curve ends at the last log point while learning
-            n_points = int((stacked["step"][i] <= stopped_at[i]).sum())
-        curve = {k: stacked[k][i, :n_points].copy() for k in CURVE_COLUMNS}
-        ok = status[i] == "ok"
-        final = _final_return(windows.final_sum[i], windows.final_count[i], last_ret[i])
-        results.append(
-            RunResult(
-                seed=m.seed,
-                hyperparameters=dict(m.hyperparameters),
-                status=str(status[i]),
-                diverged_at_step=diverged_at[i],
-                diverged_reason=reasons[i],
+    def results(self, wall: float) -> list[RunResult]:
+        stacked = {k: np.stack(v, axis=1) if v else np.zeros((self.n_mem, 0))
+                   for k, v in self.curves.items()}
+        out = []
+        for i, m in enumerate(self.members):
+            n_points = stacked["step"].shape[1]
+            if self.stopped_at[i] >= 0:  # the curve ends at the last log point while learning
+                n_points = int((stacked["step"][i] <= self.stopped_at[i]).sum())
+            ok = self.status[i] == "ok"
+            final = _final_return(self.windows.final_sum[i], self.windows.final_count[i],
+                                  self.last_ret[i])
+            out.append(RunResult(
+                seed=m.seed, hyperparameters=dict(m.hyperparameters), status=str(self.status[i]),
+                diverged_at_step=self.diverged_at[i], diverged_reason=self.reasons[i],
                 final_return=float(final) if ok else float("nan"),
-                final_eval_return=float(last_eval[i]) if ok else float("nan"),
+                final_eval_return=float(self.last_eval[i]) if ok else float("nan"),
                 wall_s=wall,
-                env_steps=int(stopped_at[i]) if stopped_at[i] >= 0 else total_effective,
-                curve=curve,
-                policy_state=policy_states[i],
-            )
-        )
-    return results
+                env_steps=(int(self.stopped_at[i]) if self.stopped_at[i] >= 0
+                           else self.total_effective),
+                curve={k: stacked[k][i, :n_points].copy() for k in CURVE_COLUMNS},
+                policy_state=self.policy_states[i]))
+        return out

@@ -1,0 +1,242 @@
+"""How a population's gradients are computed: the autograd reference and its accelerations.
+
+The trainer (study.population) asks an *update* object for four things, in this order in
+every update: the policy outputs of each rollout step (:meth:`AutogradUpdate.rollout_pass`),
+the state values V(s_0 .. s_T) of the rollout (:meth:`~AutogradUpdate.state_values`), and
+the gradients of the policy and value losses over a minibatch
+(:meth:`~AutogradUpdate.policy_gradients`, :meth:`~AutogradUpdate.value_gradients`).
+
+:class:`AutogradUpdate` is the reference: autograd over the stacked weights, for any
+network and loss. An acceleration computes the same quantities faster for the networks it
+serves, and is registered with :func:`register_acceleration`; :func:`make_update` picks
+the first whose predicate accepts the network. :class:`AcceleratedMLPUpdate` serves
+separate MLPs on flat observations (hand-written gradients, fused kernels, the rollout's
+forward passes reused by the update); tests/test_networks.py checks it against the
+reference (close, not bit-identical: sums run in other orders).
+
+Losses are per-member means over the rows of a minibatch, summed over members, so each
+member's gradient is that of its own loss. Terms returned are ``[S]`` per-member means:
+``pg`` (policy gradient loss), ``ent`` (entropy), ``v`` (value loss) and ``loss``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from study.nets import Prepared, backward, forward_cached
+from study.networks import ActorCritic
+
+__all__ = ["CHUNK_ROWS", "AcceleratedMLPUpdate", "AutogradUpdate", "Minibatch", "make_update",
+           "register_acceleration"]
+
+# Rows per chunk when a loss is evaluated over a large batch: gradients are accumulated
+# chunk by chunk so activations stay in cache (2-3x faster on 32k-sample batches). It
+# depends only on the batch size, never on the population, so members stay bit-identical.
+CHUNK_ROWS = 1024
+
+
+@dataclass
+class Minibatch:
+    """Rows of the rollout for one gradient step, ``[S, B, ...]`` per learner; ``full``
+    when they are the whole rollout in its own order (no shuffling)."""
+
+    obs: torch.Tensor
+    actions: torch.Tensor
+    adv: torch.Tensor
+    returns: torch.Tensor
+    full: bool
+
+    @property
+    def n_rows(self) -> int:
+        return self.adv.shape[1]
+
+
+Terms = dict[str, torch.Tensor]
+
+
+def chunked_gradients(terms_fn: Callable[[int, int], Terms], params: list[torch.Tensor],
+                      n_rows: int, chunk_rows: int | None = None
+                      ) -> tuple[Terms, list[torch.Tensor]]:
+    """Per-member means of the terms ``terms_fn(a, b)`` returns (sums over rows a:b, each
+    ``[S]``) over ``n_rows`` rows, and the gradients of the mean of ``terms["loss"]``, by
+    autograd over chunks of ``chunk_rows`` rows (default :data:`CHUNK_ROWS`)."""
+    total: Terms = {}
+    grads: list[torch.Tensor] | None = None
+    chunk = chunk_rows or CHUNK_ROWS
+    for a in range(0, n_rows, chunk):
+        terms = terms_fn(a, min(a + chunk, n_rows))
+        terms = {k: v / n_rows for k, v in terms.items()}
+        g = torch.autograd.grad(terms["loss"].sum(), params, allow_unused=True)
+        g = [torch.zeros_like(p) if x is None else x for p, x in zip(params, g, strict=True)]
+        grads = g if grads is None else [x + y for x, y in zip(grads, g, strict=True)]
+        for k, v in terms.items():
+            total[k] = v.detach() if k not in total else total[k] + v.detach()
+    assert grads is not None
+    return total, grads
+
+
+def manual_chunks(fn: Callable[[int, int], tuple[Terms, list[torch.Tensor]]], n_rows: int
+                  ) -> tuple[Terms, list[torch.Tensor]]:
+    """Accumulate the terms and gradients ``fn(a, b)`` returns over row chunks."""
+    total: Terms = {}
+    grads: list[torch.Tensor] = []
+    for a in range(0, n_rows, CHUNK_ROWS):
+        terms, g = fn(a, min(a + CHUNK_ROWS, n_rows))
+        grads = g if not grads else [x.add_(y) for x, y in zip(grads, g, strict=True)]
+        total = terms if not total else {k: total[k] + v for k, v in terms.items()}
+    return total, grads
+
+
+class AutogradUpdate:
+    """The reference: every gradient by autograd over the stacked weights."""
+
+    def __init__(self, agent: ActorCritic, hp: Mapping[str, Any]) -> None:
+        self.agent = agent
+        self._values: list[torch.Tensor] = []
+
+    def begin_rollout(self, n_learners: int, n_steps: int, n_envs: int) -> None:
+        """Called before each rollout."""
+        self._values = []
+
+    @torch.no_grad()
+    def rollout_pass(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        """Policy outputs ``[S, E, ...]`` for the observations ``x`` of rollout step t."""
+        if self.agent.values_in_rollout:
+            out, v = self.agent.policy_and_values(x)
+            self._values.append(v)
+            return out
+        return self.agent.policy_out(x)
+
+    @torch.no_grad()
+    def state_values(self, obs: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """V(s_0 .. s_T) ``[S, (T + 1) * E]`` of the rollout's observations ``obs``
+        ``[S, T * E, ...]`` followed by the observations after it, ``last``."""
+        if self.agent.values_in_rollout:
+            return torch.cat([*self._values, self.agent.values(last)], dim=1)
+        return self.agent.values(torch.cat([obs, last], dim=1))
+
+    def policy_gradients(self, mb: Minibatch, entropy_coef: torch.Tensor,
+                         value_coef: torch.Tensor) -> tuple[Terms, list[torch.Tensor]]:
+        """Policy loss ``pg - c_ent * ent`` (plus ``c_v * v`` with a shared trunk)."""
+        agent = self.agent
+
+        def terms(a: int, b: int) -> Terms:
+            obs = mb.obs[:, a:b]
+            if agent.share_trunk:
+                out, values = agent.policy_and_values(obs)
+            else:
+                out = agent.policy_out(obs)
+            logp, entropy = agent.log_prob_entropy(out, mb.actions[:, a:b])
+            t = {"pg": -(logp * mb.adv[:, a:b]).sum(dim=1), "ent": entropy.sum(dim=1)}
+            t["loss"] = t["pg"] - entropy_coef * t["ent"]
+            if agent.share_trunk:
+                t["v"] = ((values - mb.returns[:, a:b]) ** 2).sum(dim=1)
+                t["loss"] = t["loss"] + value_coef * t["v"]
+            return t
+
+        return chunked_gradients(terms, agent.policy_params(), mb.n_rows, agent.chunk_rows)
+
+    def value_gradients(self, mb: Minibatch, value_coef: torch.Tensor
+                        ) -> tuple[Terms, list[torch.Tensor]]:
+        """Value loss ``c_v * (V(s) - R)^2`` of separate value networks."""
+        agent = self.agent
+
+        def terms(a: int, b: int) -> Terms:
+            v = ((agent.values(mb.obs[:, a:b]) - mb.returns[:, a:b]) ** 2).sum(dim=1)
+            return {"v": v, "loss": value_coef * v}
+
+        return chunked_gradients(terms, agent.value_params(), mb.n_rows, agent.chunk_rows)
+
+
+class AcceleratedMLPUpdate(AutogradUpdate):
+    """Separate MLPs on flat observations: hand-written gradients
+    (:meth:`ActorCritic.policy_grads`, :meth:`ActorCritic.value_grads`). With one policy
+    step on a small whole batch, the rollout's policy passes keep their activations
+    (member-major, contiguous) and are that step's forward pass; with one value step, the
+    pass that computes V(s_0 .. s_T) is that step's forward pass."""
+
+    def __init__(self, agent: ActorCritic, hp: Mapping[str, Any]) -> None:
+        super().__init__(agent, hp)
+        n_mb = int(hp["n_minibatches"])
+        n_batch = int(hp["num_envs"]) * int(hp["n_steps"])
+        self.reuse_policy = n_mb == 1 and n_batch <= CHUNK_ROWS
+        self.fused_value = int(hp["value_iters"]) * n_mb == 1 and n_batch <= CHUNK_ROWS
+        self._net: Prepared | None = None
+        self._outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._hidden: list[torch.Tensor] = []
+
+    def begin_rollout(self, n_learners: int, n_steps: int, n_envs: int) -> None:
+        super().begin_rollout(n_learners, n_steps, n_envs)
+        self._outputs = []
+        self._net = Prepared(self.agent.pi) if self.reuse_policy else None
+        # Hidden activations of the rollout's policy passes, member-major [S, T, E, width]:
+        # member s's rows t * E + e are contiguous, ready for the gradient step.
+        dev = self.agent.pi[0].device
+        self._hidden = [torch.empty(n_learners, n_steps, n_envs, w.shape[2], device=dev)
+                        for w, _, _ in (self._net.layers[:-1] if self._net else [])]
+
+    def rollout_pass(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        if self._net is None:
+            return super().rollout_pass(x, t)
+        out, cache = forward_cached(x, self._net, self.agent.activation, into=(self._hidden, t))
+        self._outputs.append((out, cache[0]))
+        return out
+
+    def state_values(self, obs: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        if not self.fused_value:
+            return super().state_values(obs, last)
+        v_all, self._v_cache = forward_cached(torch.cat([obs, last], dim=1), self.agent.v,
+                                              self.agent.activation)
+        self._v_all = v_all.squeeze(-1)
+        return self._v_all
+
+    def policy_gradients(self, mb: Minibatch, entropy_coef: torch.Tensor,
+                         value_coef: torch.Tensor) -> tuple[Terms, list[torch.Tensor]]:
+        agent = self.agent
+        if self._net is not None and mb.full:
+            n = mb.n_rows
+            forward = (torch.cat([o for o, _ in self._outputs], dim=1),
+                       [torch.cat([x for _, x in self._outputs], dim=1),
+                        *(h.reshape(h.shape[0], n, -1) for h in self._hidden)])
+            return agent.policy_grads(mb.obs, mb.actions, mb.adv, entropy_coef, n,
+                                      forward=forward)
+        return manual_chunks(lambda a, b: agent.policy_grads(
+            mb.obs[:, a:b], mb.actions[:, a:b], mb.adv[:, a:b], entropy_coef, mb.n_rows),
+            mb.n_rows)
+
+    def value_gradients(self, mb: Minibatch, value_coef: torch.Tensor
+                        ) -> tuple[Terms, list[torch.Tensor]]:
+        agent = self.agent
+        if self.fused_value and mb.full:  # the V(s_0 .. s_T) pass, without its s_T rows
+            n = mb.n_rows
+            err = self._v_all[:, :n] - mb.returns
+            v_loss = (err * err).sum(dim=1) / n
+            g_out = ((2.0 / n) * value_coef.reshape(-1, 1) * err).unsqueeze(-1)
+            grads = backward(g_out, self._v_cache, agent.v, agent.activation)
+            return {"v": v_loss, "loss": value_coef * v_loss}, grads
+        return manual_chunks(lambda a, b: agent.value_grads(
+            mb.obs[:, a:b], mb.returns[:, a:b], value_coef, mb.n_rows), mb.n_rows)
+
+
+_ACCELERATIONS: list[tuple[Callable[[ActorCritic], bool], type[AutogradUpdate]]] = []
+
+
+def register_acceleration(accepts: Callable[[ActorCritic], bool],
+                          update: type[AutogradUpdate]) -> None:
+    """Use ``update`` for the networks ``accepts`` (tried in registration order)."""
+    _ACCELERATIONS.append((accepts, update))
+
+
+def make_update(agent: ActorCritic, hp: Mapping[str, Any]) -> AutogradUpdate:
+    """The first registered acceleration that accepts ``agent``, else the reference."""
+    for accepts, update in _ACCELERATIONS:
+        if accepts(agent):
+            return update(agent, hp)
+    return AutogradUpdate(agent, hp)
+
+
+register_acceleration(lambda agent: agent.accelerated, AcceleratedMLPUpdate)
