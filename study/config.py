@@ -153,10 +153,35 @@ SPECS: dict[str, Spec] = {
              help="learn from sign(reward); episode returns stay in the game's units"),
         Spec("terminal_on_life_loss", False, "bool", False, "true or false",
              help="ALE: a lost life ends the episode for learning (not for the game)"),
+        # ---- the algorithm: A2C, or PPO's clipped surrogate over several epochs
+        Spec("algorithm", "a2c", "choice", True, "one of a2c, ppo", choices=("a2c", "ppo")),
+        _i("n_epochs", 10, 1, 10_000, "PPO: passes over each rollout"),
+        _f("clip_range", 0.2, "a float > 0", 0.0, low_open=True,
+           help="PPO: the probability ratio is clipped to [1 - c, 1 + c]"),
+        _f("clip_range_vf", math.inf, 'a float > 0, or "none"', 0.0, low_open=True,
+           allow_inf=True, help="PPO: value predictions kept within c of the rollout's"),
+        _f("target_kl", math.inf, 'a float > 0, or "none"', 0.0, low_open=True,
+           allow_inf=True,
+           help="PPO: a member whose approximate KL passes 1.5 x this ends its epochs"),
     ]
 }
 # sticky_actions changes the environment, so it is structural too.
 SPECS["sticky_actions"] = Spec(**{**SPECS["sticky_actions"].__dict__, "structural": True})
+
+#: Keys of one algorithm only; the other refuses them in a sweep or ``--set``.
+ALGORITHM_ONLY: dict[str, tuple[str, ...]] = {
+    "ppo": ("n_epochs", "clip_range", "clip_range_vf", "target_kl"),
+    "a2c": ("value_iters",),
+}
+
+#: Defaults that differ by algorithm, applied where a sweep does not set them: PPO's
+#: follow Stable-Baselines3's PPO (n_steps 2048 with batches of 64, Adam 3e-4, GAE 0.95,
+#: normalized advantages; one environment per member, as SB3 with one env).
+ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
+    "ppo": {"num_envs": 1, "n_steps": 2048, "n_minibatches": 32, "lam": 0.95,
+            "policy_lr": 3e-4, "value_lr": 3e-4, "policy_optimizer": "adam",
+            "value_optimizer": "adam", "normalize_advantage": True},
+}
 
 #: Keys that only mean something for ALE/* environments.
 ALE_ONLY: tuple[str, ...] = ("frame_skip", "frame_stack", "screen_size", "grayscale",
@@ -204,7 +229,8 @@ def encoder_units(hp: Mapping[str, Any]) -> int:
 ID_OMIT_AT_DEFAULT: frozenset[str] = frozenset({
     "normalize_reward", "encoder", "cnn_channels", "cnn_kernels", "cnn_strides",
     "frame_skip", "frame_stack", "screen_size", "grayscale", "noop_max", "sticky_actions",
-    "clip_reward", "terminal_on_life_loss"})
+    "clip_reward", "terminal_on_life_loss", "algorithm", "n_epochs", "clip_range",
+    "clip_range_vf", "target_kl"})
 
 NAMES: tuple[str, ...] = tuple(SPECS)
 STRUCTURAL: tuple[str, ...] = tuple(n for n, s in SPECS.items() if s.structural)
@@ -280,6 +306,8 @@ def coerce(name: str, value: Any, where: str = "") -> Any:
             raise bad()
         return int(value)
     # float
+    if spec.allow_inf and isinstance(value, str) and value.strip().lower() == "none":
+        return math.inf
     if isinstance(value, str):
         try:
             value = float(value)
@@ -306,8 +334,17 @@ def resolve(overrides: Mapping[str, Any], where: str = "",
     """Defaults (those of ``env``'s family when given) updated with validated
     ``overrides``; checks cross-key constraints, and with ``env`` that the keys apply to it."""
     hp = env_defaults(env)
+    algorithm = coerce("algorithm", overrides.get("algorithm", hp["algorithm"]), where)
+    hp.update(ALGORITHM_DEFAULTS.get(algorithm, {}))
     for k, v in overrides.items():
         hp[k] = coerce(k, v, where)
+    for other, keys in ALGORITHM_ONLY.items():
+        for k in keys:
+            if other != algorithm and k in overrides and overrides[k] is not None and \
+                    coerce(k, overrides[k]) != SPECS[k].default:
+                raise ConfigError(f"{where}{k} applies to algorithm = \"{other}\" only, not "
+                                  f"to \"{algorithm}\"; remove it or set algorithm = "
+                                  f"\"{other}\"")
     _check_encoder(hp, where)
     if env is not None and env_family(env) != "ALE":
         for k in ALE_ONLY:

@@ -174,19 +174,20 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, t, lr, max_norm, loss_ok, be
     Per member, with c the clip coefficient and step count t:
         g = c * grad,  m <- b1 m + (1 - b1) g,  v <- b2 v + (1 - b2) g^2,
         p <- p - (lr / (1 - b1^t)) m / (sqrt(v) / sqrt(1 - b2^t) + eps)
-    (``torch.optim.Adam``). Non-finite members take no step, as in :func:`rmsprop_step`.
+    (``torch.optim.Adam``); ``t[s]`` is member s's own step count. Non-finite members take
+    no step, as in :func:`rmsprop_step`.
     """
     n_members = lr.shape[0]
     norms = np.zeros(n_members, dtype=np.float32)
     ok = np.zeros(n_members, dtype=np.bool_)
     b1, b2, e = _F(beta1), _F(beta2), _F(eps)
-    bc1 = _F(1.0 - beta1**t)
-    bc2_sqrt = _F(np.sqrt(1.0 - beta2**t))
     for s in range(n_members):
         norm, coef = _clip_coefficient(grads, s, max_norm[s])
         norms[s] = norm
         if not (loss_ok[s] and np.isfinite(norm)):
             continue
+        bc1 = _F(1.0 - beta1 ** t[s])
+        bc2_sqrt = _F(np.sqrt(1.0 - beta2 ** t[s]))
         step = lr[s] / bc1
         bad = 0
         for k in range(len(params)):

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import gymnasium as gym
@@ -321,6 +321,8 @@ class ActorCritic:
         entropy_coef: torch.Tensor,
         n_rows: int,
         forward: tuple[torch.Tensor, list[torch.Tensor]] | None = None,
+        surrogate: Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+        | None = None,
     ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
         """Sums over these rows, divided by ``n_rows``, of the policy-gradient loss
         ``-A log pi(a|s)`` and the entropy, and the gradients of ``pg - c_ent * entropy``
@@ -333,8 +335,14 @@ class ActorCritic:
             H = sum(log sigma) + const.
 
         ``forward`` is the policy's :func:`forward_cached` on ``obs`` when already computed.
+        ``surrogate(log pi(a|s))`` replaces the loss ``-A log pi``: it returns the weight
+        ``W = -d pg / d log pi`` per row (used where A is above) and the terms it defines
+        (``pg`` at least, as sums over the rows divided by ``n_rows``).
         """
         out, inputs = forward or forward_cached(obs, self.pi, self.activation)
+        defined: dict[str, torch.Tensor] = {}
+        if surrogate is not None:
+            adv, defined = surrogate(self.log_prob_entropy(out, actions)[0])
         w = (adv / n_rows).unsqueeze(-1)  # [S, B, 1]
         c = (entropy_coef / n_rows).reshape(-1, 1, 1)
         terms: dict[str, torch.Tensor] = {}
@@ -348,6 +356,7 @@ class ActorCritic:
             grads = backward(g_out, inputs, self.pi, self.activation)
             terms["ent"] = torch.from_numpy(ent) / n_rows
             terms["pg"] = torch.from_numpy(pg)
+            terms.update(defined)
             terms["loss"] = terms["pg"] - entropy_coef * terms["ent"]
             return terms, grads
         if self.discrete:
@@ -372,18 +381,31 @@ class ActorCritic:
             entropy = (log_std + 0.5 * (1.0 + _LOG_2PI)).sum(-1).squeeze(1)  # [S]
             terms["ent"] = entropy * (obs.shape[1] / n_rows)
         terms["pg"] = -(adv * logp).sum(dim=1) / n_rows
+        terms.update(defined)
         terms["loss"] = terms["pg"] - entropy_coef * terms["ent"]
         return terms, grads
 
     @torch.no_grad()
     def value_grads(
-        self, obs: torch.Tensor, returns: torch.Tensor, value_coef: torch.Tensor, n_rows: int
+        self, obs: torch.Tensor, returns: torch.Tensor, value_coef: torch.Tensor, n_rows: int,
+        clip: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
         """Sum over these rows, divided by ``n_rows``, of ``(V(s) - R)^2``, and the gradients
-        of ``c_v`` times it with respect to :meth:`value_params`."""
+        of ``c_v`` times it with respect to :meth:`value_params`. With ``clip = (V_old, c)``
+        (PPO) the prediction is ``V_old + clip(V - V_old, -c, c)`` (V itself where c is
+        infinite), whose derivative is 0 where the clip binds."""
         out, inputs = forward_cached(obs, self.v, self.activation)
         err = out.squeeze(-1) - returns
+        slope = None
+        if clip is not None:
+            old, c = clip[0], clip[1][:, None]
+            delta = out.squeeze(-1) - old
+            pred = old + torch.maximum(torch.minimum(delta, c), -c)
+            err = torch.where(torch.isinf(c), out.squeeze(-1), pred) - returns
+            slope = (delta.abs() <= c).to(err.dtype)
         g_out = ((2.0 / n_rows) * value_coef.reshape(-1, 1) * err).unsqueeze(-1)
+        if slope is not None:
+            g_out = g_out * slope.unsqueeze(-1)
         v = (err * err).sum(dim=1) / n_rows
         return {"v": v, "loss": value_coef * v}, backward(g_out, inputs, self.v, self.activation)
 

@@ -42,7 +42,10 @@ class MemberOptimizer:
 
     def __init__(self, kind: str, params: Sequence[torch.Tensor]) -> None:
         self.kind = kind
-        self.t = 0
+        n = params[0].shape[0] if params else 0
+        # Steps taken, per member: a member that sits a step out (PPO's target_kl) keeps
+        # its own Adam bias correction.
+        self.t = np.zeros(n, dtype=np.int64)
         if kind == "rmsprop":
             self.alpha, self.eps = 0.99, 1e-5
             self.state = [[torch.zeros_like(p.detach())] for p in params]
@@ -60,15 +63,32 @@ class MemberOptimizer:
         lr: torch.Tensor,
         max_norm: torch.Tensor,
         loss_finite: torch.Tensor,
+        active: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One clipped step for every member (``lr``, ``max_norm``, ``loss_finite``: ``[S]``).
+        """One clipped step for every member (``lr``, ``max_norm``, ``loss_finite``: ``[S]``)
+        that is ``active`` (default: all; the others sit this step out, unchanged).
 
         Returns the pre-clip gradient norm of each member and whether it stepped to finite
-        parameters (False also for a member that took no step).
+        parameters (False also for an active member that took no step; True for inactive
+        ones).
         """
-        self.t += 1
+        stepping = loss_finite if active is None else loss_finite & active
+        self.t += 1 if active is None else active.cpu().numpy().astype(np.int64)
         if not params:
             return torch.zeros_like(lr), loss_finite.clone()
+        norms, ok = self._step(params, grads, lr, max_norm, stepping)
+        if active is not None:
+            ok = ok | ~active
+        return norms, ok
+
+    def _step(
+        self,
+        params: Sequence[torch.Tensor],
+        grads: Sequence[torch.Tensor],
+        lr: torch.Tensor,
+        max_norm: torch.Tensor,
+        loss_finite: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if params[0].device.type != "cpu" or params[0].dtype != torch.float32:
             return self._torch_step(params, grads, lr, max_norm, loss_finite)
         p_np = _arrays(params)
@@ -121,9 +141,11 @@ class MemberOptimizer:
                 v = st[1].mul(self.beta2).addcmul_(g, g, value=1 - self.beta2)
                 st[0].copy_(torch.where(keep, m, st[0]))
                 st[1].copy_(torch.where(keep, v, st[1]))
-                bc1 = 1 - self.beta1**self.t
-                bc2 = 1 - self.beta2**self.t
-                update = m / (v.sqrt() / bc2**0.5 + self.eps) * per_member(lr / bc1, p)
+                t = torch.from_numpy(self.t).to(p.device, torch.float64)
+                bc1 = (1 - self.beta1**t).to(p.dtype)
+                bc2 = (1 - self.beta2**t).to(p.dtype)
+                update = m / (v.sqrt() / per_member(bc2, p)**0.5 + self.eps) * per_member(
+                    lr / bc1, p)
             p.copy_(torch.where(keep, p - update, p))
             ok &= torch.isfinite(p.flatten(1)).all(dim=1)
         return norm, ok & stepping
@@ -131,3 +153,4 @@ class MemberOptimizer:
     def select(self, idx: torch.Tensor) -> None:
         """Keep only the members at ``idx`` (population compaction)."""
         self.state = [[s[idx] for s in st] for st in self.state]
+        self.t = self.t[idx.cpu().numpy()]

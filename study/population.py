@@ -47,20 +47,10 @@ from study.gae import gae_advantages
 from study.networks import ActorCritic, check_network
 from study.optim import MemberOptimizer
 from study.rng import STREAM_ACTIONS, STREAM_EVAL_RESET, STREAM_SHUFFLE, MemberStreams
-from study.updates import Minibatch, make_update
+from study.schema import CURVE_COLUMNS
+from study.schema import UPDATE_METRICS as _UPDATE_METRICS
+from study.updates import Minibatch, make_update, row_mean, row_var
 
-CURVE_COLUMNS: tuple[str, ...] = (
-    "step",
-    "episode_return",
-    "episode_length",
-    "entropy",
-    "policy_loss",
-    "value_loss",
-    "explained_variance",
-    "grad_norm",
-    "eval_return",
-)
-_UPDATE_METRICS = ("entropy", "policy_loss", "value_loss", "explained_variance", "grad_norm")
 _EVAL_MAX_STEPS = 100_000  # safety cap for environments without a time limit
 
 
@@ -172,21 +162,10 @@ def _member_tensor(members: Sequence[Member], name: str, device: torch.device) -
     )
 
 
-def _row_mean(x: torch.Tensor) -> torch.Tensor:
-    """Mean over dim 1, keepdim. Built on ``sum``: torch's ``var``/``std`` kernels pick a
-    reduction order that depends on the number of rows (members), ``sum`` does not."""
-    return x.sum(dim=1, keepdim=True) / x.shape[1]
-
-
-def _row_var(x: torch.Tensor, correction: int = 0) -> torch.Tensor:
-    """Two-pass variance over dim 1 (keepdim), population-independent (see _row_mean)."""
-    return ((x - _row_mean(x)) ** 2).sum(dim=1, keepdim=True) / (x.shape[1] - correction)
-
-
 def _explained_variance(values: torch.Tensor, returns: torch.Tensor) -> torch.Tensor:
     """``1 - Var[returns - values] / Var[returns]`` per member (NaN when Var[returns] = 0)."""
-    var_y = _row_var(returns).squeeze(1)
-    ev = 1 - _row_var(returns - values).squeeze(1) / var_y
+    var_y = row_var(returns).squeeze(1)
+    ev = 1 - row_var(returns - values).squeeze(1) / var_y
     return torch.where(var_y > 0, ev, torch.full_like(ev, float("nan")))
 
 
@@ -378,6 +357,7 @@ class _Rollout:
     rewards: np.ndarray  # what the members learn from (clipped or scaled)
     terminated: np.ndarray  # for learning (a lost life counts where asked)
     dones: np.ndarray
+    logp: list[torch.Tensor]  # PPO: log pi_old(a|s) per step, [S', E] of the learners
 
 
 @dataclass
@@ -389,6 +369,8 @@ class _Batch:
     adv: torch.Tensor
     returns: torch.Tensor
     explained_variance: torch.Tensor
+    old_logp: torch.Tensor | None = None  # PPO: the rollout's log-probabilities
+    old_values: torch.Tensor | None = None  # and values
 
 
 class _Trainer:
@@ -425,6 +407,7 @@ class _Trainer:
         self.agent = ActorCritic(hp, self.seeds, obs_space, act_space, self.hps["log_std_init"],
                                  self.dev)
         self.updater = make_update(self.agent, hp)
+        self.ppo = hp["algorithm"] == "ppo"
         self.pi_opt = MemberOptimizer(hp["policy_optimizer"], self.agent.policy_params())
         self.v_opt = MemberOptimizer(hp["value_optimizer"], self.agent.value_params())
         self.alive = np.arange(self.n_mem)  # members still learning, in population order
@@ -493,7 +476,7 @@ class _Trainer:
             final_obs=np.zeros((*shape, *self.obs_shape), dtype=self.obs.dtype),
             actions=np.zeros((*shape, *self.act_shape)),
             rewards=np.zeros(shape), terminated=np.zeros(shape, dtype=bool),
-            dones=np.zeros(shape, dtype=bool))
+            dones=np.zeros(shape, dtype=bool), logp=[])
         # The rollout's random draws in one call, for every member (alive or not), so each
         # member's stream advances the same way whoever else is in the population.
         if self.discrete:
@@ -504,6 +487,8 @@ class _Trainer:
         for t in range(self.n_steps):
             out = self.updater.rollout_pass(self.to_torch(self.learning_rows(self.obs)), t)
             actions = self.act(out, False, draws[:, t])
+            if self.ppo:
+                ro.logp.append(self.log_prob(out, actions))
             step = self.env.step(self.env_actions(actions))
             self.global_step += self.n_envs
             ro.obs[t], ro.actions[t] = self.obs, actions
@@ -513,6 +498,13 @@ class _Trainer:
                 ro.final_obs[t] = self.observe(step.final_obs)
             self.obs = next_obs
         return ro
+
+    @torch.no_grad()
+    def log_prob(self, out: torch.Tensor, actions: np.ndarray) -> torch.Tensor:
+        """log pi(a|s) ``[S', E]`` of the learners' sampled ``actions`` (as the update will
+        see them: float32 for Box)."""
+        a = self.to_torch(self.learning_rows(actions))
+        return self.agent.log_prob_entropy(out, a if self.discrete else a.float())[0]
 
     def observe(self, raw: np.ndarray, update: bool = False) -> np.ndarray:
         """Observations ``[S, E, ...]`` as the networks take them (normalised where asked,
@@ -565,39 +557,48 @@ class _Trainer:
                 v_final = self.agent.values(rows(ro.final_obs))
             adv, returns = _rollout_targets(v_all, v_final, ro.rewards, ro.terminated, ro.dones,
                                             self.alive, self.hps, trunc)
-            ev = self._normalize_advantages(adv, returns, v_all[:, :n_batch])
+            # PPO normalises advantages per minibatch (study.updates), A2C per rollout.
+            which = self.hps["normalize_advantage"] > 0
+            ev = self._normalize_advantages(adv, returns, v_all[:, :n_batch],
+                                            torch.zeros_like(which) if self.ppo else which)
         actions = rows(ro.actions)
-        return _Batch(obs, actions if self.discrete else actions.float(), adv, returns, ev)
+        batch = _Batch(obs, actions if self.discrete else actions.float(), adv, returns, ev)
+        if self.ppo:
+            batch.old_logp = torch.cat(ro.logp, dim=1)
+            batch.old_values = v_all[:, :n_batch].detach().clone()
+        return batch
 
     def _normalize_advantages(self, adv: torch.Tensor, returns: torch.Tensor,
-                              values: torch.Tensor) -> torch.Tensor:
-        """Normalise ``adv`` in place for the members that asked; returns the explained
+                              values: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
+        """Normalise ``adv`` in place for the members ``which``; returns the explained
         variance of ``values`` per member."""
         if self.dev.type == "cpu":
             ev = torch.empty(len(self.alive))
-            kernels.advantage_stats_(
-                adv.numpy(), returns.numpy(), values.numpy(),
-                self.hps["normalize_advantage"].numpy() > 0, ev.numpy(),
-            )  # fmt: skip
+            kernels.advantage_stats_(adv.numpy(), returns.numpy(), values.numpy(),
+                                     which.numpy(), ev.numpy())
             return ev
         if adv.shape[1] > 1:
-            mean, std = _row_mean(adv), _row_var(adv, correction=1).sqrt()
+            mean, std = row_mean(adv), row_var(adv, correction=1).sqrt()
             normed = (adv - mean) / (std + 1e-8)
-            adv.copy_(torch.where(self.hps["normalize_advantage"][:, None] > 0, normed, adv))
+            adv.copy_(torch.where(which[:, None], normed, adv))
         return _explained_variance(values, returns)
 
     # ------------------------------------------------------------------- 3. update
     def update(self, batch: _Batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """One policy pass and ``value_iters`` value passes over minibatches; returns the
-        update's metrics per learner and which learners went non-finite."""
+        """The algorithm's update (:meth:`update_a2c` or :meth:`update_ppo`): the update's
+        metrics per learner and which learners went non-finite."""
+        return self.update_ppo(batch) if self.ppo else self.update_a2c(batch)
+
+    def update_a2c(self, batch: _Batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """One policy pass and ``value_iters`` value passes over minibatches."""
         n_alive, hps = len(self.alive), self.hps
         spans = _minibatches(self.n_batch, int(self.hp["n_minibatches"]))
         stats = {k: torch.zeros(n_alive, device=self.dev) for k in _UPDATE_METRICS}
         diverged = torch.zeros(n_alive, dtype=torch.bool, device=self.dev)
-        perm = self.permutation(len(spans))
+        shuffled = self.shuffled(batch, self.permutation(len(spans)))
         for lo, hi in spans:
             terms, grads = self.updater.policy_gradients(
-                self.minibatch(batch, perm, lo, hi), hps["entropy_coef"], hps["value_coef"])
+                self.minibatch(shuffled, lo, hi), hps["entropy_coef"], hps["value_coef"])
             norm, finite = self.pi_opt.step(self.agent.policy_params(), grads, hps["policy_lr"],
                                             hps["max_grad_norm"], torch.isfinite(terms["loss"]))
             diverged |= ~finite
@@ -607,17 +608,61 @@ class _Trainer:
             if self.agent.share_trunk:
                 stats["value_loss"] += terms["v"] / len(spans)
         for _ in range(0 if self.agent.share_trunk else int(self.hp["value_iters"])):
-            perm = self.permutation(len(spans))
+            shuffled = self.shuffled(batch, self.permutation(len(spans)))
             v_loss_sum = torch.zeros(n_alive, device=self.dev)
             for lo, hi in spans:
                 terms, grads = self.updater.value_gradients(
-                    self.minibatch(batch, perm, lo, hi), hps["value_coef"])
+                    self.minibatch(shuffled, lo, hi), hps["value_coef"])
                 _, finite = self.v_opt.step(self.agent.value_params(), grads, hps["value_lr"],
                                             hps["value_max_grad_norm"],
                                             torch.isfinite(terms["loss"]))
                 diverged |= ~finite
                 v_loss_sum += terms["v"]
             stats["value_loss"] = v_loss_sum / len(spans)
+        stats["explained_variance"] = batch.explained_variance
+        stats["approx_kl"] = stats["clip_fraction"] = torch.full_like(stats["entropy"], math.nan)
+        return stats, diverged
+
+    def update_ppo(self, batch: _Batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """``n_epochs`` passes over shuffled minibatches, each a policy step (and a value
+        step for separate networks) on PPO's losses. A member whose approximate KL on a
+        minibatch passes ``1.5 x target_kl`` (as SB3) takes no more steps this update; the
+        others carry on. Every epoch's shuffle is drawn whoever is still training, so a
+        member's streams never depend on the others. Metrics are means over the
+        minibatches each member trained on."""
+        n_alive, hps, shared = len(self.alive), self.hps, self.agent.share_trunk
+        spans = _minibatches(self.n_batch, int(self.hp["n_minibatches"]))
+        stats = {k: torch.zeros(n_alive, device=self.dev) for k in _UPDATE_METRICS}
+        steps = torch.zeros(n_alive, device=self.dev)
+        diverged = torch.zeros(n_alive, dtype=torch.bool, device=self.dev)
+        active = torch.ones(n_alive, dtype=torch.bool, device=self.dev)
+        for _ in range(int(self.hp["n_epochs"])):
+            perm = self.permutation(len(spans))
+            if not bool(active.any()):
+                continue  # (the shuffle was drawn all the same)
+            shuffled = self.shuffled(batch, perm)
+            for lo, hi in spans:
+                if not bool(active.any()):
+                    break
+                mb = self.minibatch(shuffled, lo, hi)
+                terms, grads = self.updater.ppo_policy_gradients(mb, hps)
+                active &= ~(terms["approx_kl"] > 1.5 * hps["target_kl"])
+                norm, ok = self.pi_opt.step(self.agent.policy_params(), grads, hps["policy_lr"],
+                                            hps["max_grad_norm"], torch.isfinite(terms["loss"]),
+                                            active)
+                if not shared:
+                    v_terms, v_grads = self.updater.ppo_value_gradients(mb, hps)
+                    _, v_ok = self.v_opt.step(self.agent.value_params(), v_grads,
+                                              hps["value_lr"], hps["value_max_grad_norm"],
+                                              torch.isfinite(v_terms["loss"]), active)
+                    ok, terms["v"] = ok & v_ok, v_terms["v"]
+                diverged |= ~ok
+                for key, name in (("pg", "policy_loss"), ("ent", "entropy"), ("v", "value_loss"),
+                                  ("approx_kl", "approx_kl"), ("clip_fraction", "clip_fraction")):
+                    stats[name] += torch.where(active, terms[key], 0.0)
+                stats["grad_norm"] += torch.where(active, norm, 0.0)
+                steps += active.to(steps.dtype)
+        stats = {k: v / steps for k, v in stats.items()}
         stats["explained_variance"] = batch.explained_variance
         return stats, diverged
 
@@ -629,13 +674,32 @@ class _Trainer:
         return torch.from_numpy(np.argsort(u, axis=1, kind="stable")).to(self.dev)
 
     @staticmethod
-    def minibatch(batch: _Batch, perm: torch.Tensor | None, lo: int, hi: int) -> Minibatch:
-        """Rows ``perm[:, lo:hi]`` of the batch (all of it, in order, without ``perm``)."""
+    def shuffled(batch: _Batch, perm: torch.Tensor | None) -> _Batch:
+        """The batch's rows in each learner's order ``perm`` (itself without ``perm``),
+        gathered once per pass so that minibatches are slices."""
         if perm is None:
-            return Minibatch(batch.obs, batch.actions, batch.adv, batch.returns, full=True)
-        idx = perm[:, lo:hi]
-        return Minibatch(_gather(batch.obs, idx), _gather(batch.actions, idx),
-                         _gather(batch.adv, idx), _gather(batch.returns, idx), full=False)
+            return batch
+
+        def rows(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else _gather(x, perm)
+
+        return _Batch(rows(batch.obs), rows(batch.actions), rows(batch.adv),
+                      rows(batch.returns), batch.explained_variance, rows(batch.old_logp),
+                      rows(batch.old_values))
+
+    @staticmethod
+    def minibatch(batch: _Batch, lo: int, hi: int) -> Minibatch:
+        """Rows ``lo:hi`` of a (shuffled) batch, contiguous per learner."""
+        if lo == 0 and hi == batch.adv.shape[1]:
+            return Minibatch(batch.obs, batch.actions, batch.adv, batch.returns, full=True,
+                             old_logp=batch.old_logp, old_values=batch.old_values)
+
+        def rows(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x[:, lo:hi].contiguous()
+
+        return Minibatch(rows(batch.obs), rows(batch.actions), rows(batch.adv),
+                         rows(batch.returns), full=False, old_logp=rows(batch.old_logp),
+                         old_values=rows(batch.old_values))
 
     # ------------------------------------------------------------------- 4. logging
     def record(self, stats: dict[str, torch.Tensor]) -> None:

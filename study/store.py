@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 from study import NUMERICS, procs
 from study.config import SPECS, ConfigError
 from study.redact import redact_json
+from study.schema import CURVE_COLUMNS
 
 __all__ = [
     "CURVE_SCHEMA",
@@ -72,19 +73,7 @@ RUNS_DIR = "runs"
 CURVES_DIR = "curves"
 POLICIES_DIR = "policies"
 
-# The curve columns of the trainer contract (study.population.CURVE_COLUMNS), repeated here
-# so reading a store never imports torch.
-_CURVE_COLUMNS = (
-    "step",
-    "episode_return",
-    "episode_length",
-    "entropy",
-    "policy_loss",
-    "value_loss",
-    "explained_variance",
-    "grad_norm",
-    "eval_return",
-)
+_CURVE_COLUMNS = CURVE_COLUMNS
 
 
 class StoreError(ConfigError):

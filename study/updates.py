@@ -30,8 +30,8 @@ import torch
 from study.nets import Prepared, backward, forward_cached
 from study.networks import ActorCritic
 
-__all__ = ["CHUNK_ROWS", "AcceleratedMLPUpdate", "AutogradUpdate", "Minibatch", "make_update",
-           "register_acceleration"]
+__all__ = ["CHUNK_ROWS", "AcceleratedMLPUpdate", "AutogradUpdate", "Minibatch",
+           "clipped_value_error", "make_update", "ppo_surrogate", "register_acceleration"]
 
 # Rows per chunk when a loss is evaluated over a large batch: gradients are accumulated
 # chunk by chunk so activations stay in cache (2-3x faster on 32k-sample batches). It
@@ -42,13 +42,16 @@ CHUNK_ROWS = 1024
 @dataclass
 class Minibatch:
     """Rows of the rollout for one gradient step, ``[S, B, ...]`` per learner; ``full``
-    when they are the whole rollout in its own order (no shuffling)."""
+    when they are the whole rollout in its own order (no shuffling). PPO's also carry the
+    rollout's log-probabilities of the actions and its values."""
 
     obs: torch.Tensor
     actions: torch.Tensor
     adv: torch.Tensor
     returns: torch.Tensor
     full: bool
+    old_logp: torch.Tensor | None = None
+    old_values: torch.Tensor | None = None
 
     @property
     def n_rows(self) -> int:
@@ -89,6 +92,55 @@ def manual_chunks(fn: Callable[[int, int], tuple[Terms, list[torch.Tensor]]], n_
         grads = g if not grads else [x.add_(y) for x, y in zip(grads, g, strict=True)]
         total = terms if not total else {k: total[k] + v for k, v in terms.items()}
     return total, grads
+
+
+def row_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean over dim 1, keepdim. Built on ``sum``: torch's ``var``/``std`` kernels pick a
+    reduction order that depends on the number of rows (members), ``sum`` does not."""
+    return x.sum(dim=1, keepdim=True) / x.shape[1]
+
+
+def row_var(x: torch.Tensor, correction: int = 0) -> torch.Tensor:
+    """Two-pass variance over dim 1 (keepdim), population-independent (see row_mean)."""
+    return ((x - row_mean(x)) ** 2).sum(dim=1, keepdim=True) / (x.shape[1] - correction)
+
+
+def normalized(adv: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
+    """``(A - mean) / (std + 1e-8)`` per member (unbiased std) for the members ``which``."""
+    if adv.shape[1] < 2:
+        return adv
+    normed = (adv - row_mean(adv)) / (row_var(adv, correction=1).sqrt() + 1e-8)
+    return torch.where(which[:, None], normed, adv)
+
+
+def ppo_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor,
+                  clip_range: torch.Tensor) -> Terms:
+    """PPO's clipped surrogate (Schulman et al. 2017), row sums per member:
+
+        r = exp(log pi(a|s) - log pi_old(a|s)),
+        pg = -min(r A, clip(r, 1 - c, 1 + c) A),
+        approx_kl = (r - 1) - log r   (an unbiased, non-negative KL(pi_old || pi) estimate),
+        clip_fraction = [|r - 1| > c].
+    """
+    log_ratio = logp - old_logp
+    ratio = torch.exp(log_ratio)
+    c = clip_range[:, None]
+    clipped = torch.minimum(torch.maximum(ratio, 1.0 - c), 1.0 + c)
+    surrogate = torch.minimum(ratio * adv, clipped * adv)
+    with torch.no_grad():
+        kl = ((ratio - 1.0) - log_ratio).sum(dim=1)
+        fraction = ((ratio - 1.0).abs() > c).to(ratio.dtype).sum(dim=1)
+    return {"pg": -surrogate.sum(dim=1), "approx_kl": kl, "clip_fraction": fraction}
+
+
+def clipped_value_error(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                        clip_range_vf: torch.Tensor) -> torch.Tensor:
+    """``(V' - R)^2`` with ``V' = V_old + clip(V - V_old, -c, c)`` (SB3's value clipping;
+    V itself where c is infinite, i.e. no clipping)."""
+    c = clip_range_vf[:, None]
+    clipped = old_values + torch.maximum(torch.minimum(values - old_values, c), -c)
+    pred = torch.where(torch.isinf(c), values, clipped)
+    return (pred - returns) ** 2
 
 
 class AutogradUpdate:
@@ -151,6 +203,46 @@ class AutogradUpdate:
 
         return chunked_gradients(terms, agent.value_params(), mb.n_rows, agent.chunk_rows)
 
+    def ppo_policy_gradients(self, mb: Minibatch, hps: Mapping[str, torch.Tensor]
+                             ) -> tuple[Terms, list[torch.Tensor]]:
+        """PPO's policy loss ``pg - c_ent * ent`` (:func:`ppo_surrogate`; plus
+        ``c_v`` times the clipped value error with a shared trunk), advantages normalised
+        per minibatch where asked (as SB3 and CleanRL do)."""
+        agent = self.agent
+        assert mb.old_logp is not None and mb.old_values is not None
+        adv = normalized(mb.adv, hps["normalize_advantage"] > 0)
+
+        def terms(a: int, b: int) -> Terms:
+            obs = mb.obs[:, a:b]
+            if agent.share_trunk:
+                out, values = agent.policy_and_values(obs)
+            else:
+                out = agent.policy_out(obs)
+            logp, entropy = agent.log_prob_entropy(out, mb.actions[:, a:b])
+            t = ppo_surrogate(logp, mb.old_logp[:, a:b], adv[:, a:b], hps["clip_range"])
+            t["ent"] = entropy.sum(dim=1)
+            t["loss"] = t["pg"] - hps["entropy_coef"] * t["ent"]
+            if agent.share_trunk:
+                t["v"] = clipped_value_error(values, mb.old_values[:, a:b], mb.returns[:, a:b],
+                                             hps["clip_range_vf"]).sum(dim=1)
+                t["loss"] = t["loss"] + hps["value_coef"] * t["v"]
+            return t
+
+        return chunked_gradients(terms, agent.policy_params(), mb.n_rows, agent.chunk_rows)
+
+    def ppo_value_gradients(self, mb: Minibatch, hps: Mapping[str, torch.Tensor]
+                            ) -> tuple[Terms, list[torch.Tensor]]:
+        """PPO's value loss of separate value networks, ``c_v`` times the clipped error."""
+        agent = self.agent
+        assert mb.old_values is not None
+
+        def terms(a: int, b: int) -> Terms:
+            v = clipped_value_error(agent.values(mb.obs[:, a:b]), mb.old_values[:, a:b],
+                                    mb.returns[:, a:b], hps["clip_range_vf"]).sum(dim=1)
+            return {"v": v, "loss": hps["value_coef"] * v}
+
+        return chunked_gradients(terms, agent.value_params(), mb.n_rows, agent.chunk_rows)
+
 
 class AcceleratedMLPUpdate(AutogradUpdate):
     """Separate MLPs on flat observations: hand-written gradients
@@ -163,8 +255,9 @@ class AcceleratedMLPUpdate(AutogradUpdate):
         super().__init__(agent, hp)
         n_mb = int(hp["n_minibatches"])
         n_batch = int(hp["num_envs"]) * int(hp["n_steps"])
-        self.reuse_policy = n_mb == 1 and n_batch <= CHUNK_ROWS
-        self.fused_value = int(hp["value_iters"]) * n_mb == 1 and n_batch <= CHUNK_ROWS
+        a2c = hp["algorithm"] == "a2c"  # PPO's epochs change the weights: nothing to reuse
+        self.reuse_policy = a2c and n_mb == 1 and n_batch <= CHUNK_ROWS
+        self.fused_value = a2c and int(hp["value_iters"]) * n_mb == 1 and n_batch <= CHUNK_ROWS
         self._net: Prepared | None = None
         self._outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._hidden: list[torch.Tensor] = []
@@ -222,21 +315,54 @@ class AcceleratedMLPUpdate(AutogradUpdate):
             mb.obs[:, a:b], mb.returns[:, a:b], value_coef, mb.n_rows), mb.n_rows)
 
 
-_ACCELERATIONS: list[tuple[Callable[[ActorCritic], bool], type[AutogradUpdate]]] = []
+    def ppo_policy_gradients(self, mb: Minibatch, hps: Mapping[str, torch.Tensor]
+                             ) -> tuple[Terms, list[torch.Tensor]]:
+        """PPO's policy loss by the hand-written gradients: the surrogate's weight on
+        d log pi is ``A r`` where the unclipped term is the smaller one, else 0."""
+        agent = self.agent
+        assert mb.old_logp is not None
+        adv = normalized(mb.adv, hps["normalize_advantage"] > 0)
+
+        def chunk(a: int, b: int) -> tuple[Terms, list[torch.Tensor]]:
+            def surrogate(logp: torch.Tensor) -> tuple[torch.Tensor, Terms]:
+                t = ppo_surrogate(logp, mb.old_logp[:, a:b], adv[:, a:b], hps["clip_range"])
+                ratio = torch.exp(logp - mb.old_logp[:, a:b])
+                c = hps["clip_range"][:, None]
+                clipped = torch.minimum(torch.maximum(ratio, 1.0 - c), 1.0 + c)
+                unclipped = ratio * adv[:, a:b] <= clipped * adv[:, a:b]
+                weight = torch.where(unclipped, adv[:, a:b] * ratio, 0.0)
+                return weight, {k: v / mb.n_rows for k, v in t.items()}
+
+            return agent.policy_grads(mb.obs[:, a:b], mb.actions[:, a:b], adv[:, a:b],
+                                      hps["entropy_coef"], mb.n_rows, surrogate=surrogate)
+
+        return manual_chunks(chunk, mb.n_rows)
+
+    def ppo_value_gradients(self, mb: Minibatch, hps: Mapping[str, torch.Tensor]
+                            ) -> tuple[Terms, list[torch.Tensor]]:
+        agent = self.agent
+        assert mb.old_values is not None
+        return manual_chunks(lambda a, b: agent.value_grads(
+            mb.obs[:, a:b], mb.returns[:, a:b], hps["value_coef"], mb.n_rows,
+            clip=(mb.old_values[:, a:b], hps["clip_range_vf"])), mb.n_rows)
 
 
-def register_acceleration(accepts: Callable[[ActorCritic], bool],
-                          update: type[AutogradUpdate]) -> None:
-    """Use ``update`` for the networks ``accepts`` (tried in registration order)."""
+Accepts = Callable[[ActorCritic, Mapping[str, Any]], bool]
+_ACCELERATIONS: list[tuple[Accepts, type[AutogradUpdate]]] = []
+
+
+def register_acceleration(accepts: Accepts, update: type[AutogradUpdate]) -> None:
+    """Use ``update`` where ``accepts(network, hyperparameters)`` (tried in registration
+    order)."""
     _ACCELERATIONS.append((accepts, update))
 
 
 def make_update(agent: ActorCritic, hp: Mapping[str, Any]) -> AutogradUpdate:
     """The first registered acceleration that accepts ``agent``, else the reference."""
     for accepts, update in _ACCELERATIONS:
-        if accepts(agent):
+        if accepts(agent, hp):
             return update(agent, hp)
     return AutogradUpdate(agent, hp)
 
 
-register_acceleration(lambda agent: agent.accelerated, AcceleratedMLPUpdate)
+register_acceleration(lambda agent, hp: agent.accelerated, AcceleratedMLPUpdate)
