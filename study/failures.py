@@ -20,6 +20,18 @@ threshold (every cut-off below is relative to the spread of the sweep's own valu
     realises at most half of the best mode's improvement over the starting return, and
     concentrated (see TRAP_MAX_SPREAD); modes closer than MODE_MIN_GAP of the learning
     range are one.
+
+    A *lone* trapped run has no mode of its own (one seed cannot make one): in a config
+    with at least LONE_MIN_SEEDS seeds, the lowest run is trapped alone when it is the
+    only one below ``median - LONE_Z * spread`` of its config's other seeds (spread: their
+    MAD times 1.4826, at least the curves' median noise and MODE_MIN_GAP of the learning
+    range), the config learnt (its other seeds' median improvement over the start exceeds
+    that same margin), the run realises at most half of that median improvement, and it
+    held its level for the last quarter like any trapped run (it is not collapsed below
+    its start, which keeps its own label). A MinAtar Breakout seed whose policy went
+    deterministic early and sat at 1.5 for 450k steps while 15 seeds reached 5 to 8 is
+    one. Two or more low runs at different levels are a spread of slow learners, as for
+    modes, and are not trapped.
 ``collapsed``
     ended clearly below the return of an untrained policy (CartPole seeds that settle at
     9.4, below a random policy's ~22), by more than 4 standard errors and COLLAPSE_MIN_DROP
@@ -96,6 +108,16 @@ TRAP_MIN_HOLD = 0.25
 #: Modes closer than this fraction of the learning range (best final return minus the
 #: starting return) are one mode: 498 and 500 on CartPole are both "solved".
 MODE_MIN_GAP = 0.05
+#: A lone trapped run (an outlier far below its config's other seeds) needs a config of at
+#: least this many seeds with a final return, itself included.
+LONE_MIN_SEEDS = 5
+#: ... and to lie more than this many robust spreads (1.4826 MAD, the normal-consistent
+#: scale) below the median of the other seeds: Iglewicz and Hoaglin's cut-off for the
+#: modified z-score.
+LONE_Z = 3.5
+#: A mid-training drop is listed only if it is at least this share of its config's median
+#: improvement over the start (|median final - median first points|).
+DROP_MIN_SHARE = 0.25
 
 PER_RUN_COLUMNS: tuple[str, ...] = (
     "run_id", "config_id", "seed", "classification", "mode", "plateau_step",
@@ -800,6 +822,7 @@ class _Analysis:
     trapped_levels: list[TrappedLevel]
     has_curves: bool
     sweep_modes: dict[str, list[Mode]]
+    lone: list[str] = field(default_factory=list)  # run ids trapped alone (no mode)
 
 
 def _pool_keys(runs: pd.DataFrame) -> np.ndarray:
@@ -970,15 +993,39 @@ def _analyse(runs: pd.DataFrame, curves: pd.DataFrame | None, min_seeds: int,
                 better = rest[final[rest] > final[i]]
                 ref_rows[i] = better if better.size else level_refs[k]
 
+    # Pass 3: a lone trapped run. One seed stuck far below its config's other seeds makes
+    # no mode (a mode needs two), so it is looked for as an outlier of its config.
+    lone = np.zeros(n, dtype=bool)
+    for rows in groups.values():
+        r = rows[usable[rows] & ~candidate[rows]]
+        if r.size < LONE_MIN_SEEDS:
+            continue
+        hit = _lone_outlier(final[r], f.noise[r], initial_of(r), max_progress)
+        if hit is None:
+            continue
+        k, med, margin, init = hit
+        i = r[k]
+        lone[i] = candidate[i] = True
+        others = np.delete(r, k)
+        ref_rows[i] = others
+        share = (final[i] - init) / (med - init)
+        why[i] = (f"final {fmt_number(final[i], dec)} trapped alone, far below its config's "
+                  f"other {others.size} seeds: the only one below their median "
+                  f"{fmt_number(med, dec)} minus {LONE_Z:g} spreads "
+                  f"({fmt_number(med - margin, dec)}), realising {share:.0%} of their median "
+                  f"improvement over the start {fmt_number(init, dec)}")
+
     # Labels.
     cls = np.full(n, "ok", dtype=object)
     cls[f.learning & usable] = "learning"
     # A trap is a level the run stays at: one reached in the last TRAP_MIN_HOLD of the run
     # may be a waypoint of a slow learner (a short budget stops many runs mid-climb).
     held = f.plateau_step <= (1.0 - TRAP_MIN_HOLD) * f.last_step
-    trapped = candidate & curve_ok & ~f.learning & held
+    below_start = _collapsed(f, curve_ok) & ~pruned
+    # A lone run that ended below an untrained policy's return is collapsed, as before.
+    trapped = candidate & curve_ok & ~f.learning & held & ~(lone & below_start)
     cls[trapped] = "trapped"
-    collapsed = ~trapped & _collapsed(f, curve_ok) & ~pruned
+    collapsed = ~trapped & below_start
     cls[collapsed] = "collapsed"
     cls[diverged] = "diverged"
     cls[pruned] = "pruned"
@@ -1011,7 +1058,40 @@ def _analyse(runs: pd.DataFrame, curves: pd.DataFrame | None, min_seeds: int,
         "reason": reasons,
         "final_return": final,
     })[list(PER_RUN_COLUMNS)]
-    return _Analysis(per_run, modes, levels, has_curves, sweep_modes)
+    return _Analysis(per_run, modes, levels, has_curves, sweep_modes,
+                     [run_ids[i] for i in np.flatnonzero(trapped & lone)])
+
+
+def _lone_outlier(final: np.ndarray, noise: np.ndarray, init: float,
+                  max_progress: float) -> tuple[int, float, float, float] | None:
+    """Whether the lowest of a config's final returns is a lone outlier far below the
+    others: ``(its index, the others' median, the margin, the start)``, or None.
+
+    With ``others`` every value but the lowest, ``spread`` is the larger of 1.4826 times
+    their median absolute deviation (a robust sd: a second low run cannot inflate it), the
+    median noise sd of the config's curves in their last quarter (final returns cannot be
+    told apart more finely than that) and MODE_MIN_GAP of the learning range (seeds tied
+    at a cap have no spread), and ``margin = LONE_Z * spread``. The lowest value must lie
+    below ``median(others) - margin`` and be the only one there (two or more low runs at
+    different levels are a spread of slow learners, not a lone trap); the config must
+    have learnt, ``median(others) - start > margin``; and the run must realise at most
+    ``max_progress`` of that improvement.
+    """
+    if not np.isfinite(init):
+        return None
+    order = np.argsort(final, kind="stable")
+    k, others = int(order[0]), final[order[1:]]
+    med = float(np.median(others))
+    mad = 1.4826 * float(np.median(np.abs(others - med)))
+    nz = noise[np.isfinite(noise)]
+    spread = max(mad, float(np.median(nz)) if nz.size else 0.0,
+                 _min_gap(final, init))
+    margin = LONE_Z * spread
+    fence = med - margin
+    if (med - init > margin and final[k] < fence and others[0] >= fence
+            and final[k] - init <= max_progress * (med - init)):
+        return k, med, margin, init
+    return None
 
 
 def _start_levels(initial: np.ndarray, pool: np.ndarray) -> np.ndarray:
@@ -1191,8 +1271,11 @@ class FailureReport:
     notes: list[str] = field(default_factory=list)  # shown first: incomplete store, budgets
     #: Per config, Chan et al.'s reliability metrics (:func:`study.reliability.reliability`).
     reliability: pd.DataFrame = field(default_factory=pd.DataFrame)
-    #: Runs that lost most of their level mid-training (:func:`study.reliability.collapses`).
+    #: Runs that lost most of their level mid-training (:func:`study.reliability.collapses`),
+    #: by at least DROP_MIN_SHARE of their config's median improvement over the start.
     drops: pd.DataFrame = field(default_factory=pd.DataFrame)
+    #: Run ids trapped alone: outliers far below their config's other seeds, in no mode.
+    lone_trapped: list[str] = field(default_factory=list)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -1329,6 +1412,7 @@ def failure_report(
         source=source,
         decimals=dec,
         notes=[*notes, *([b] if (b := budget_note(runs)) else [])],
+        lone_trapped=list(an.lone),
         **_reliability(runs, curves),
     )
 
@@ -1343,8 +1427,28 @@ def _curve_matrix(curves: pd.DataFrame, run_ids: Sequence[str]) -> tuple[np.ndar
     return table.columns.to_numpy(dtype=float), table.to_numpy(dtype=float)
 
 
+def _improvement(mat: np.ndarray, final: np.ndarray) -> float:
+    """``|median final return - median starting return|`` of a config's runs (the start: a
+    curve's first 5% of points, at least 3, as in :func:`_curve_features`); NaN if unknown."""
+    starts = []
+    for row in mat:
+        y = row[np.isfinite(row)]
+        if y.size:
+            starts.append(float(y[: max(3, math.ceil(0.05 * y.size))].mean()))
+    final = final[np.isfinite(final)]
+    if not starts or not final.size:
+        return np.nan
+    return abs(float(np.median(final)) - float(np.median(starts)))
+
+
 def _reliability(runs: pd.DataFrame, curves: pd.DataFrame | None) -> dict[str, pd.DataFrame]:
-    """Chan et al.'s metrics per config and the mid-training drops of every run."""
+    """Chan et al.'s metrics per config and the mid-training drops of every run.
+
+    A drop (:func:`study.reliability.collapses`, on the run's own scale) is listed only if
+    its depth is at least DROP_MIN_SHARE of its config's median improvement over the start
+    (:func:`_improvement`): a run stuck at a low level loses "half its range" to a wobble of
+    a few hundredths, which is no collapse next to what its config learns.
+    """
     from study import reliability as rel
 
     if curves is None or curves.empty or "episode_return" not in curves:
@@ -1353,9 +1457,13 @@ def _reliability(runs: pd.DataFrame, curves: pd.DataFrame | None) -> dict[str, p
     for cid, group in runs[runs["status"] != "pruned"].groupby("config_id", sort=False):
         ids = group["run_id"].astype(str).tolist()
         steps, mat = _curve_matrix(curves, ids)
-        metrics.append({"config_id": cid, "runs": len(ids), **rel.reliability(
-            mat, group["final_return"].to_numpy(float))})
+        final = group["final_return"].to_numpy(float)
+        metrics.append({"config_id": cid, "runs": len(ids), **rel.reliability(mat, final)})
+        scale = _improvement(mat, final)
+        min_depth = DROP_MIN_SHARE * scale if np.isfinite(scale) else 0.0
         for c in rel.collapses(steps, mat):
+            if c.depth < min_depth:
+                continue
             row = group.iloc[c.run]
             drops.append({"run_id": row["run_id"], "config_id": cid, "seed": int(row["seed"]),
                           "peak_step": c.peak_step, "peak": c.peak, "step": c.step,
@@ -1392,8 +1500,13 @@ DEFINITIONS: tuple[tuple[str, str], ...] = (
                  "diverged); nothing else is called diverged"),
     ("trapped", "its final return lies in a concentrated mode that realises at most half of "
                 "the best mode's improvement over the start (its config's seeds, the sweep's "
-                "pooled returns, or a trapped level found in another config), and it has held "
-                f"that level for at least the last {TRAP_MIN_HOLD:.0%} of its steps"),
+                "pooled returns, or a trapped level found in another config), or it is "
+                "trapped alone: in a config of at least "
+                f"{LONE_MIN_SEEDS} seeds, the only one below the other seeds' median by more "
+                f"than {LONE_Z:g} robust spreads (1.4826 MAD, at least their curves' noise), "
+                "realising at most half of their median improvement over the start; either "
+                "way it has held that level for at least the last "
+                f"{TRAP_MIN_HOLD:.0%} of its steps"),
     ("collapsed", "it ended clearly below the return of an untrained policy (its own first "
                   "points, or the median first points of every run of its env if higher): by "
                   "more than 4 standard errors and "
@@ -1446,8 +1559,12 @@ def _md_drops(rep: FailureReport) -> list[str]:
             "After its first 10% of log points (its start-up), a run drops when its return "
             "(a rolling median of 3 log points) falls below its peak minus half of the height "
             "the peak stands above the lowest point before it, for at least 3 log points, "
-            "and by at least half of its whole range (it may recover; a run that ends below "
-            "an untrained policy is *collapsed* above instead).", "",
+            "and by at least half of its whole range; and the fall is at least "
+            f"{DROP_MIN_SHARE:.0%} of its config's median improvement over the start (the "
+            "distance between the config's median final return and the median of its "
+            "curves' first points), so a wobble of a run stuck low, large on its own small "
+            "scale, is not listed. It may recover; a run that ends below an untrained policy "
+            "is *collapsed* above instead.", "",
             *_md(["config", "seed", "peak (at step)", "fell at step", "lowest", "depth",
                   "log points below", "recovered"], _capped(rep, rows, "drops")), ""]
 
@@ -1501,13 +1618,22 @@ def _md_modes(rep: FailureReport) -> list[str]:
     if not rep.trapped_levels:
         lines += ["", "No trapped mode: no low mode is clearly below its config's best "
                   "(at most half of the best mode's improvement over the starting return)."]
+    if rep.lone_trapped:
+        pr = rep.per_run.set_index("run_id").loc[rep.lone_trapped]
+        shown = [f"{lab.get(str(r.config_id), str(r.config_id))}, seed {r.seed} at "
+                 f"{fmt_number(r.final_return, d)}" for r in pr.head(10).itertuples()]
+        more = f"; and {len(pr) - 10} more" if len(pr) > 10 else ""
+        k = len(pr)
+        lines += ["", f"Trapped alone (a lone seed makes no mode): {k} "
+                  f"{'run' if k == 1 else 'runs'} far below {'its' if k == 1 else 'their'} "
+                  f"config's other seeds ({'; '.join(shown)}{more}); see the trapped runs."]
     return lines + [""]
 
 
 def _single_mode_sentence(rep: FailureReport, multi: set[str]) -> str:
     """How many single-mode configs there are, and which of them still have failed runs: a
-    config whose seeds are trapped at a level found elsewhere, or all collapsed, has one
-    mode, and must not be counted among the fine ones."""
+    config whose seeds are trapped at a level found elsewhere, or with a seed trapped
+    alone, or all collapsed, has one mode, and must not be counted among the fine ones."""
     single = [c for c in rep.modes if c not in multi]
     if not single:
         return ""
@@ -1525,8 +1651,8 @@ def _single_mode_sentence(rep: FailureReport, multi: set[str]) -> str:
              for c, v in list(counts.items())[:10]]
     more = f"; and {len(counts) - 10} more" if len(counts) > 10 else ""
     return (f"{text} and no failed run; {len(counts)} {_have(len(counts))} a single mode but "
-            f"failed runs, trapped at a level found elsewhere or collapsed below their start "
-            f"({'; '.join(shown)}{more}).")
+            f"failed runs, trapped at a level found elsewhere, trapped alone or collapsed "
+            f"below their start ({'; '.join(shown)}{more}).")
 
 
 def _configs(n: int) -> str:
