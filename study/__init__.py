@@ -1,7 +1,5 @@
 """study: hyperparameter sweeps and seed-variance studies for reinforcement learning."""
 
-from study.envs import register_envs as _register_envs
-
 __version__ = "0.1.0"
 
 #: The trainer's numerics, bumped by every change that alters any trained value (another
@@ -9,4 +7,6 @@ __version__ = "0.1.0"
 #: with other numerics is refused: its runs would not match the ones trained now.
 NUMERICS = 3
 
-_register_envs()
+# Light on purpose: ``import study.store`` (and every analysis command) must not import
+# torch, gymnasium or numba. CartPoleSwingUp-v0/v1 are registered with gymnasium by
+# study.envs when an environment is made (study.envs.register_envs).

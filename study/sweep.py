@@ -237,9 +237,9 @@ def validate_env_id(env: str, where: str = "") -> str:
     """
     import gymnasium as gym
 
-    import study  # noqa: F401  (registers CartPoleSwingUp-v0/v1)
-    from study.envs import env_spaces, register_namespace
+    from study.envs import env_spaces, register_envs, register_namespace
 
+    register_envs()  # CartPoleSwingUp-v0/v1
     try:
         register_namespace(env)  # ALE/*, MinAtar/*: their package, or the extra to install
     except ConfigError as e:

@@ -9,9 +9,14 @@ import gymnasium as gym
 import numpy as np
 import pytest
 
-import study  # noqa: F401  (registers CartPoleSwingUp-v0/v1)
 from study.config import ConfigError
-from study.envs import FAST_ENVS, env_spaces, generic_only, make_population_env
+from study.envs import (
+    FAST_ENVS,
+    env_spaces,
+    generic_only,
+    make_population_env,
+    register_envs,
+)
 from study.envs.generic import instance_seed
 from study.envs.swingup import CartPoleSwingUpV0, CartPoleSwingUpV1
 from study.rng import STREAM_EVAL_RESET, STREAM_RESET, MemberStreams
@@ -19,6 +24,8 @@ from study.rng import STREAM_EVAL_RESET, STREAM_RESET, MemberStreams
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 CARTPOLE_LIMITS = {"CartPole-v0": 200, "CartPole-v1": 500}
+
+register_envs()  # CartPoleSwingUp-v0/v1 with gymnasium
 
 
 def _random_cartpole_states(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:

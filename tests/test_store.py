@@ -232,3 +232,17 @@ def test_a_store_trained_with_other_numerics_is_refused(tmp_path):
         store.write_manifest(tmp_path, old)
         with pytest.raises(store.StoreError, match="trained with study numerics .* --fresh"):
             store.check_compatible(tmp_path, "CartPole-v1")
+
+
+def test_analysis_imports_stay_light():
+    """Reading a store and the analysis commands never import torch, gymnasium or numba
+    (seconds of start-up each, and no trainer code runs when analysing)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, study.store, study.tables, study.failures, study.report, "
+            "study.aggregate, study.render; "
+            "print(sorted(m for m in ('torch', 'gymnasium', 'numba') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
