@@ -59,6 +59,8 @@ class Minibatch:
 
 
 Terms = dict[str, torch.Tensor]
+#: ``(values, a, b) -> [S, b - a]`` squared value errors of rows a:b.
+ValueError_ = Callable[[torch.Tensor, int, int], torch.Tensor]
 
 
 def chunked_gradients(terms_fn: Callable[[int, int], Terms], params: list[torch.Tensor],
@@ -173,44 +175,50 @@ class AutogradUpdate:
 
     def policy_gradients(self, mb: Minibatch, entropy_coef: torch.Tensor,
                          value_coef: torch.Tensor) -> tuple[Terms, list[torch.Tensor]]:
-        """Policy loss ``pg - c_ent * ent`` (plus ``c_v * v`` with a shared trunk)."""
-        agent = self.agent
-
-        def terms(a: int, b: int) -> Terms:
-            obs = mb.obs[:, a:b]
-            if agent.share_trunk:
-                out, values = agent.policy_and_values(obs)
-            else:
-                out = agent.policy_out(obs)
-            logp, entropy = agent.log_prob_entropy(out, mb.actions[:, a:b])
-            t = {"pg": -(logp * mb.adv[:, a:b]).sum(dim=1), "ent": entropy.sum(dim=1)}
-            t["loss"] = t["pg"] - entropy_coef * t["ent"]
-            if agent.share_trunk:
-                t["v"] = ((values - mb.returns[:, a:b]) ** 2).sum(dim=1)
-                t["loss"] = t["loss"] + value_coef * t["v"]
-            return t
-
-        return chunked_gradients(terms, agent.policy_params(), mb.n_rows, agent.chunk_rows)
+        """A2C's policy loss ``pg - c_ent * ent`` with ``pg = -A log pi(a|s)`` (plus
+        ``c_v (V(s) - R)^2`` with a shared trunk)."""
+        return self._policy_loss(
+            mb, lambda logp, a, b: {"pg": -(logp * mb.adv[:, a:b]).sum(dim=1)},
+            lambda values, a, b: (values - mb.returns[:, a:b]) ** 2, entropy_coef, value_coef)
 
     def value_gradients(self, mb: Minibatch, value_coef: torch.Tensor
                         ) -> tuple[Terms, list[torch.Tensor]]:
         """Value loss ``c_v * (V(s) - R)^2`` of separate value networks."""
-        agent = self.agent
-
-        def terms(a: int, b: int) -> Terms:
-            v = ((agent.values(mb.obs[:, a:b]) - mb.returns[:, a:b]) ** 2).sum(dim=1)
-            return {"v": v, "loss": value_coef * v}
-
-        return chunked_gradients(terms, agent.value_params(), mb.n_rows, agent.chunk_rows)
+        return self._value_loss(mb, lambda values, a, b: (values - mb.returns[:, a:b]) ** 2,
+                                value_coef)
 
     def ppo_policy_gradients(self, mb: Minibatch, hps: Mapping[str, torch.Tensor]
                              ) -> tuple[Terms, list[torch.Tensor]]:
         """PPO's policy loss ``pg - c_ent * ent`` (:func:`ppo_surrogate`; plus
         ``c_v`` times the clipped value error with a shared trunk), advantages normalised
         per minibatch where asked (as SB3 and CleanRL do)."""
-        agent = self.agent
-        assert mb.old_logp is not None and mb.old_values is not None
+        assert mb.old_logp is not None
+        old_logp = mb.old_logp
         adv = normalized(mb.adv, hps["normalize_advantage"] > 0)
+        return self._policy_loss(
+            mb, lambda logp, a, b: ppo_surrogate(logp, old_logp[:, a:b], adv[:, a:b],
+                                                 hps["clip_range"]),
+            self._ppo_value_error(mb, hps), hps["entropy_coef"], hps["value_coef"])
+
+    def ppo_value_gradients(self, mb: Minibatch, hps: Mapping[str, torch.Tensor]
+                            ) -> tuple[Terms, list[torch.Tensor]]:
+        """PPO's value loss of separate value networks, ``c_v`` times the clipped error."""
+        return self._value_loss(mb, self._ppo_value_error(mb, hps), hps["value_coef"])
+
+    @staticmethod
+    def _ppo_value_error(mb: Minibatch, hps: Mapping[str, torch.Tensor]) -> ValueError_:
+        assert mb.old_values is not None
+        old = mb.old_values
+        return lambda values, a, b: clipped_value_error(values, old[:, a:b], mb.returns[:, a:b],
+                                                        hps["clip_range_vf"])
+
+    def _policy_loss(self, mb: Minibatch, pg_terms: Callable[[torch.Tensor, int, int], Terms],
+                     value_error: ValueError_, entropy_coef: torch.Tensor,
+                     value_coef: torch.Tensor) -> tuple[Terms, list[torch.Tensor]]:
+        """Gradients of ``pg - c_ent * ent`` (+ ``c_v * value_error`` with a shared trunk)
+        with respect to the policy's parameters; ``pg_terms(log pi(a|s), a, b)`` gives
+        ``pg`` (and any other terms) of rows a:b."""
+        agent = self.agent
 
         def terms(a: int, b: int) -> Terms:
             obs = mb.obs[:, a:b]
@@ -219,27 +227,23 @@ class AutogradUpdate:
             else:
                 out = agent.policy_out(obs)
             logp, entropy = agent.log_prob_entropy(out, mb.actions[:, a:b])
-            t = ppo_surrogate(logp, mb.old_logp[:, a:b], adv[:, a:b], hps["clip_range"])
+            t = pg_terms(logp, a, b)
             t["ent"] = entropy.sum(dim=1)
-            t["loss"] = t["pg"] - hps["entropy_coef"] * t["ent"]
+            t["loss"] = t["pg"] - entropy_coef * t["ent"]
             if agent.share_trunk:
-                t["v"] = clipped_value_error(values, mb.old_values[:, a:b], mb.returns[:, a:b],
-                                             hps["clip_range_vf"]).sum(dim=1)
-                t["loss"] = t["loss"] + hps["value_coef"] * t["v"]
+                t["v"] = value_error(values, a, b).sum(dim=1)
+                t["loss"] = t["loss"] + value_coef * t["v"]
             return t
 
         return chunked_gradients(terms, agent.policy_params(), mb.n_rows, agent.chunk_rows)
 
-    def ppo_value_gradients(self, mb: Minibatch, hps: Mapping[str, torch.Tensor]
-                            ) -> tuple[Terms, list[torch.Tensor]]:
-        """PPO's value loss of separate value networks, ``c_v`` times the clipped error."""
+    def _value_loss(self, mb: Minibatch, value_error: ValueError_, value_coef: torch.Tensor
+                    ) -> tuple[Terms, list[torch.Tensor]]:
         agent = self.agent
-        assert mb.old_values is not None
 
         def terms(a: int, b: int) -> Terms:
-            v = clipped_value_error(agent.values(mb.obs[:, a:b]), mb.old_values[:, a:b],
-                                    mb.returns[:, a:b], hps["clip_range_vf"]).sum(dim=1)
-            return {"v": v, "loss": hps["value_coef"] * v}
+            v = value_error(agent.values(mb.obs[:, a:b]), a, b).sum(dim=1)
+            return {"v": v, "loss": value_coef * v}
 
         return chunked_gradients(terms, agent.value_params(), mb.n_rows, agent.chunk_rows)
 
