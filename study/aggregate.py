@@ -316,15 +316,23 @@ def efficiency_curves(runs: pd.DataFrame, curves: pd.DataFrame, axes: Sequence[s
         tasks = sorted(group["env"].unique())
         seeds = sorted(group["seed"].unique())
         cube = np.full((len(FRACTIONS), len(seeds), len(tasks)), np.nan)
-        for (env, sd), run in group.groupby(["env", "seed"]):
-            low, high = refs[env]
-            x = run["step"].to_numpy(float) / float(run["total_steps"].iloc[0])
-            y = (run["episode_return"].to_numpy(float) - low) / (high - low)
+        # The rows of each (env, seed), in their order: one stable sort, not a groupby.
+        cell = (pd.Index(tasks).get_indexer(group["env"]) * len(seeds)
+                + pd.Index(seeds).get_indexer(group["seed"]))
+        order = np.argsort(cell, kind="stable")
+        cells, starts = np.unique(cell[order], return_index=True)
+        step = group["step"].to_numpy(float)[order]
+        ret = group["episode_return"].to_numpy(float)[order]
+        budget = group["total_steps"].to_numpy()[order]
+        for c, a, b in zip(cells, starts, [*starts[1:], len(order)], strict=True):
+            ti, si = divmod(int(c), len(seeds))
+            low, high = refs[tasks[ti]]
+            x = step[a:b] / float(budget[a])
+            y = (ret[a:b] - low) / (high - low)
             ok = np.isfinite(y)
             if ok.any():  # one log point fills its own fraction only
                 inside = (FRACTIONS >= x[ok].min() - 1e-9) & (FRACTIONS <= x[ok].max() + 1e-9)
-                cube[inside, seeds.index(sd), tasks.index(env)] = np.interp(
-                    FRACTIONS[inside], x[ok], y[ok])
+                cube[inside, si, ti] = np.interp(FRACTIONS[inside], x[ok], y[ok])
         for f, mat in zip(FRACTIONS, cube, strict=True):
             if np.isnan(mat).any():
                 continue  # not every (seed, task) has reached this fraction yet

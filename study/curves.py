@@ -206,7 +206,7 @@ def aggregate_curves(
         m = mat[config == cid]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # steps with no seed: NaN
-            q25, med, q75 = np.nanquantile(m, [0.25, 0.5, 0.75], axis=0)
+            q25, med, q75 = stats.nanquantile_columns(m, [0.25, 0.5, 0.75])
         point, lo, hi = stats.stratified_bootstrap_ci(
             [m], "iqm", n_boot=n_boot, confidence=confidence, seed=stats.key_seed(seed, cid)
         )

@@ -61,9 +61,10 @@ from __future__ import annotations
 import math
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -1417,14 +1418,33 @@ def failure_report(
     )
 
 
-def _curve_matrix(curves: pd.DataFrame, run_ids: Sequence[str]) -> tuple[np.ndarray,
-                                                                           np.ndarray]:
+def _curve_matrix(curves: pd.DataFrame, run_ids: Sequence[str],
+                  rows: Mapping[Any, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(steps, episode_return[run, point])`` of ``run_ids``, NaN where a run has no
-    point (it stopped early, or logged at other steps)."""
-    mine = curves[curves["run_id"].isin(run_ids)]
-    table = mine.pivot_table(index="run_id", columns="step", values="episode_return",
-                             aggfunc="first").reindex(list(run_ids))
-    return table.columns.to_numpy(dtype=float), table.to_numpy(dtype=float)
+    point (it stopped early, or logged at other steps).
+
+    The steps are those at which some of these runs has a finite return, sorted; a (run,
+    step) logged twice keeps its first finite value (``pivot_table(aggfunc="first")``'s
+    table, built with numpy). ``rows``: ``curves``' row positions per run id
+    (``curves.groupby("run_id").indices``), to pass when called once per config."""
+    if rows is None:
+        rows = curves.groupby("run_id", sort=False).indices
+    picked = [(i, rows[r]) for i, r in enumerate(run_ids) if r in rows]
+    if picked:
+        idx = np.concatenate([p for _, p in picked])
+        which = np.concatenate([np.full(len(p), i) for i, p in picked])
+    else:
+        idx = which = np.zeros(0, dtype=np.int64)
+    step = curves["step"].to_numpy()[idx]
+    value = curves["episode_return"].to_numpy(dtype=float)[idx]
+    keep = ~np.isnan(value)  # "first" skips NaN; steps without a value are no column
+    which, step, value = which[keep], step[keep], value[keep]
+    steps = np.unique(step)
+    col = np.searchsorted(steps, step)
+    _, first = np.unique(which * len(steps) + col, return_index=True)
+    mat = np.full((len(run_ids), len(steps)), np.nan)
+    mat[which[first], col[first]] = value[first]
+    return steps.astype(float), mat
 
 
 def _improvement(mat: np.ndarray, final: np.ndarray) -> float:
@@ -1454,9 +1474,10 @@ def _reliability(runs: pd.DataFrame, curves: pd.DataFrame | None) -> dict[str, p
     if curves is None or curves.empty or "episode_return" not in curves:
         return {}
     metrics, drops = [], []
+    rows = curves.groupby("run_id", sort=False).indices  # once, not a scan per config
     for cid, group in runs[runs["status"] != "pruned"].groupby("config_id", sort=False):
         ids = group["run_id"].astype(str).tolist()
-        steps, mat = _curve_matrix(curves, ids)
+        steps, mat = _curve_matrix(curves, ids, rows)
         final = group["final_return"].to_numpy(float)
         metrics.append({"config_id": cid, "runs": len(ids), **rel.reliability(mat, final)})
         scale = _improvement(mat, final)

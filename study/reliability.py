@@ -86,9 +86,9 @@ def collapses(steps: np.ndarray, curves: np.ndarray, depth: float = 0.5,
     from a centred rolling median of ``smooth`` log points.
     """
     out = []
-    for r, raw in enumerate(np.asarray(curves, dtype=float)):
-        # A centred rolling median of ``smooth`` points: one noisy log window is no fall.
-        row = _rolling_median(raw, smooth)
+    # A centred rolling median of ``smooth`` points: one noisy log window is no fall.
+    smoothed = _rolling_median(np.asarray(curves, dtype=float), smooth)
+    for r, row in enumerate(smoothed):
         finite = np.flatnonzero(np.isfinite(row))
         k0 = max(1, int(skip * finite.size))
         if finite.size < k0 + min_points + 2:
@@ -119,13 +119,24 @@ def collapses(steps: np.ndarray, curves: np.ndarray, depth: float = 0.5,
 
 
 def _rolling_median(x: np.ndarray, width: int) -> np.ndarray:
-    if width <= 1:
+    """Centred rolling median of each row of ``x`` (1-D: one row), the ends padded with
+    the edge values; NaN where ``x`` is not finite. All rows at once: a row with a NaN
+    gets ``nanmedian``'s windows, the others ``median``'s."""
+    if width <= 1 or x.shape[-1] == 0:
         return x
     half = width // 2
-    padded = np.pad(x, half, mode="edge")
-    windows = np.lib.stride_tricks.sliding_window_view(padded, width)
+    pad = [(0, 0)] * (x.ndim - 1) + [(half, half)]
+    windows = np.lib.stride_tricks.sliding_window_view(np.pad(x, pad, mode="edge"), width,
+                                                       axis=-1)
+    has_nan = np.isnan(x).any(axis=-1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN windows give NaN, quietly
-        out = np.nanmedian(windows, axis=1) if np.isnan(windows).any() else \
-            np.median(windows, axis=1)
+        if x.ndim == 1:
+            out = np.nanmedian(windows, axis=-1) if has_nan else np.median(windows, axis=-1)
+        else:
+            out = np.empty(x.shape)
+            if has_nan.any():
+                out[has_nan] = np.nanmedian(windows[has_nan], axis=-1)
+            if not has_nan.all():
+                out[~has_nan] = np.median(windows[~has_nan], axis=-1)
     return np.where(np.isfinite(x), out, np.nan)
