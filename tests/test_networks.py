@@ -222,3 +222,27 @@ def test_cnn_sweep_with_a_bad_spec_writes_nothing(tmp_path, capsys):
     assert rc == 2 and len(err.splitlines()) == 1, err
     assert "below 1x1" in err and "10x10 -> 3x3 -> 0x0" in err, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("game", ["Breakout", "SpaceInvaders", "Seaquest"])
+def test_minatar_population_equals_the_gymnasium_path(game):
+    """The games stepped directly give the generic path's observations, rewards and ends,
+    bit for bit, resets included."""
+    _needs("minatar")
+    from study.envs import env_spaces, generic_only, make_population_env
+
+    env_id = f"MinAtar/{game}-v1"
+    fast = make_population_env(env_id, [3, 4], 3)
+    with generic_only(env_id):
+        slow = make_population_env(env_id, [3, 4], 3)
+        assert env_spaces(env_id) == (fast.observation_space, fast.action_space)
+    np.testing.assert_array_equal(fast.reset(), slow.reset())
+    rng = np.random.default_rng(0)
+    ends = 0
+    for _ in range(400):
+        a = rng.integers(fast.action_space.n, size=(2, 3))
+        x, y = fast.step(a), slow.step(a)
+        for k in ("obs", "reward", "terminated", "truncated", "final_obs"):
+            np.testing.assert_array_equal(getattr(x, k), getattr(y, k), err_msg=k)
+        ends += int(x.terminated.sum())
+    assert ends > 0

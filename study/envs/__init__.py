@@ -2,8 +2,9 @@
 
 :func:`make_population_env` is the single entry point: the ids registered in
 :data:`FAST_ENVS` (CartPole, CartPoleSwingUp, Acrobot, Pendulum, MountainCar and
-MountainCarContinuous) get their compiled population implementations, every other
-gymnasium id is simulated with one ``gym.make`` instance per (member, environment).
+MountainCarContinuous; the MinAtar games, stepped without gymnasium's wrappers) get their
+population implementations, every other gymnasium id is simulated with one ``gym.make``
+instance per (member, environment).
 :func:`register_fast_env` adds a port.
 """
 
@@ -25,6 +26,7 @@ from study.envs.cartpole import CartPolePopulation, cartpole_spaces
 from study.envs.classic import CLASSIC_ENVS, classic_spaces
 from study.envs.generic import GymPopulationEnv, check_spaces, population_space
 from study.envs.images import env_options, make_atari, wrap_images
+from study.envs.minatar import GAMES, MinAtarPopulation, minatar_spaces
 from study.envs.swingup import SwingUpPopulation, swingup_spaces
 from study.rng import STREAM_RESET
 
@@ -93,6 +95,11 @@ register_fast_env("CartPoleSwingUp-v0", lambda seeds, n, stream: SwingUpPopulati
     seeds, n, stream, reward_version=0), swingup_spaces)
 register_fast_env("CartPoleSwingUp-v1", lambda seeds, n, stream: SwingUpPopulation(
     seeds, n, stream, reward_version=1), swingup_spaces)
+for _name in GAMES:  # MinAtar: the games stepped directly (the package is imported lazily)
+    for _v in ("v0", "v1"):
+        _mid = f"MinAtar/{_name}-{_v}"
+        register_fast_env(_mid, functools.partial(MinAtarPopulation, _mid),
+                          functools.partial(minatar_spaces, _mid))
 for _id, _cls in CLASSIC_ENVS.items():
     register_fast_env(_id, _cls, functools.cache(functools.partial(classic_spaces,
                                                                    _cls.env_cls)))

@@ -53,8 +53,8 @@ def env_options(env_id: str, hp: Mapping[str, Any] | None) -> AtariOptions | Non
 
 
 class ChannelsFirst(gym.ObservationWrapper):
-    """Image observations as ``[C, H, W]`` uint8: ``[H, W, C]`` (channels last: the
-    smallest axis is the last) is transposed, ``[N, H, W, C]`` (stacked colour frames)
+    """Image observations as ``[C, H, W]`` uint8: ``[H, W, C]`` is transposed (a 3-axis
+    image is taken as channels-first only when its first axis is shorter than its last), ``[N, H, W, C]`` (stacked colour frames)
     becomes ``[N * C, H, W]``, ``[H, W]`` gets one channel; booleans become 0/1."""
 
     def __init__(self, env: gym.Env) -> None:
@@ -65,10 +65,10 @@ class ChannelsFirst(gym.ObservationWrapper):
             self._to_chw = lambda o: o[None]
         elif len(shape) == 4:
             self._to_chw = lambda o: np.moveaxis(o, -1, 1).reshape(-1, *o.shape[1:3])
-        elif shape[-1] < min(shape[:-1]):
-            self._to_chw = lambda o: np.moveaxis(o, -1, 0)
-        else:
+        elif shape[0] < shape[-1]:  # [C, H, W] already (stacked grayscale frames)
             self._to_chw = lambda o: o
+        else:  # [H, W, C], the usual layout, also when C == H (MinAtar's Seaquest: 10)
+            self._to_chw = lambda o: np.moveaxis(o, -1, 0)
         probe = self._to_chw(np.zeros(shape, dtype=np.uint8))
         high = 1 if space.dtype == np.bool_ else int(np.max(space.high))
         self.observation_space = gym.spaces.Box(0, high, probe.shape, dtype=np.uint8)
