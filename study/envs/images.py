@@ -54,8 +54,9 @@ def env_options(env_id: str, hp: Mapping[str, Any] | None) -> AtariOptions | Non
 
 class ChannelsFirst(gym.ObservationWrapper):
     """Image observations as ``[C, H, W]`` uint8: ``[H, W, C]`` is transposed (a 3-axis
-    image is taken as channels-first only when its first axis is shorter than its last), ``[N, H, W, C]`` (stacked colour frames)
-    becomes ``[N * C, H, W]``, ``[H, W]`` gets one channel; booleans become 0/1."""
+    image is taken as channels-first only when its first axis is shorter than its last),
+    ``[N, H, W, C]`` (stacked colour frames) becomes ``[N * C, H, W]``, ``[H, W]`` gets
+    one channel; booleans become 0/1."""
 
     def __init__(self, env: gym.Env) -> None:
         super().__init__(env)
