@@ -657,10 +657,12 @@ class _Trainer:
                                               torch.isfinite(v_terms["loss"]), active)
                     ok, terms["v"] = ok & v_ok, v_terms["v"]
                 diverged |= ~ok
+                every = bool(active.all())
+                terms["grad_norm"] = norm
                 for key, name in (("pg", "policy_loss"), ("ent", "entropy"), ("v", "value_loss"),
-                                  ("approx_kl", "approx_kl"), ("clip_fraction", "clip_fraction")):
-                    stats[name] += torch.where(active, terms[key], 0.0)
-                stats["grad_norm"] += torch.where(active, norm, 0.0)
+                                  ("approx_kl", "approx_kl"), ("clip_fraction", "clip_fraction"),
+                                  ("grad_norm", "grad_norm")):
+                    stats[name] += terms[key] if every else torch.where(active, terms[key], 0.0)
                 steps += active.to(steps.dtype)
         stats = {k: v / steps for k, v in stats.items()}
         stats["explained_variance"] = batch.explained_variance

@@ -116,23 +116,30 @@ def normalized(adv: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
 
 
 def ppo_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor,
-                  clip_range: torch.Tensor) -> Terms:
+                  clip_range: torch.Tensor, with_weight: bool = False) -> Any:
     """PPO's clipped surrogate (Schulman et al. 2017), row sums per member:
 
         r = exp(log pi(a|s) - log pi_old(a|s)),
         pg = -min(r A, clip(r, 1 - c, 1 + c) A),
         approx_kl = (r - 1) - log r   (an unbiased, non-negative KL(pi_old || pi) estimate),
         clip_fraction = [|r - 1| > c].
+
+    ``with_weight`` also returns ``-d pg / d log pi`` per row: ``A r`` where the unclipped
+    term is the smaller (ties included), else 0 (for hand-written gradients).
     """
     log_ratio = logp - old_logp
     ratio = torch.exp(log_ratio)
     c = clip_range[:, None]
     clipped = torch.minimum(torch.maximum(ratio, 1.0 - c), 1.0 + c)
-    surrogate = torch.minimum(ratio * adv, clipped * adv)
+    unclipped, bounded = ratio * adv, clipped * adv
+    surrogate = torch.minimum(unclipped, bounded)
     with torch.no_grad():
         kl = ((ratio - 1.0) - log_ratio).sum(dim=1)
         fraction = ((ratio - 1.0).abs() > c).to(ratio.dtype).sum(dim=1)
-    return {"pg": -surrogate.sum(dim=1), "approx_kl": kl, "clip_fraction": fraction}
+    terms = {"pg": -surrogate.sum(dim=1), "approx_kl": kl, "clip_fraction": fraction}
+    if not with_weight:
+        return terms
+    return terms, torch.where(unclipped <= bounded, unclipped, 0.0)
 
 
 def clipped_value_error(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
@@ -269,7 +276,8 @@ class AcceleratedMLPUpdate(AutogradUpdate):
     def begin_rollout(self, n_learners: int, n_steps: int, n_envs: int) -> None:
         super().begin_rollout(n_learners, n_steps, n_envs)
         self._outputs = []
-        self._net = Prepared(self.agent.pi) if self.reuse_policy else None
+        self._policy = Prepared(self.agent.pi)
+        self._net = self._policy if self.reuse_policy else None
         # Hidden activations of the rollout's policy passes, member-major [S, T, E, width]:
         # member s's rows t * E + e are contiguous, ready for the gradient step.
         dev = self.agent.pi[0].device
@@ -277,8 +285,8 @@ class AcceleratedMLPUpdate(AutogradUpdate):
                         for w, _, _ in (self._net.layers[:-1] if self._net else [])]
 
     def rollout_pass(self, x: torch.Tensor, t: int) -> torch.Tensor:
-        if self._net is None:
-            return super().rollout_pass(x, t)
+        if self._net is None:  # the same values as the policy's own forward pass, faster
+            return forward_cached(x, self._policy, self.agent.activation)[0]
         out, cache = forward_cached(x, self._net, self.agent.activation, into=(self._hidden, t))
         self._outputs.append((out, cache[0]))
         return out
@@ -329,12 +337,8 @@ class AcceleratedMLPUpdate(AutogradUpdate):
 
         def chunk(a: int, b: int) -> tuple[Terms, list[torch.Tensor]]:
             def surrogate(logp: torch.Tensor) -> tuple[torch.Tensor, Terms]:
-                t = ppo_surrogate(logp, mb.old_logp[:, a:b], adv[:, a:b], hps["clip_range"])
-                ratio = torch.exp(logp - mb.old_logp[:, a:b])
-                c = hps["clip_range"][:, None]
-                clipped = torch.minimum(torch.maximum(ratio, 1.0 - c), 1.0 + c)
-                unclipped = ratio * adv[:, a:b] <= clipped * adv[:, a:b]
-                weight = torch.where(unclipped, adv[:, a:b] * ratio, 0.0)
+                t, weight = ppo_surrogate(logp, mb.old_logp[:, a:b], adv[:, a:b],
+                                          hps["clip_range"], with_weight=True)
                 return weight, {k: v / mb.n_rows for k, v in t.items()}
 
             return agent.policy_grads(mb.obs[:, a:b], mb.actions[:, a:b], adv[:, a:b],

@@ -94,9 +94,9 @@ def test_ratio_is_one_on_the_first_minibatch_of_the_first_epoch(monkeypatch):
     seen = []
     real = updates.ppo_surrogate
 
-    def spy(logp, old_logp, adv, clip_range):
+    def spy(logp, old_logp, adv, clip_range, **kwargs):
         seen.append(torch.exp(logp - old_logp).detach().clone())
-        return real(logp, old_logp, adv, clip_range)
+        return real(logp, old_logp, adv, clip_range, **kwargs)
 
     monkeypatch.setattr(updates, "ppo_surrogate", spy)
     for env in ("CartPole-v1", "Pendulum-v1"):
