@@ -235,6 +235,22 @@ def sample_categorical(logits: np.ndarray, u: np.ndarray, out: np.ndarray) -> No
 
 
 @numba.njit(**_JIT)
+def categorical_logp(logits: np.ndarray, actions: np.ndarray, out: np.ndarray) -> None:
+    """``out[s, e] = log softmax(logits[s, e])[actions[s, e]]`` (float64 arithmetic after
+    subtracting the max logit, stored as float32): PPO's log pi_old(a|s) in the rollout."""
+    n_actions = logits.shape[2]
+    for s in range(logits.shape[0]):
+        for e in range(logits.shape[1]):
+            top = np.float64(logits[s, e, 0])
+            for a in range(1, n_actions):
+                top = max(top, np.float64(logits[s, e, a]))
+            total = 0.0
+            for a in range(n_actions):
+                total += np.exp(np.float64(logits[s, e, a]) - top)
+            out[s, e] = np.float64(logits[s, e, actions[s, e]]) - top - np.log(total)
+
+
+@numba.njit(**_JIT)
 def rollout_targets_(
     v_all, v_final, rewards, terminated, dones, alive, gamma, lam, mc, adv_out, ret_out
 ) -> None:

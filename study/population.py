@@ -503,6 +503,12 @@ class _Trainer:
     def log_prob(self, out: torch.Tensor, actions: np.ndarray) -> torch.Tensor:
         """log pi(a|s) ``[S', E]`` of the learners' sampled ``actions`` (as the update will
         see them: float32 for Box)."""
+        if self.discrete and out.device.type == "cpu" and out.dtype == torch.float32:
+            logp = torch.empty(out.shape[:2])
+            kernels.categorical_logp(np.ascontiguousarray(out.numpy()),
+                                     np.ascontiguousarray(self.learning_rows(actions)),
+                                     logp.numpy())
+            return logp
         a = self.to_torch(self.learning_rows(actions))
         return self.agent.log_prob_entropy(out, a if self.discrete else a.float())[0]
 

@@ -292,10 +292,11 @@ class AcceleratedMLPUpdate(AutogradUpdate):
         return out
 
     def state_values(self, obs: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-        if not self.fused_value:
-            return super().state_values(obs, last)
-        v_all, self._v_cache = forward_cached(torch.cat([obs, last], dim=1), self.agent.v,
-                                              self.agent.activation)
+        v_all, cache = forward_cached(torch.cat([obs, last], dim=1), self.agent.v,
+                                      self.agent.activation)
+        if not self.fused_value:  # the value network's own pass, without autograd's costs
+            return v_all.squeeze(-1)
+        self._v_cache = cache
         self._v_all = v_all.squeeze(-1)
         return self._v_all
 
