@@ -209,6 +209,15 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, t, lr, max_norm, loss_ok, be
 
 
 @numba.njit(**_JIT)
+def _max_logit(logits: np.ndarray, s: int, e: int) -> float:
+    """The largest logit of row ``[s, e]``, in float64."""
+    top = np.float64(logits[s, e, 0])
+    for a in range(1, logits.shape[2]):
+        top = max(top, np.float64(logits[s, e, a]))
+    return top
+
+
+@numba.njit(**_JIT)
 def sample_categorical(logits: np.ndarray, u: np.ndarray, out: np.ndarray) -> None:
     """Inverse-CDF draws ``out[s, e]`` from softmax(``logits[s, e]``) with uniforms ``u[s, e]``:
     the smallest action a with ``u < sum_{b <= a} p_b`` (the last action if rounding leaves
@@ -217,9 +226,7 @@ def sample_categorical(logits: np.ndarray, u: np.ndarray, out: np.ndarray) -> No
     probs = np.empty(n_actions, dtype=np.float64)
     for s in range(logits.shape[0]):
         for e in range(logits.shape[1]):
-            top = np.float64(logits[s, e, 0])
-            for a in range(1, n_actions):
-                top = max(top, np.float64(logits[s, e, a]))
+            top = _max_logit(logits, s, e)
             total = 0.0
             for a in range(n_actions):
                 probs[a] = np.exp(np.float64(logits[s, e, a]) - top)
@@ -238,14 +245,11 @@ def sample_categorical(logits: np.ndarray, u: np.ndarray, out: np.ndarray) -> No
 def categorical_logp(logits: np.ndarray, actions: np.ndarray, out: np.ndarray) -> None:
     """``out[s, e] = log softmax(logits[s, e])[actions[s, e]]`` (float64 arithmetic after
     subtracting the max logit, stored as float32): PPO's log pi_old(a|s) in the rollout."""
-    n_actions = logits.shape[2]
     for s in range(logits.shape[0]):
         for e in range(logits.shape[1]):
-            top = np.float64(logits[s, e, 0])
-            for a in range(1, n_actions):
-                top = max(top, np.float64(logits[s, e, a]))
+            top = _max_logit(logits, s, e)
             total = 0.0
-            for a in range(n_actions):
+            for a in range(logits.shape[2]):
                 total += np.exp(np.float64(logits[s, e, a]) - top)
             out[s, e] = np.float64(logits[s, e, actions[s, e]]) - top - np.log(total)
 
