@@ -397,7 +397,7 @@ class ActorCritic:
         out, inputs = forward_cached(obs, self.v, self.activation)
         err = out.squeeze(-1) - returns
         slope = None
-        if clip is not None:
+        if clip is not None and not bool(torch.isinf(clip[1]).all()):  # else: no clipping
             old, c = clip[0], clip[1][:, None]
             delta = out.squeeze(-1) - old
             pred = old + torch.maximum(torch.minimum(delta, c), -c)
