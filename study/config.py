@@ -146,8 +146,8 @@ SPECS: dict[str, Spec] = {
         _i("screen_size", 84, 8, 1024, "ALE: observations resized to screen_size^2"),
         Spec("grayscale", True, "bool", True, "true or false", help="ALE: grayscale frames"),
         _i("noop_max", 30, 0, 10_000, "ALE: at most this many no-ops after a reset"),
-        _f("sticky_actions", 0.25, "a float in [0, 1]", 0.0, 1.0,
-           help="ALE: repeat_action_probability (Machado et al. 2018)"),
+        Spec("sticky_actions", 0.25, "float", True, "a float in [0, 1]", low=0.0, high=1.0,
+             help="ALE: repeat_action_probability (Machado et al. 2018)"),
         # ---- per-member reward and episode handling
         Spec("clip_reward", False, "bool", False, "true or false",
              help="learn from sign(reward); episode returns stay in the game's units"),
@@ -165,9 +165,6 @@ SPECS: dict[str, Spec] = {
            help="PPO: a member whose approximate KL passes 1.5 x this ends its epochs"),
     ]
 }
-# sticky_actions changes the environment, so it is structural too.
-SPECS["sticky_actions"] = Spec(**{**SPECS["sticky_actions"].__dict__, "structural": True})
-
 #: Keys of one algorithm only; the other refuses them in a sweep or ``--set``.
 ALGORITHM_ONLY: dict[str, tuple[str, ...]] = {
     "ppo": ("n_epochs", "clip_range", "clip_range_vf", "target_kl"),
