@@ -124,12 +124,9 @@ def _network_flops(env_id: str) -> float:
 
     hp = cfg.resolve({}, env=env_id)
     obs_space, act_space = env_spaces(env_id, hp)
-    c, h, w = obs_space.shape
-    flops = 0
-    for out, k, stride in cfg.conv_spec(hp):
-        h, w = (h - k) // stride + 1, (w - k) // stride + 1
-        flops += 2 * out * h * w * c * k * k
-        c = out
+    layers = cfg.conv_layers(hp, obs_space.shape)
+    flops = sum(2 * out * h * w * c_in * k * k for c_in, k, _, out, h, w in layers)
+    *_, c, h, w = layers[-1]
     units = cfg.encoder_units(hp)
     flops += 2 * c * h * w * units + 2 * units * (act_space.n + 1)
     return float(flops)

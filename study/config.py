@@ -217,6 +217,20 @@ def conv_spec(hp: Mapping[str, Any]) -> tuple[tuple[int, int, int], ...]:
     return tuple(zip(map(int, chans), map(int, kernels), map(int, strides), strict=True))
 
 
+def conv_layers(hp: Mapping[str, Any], obs_shape: tuple[int, ...]
+                ) -> list[tuple[int, int, int, int, int, int]]:
+    """Per convolution of ``hp``'s encoder on ``[C, H, W]`` images: ``(in_channels,
+    kernel, stride, out_channels, out_height, out_width)`` (valid padding: an output side
+    ``(side - kernel) // stride + 1``, below 1 when the kernel no longer fits)."""
+    c, h, w = obs_shape[-3:] if len(obs_shape) >= 3 else (0, 0, 0)
+    out = []
+    for channels, k, stride in conv_spec(hp):
+        h, w = (h - k) // stride + 1, (w - k) // stride + 1
+        out.append((c, k, stride, channels, h, w))
+        c = channels
+    return out
+
+
 def encoder_units(hp: Mapping[str, Any]) -> int:
     """Units of the dense layer a preset encoder ends with (0: none)."""
     return CNN_PRESETS[hp["encoder"]][3] if hp["encoder"] in CNN_PRESETS else 0

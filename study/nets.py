@@ -295,11 +295,6 @@ def backward(
 # --------------------------------------------------------------------------------------
 
 
-def conv_out_size(size: int, kernel: int, stride: int) -> int:
-    """Output width of a valid (unpadded) convolution; < 1 when the kernel does not fit."""
-    return (size - kernel) // stride + 1
-
-
 def init_convs(
     seeds: Sequence[int],
     in_channels: int,

@@ -36,7 +36,6 @@ from study.nets import (
     activation_fn,
     backward,
     cnn,
-    conv_out_size,
     forward_cached,
     hidden_gains,
     init_convs,
@@ -86,10 +85,9 @@ def feature_size(hp: Mapping[str, Any], obs_space: gym.spaces.Box) -> int:
         raise cfg.ConfigError(
             f"encoder = {hp['encoder']!r} needs image observations, but they are "
             f"{list(obs_space.shape)} {obs_space.dtype}; use encoder = \"mlp\"")
-    c, h, w = obs_space.shape
-    sizes = [f"{h}x{w}"]
-    for out, k, stride in convs:
-        h, w, c = conv_out_size(h, k, stride), conv_out_size(w, k, stride), out
+    layers = cfg.conv_layers(hp, obs_space.shape)
+    sizes = [f"{obs_space.shape[1]}x{obs_space.shape[2]}"]
+    for *_, h, w in layers:
         sizes.append(f"{max(h, 0)}x{max(w, 0)}")
         if h < 1 or w < 1:
             raise cfg.ConfigError(
@@ -97,6 +95,7 @@ def feature_size(hp: Mapping[str, Any], obs_space: gym.spaces.Box) -> int:
                 f"{[k for _, k, _ in convs]}, strides {[s for _, _, s in convs]}) shrink the "
                 f"{obs_space.shape[1]}x{obs_space.shape[2]} observations below 1x1 "
                 f"({' -> '.join(sizes)}); use smaller kernels or strides")
+    *_, c, h, w = layers[-1]
     return cfg.encoder_units(hp) or c * h * w
 
 
@@ -133,7 +132,8 @@ class ActorCritic:
         self.scale = 1.0 / float(np.max(obs_space.high)) if self.image else 1.0
         self.convs = cfg.conv_spec(hp)
         self.obs_shape = tuple(obs_space.shape)
-        n_feat = feature_size(hp, obs_space)
+        n_feat = feature_size(hp, obs_space)  # (checks the convolutions fit the image)
+        self.conv_layers = cfg.conv_layers(hp, self.obs_shape)
         self.groups: dict[str, list[torch.Tensor]] = {}
         pi_hidden = list(hp["policy_hidden_sizes"])
         v_hidden = list(hp["value_hidden_sizes"])
@@ -143,9 +143,8 @@ class ActorCritic:
             if self.convs:
                 enc = init_convs(seeds, obs_space.shape[0], self.convs, _STREAM[f"{tower}_enc"])
                 if units:
-                    *_, (out, _, _) = self.convs
-                    flat = self._conv_flat(out)
-                    enc += init_layers(seeds, [flat, units], [math.sqrt(2.0)],
+                    *_, c, h, w = self.conv_layers[-1]
+                    enc += init_layers(seeds, [c * h * w, units], [math.sqrt(2.0)],
                                        _STREAM[f"{tower}_enc"] + 10)
                 self.groups[f"{tower}_enc"] = enc
         if self.share_trunk:
@@ -170,12 +169,6 @@ class ActorCritic:
         for p in self.all_params():
             p.data = p.data.to(device)
             p.requires_grad_(True)
-
-    def _conv_flat(self, out_channels: int) -> int:
-        _, h, w = self.obs_shape
-        for _, k, stride in self.convs:
-            h, w = conv_out_size(h, k, stride), conv_out_size(w, k, stride)
-        return out_channels * h * w
 
     # the groups, as attributes ---------------------------------------------------------
     def _group(self, name: str) -> list[torch.Tensor]:
@@ -288,12 +281,9 @@ class ActorCritic:
         only, never on S); None: study.updates.CHUNK_ROWS."""
         if not self.convs:
             return None
-        c, h, w = self.obs_shape
-        per_row = c * h * w
-        for out, k, stride in self.convs:
-            oh, ow = conv_out_size(h, k, stride), conv_out_size(w, k, stride)
-            per_row += 2 * oh * ow * out  # the output and its ReLU
-            c, h, w = out, oh, ow
+        # The image, and each convolution's output and its ReLU.
+        per_row = int(np.prod(self.obs_shape)) + sum(
+            2 * c * h * w for *_, c, h, w in self.conv_layers)
         return max(1, _CHUNK_BYTES // (4 * per_row))
 
     def log_prob_entropy(

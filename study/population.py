@@ -420,7 +420,10 @@ class _Trainer:
         self.reward_norm = RewardNormalizer(
             self.n_envs, flags("normalize_reward"),
             np.array([float(m.hyperparameters["gamma"]) for m in members]))
-        self.clip_reward, self.life_loss = flags("clip_reward"), flags("terminal_on_life_loss")
+        # Per-member masks, or None when no member asks (the usual case: no per-step work).
+        self.clip_reward = flags("clip_reward") if flags("clip_reward").any() else None
+        life_loss = flags("terminal_on_life_loss")
+        self.life_loss = life_loss if life_loss.any() else None
         self.action_rng = MemberStreams(self.seeds, STREAM_ACTIONS)
         self.shuffle_rng = MemberStreams(self.seeds, STREAM_SHUFFLE)
 
@@ -530,13 +533,13 @@ class _Trainer:
         )  # fmt: skip
         _note_env_faults(step, self.global_step, self.env_fault)
         # Learn from clipped or scaled rewards; episodes keep the raw ones.
-        clip = self.clip_reward.any()
+        clip = self.clip_reward is not None
         if clip:
             ro.rewards[t] = np.where(self.clip_reward[:, None], np.sign(step.reward), step.reward)
         if self.reward_norm.active:
             ro.rewards[t] = self.reward_norm(ro.rewards[t] if clip else step.reward,
                                              step.terminated | step.truncated)
-        if step.life_lost is not None and self.life_loss.any():  # a lost life ends
+        if step.life_lost is not None and self.life_loss is not None:  # a lost life ends
             lost = step.life_lost & self.life_loss[:, None]      # learning's episode only
             ro.terminated[t] |= lost
             ro.dones[t] |= lost

@@ -115,17 +115,14 @@ def _mlp_params(sizes: Sequence[int]) -> int:
 
 def _encoder(hp: Mapping[str, Any], obs_shape: Sequence[int]) -> tuple[int, int, int]:
     """(parameters, activations per row, features) of the encoder of ``hp``."""
-    from study.config import conv_spec, encoder_units
+    from study.config import conv_layers, encoder_units
 
-    convs = conv_spec(hp)
-    if not convs:
+    layers = conv_layers(hp, tuple(obs_shape))
+    if not layers:
         return 0, 0, math.prod(obs_shape)
-    (c, h, w), params, acts = obs_shape, 0, 0
-    for out, k, stride in convs:
-        h, w = (h - k) // stride + 1, (w - k) // stride + 1
-        params += (c * k * k + 1) * out
-        acts += 2 * out * h * w
-        c = out
+    params = sum((c_in * k * k + 1) * out for c_in, k, _, out, _, _ in layers)
+    acts = sum(2 * out * h * w for *_, out, h, w in layers)
+    *_, c, h, w = layers[-1]
     units = encoder_units(hp)
     if units:
         params += (c * h * w + 1) * units
