@@ -418,8 +418,10 @@ def _loky(chunks: Sequence[Chunk], n_jobs: int, progress: Progress) -> Iterator[
 
     thread = threading.Thread(target=poll, name="study-progress", daemon=True)
     thread.start()
+    # Each worker starts its parent watchdog as it starts, not with its first chunk: a
+    # driver killed while the pool is still starting must not leave idle workers behind.
     parallel = Parallel(n_jobs=n_jobs, backend="loky", return_as="generator_unordered",
-                        batch_size=1, pre_dispatch="all")
+                        batch_size=1, pre_dispatch="all", initializer=procs.die_with_parent)
     try:
         yield from parallel(delayed(run_chunk)(c, _FileSink(path)) for c in _ordered(chunks))
     finally:

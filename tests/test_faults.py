@@ -51,11 +51,8 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
-def _start(sweep: Path, out: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "study.grid", str(sweep), "--out", str(out), *extra],
-        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True)
+def _start(spawn_cli, sweep: Path, out: Path, *extra: str) -> subprocess.Popen:  # noqa: ANN001
+    return spawn_cli("study.grid", str(sweep), "--out", str(out), *extra)
 
 
 def _wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 90) -> None:  # noqa: ANN001
@@ -64,7 +61,7 @@ def _wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 90)
         if predicate():
             return
         if proc.poll() is not None:
-            raise AssertionError(f"exited before {what}: {proc.communicate()}")
+            raise AssertionError(f"exited before {what}: {proc.communicate(timeout=30)}")
         time.sleep(0.05)
     proc.kill()
     raise AssertionError(f"timed out waiting for {what}")
@@ -115,29 +112,71 @@ def _assert_same(out: Path, reference: tuple[pd.DataFrame, pd.DataFrame]) -> Non
     pd.testing.assert_frame_equal(curves, reference[1])
 
 
+def _workers(pid: int) -> list[int]:
+    """The live loky workers among ``pid``'s descendants."""
+    found = []
+    for c in _children(pid):
+        with contextlib.suppress(OSError):
+            if _alive(c) and b"LokyProcess" in Path(f"/proc/{c}/cmdline").read_bytes():
+                found.append(c)
+    return found
+
+
+def _group(pgid: int) -> list[int]:
+    """The live processes of process group ``pgid`` (via /proc): a killed driver's
+    workers keep its group even once re-parented."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+                    found.append(int(d.name))
+    return found
+
+
+def _kill_driver_and_check_its_group(proc: subprocess.Popen) -> None:
+    os.kill(proc.pid, signal.SIGKILL)  # the driver only, as the OOM killer would
+    proc.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while _group(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = {pid: Path(f"/proc/{pid}/cmdline").read_bytes()[:80] for pid in _group(proc.pid)}
+    assert not left, f"processes outlived their driver: {left}"
+
+
 @pytest.mark.slow
-def test_kill_9_leaves_no_worker_and_a_store_readers_call_interrupted(tmp_path, reference):
+def test_kill_9_leaves_no_worker_and_a_store_readers_call_interrupted(tmp_path, spawn_cli):
     sweep = _sweep(tmp_path, steps=200_000)
     out = tmp_path / "out"
-    proc = _start(sweep, out, "--n-jobs", "2", "--population-size", "4", "--quiet")
-    _wait_for(lambda: len([c for c in _children(proc.pid) if _alive(c)]) >= 2, proc,
-              "two workers")
-    workers = [c for c in _children(proc.pid) if _alive(c)]
-    os.kill(proc.pid, signal.SIGKILL)  # the driver only, as the OOM killer would
-    proc.communicate()
-    deadline = time.monotonic() + 10
-    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not [w for w in workers if _alive(w)], "workers outlived their driver"
+    proc = _start(spawn_cli, sweep, out, "--n-jobs", "2", "--population-size", "4",
+                  "--quiet")
+    _wait_for(lambda: len(_workers(proc.pid)) >= 2, proc, "two workers")
+    time.sleep(2.0)  # both hold a chunk
+    _kill_driver_and_check_its_group(proc)
     manifest = store.read_manifest(out)
     assert manifest["status"] == "running" and store.status(manifest) == "interrupted"
 
 
 @pytest.mark.slow
-def test_sigterm_is_handled_like_ctrl_c(tmp_path, reference):
+def test_kill_9_while_the_pool_starts_leaves_no_process(tmp_path, spawn_cli):
+    # Killed the moment its first child appears: workers still starting up, with no
+    # chunk yet, must die with the driver too. (Before the watchdog started with the
+    # worker, about half of such kills left the whole pool idling.) The moment is a
+    # race, so it is run three times.
+    sweep = _sweep(tmp_path, steps=200_000)
+    for attempt in range(3):
+        proc = _start(spawn_cli, sweep, tmp_path / f"out{attempt}", "--n-jobs", "2",
+                      "--population-size", "4", "--quiet")
+        _wait_for(lambda: bool(_children(proc.pid)), proc, "a child process")  # noqa: B023
+        _kill_driver_and_check_its_group(proc)
+
+
+@pytest.mark.slow
+def test_sigterm_is_handled_like_ctrl_c(tmp_path, reference, spawn_cli):
     sweep = _sweep(tmp_path, steps=1000)
     out = tmp_path / "out"
-    proc = _start(sweep, out, "--n-jobs", "1", "--population-size", "1")
+    proc = _start(spawn_cli, sweep, out, "--n-jobs", "1", "--population-size", "1")
     _wait_for(lambda: bool(store.stored_run_ids(out)) if (out / "runs").is_dir() else False,
               proc, "the first chunk")
     proc.send_signal(signal.SIGTERM)
@@ -152,10 +191,10 @@ def test_sigterm_is_handled_like_ctrl_c(tmp_path, reference):
     _assert_same(out, reference)
 
 
-def test_a_second_driver_on_the_same_store_is_refused(tmp_path, capsys):
+def test_a_second_driver_on_the_same_store_is_refused(tmp_path, capsys, spawn_cli):
     sweep = _sweep(tmp_path, steps=400_000)
     out = tmp_path / "out"
-    proc = _start(sweep, out, "--n-jobs", "1", "--quiet")
+    proc = _start(spawn_cli, sweep, out, "--n-jobs", "1", "--quiet")
     try:
         _wait_for(lambda: (out / "manifest.json").exists(), proc, "the manifest")
         assert main([str(sweep), "--out", str(out), "--n-jobs", "1", "--quiet"]) == 2
@@ -164,7 +203,7 @@ def test_a_second_driver_on_the_same_store_is_refused(tmp_path, capsys):
         assert f"study.grid pid {proc.pid}" in err
     finally:
         proc.kill()
-        proc.communicate()
+        proc.wait(timeout=10)
     # the first driver's death released the store: a resume takes it
     assert store.status(store.read_manifest(out)) == "interrupted"
 

@@ -221,17 +221,6 @@ def test_resume_after_crash_and_from_a_subset(tmp_path, monkeypatch, reference):
     _assert_same(out, reference)
 
 
-def _start(sweep: Path, out: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "study.grid", str(sweep), "--out", str(out), *extra],
-        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True,  # its own process group, like a job in a terminal
-        # A job a non-interactive shell started in the background (a CI runner may be
-        # one) inherits an ignored SIGINT; a terminal's foreground job does not.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
-
-
 def _wait_for_first_chunk(proc: subprocess.Popen, out: Path, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -239,20 +228,21 @@ def _wait_for_first_chunk(proc: subprocess.Popen, out: Path, timeout: float = 60
         if runs.is_dir() and any(p.suffix == ".parquet" for p in runs.iterdir()):
             return
         if proc.poll() is not None:
-            raise AssertionError(f"exited early: {proc.communicate()}")
+            raise AssertionError(f"exited early: {proc.communicate(timeout=30)}")
         time.sleep(0.02)
     proc.kill()
     raise AssertionError("no chunk was stored in time")
 
 
 @pytest.mark.slow
-def test_kill_9_then_rerun(tmp_path, reference):
+def test_kill_9_then_rerun(tmp_path, reference, spawn_cli):
     sweep = _write(tmp_path / "e2e.toml")
     out = tmp_path / "out"
-    proc = _start(sweep, out, "--n-jobs", "1", "--population-size", "1", "--quiet")
+    proc = spawn_cli("study.grid", str(sweep), "--out", str(out), "--n-jobs", "1",
+                     "--population-size", "1", "--quiet")
     _wait_for_first_chunk(proc, out)
     os.killpg(proc.pid, signal.SIGKILL)
-    proc.communicate()
+    proc.communicate(timeout=30)
     stored = store.stored_run_ids(out)
     assert 1 <= len(stored) <= 8
     assert main([str(sweep), "--out", str(out), "--n-jobs", "1", "--quiet"]) == 0
@@ -260,12 +250,13 @@ def test_kill_9_then_rerun(tmp_path, reference):
 
 
 @pytest.mark.slow
-def test_ctrl_c_keeps_finished_chunks_and_exits_130(tmp_path):
+def test_ctrl_c_keeps_finished_chunks_and_exits_130(tmp_path, spawn_cli):
     # Bigger runs, so the sweep is still going when the signal arrives.
     sweep = _write(tmp_path / "e2e.toml", SWEEP.replace("total_steps = 1000",
                                                           "total_steps = 8000"))
     out = tmp_path / "out"
-    proc = _start(sweep, out, "--n-jobs", "2", "--population-size", "1")
+    proc = spawn_cli("study.grid", str(sweep), "--out", str(out), "--n-jobs", "2",
+                     "--population-size", "1")
     _wait_for_first_chunk(proc, out)
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
     _, err = proc.communicate(timeout=60)
