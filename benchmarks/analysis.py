@@ -5,7 +5,7 @@
     python benchmarks/analysis.py --tasks 6 --points 200 --repeat 3   # across tasks
 
 A synthetic results store of ``configs x seeds`` runs with ``points`` curve points each is
-written with pandas (the schema of ``study.store``), then ``study.report.build_report`` runs
+written with pandas (the schema of ``study.store``), then ``study.report.build.build_report`` runs
 on it end to end: loading, the seed table, the failure report, curve aggregation, every
 figure saved as PNG and SVG, and the HTML and Markdown. The timing breakdown is printed as
 a Markdown table, followed by the wall time of ``python -m study.report`` on the same store
@@ -47,9 +47,9 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
 from study import store  # noqa: E402
+from study.analysis.scores import REFERENCES  # noqa: E402
 from study.config import SPECS, defaults  # noqa: E402
-from study.runner import _normalized  # noqa: E402  (how a sweep fills normalized_return)
-from study.scores import REFERENCES  # noqa: E402
+from study.sweeps.runner import _normalized  # noqa: E402  (how a sweep fills normalized_return)
 
 
 def _hp_cell(name: str, value: object) -> object:
@@ -60,7 +60,8 @@ def _hp_cell(name: str, value: object) -> object:
 
 
 #: The envs of a ``--tasks N`` store, in order: real ids with shipped score references
-#: (:data:`study.scores.REFERENCES`), so ``normalized_return`` is filled as a sweep fills it.
+#: (:data:`study.analysis.scores.REFERENCES`), so ``normalized_return`` is filled as a sweep
+#: fills it.
 #: Per env: its budget (total_steps, as in sweeps/classic_suite.toml), how far the best
 #: config gets towards "solved" (a normalized score), and where its best policy_lr lies.
 TASKS: dict[str, tuple[int, float, float]] = {
@@ -259,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", metavar="DIR", help="write the store and report here and keep them")
     args = ap.parse_args(argv)
 
-    from study.report import build_report
+    from study.report.build import build_report
 
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(args.keep) if args.keep else Path(tmp)

@@ -2,7 +2,7 @@
 
     python benchmarks/env_memory.py [--envs ALE/Breakout-v5 MinAtar/Breakout-v1 Hopper-v5]
 
-For each env (skipped when its extra is not installed): ``study.envs.memory.instance_bytes``
+For each env (skipped when its extra is not installed): ``study.trainer.envs.memory.instance_bytes``
 (what populations are checked against before they are built) next to the resident-memory
 growth of building and resetting a real 8 x 8 population, per instance, and the time it
 took. Each env is measured in a fresh process, so one env's allocations do not hide
@@ -23,8 +23,8 @@ _ONE = """
 import json, sys, time, warnings
 warnings.simplefilter("ignore")
 from study.config import ConfigError
-from study.envs import make_population_env
-from study.envs.memory import _rss_bytes, instance_bytes
+from study.trainer.envs import make_population_env
+from study.trainer.envs.memory import _rss_bytes, instance_bytes
 env_id = sys.argv[1]
 try:
     estimate = instance_bytes(env_id)

@@ -4,7 +4,7 @@
         [--repeats 3] [--sb3-steps 20000] [--json FILE]
 
 For each env: env steps/s of an S-member population (default hyperparameters, one torch
-thread) on the port and on the generic path (``study.envs.generic_only``: one seeded
+thread) on the port and on the generic path (``study.trainer.envs.generic_only``: one seeded
 ``gym.make`` per environment, what every env used before its port), interleaved, median
 of ``--repeats``; the share of training time spent stepping and resetting environments on
 each; and SB3's A2C with the same hyperparameters on the same env, in the same run. Both
@@ -23,10 +23,10 @@ from collections.abc import Sequence
 
 import torch
 
-import study.population as population
+import study.trainer.population as population
 from study import config as cfg
-from study.envs import generic_only, make_population_env
-from study.population import Member, train_population
+from study.trainer.envs import generic_only, make_population_env
+from study.trainer.population import Member, train_population
 
 try:
     from _sb3 import run_sb3_a2c, sb3_available

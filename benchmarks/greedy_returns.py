@@ -13,8 +13,9 @@ import argparse
 import numpy as np
 import pandas as pd
 
-from study import render, store
+from study import store
 from study.cli_util import run_cli
+from study.report import render
 
 
 def greedy_table(root: str, resets: int) -> pd.DataFrame:

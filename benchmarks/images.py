@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from study import config as cfg
-from study.population import Member, train_population
+from study.trainer.population import Member, train_population
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -80,7 +80,7 @@ def _sb3(env_id: str, steps: int) -> dict:
     from stable_baselines3 import A2C
     from stable_baselines3.common.vec_env import DummyVecEnv
 
-    from study.envs import make_single_env
+    from study.trainer.envs import make_single_env
 
     torch.set_num_threads(1)
     hp = cfg.resolve({}, env=env_id)
@@ -120,7 +120,7 @@ def _peak() -> dict:
 
 def _network_flops(env_id: str) -> float:
     """Multiply-adds x 2 of one forward pass of the default network of ``env_id``."""
-    from study.envs import env_spaces
+    from study.trainer.envs import env_spaces
 
     hp = cfg.resolve({}, env=env_id)
     obs_space, act_space = env_spaces(env_id, hp)

@@ -1,14 +1,14 @@
-"""Benchmark: a seed-robust Optuna study with ``study.optuna`` vs the rl-zoo way.
+"""Benchmark: a seed-robust Optuna study with ``study.sweeps.optuna`` vs the rl-zoo way.
 
     python benchmarks/optuna_study.py                          # 40 trials x 5 seeds x 50k
     python benchmarks/optuna_study.py --trials 12 --steps 20000 --sb3-runs 2   # smaller
     python benchmarks/optuna_study.py --skip-sb3               # only study.optuna
 
-``study.optuna``: a CartPole-v1 study of ``--trials`` trials, each trained on ``--seeds``
+``study.sweeps.optuna``: a CartPole-v1 study of ``--trials`` trials, each trained on ``--seeds``
 tuning seeds for ``--steps`` env steps (default 40 x 5 x 50k = 10M env steps), TPE over
 policy_lr, value_lr, gamma and lambda, batches of ``64 // seeds`` trials trained as one
 population, in one process (``--n-jobs 1``) unless asked otherwise. It runs through
-``study.optuna.main`` into a temporary directory and is timed end to end (Optuna, the
+``study.sweeps.optuna.main`` into a temporary directory and is timed end to end (Optuna, the
 journal file and the Parquet store included). No pruner by default, so every seed-run
 trains its full budget and the seed-run counts compare like with like.
 
@@ -69,7 +69,7 @@ def bench_study(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     import pandas as pd
 
     from study import store
-    from study.optuna import main
+    from study.sweeps.optuna import main
 
     sweep = tmp / "bench_optuna.toml"
     batch = args.batch_size or max(1, 64 // args.seeds)
@@ -136,7 +136,7 @@ def bench_baseline(kind: str, configs: list[dict[str, Any]], steps: int) -> dict
 
             run_sb3_a2c("CartPole-v1", i, steps, hp)
         else:
-            from study.population import Member, train_population
+            from study.trainer.population import Member, train_population
 
             train_population("CartPole-v1", [Member(hp, i)], steps, log_every=1000)
         walls.append(time.perf_counter() - t0)

@@ -4,7 +4,7 @@
     python benchmarks/page_check.py --store results/quickstart --out /tmp/qs
     python benchmarks/page_check.py --width 800 --height 6000
 
-Builds ``study.report`` for a small synthetic store (``benchmarks/analysis.make_store``:
+Builds ``study.report.build`` for a small synthetic store (``benchmarks/analysis.make_store``:
 a grid over three hyperparameters with trapped, diverged and still-learning runs, so the
 seed table is wide) with an Optuna journal beside it (a small random-search study, so the
 Optuna figures are drawn), or for ``--store``, then takes headless Chromium screenshots
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chromium", default=shutil.which("chromium") or "chromium")
     args = ap.parse_args(argv)
 
-    from study.report import build_report
+    from study.report.build import build_report
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

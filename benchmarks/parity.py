@@ -17,7 +17,7 @@ import torch
 from joblib import Parallel, delayed
 
 from study import config as cfg
-from study.population import Member, train_population
+from study.trainer.population import Member, train_population
 
 try:
     from _sb3 import run_sb3_a2c

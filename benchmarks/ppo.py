@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from study import config as cfg
-from study.population import Member, train_population
+from study.trainer.population import Member, train_population
 
 RESULTS = Path(__file__).parent / "results"
 

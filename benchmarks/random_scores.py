@@ -1,11 +1,11 @@
-"""Measure the random-policy scores shipped in ``study/scores.py``.
+"""Measure the random-policy scores shipped in ``study/analysis/scores.py``.
 
     python benchmarks/random_scores.py [--episodes 100] [--envs CartPole-v1 ...]
 
 For each env: the mean return of ``--episodes`` episodes of the uniform random policy
 (``action_space.sample()``), episode k reset with seed k and the action space seeded with
 k, through ``gym.make`` with the registered time limit. Prints a Markdown table and the
-Python dict to paste into ``study/scores.py``.
+Python dict to paste into ``study/analysis/scores.py``.
 """
 
 from __future__ import annotations

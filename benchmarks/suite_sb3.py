@@ -12,7 +12,7 @@ of the medians. Our population runs for about ``--seconds`` per timed run (its b
 calibrated once per env, untimed, which also compiles the kernels); SB3 trains
 ``--sb3-steps`` env steps per run. The share of our training time spent in the
 environments is reported too (the rest is the learner). Where envpool is installed, the
-same population also trains on ``envpool:<env>`` (study/envs/envpool_backend.py: one
+same population also trains on ``envpool:<env>`` (study/trainer/envs/envpool_backend.py: one
 envpool per member), timed the same way.
 """
 
@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from study.population import Member
-from study.sweep import load_sweep
+from study.sweeps.spec import load_sweep
+from study.trainer.population import Member
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _sb3 import run_sb3_a2c, sb3_available  # noqa: E402
@@ -45,7 +45,7 @@ def suite_members(sweep_path: str, env: str) -> list[Member]:
 def envpool_id(env: str) -> str | None:
     """``envpool:<env>``, registered, where envpool is installed and has the task."""
     try:
-        from study.envs.envpool_backend import register
+        from study.trainer.envs.envpool_backend import register
 
         register(f"envpool:{env}")
     except Exception:  # not installed, or no such task: no envpool column

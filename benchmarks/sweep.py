@@ -5,7 +5,7 @@
     python benchmarks/sweep.py --sb3-runs 4 --sb3-steps 50000
 
 The grid (``sweeps/cartpole_grid.toml``: 36 configs x 5 seeds x 100k env steps = 18M env
-steps) runs through ``study.grid.main`` into a temporary directory, timed end to end
+steps) runs through ``study.sweeps.grid.main`` into a temporary directory, timed end to end
 (worker start-up, training and writing the store included).
 
 "The usual way" is one stable-baselines3 A2C run per joblib task with the same n_jobs and,
@@ -56,7 +56,7 @@ def _warm(_: int) -> int:
 
 def bench_study(sweep: Path, n_jobs: int, population_size: int) -> dict[str, Any]:
     from study import store
-    from study.grid import main
+    from study.sweeps.grid import main
 
     with tempfile.TemporaryDirectory(prefix="study-bench-") as tmp:
         out = Path(tmp) / "out"
@@ -85,7 +85,7 @@ def bench_study(sweep: Path, n_jobs: int, population_size: int) -> dict[str, Any
 def bench_sb3(sweep: Path, n_jobs: int, n_runs: int, steps: int) -> dict[str, Any]:
     from joblib import Parallel, delayed
 
-    from study.sweep import load_sweep
+    from study.sweeps.spec import load_sweep
 
     s = load_sweep(sweep)
     runs = s.runs()[:n_runs]
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="also write the figures as JSON")
     args = p.parse_args(argv)
 
-    from study.sweep import load_sweep
+    from study.sweeps.spec import load_sweep
 
     sweep = load_sweep(args.sweep)
     result: dict[str, Any] = {

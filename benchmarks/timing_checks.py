@@ -4,13 +4,13 @@ depend on how busy the machine is.
     python benchmarks/timing_checks.py            # both checks; exit 1 if one fails
     python benchmarks/timing_checks.py --only failures
 
-``failures``: ``study.failures.failure_report`` on 400 synthetic runs x 300 curve points
+``failures``: ``study.analysis.failures.failure_report`` on 400 synthetic runs x 300 curve points
 (40 configs, trapped, still-learning and successful seeds) must take under 5 s: the
 classification is one vectorized pass over all curves, not a loop over points (the full
 analysis benchmark, ``benchmarks/analysis.py``, times 1,000 x 500). It also checks the
 labels it found (20 trapped, 80 still learning).
 
-``page-faults`` (Linux, glibc): ``study.alloc.keep_freed_memory`` stops glibc from
+``page-faults`` (Linux, glibc): ``study.trainer.alloc.keep_freed_memory`` stops glibc from
 returning freed blocks to the OS, so reallocating the same 8 MiB fifty times faults
 fewer than 200 pages, against more than 50,000 without it (about 2,000 per round).
 """
@@ -32,7 +32,7 @@ FAILURES_LIMIT_S = 5.0
 
 _FAULTS = """
 import resource, numpy as np
-from study.alloc import keep_freed_memory
+from study.trainer.alloc import keep_freed_memory
 if {keep}:
     assert keep_freed_memory() and keep_freed_memory()
 def faults():
@@ -50,7 +50,7 @@ print(faults() - before)
 def check_failures_speed() -> tuple[bool, str]:
     from test_failures import make_sweep  # the test suite's synthetic sweeps
 
-    from study.failures import failure_report
+    from study.analysis.failures import failure_report
 
     spec = [(f"c{i:02d}", {"policy_lr": 10.0 ** -(i % 4)},
              [("success", 300)] * 7 + [("trapped", -28)] * (i % 2) + [("learning", 300)] * 2)

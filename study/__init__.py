@@ -9,4 +9,4 @@ NUMERICS = 3
 
 # Light on purpose: ``import study.store`` (and every analysis command) must not import
 # torch, gymnasium or numba. CartPoleSwingUp-v0/v1 are registered with gymnasium by
-# study.envs when an environment is made (study.envs.register_envs).
+# study.trainer.envs when an environment is made (study.trainer.envs.register_envs).

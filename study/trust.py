@@ -2,7 +2,7 @@
 
 A store's ``env`` may name a module (gymnasium's ``module:EnvName-v0``), and building
 that environment imports the module: it runs its code. Stores are shared between
-people, so a command that builds a store's environment (``study.render``) imports such a
+people, so a command that builds a store's environment (``study.report.render``) imports such a
 module only from a store this user made on this machine, or with ``--trust``.
 
 "Made here" is checked, not assumed: drivers sign the env id of the stores they write

@@ -15,10 +15,10 @@ import pandas as pd
 import pytest
 from scipy import stats as st
 
-from study import aggregate as agg
 from study import store
-from study.grid import main as grid_main
-from study.scores import REFERENCES, SOLVED_SCORES
+from study.analysis import aggregate as agg
+from study.analysis.scores import REFERENCES, SOLVED_SCORES
+from study.sweeps.grid import main as grid_main
 
 RNG = np.random.default_rng(7)
 
@@ -148,7 +148,7 @@ def test_aggregate_cli_tables(multi_store, tmp_path, capsys):
 
 
 def test_report_of_a_multi_env_store_has_the_aggregate_section(multi_store, tmp_path, capsys):
-    from study import report
+    from study.report import build as report
 
     out = tmp_path / "report"
     assert report.main([str(multi_store), "--out", str(out)]) == 0
@@ -171,7 +171,7 @@ def test_report_of_a_multi_env_store_has_the_aggregate_section(multi_store, tmp_
 
 
 def test_report_says_why_a_store_is_not_aggregated(tmp_path, capsys):
-    from study import report
+    from study.report import build as report
 
     sweep = tmp_path / "s.toml"
     sweep.write_text(MULTI.replace('"Acrobot-v1"]', '"CartPoleSwingUp-v1"]').replace(
@@ -220,7 +220,7 @@ def test_bad_multi_env_sweeps_are_refused(tmp_path, capsys, edit, expect):
 
 
 def test_env_as_a_grid_axis_is_the_same_sweep(tmp_path, capsys):
-    from study.sweep import load_sweep
+    from study.sweeps.spec import load_sweep
 
     a = tmp_path / "a.toml"
     a.write_text(MULTI)
@@ -231,7 +231,7 @@ def test_env_as_a_grid_axis_is_the_same_sweep(tmp_path, capsys):
 
 
 def test_grid_importance_finds_the_hyperparameter_that_matters():
-    from study.importance import importance_table
+    from study.analysis.importance import importance_table
 
     rows = []
     rng = np.random.default_rng(0)

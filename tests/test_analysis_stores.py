@@ -12,7 +12,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from study import failures, grid, procs, report, stats, store, tables
+from study import procs, store
+from study.analysis import failures, stats, tables
+from study.report import build as report
+from study.sweeps import grid
 
 SWEEP = """
 name = "tiny-notes"
@@ -154,7 +157,7 @@ gamma = { choices = [0.9, 0.99] }
 
 @pytest.fixture(scope="module")
 def optuna_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from study.optuna import main as optuna_main
+    from study.sweeps.optuna import main as optuna_main
 
     base = tmp_path_factory.mktemp("optuna")
     sweep = base / "opt.toml"

@@ -3,7 +3,7 @@ nothing written; never a traceback, a hang or a store written before the failure
 
 Named cases from the hardening issue, then a seeded fuzzer: 160 mutations of a valid
 sweep file (values swapped for hostile ones, keys dropped, renamed or added, text cut or
-garbled, structures nested deeply), each through ``study.grid --dry-run`` and, when
+garbled, structures nested deeply), each through ``study.sweeps.grid --dry-run`` and, when
 refused, through a real run.
 """
 
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from study.grid import main as grid_main
-from study.train import main as train_main
+from study.sweeps.grid import main as grid_main
+from study.sweeps.train import main as train_main
 
 VALID = """\
 name = "fuzz"

@@ -17,9 +17,9 @@ import gymnasium as gym
 import numpy as np
 import pytest
 
-from study.envs import FAST_ENVS, generic_only, make_population_env
-from study.envs.classic import CLASSIC_ENVS, EXACT_POW
-from study.envs.generic import GymPopulationEnv
+from study.trainer.envs import FAST_ENVS, generic_only, make_population_env
+from study.trainer.envs.classic import CLASSIC_ENVS, EXACT_POW
+from study.trainer.envs.generic import GymPopulationEnv
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -160,7 +160,7 @@ def test_a_member_is_the_same_alone_and_in_a_population(env_id: str) -> None:
 @pytest.mark.parametrize("env_id", ["Acrobot-v1", "Pendulum-v1"])
 def test_training_on_a_port_equals_training_on_gymnasium(env_id: str) -> None:
     from study.config import resolve
-    from study.population import Member, train_population
+    from study.trainer.population import Member, train_population
 
     members = [Member(resolve({"num_envs": 2, "n_steps": 8}), s) for s in (1, 2)]
 

@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from study import envs
 from study.config import ConfigError, resolve
-from study.envs import make_population_env
-from study.envs.generic import instance_seed, seed_bits
-from study.envs.memory import check_fits, instance_bytes, population_bytes
-from study.rng import STREAM_RESET
+from study.trainer import envs
+from study.trainer.envs import make_population_env
+from study.trainer.envs.generic import instance_seed, seed_bits
+from study.trainer.envs.memory import check_fits, instance_bytes, population_bytes
+from study.trainer.rng import STREAM_RESET
 
 ROOT = Path(__file__).resolve().parents[1]
 ENVMODS = ROOT / "tests" / "envmods"
@@ -53,7 +53,7 @@ def test_a_population_that_cannot_fit_is_refused_naming_the_keys() -> None:
 
 
 def test_grid_refuses_an_oversized_population_before_writing(tmp_path) -> None:
-    from study.grid import main
+    from study.sweeps.grid import main
 
     sweep = tmp_path / "big.toml"
     sweep.write_text('name = "big"\nenv = "Acrobot-v1"\ntotal_steps = 1000\n'
@@ -92,7 +92,7 @@ def test_namespaces_are_imported_on_demand(env_id: str, package: str) -> None:
     pytest.importorskip(package)
     code = ("import sys, gymnasium as gym\n"
             f"assert {env_id!r} not in gym.registry\n"
-            "from study.envs import env_spaces\n"
+            "from study.trainer.envs import env_spaces\n"
             f"obs, act = env_spaces({env_id!r})\n"
             "print(obs.shape, act)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -16,14 +16,14 @@ from study.config import ConfigError, resolve
 
 envpool = pytest.importorskip("envpool")
 
-from study.envs import envpool_backend as eb  # noqa: E402
-from study.population import Member, train_population  # noqa: E402
+from study.trainer.envs import envpool_backend as eb  # noqa: E402
+from study.trainer.population import Member, train_population  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
 def _registered(monkeypatch):
-    """Register the ids as study.envs would (its _fast hook), and forget them after."""
-    from study import envs
+    """Register the ids as study.trainer.envs would (its _fast hook), and forget them after."""
+    from study.trainer import envs
 
     monkeypatch.setattr(envs, "FAST_ENVS", dict(envs.FAST_ENVS))
     for env_id in ("envpool:CartPole-v1", "envpool:Pendulum-v1"):
@@ -109,7 +109,7 @@ def test_bad_ids_are_one_line_errors(monkeypatch):
 
 def test_a_grid_sweep_runs_on_the_backend(tmp_path):
     from study import store
-    from study.grid import main as grid_main
+    from study.sweeps.grid import main as grid_main
 
     (tmp_path / "s.toml").write_text(
         'name = "ep"\nenv = "envpool:CartPole-v1"\ntotal_steps = 800\nlog_every = 200\n'

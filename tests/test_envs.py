@@ -10,16 +10,16 @@ import numpy as np
 import pytest
 
 from study.config import ConfigError
-from study.envs import (
+from study.trainer.envs import (
     FAST_ENVS,
     env_spaces,
     generic_only,
     make_population_env,
     register_envs,
 )
-from study.envs.generic import instance_seed
-from study.envs.swingup import CartPoleSwingUpV0, CartPoleSwingUpV1
-from study.rng import STREAM_EVAL_RESET, STREAM_RESET, MemberStreams
+from study.trainer.envs.generic import instance_seed
+from study.trainer.envs.swingup import CartPoleSwingUpV0, CartPoleSwingUpV1
+from study.trainer.rng import STREAM_EVAL_RESET, STREAM_RESET, MemberStreams
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -504,8 +504,8 @@ def test_unknown_env_id_raises_config_error_with_suggestion() -> None:
 def test_fast_env_spaces_match_gymnasium(env_id: str) -> None:
     """A port reports the spaces the generic path would (gymnasium's, images made uint8
     channel-first)."""
-    from study.envs import make_single_env
-    from study.envs.generic import population_space
+    from study.trainer.envs import make_single_env
+    from study.trainer.envs.generic import population_space
 
     if env_id.startswith("MinAtar/"):
         pytest.importorskip("minatar")

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from scipy import stats as st
 
-from study import stats
-from study.failures import (
+from study.analysis import stats
+from study.analysis.failures import (
     CLASSES,
     Mode,
     assign_modes,
@@ -278,7 +278,7 @@ def test_pruned_runs_and_missing_curves():
 def test_a_config_whose_every_seed_collapses_below_its_start_failed():
     # Regression: every seed of a CartPole config settled at 9.4, below a random policy's
     # ~22 where each started, and the seed table said "failed 0/5" (one mode, no trap).
-    from study.tables import seed_table
+    from study.analysis.tables import seed_table
 
     spec = [("good", {"policy_lr": 1e-3}, [("success", 350)] * 5),
             ("bad", {"policy_lr": 1e-1}, [("collapse", 9.4)] * 5)]
@@ -334,7 +334,7 @@ def test_single_mode_configs_with_failed_runs_are_not_counted_as_fine():
 def test_a_nan_final_return_with_status_ok_is_not_diverged():
     # Regression: analysis called a run diverged when its final_return was NaN although
     # the trainer's status said ok (no episode finished in the last 10% of its steps).
-    from study.tables import seed_table
+    from study.analysis.tables import seed_table
 
     runs, curves = make_sweep([("c", {"policy_lr": 1e-3}, [("success", 300)] * 5)], seed=9)
     runs.loc[runs.seed == 0, "final_return"] = np.nan
@@ -520,7 +520,7 @@ def _drop_store(rows):
 
 
 def test_a_tiny_drop_is_not_listed_but_a_real_collapse_is():
-    from study import reliability as rel
+    from study.analysis import reliability as rel
 
     rng = np.random.default_rng(0)
     good = [np.minimum(300, np.linspace(0, 450, 40)) + rng.normal(0, 2, 40) for _ in range(5)]

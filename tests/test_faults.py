@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 
 from study import store
-from study.grid import main
+from study.sweeps.grid import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -219,7 +219,7 @@ def test_corrupt_chunk_files_are_named_set_aside_and_retrained(tmp_path, capsys,
     curves_files[-1].write_bytes(b"")  # zero bytes
     capsys.readouterr()
     # readers: one line naming the file, exit 2 (never a guess)
-    from study.tables import main as tables_main
+    from study.analysis.tables import main as tables_main
 
     assert tables_main([str(out)]) == 2
     err = capsys.readouterr().err.strip()

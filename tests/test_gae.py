@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from study.gae import gae_advantages
+from study.trainer.gae import gae_advantages
 
 
 def _reference(r, v, nv, term, done, gamma, lam):
-    """Straightforward per-trajectory loops, written independently of study.gae."""
+    """Straightforward per-trajectory loops, written independently of study.trainer.gae."""
     T, n = r.shape
     adv = np.zeros((T, n))
     for j in range(n):

@@ -22,8 +22,8 @@ import pandas as pd
 import pytest
 
 from study import store
-from study.grid import main
-from study.sweep import load_sweep
+from study.sweeps.grid import main
+from study.sweeps.spec import load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -334,7 +334,7 @@ def test_save_policies(tmp_path):
 
 
 def _fake_population_module() -> types.ModuleType:
-    from study.population import CURVE_COLUMNS, Member, RunResult
+    from study.trainer.population import CURVE_COLUMNS, Member, RunResult
 
     def train_population(env_id, members, total_steps, log_every=1000, eval_every=0,
                          eval_episodes=10, device="cpu", save_policies=False, on_log=None,
@@ -357,14 +357,14 @@ def _fake_population_module() -> types.ModuleType:
                 on_progress(total_steps)
         return results
 
-    mod = types.ModuleType("study.population")
+    mod = types.ModuleType("study.trainer.population")
     mod.Member, mod.RunResult, mod.CURVE_COLUMNS = Member, RunResult, CURVE_COLUMNS
     mod.train_population = train_population
     return mod
 
 
 def test_diverged_runs_are_stored_and_the_sweep_carries_on(tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "study.population", _fake_population_module())
+    monkeypatch.setitem(sys.modules, "study.trainer.population", _fake_population_module())
     out = tmp_path / "out"
     assert main([str(_write(tmp_path / "s.toml")), "--out", str(out), "--n-jobs", "1",
                  "--population-size", "2"]) == 0
@@ -383,7 +383,7 @@ def test_diverged_runs_are_stored_and_the_sweep_carries_on(tmp_path, monkeypatch
 
 
 def test_best_configs_rank_by_iqm():
-    from study.grid import best_configs
+    from study.sweeps.grid import best_configs
 
     a = [0, 0, 5, 5, 5, 9, 9, 9]  # median 5, IQM 6
     b = [5.5] * 8  # median 5.5, IQM 5.5

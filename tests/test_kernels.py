@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from study import kernels
-from study.gae import gae_advantages
-from study.optim import MemberOptimizer
+from study.trainer import kernels
+from study.trainer.gae import gae_advantages
+from study.trainer.optim import MemberOptimizer
 
 torch.set_num_threads(1)
 
@@ -121,7 +121,7 @@ def test_tanh_backward_gives_the_gradient_and_the_bias_gradient():
 
 
 def test_rollout_targets_give_the_bits_of_gae_advantages():
-    # The trainer's fused targets against study.gae's recursion (the specification), with
+    # The trainer's fused targets against study.trainer.gae's recursion (the specification), with
     # truncations bootstrapped from V(final obs), MC members and a learner subset.
     rng = np.random.default_rng(5)
     T, S, E = 9, 5, 3

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from study.nets import backward, forward_cached, linear, mlp
+from study.trainer.nets import backward, forward_cached, linear, mlp
 
 torch.set_num_threads(1)
 

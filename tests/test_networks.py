@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from study import config as cfg
-from study.grid import main as grid_main
-from study.networks import ActorCritic, reference_path
-from study.population import CURVE_COLUMNS, Member, train_population
-from study.train import main as train_main
+from study.sweeps.grid import main as grid_main
+from study.sweeps.train import main as train_main
+from study.trainer.networks import ActorCritic, reference_path
+from study.trainer.population import CURVE_COLUMNS, Member, train_population
 
 torch.set_num_threads(1)
 
@@ -134,7 +134,7 @@ def test_cnn_with_separate_towers_and_minibatches_is_bit_identical():
 
 def test_image_observations_stay_uint8_channels_first():
     _needs("minatar")
-    from study.envs import env_spaces, make_population_env
+    from study.trainer.envs import env_spaces, make_population_env
 
     obs_space, _ = env_spaces("MinAtar/Breakout-v1")
     assert obs_space.shape == (4, 10, 10) and obs_space.dtype == np.uint8
@@ -150,7 +150,7 @@ def test_image_observations_stay_uint8_channels_first():
 def test_atari_preprocessing_shapes_and_reward_clipping():
     _needs("ale_py")
     _needs("cv2")
-    from study.envs import env_spaces, make_population_env
+    from study.trainer.envs import env_spaces, make_population_env
 
     hp = cfg.resolve({"frame_stack": 2, "screen_size": 42, "grayscale": False},
                      env="ALE/Pong-v5")
@@ -229,7 +229,7 @@ def test_minatar_population_equals_the_gymnasium_path(game):
     """The games stepped directly give the generic path's observations, rewards and ends,
     bit for bit, resets included."""
     _needs("minatar")
-    from study.envs import env_spaces, generic_only, make_population_env
+    from study.trainer.envs import env_spaces, generic_only, make_population_env
 
     env_id = f"MinAtar/{game}-v1"
     fast = make_population_env(env_id, [3, 4], 3)

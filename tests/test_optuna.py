@@ -25,12 +25,12 @@ import optuna
 import pandas as pd
 import pytest
 
-import study.population as population
+import study.trainer.population as population
 from study import procs, store
 from study.config import ConfigError, structural_key
-from study.optuna import TRIALS_FILE, derive_seeds, main
-from study.search_space import OptunaSettings, aggregate, parse_optuna
-from study.sweep import load_sweep
+from study.sweeps.optuna import TRIALS_FILE, derive_seeds, main
+from study.sweeps.search_space import OptunaSettings, aggregate, parse_optuna
+from study.sweeps.spec import load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 POSTGRES_URL = os.environ.get("STUDY_TEST_POSTGRES_URL")
@@ -190,7 +190,7 @@ def test_search_space_parsing_and_objectives():
     with pytest.raises(ConfigError, match="fixed|hyperparameters"):
         parse_optuna(table, total_steps=1000, fixed={"value_iters": 2})
 
-    from study import stats
+    from study.analysis import stats
 
     rng = np.random.default_rng(0)
     for n in (1, 2, 5, 8, 13):
@@ -295,7 +295,7 @@ def test_confirm_reruns_top_configs_on_held_out_seeds(small_study, capsys):
     t = trials.loc[int(src["trial_number"].iloc[0])]
     assert t["param_gamma"] == winner["gamma"]
     # and the file is a valid grid sweep
-    from study.grid import main as grid_main
+    from study.sweeps.grid import main as grid_main
 
     assert grid_main([str(out / "best.toml"), "--dry-run", "--out", str(out / "g")]) == 0
 
@@ -376,7 +376,7 @@ def test_pruned_trials_stop_training_in_worker_processes(tmp_path, monkeypatch):
 
 _KILLED_DRIVER = """\
 import os, signal, sys
-import study.optuna as so
+import study.sweeps.optuna as so
 
 def die(unit, reporter):  # the driver is killed -9 while its first batch trains
     os.kill(os.getpid(), signal.SIGKILL)
@@ -446,7 +446,7 @@ def _two_workers(tmp_path: Path, extra_args: list[str]) -> pd.DataFrame:
 def test_an_out_dir_another_driver_is_starting_is_accepted(tmp_path):
     # What a driver writes before its manifest: a second driver started at the same
     # moment must take the directory, not refuse it as "not a results store".
-    from study.optuna import _check_out
+    from study.sweeps.optuna import _check_out
 
     out = tmp_path / "out"
     out.mkdir()
@@ -473,7 +473,7 @@ def test_two_processes_share_a_postgresql_study(tmp_path):
     trials = _two_workers(tmp_path, ["--storage", POSTGRES_URL, "--study-name", name])
     assert (trials["study_name"] == name).all()
     assert not (tmp_path / "out" / "optuna.journal").exists()
-    from study.optuna import _check_storage
+    from study.sweeps.optuna import _check_storage
 
     study = optuna.load_study(study_name=name, storage=_check_storage(POSTGRES_URL))
     assert sorted(t.number for t in study.trials) == list(range(8))
@@ -528,7 +528,7 @@ def test_a_journal_lock_left_by_a_killed_writer_does_not_hang_the_next_run(tmp_p
 _KILLED_ASKING = """\
 import os, signal, sys
 import optuna
-import study.optuna as so
+import study.sweeps.optuna as so
 
 class DieWhileSampling(optuna.samplers.RandomSampler):
     # Inside study.ask: the trial exists (RUNNING), it has no params and no owner yet.

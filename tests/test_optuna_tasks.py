@@ -15,11 +15,12 @@ import optuna
 import pandas as pd
 import pytest
 
-import study.population as population
-from study import aggregate, store
-from study.optuna import TRIALS_FILE, main
-from study.search_space import OptunaSettings
-from study.sweep import load_sweep
+import study.trainer.population as population
+from study import store
+from study.analysis import aggregate
+from study.sweeps.optuna import TRIALS_FILE, main
+from study.sweeps.search_space import OptunaSettings
+from study.sweeps.spec import load_sweep
 
 BASE = """\
 name = "tasks"
@@ -143,7 +144,7 @@ def test_aggregate_and_tables_read_the_study(tasks_study, capsys):
     assert table.count("\n") == 2 + 4  # header, rule, one row per trial
     assert aggregate.main([str(out), "--phase", "confirm"]) == 2
     assert "no confirm runs" in capsys.readouterr().err
-    from study.tables import main as tables_main
+    from study.analysis.tables import main as tables_main
 
     assert tables_main([str(out)]) == 0
 
@@ -175,7 +176,7 @@ def test_confirm_reruns_every_env_and_best_toml_is_a_suite_sweep(tasks_study, ca
 
 
 def test_report_aggregates_held_out_and_tuning_runs_apart(tasks_study, tmp_path):
-    from study import report
+    from study.report import build as report
 
     out = tasks_study["out"]
     if not (out / "best.toml").exists():  # run alone: confirm first

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from study import config as cfg
-from study.population import CURVE_COLUMNS, Member, train_population
+from study.trainer.population import CURVE_COLUMNS, Member, train_population
 
 torch.set_num_threads(1)
 
@@ -172,7 +172,7 @@ def test_learns_cartpole_with_small_budget():
 def test_hand_written_gradients_match_autograd(discrete):
     import gymnasium as gym
 
-    from study.networks import ActorCritic
+    from study.trainer.networks import ActorCritic
 
     space = gym.spaces.Discrete(3) if discrete else gym.spaces.Box(-1, 1, (2,))
     hp = cfg.resolve({"policy_hidden_sizes": [8, 8], "value_hidden_sizes": [8]})
@@ -209,7 +209,7 @@ def test_hand_written_gradients_match_autograd(discrete):
 
 
 def test_obs_normalizer_tracks_each_members_running_mean_and_variance():
-    from study.population import ObsNormalizer
+    from study.trainer.population import ObsNormalizer
 
     rng = np.random.default_rng(0)
     norm = ObsNormalizer(3, 2, np.array([True, False, True]))

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from study import config as cfg
-from study import updates
-from study.networks import ActorCritic
-from study.population import CURVE_COLUMNS, Member, train_population
-from study.train import main as train_main
+from study.sweeps.train import main as train_main
+from study.trainer import updates
+from study.trainer.networks import ActorCritic
+from study.trainer.population import CURVE_COLUMNS, Member, train_population
 
 torch.set_num_threads(1)
 
@@ -165,9 +165,9 @@ def test_bad_ppo_input_is_one_line(capsys, sets, expect):
 @pytest.mark.parametrize("env_id,extra", [("CartPole-v1", {"entropy_coef": 0.01}),
                                           ("Pendulum-v1", {"clip_range_vf": 0.2})])
 def test_accelerated_ppo_agrees_with_the_autograd_reference(env_id, extra):
-    """The hand-written PPO gradients (study.updates.AcceleratedMLPUpdate) against autograd
+    """The hand-written PPO gradients (study.trainer.updates.AcceleratedMLPUpdate) against autograd
     over a few updates: close (sums run in other orders), not bit-identical."""
-    from study.networks import reference_path
+    from study.trainer.networks import reference_path
 
     members = [Member(_ppo(**extra), s) for s in (1, 2)]
     fast = train_population(env_id, members, total_steps=384, log_every=128)

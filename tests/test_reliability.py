@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from study import reliability as rel
-from study.failures import failure_report
+from study.analysis import reliability as rel
+from study.analysis.failures import failure_report
 
 STEPS = np.arange(1, 21) * 1000.0
 

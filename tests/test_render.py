@@ -14,9 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
-from study import failures, figures, grid, render, report, store
+from study import store
+from study.analysis import failures
 from study.config import ConfigError
-from study.nets import mlp
+from study.report import build as report
+from study.report import figures, render
+from study.sweeps import grid
+from study.trainer.nets import mlp
 
 SWEEP = """
 name = "tiny-render"
@@ -121,8 +125,8 @@ def test_policy_is_the_trainer_network_of_that_member(share_trunk):
     import gymnasium as gym
 
     from study import config as cfg
-    from study.envs import env_spaces
-    from study.networks import ActorCritic
+    from study.trainer.envs import env_spaces
+    from study.trainer.networks import ActorCritic
 
     hp = cfg.resolve({"share_trunk": share_trunk, "policy_hidden_sizes": [16, 8],
                       "value_hidden_sizes": [16, 8]})

@@ -15,9 +15,12 @@ import pytest
 from matplotlib.figure import Figure
 from matplotlib.text import Text
 
-from study import curves as curves_mod
-from study import failures, figures, report, store
+from study import store
+from study.analysis import curves as curves_mod
+from study.analysis import failures
 from study.config import SPECS, defaults
+from study.report import build as report
+from study.report import figures
 
 # 3 configs x 8 seeds: A always learns to -5; B is bimodal (5 seeds reach -5, 3 plateau
 # at -28 with collapsed entropy); C is a weak, unimodal config (-15). One seed of C
@@ -165,7 +168,7 @@ def test_markdown_has_seed_table_and_failure_report(built):
     assert "## Across tasks" not in md  # one env: no aggregate section
     assert not list((out / "tables").glob("aggregate*"))
     # the seed table is the tables module's own Markdown (same header, same rows)
-    from study import tables
+    from study.analysis import tables
 
     runs, curves = store.load(root)
     tab = tables.seed_table(runs, curves)
@@ -540,7 +543,8 @@ def test_help_shows_no_raw_markup(module, capsys):
     if module == "failures":
         assert "collapsed  it ended clearly below the return of an untrained policy" in text
     if module == "tables":
-        assert "ranked by IQM" in text and "A run fails when study.failures.classify_runs" in text
+        assert "ranked by IQM" in text
+        assert "A run fails when study.analysis.failures.classify_runs" in text
 
 
 def test_report_header_says_how_runs_without_a_final_return_count(tmp_path):

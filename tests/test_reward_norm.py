@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 from study.config import resolve
-from study.population import Member, RewardNormalizer, train_population
-from study.sweep import _id_payload, run_id
+from study.sweeps.spec import _id_payload, run_id
+from study.trainer.population import Member, RewardNormalizer, train_population
 
 
 def test_scaling_follows_the_running_std_of_the_discounted_return():

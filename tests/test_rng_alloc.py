@@ -5,7 +5,7 @@
 
 import numpy as np
 
-from study.rng import MemberStreams, stream_key
+from study.trainer.rng import MemberStreams, stream_key
 
 MASK = (1 << 64) - 1
 

@@ -190,7 +190,7 @@ def test_a_postgresql_password_never_reaches_files_or_output(tmp_path):
 
     import optuna
 
-    from study.optuna import _check_storage
+    from study.sweeps.optuna import _check_storage
     optuna.delete_study(study_name=name, storage=_check_storage(SECRET_URL))
 
 

@@ -1,4 +1,5 @@
-"""study.stats and study.curves against independent computations (numpy/scipy by hand)."""
+"""study.analysis.stats and study.analysis.curves against independent computations
+(numpy/scipy by hand)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import pandas as pd
 import pytest
 from scipy import stats as st
 
-from study import stats
-from study.curves import (
+from study.analysis import stats
+from study.analysis.curves import (
     AGG_COLUMNS,
     Interpolator,
     aggregate_curves,

@@ -14,7 +14,7 @@ import pytest
 import study
 from study import store
 from study.config import SPECS, defaults
-from study.sweep import format_value
+from study.sweeps.spec import format_value
 
 
 def _make_store(path: Path, env: str = "CartPole-v1") -> Path:

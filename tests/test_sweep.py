@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from study.config import ConfigError, structural_key
-from study.runner import make_plan
-from study.sweep import config_id, load_sweep, parse_sweep, run_id, sweep_to_toml
+from study.sweeps.runner import make_plan
+from study.sweeps.spec import config_id, load_sweep, parse_sweep, run_id, sweep_to_toml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,7 +78,7 @@ def test_run_id_is_stable():
     assert config_id("CartPole-v1", hp, 100_000, 1_000) == hashlib.sha1(
         text.encode()).hexdigest()[:16]
     # The same in a fresh interpreter with another hash seed (no dict-order dependence).
-    code = ("from study.config import resolve; from study.sweep import run_id; "
+    code = ("from study.config import resolve; from study.sweeps.spec import run_id; "
             "print(run_id('CartPole-v1', resolve({'gamma': 0.99, 'policy_lr': 0.01}), 7, "
             "100_000, 1_000))")
     env = {**os.environ, "PYTHONHASHSEED": "123", "PYTHONPATH": str(ROOT)}

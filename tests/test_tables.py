@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 from scipy import stats as st
 
-from study import stats
-from study.tables import (
+from study.analysis import stats
+from study.analysis.tables import (
     compare_tables,
     format_table,
     latex_escape,

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from study.train import main, parse_seeds
+from study.sweeps.train import main, parse_seeds
 
 
 def test_parse_seeds():

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from study.config import resolve
-from study.population import Member, train_population
+from study.trainer.population import Member, train_population
 
 ENVMODS = Path(__file__).resolve().parent / "envmods"
 

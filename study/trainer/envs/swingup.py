@@ -29,8 +29,8 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from study.envs.cartpole import FastPopulationEnv
-from study.rng import STREAM_RESET
+from study.trainer.envs.cartpole import FastPopulationEnv
+from study.trainer.rng import STREAM_RESET
 
 GRAVITY = 9.82
 FORCE_MAG = 10.0

@@ -3,7 +3,7 @@
 Every function here takes plain DataFrames (and small mappings), builds a new
 :class:`matplotlib.figure.Figure` without pyplot (no global figure registry to leak, no GUI
 backend: rendering goes through Agg), and returns it; nothing is read from or written to
-disk except by :func:`save_figure`. ``study.report`` decides what to plot and where it goes.
+disk except by :func:`save_figure`. ``study.report.build`` decides what to plot and where it goes.
 
 Conventions, so that every figure can go into a paper as is:
 
@@ -194,7 +194,7 @@ def learning_curves_figure(
 ) -> Figure:
     """Median (line) and inter-quartile band over seeds against environment steps.
 
-    ``agg`` is :func:`study.curves.learning_curves` or ``aggregate_curves`` output
+    ``agg`` is :func:`study.analysis.curves.learning_curves` or ``aggregate_curves`` output
     (``metric, config_id, step, median, q25, q75, iqm, iqm_lo, iqm_hi``; a frame without
     ``metric`` is one metric). One panel per metric (episode return, then evaluation return
     when present), configs in ``config_ids`` order with a shared legend below naming each
@@ -400,7 +400,7 @@ def _interp_finite(x: float, seg: np.ndarray) -> float:
 
 
 class ModeLike(Protocol):
-    """What the distribution figure needs of a mode (``study.failures.Mode`` has it)."""
+    """What the distribution figure needs of a mode (``study.analysis.failures.Mode`` has it)."""
 
     index: int
     level: float

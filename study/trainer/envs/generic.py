@@ -5,7 +5,7 @@ Box observation space and a Discrete or Box action space. Each instance is seede
 with a seed derived from ``(member seed, env index, stream)``, and then keeps its own
 RNG across resets, so a member's environments never depend on the other members.
 Autoreset is done here (not by a gymnasium vector env) so the semantics are exactly
-those of :class:`study.envs.base.Step` whatever gymnasium's autoreset mode.
+those of :class:`study.trainer.envs.base.Step` whatever gymnasium's autoreset mode.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import gymnasium as gym
 import numpy as np
 
 from study.config import ConfigError
-from study.envs.base import Step
-from study.rng import STREAM_RESET
+from study.trainer.envs.base import Step
+from study.trainer.rng import STREAM_RESET
 
 
 def check_spaces(env_id: str, observation_space: gym.Space, action_space: gym.Space) -> None:
@@ -77,7 +77,8 @@ def _warn_once(caught: Sequence[warnings.WarningMessage]) -> None:
 
 def population_space(space: gym.spaces.Box) -> gym.spaces.Box:
     """How a population env reports one environment's observations: images (uint8
-    ``[C, H, W]``, see study.envs.images) as they are, anything else flattened to float32."""
+    ``[C, H, W]``, see study.trainer.envs.images) as they are, anything else flattened to
+    float32."""
     return space if space.dtype == np.uint8 and len(space.shape) == 3 else flat_box(space)
 
 

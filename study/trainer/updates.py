@@ -1,6 +1,6 @@
 """How a population's gradients are computed: the autograd reference and its accelerations.
 
-The trainer (study.population) asks an *update* object for four things, in this order in
+The trainer (study.trainer.population) asks an *update* object for four things, in this order in
 every update: the policy outputs of each rollout step (:meth:`AutogradUpdate.rollout_pass`),
 the state values V(s_0 .. s_T) of the rollout (:meth:`~AutogradUpdate.state_values`), and
 the gradients of the policy and value losses over a minibatch
@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from study.nets import Prepared, backward, forward_cached
-from study.networks import ActorCritic
+from study.trainer.nets import Prepared, backward, forward_cached
+from study.trainer.networks import ActorCritic
 
 __all__ = ["CHUNK_ROWS", "AcceleratedMLPUpdate", "AutogradUpdate", "Minibatch",
            "clipped_value_error", "make_update", "ppo_surrogate", "register_acceleration"]

@@ -237,7 +237,7 @@ def validate_env_id(env: str, where: str = "") -> str:
     """
     import gymnasium as gym
 
-    from study.envs import env_spaces, register_envs, register_namespace
+    from study.trainer.envs import env_spaces, register_envs, register_namespace
 
     register_envs()  # CartPoleSwingUp-v0/v1
     try:

@@ -21,12 +21,12 @@ from collections.abc import Sequence
 
 import torch
 
-from study import kernels
-from study.rng import STREAM_INIT, torch_seed
+from study.trainer import kernels
+from study.trainer.rng import STREAM_INIT, torch_seed
 
 
 def tanh_(x: torch.Tensor) -> torch.Tensor:
-    """``x <- tanh(x)`` in place, in one fused pass (study.kernels.tanh_, within 4e-7 of
+    """``x <- tanh(x)`` in place, in one fused pass (study.trainer.kernels.tanh_, within 4e-7 of
     ``torch.tanh``, which is 7x slower on these small tensors); returns ``x``."""
     if x.dtype == torch.float32 and x.is_contiguous() and x.device.type == "cpu":
         kernels.tanh_(x.numpy())
@@ -36,7 +36,7 @@ def tanh_(x: torch.Tensor) -> torch.Tensor:
 
 
 def _tanh_rational(x: torch.Tensor) -> torch.Tensor:
-    """The rational tanh of :func:`study.kernels.tanh_`, evaluated with torch operations."""
+    """The rational tanh of :func:`study.trainer.kernels.tanh_`, evaluated with torch operations."""
     v = x.clamp(-kernels.TANH_CLAMP, kernels.TANH_CLAMP)
     v2 = v * v
     p = torch.zeros_like(v)

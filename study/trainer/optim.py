@@ -1,7 +1,7 @@
 """Per-member optimizers for stacked parameters, with per-member gradient clipping.
 
 Each member has its own learning rate, optimizer state and clipping threshold; a step is
-one fused pass over all members' weights (study.kernels). Formulas follow ``torch.optim``
+one fused pass over all members' weights (study.trainer.kernels). Formulas follow ``torch.optim``
 (RMSprop without momentum or centering; Adam with bias correction) after
 ``clip_grad_norm_``, with the member axis first.
 """
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from study import kernels
+from study.trainer import kernels
 
 
 def _arrays(tensors: Sequence[torch.Tensor], copy_ok: bool = False) -> tuple[np.ndarray, ...]:

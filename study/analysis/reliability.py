@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from study.stats import cvar, iqr
+from study.analysis.stats import cvar, iqr
 
 __all__ = ["Collapse", "collapses", "reliability"]
 

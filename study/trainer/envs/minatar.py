@@ -17,9 +17,9 @@ from collections.abc import Sequence
 import gymnasium as gym
 import numpy as np
 
-from study.envs.base import Step
-from study.envs.generic import instance_seed
-from study.rng import STREAM_RESET
+from study.trainer.envs.base import Step
+from study.trainer.envs.generic import instance_seed
+from study.trainer.rng import STREAM_RESET
 
 __all__ = ["GAMES", "MinAtarPopulation", "minatar_spaces"]
 
@@ -35,7 +35,7 @@ def _game(env_id: str) -> tuple[str, bool]:
 
 
 def _environment(game: str):
-    from study.envs import register_namespace  # the one-line hint when minatar is missing
+    from study.trainer.envs import register_namespace  # the one-line hint when minatar is missing
 
     register_namespace(f"MinAtar/{next(k for k, v in GAMES.items() if v == game)}-v1")
     from minatar import Environment

@@ -35,7 +35,7 @@ _A9, _A11, _A13 = map(_F, (-8.60467152213735e-11, 2.00018790482477e-13, -2.76076
 _B0, _B2, _B4, _B6 = map(
     _F, (4.89352518554385e-03, 2.26843463243900e-03, 1.18534705686654e-04, 1.19825839466702e-06)
 )
-# The same coefficients, highest power first (for study.nets' torch version).
+# The same coefficients, highest power first (for study.trainer.nets' torch version).
 TANH_CLAMP = float(_CLAMP)
 TANH_P = tuple(float(c) for c in (_A13, _A11, _A9, _A7, _A5, _A3, _A1))
 TANH_Q = tuple(float(c) for c in (_B6, _B4, _B2, _B0))
@@ -265,7 +265,7 @@ def rollout_targets_(
     ``(t + 1) * E + e`` follows row ``t * E + e``), ``v_final[k]`` V of the final
     observation where step t was truncated (read only there). ``rewards``, ``terminated``
     and ``dones`` are the rollout buffers ``[T, S, E]`` of the whole population. With
-    next value V' (V(final obs) on truncation, else the next row) and study.gae's float32
+    next value V' (V(final obs) on truncation, else the next row) and study.trainer.gae's float32
     recursion, ``adv = A^lam``; the value target is ``A^lam + V``, or ``A^1 + V`` (the
     discounted return bootstrapped at truncations and at the rollout's end) where ``mc``.
     """

@@ -2,7 +2,7 @@
 
 ``Acrobot-v1``, ``Pendulum-v1``, ``MountainCar-v0`` and ``MountainCarContinuous-v0``,
 each stepped by one compiled loop over all ``S x E`` environments. They reproduce the
-generic gymnasium path (:class:`study.envs.generic.GymPopulationEnv`) bit for bit, resets
+generic gymnasium path (:class:`study.trainer.envs.generic.GymPopulationEnv`) bit for bit, resets
 included, so training on them gives the same values as before they existed:
 
 * **Dynamics.** Each kernel performs gymnasium's operations in gymnasium's order, in
@@ -12,7 +12,7 @@ included, so training on them gives the same values as before they existed:
   the last bit about once in a thousand), called here by its glibc alias ``powf64`` /
   ``powf32`` so that LLVM cannot turn it into a multiplication.
 * **Resets.** Every environment owns a NumPy ``Generator(PCG64(seed))`` seeded like a
-  gymnasium instance of the generic path (:func:`~study.envs.generic.instance_seed` of
+  gymnasium instance of the generic path (:func:`~study.trainer.envs.generic.instance_seed` of
   the member seed, the environment index and the stream) and draws its reset states with
   gymnasium's own ``uniform`` calls, so a member's resets depend on nothing else.
 * **Time limits** are those of the registered ``TimeLimit`` wrappers.
@@ -36,10 +36,10 @@ from gymnasium.envs.classic_control import (
 )
 from numba import types
 
-from study.envs.cartpole import FastPopulationEnv
-from study.envs.generic import instance_seed
-from study.kernels import JIT_OPTIONS
-from study.rng import STREAM_RESET
+from study.trainer.envs.cartpole import FastPopulationEnv
+from study.trainer.envs.generic import instance_seed
+from study.trainer.kernels import JIT_OPTIONS
+from study.trainer.rng import STREAM_RESET
 
 __all__ = [
     "AcrobotPopulation",

@@ -37,7 +37,7 @@ import pandas as pd
 
 from study import procs, store
 from study.config import SPECS, ConfigError, structural_key
-from study.sweep import Run, Sweep, format_value
+from study.sweeps.spec import Run, Sweep, format_value
 
 __all__ = [
     "BACKENDS",
@@ -145,8 +145,8 @@ def _chunk_key(runs: Sequence[Run]) -> str:
 
 def normalization(sweep: Sweep, env: str) -> tuple[float, float] | None:
     """The ``(low, high)`` score references of ``env``: the sweep's ``[normalize]`` entry,
-    else the shipped ones (:data:`study.scores.REFERENCES`), else None."""
-    from study.scores import REFERENCES
+    else the shipped ones (:data:`study.analysis.scores.REFERENCES`), else None."""
+    from study.analysis.scores import REFERENCES
 
     return sweep.normalize.get(env) or REFERENCES.get(env)
 
@@ -219,7 +219,7 @@ def _normalized(score: float, refs: tuple[float, float] | None) -> float:
 def result_frames(chunk: Chunk, results: Sequence[Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The runs and curves rows of a trained chunk, in the store's schema (runs in the
     chunk's order; one curve row per run and log point)."""
-    from study.population import CURVE_COLUMNS
+    from study.trainer.population import CURVE_COLUMNS
 
     rows = []
     curves = []
@@ -260,7 +260,7 @@ def run_chunk(chunk: Chunk, progress: ProgressSink | None = None) -> ChunkResult
     """
     import torch
 
-    from study.population import Member, train_population
+    from study.trainer.population import Member, train_population
 
     if multiprocessing.parent_process() is not None:  # a worker process, not the driver
         procs.die_with_parent()
@@ -536,7 +536,7 @@ def execute(plan: Plan, out: str | Path, n_jobs: int = 1, backend: str = "loky",
         return outcome
     n_jobs = max(1, min(n_jobs, len(plan.chunks)))
     if show_progress and backend != "dask":
-        from study import kernels
+        from study.trainer import kernels
 
         if kernels.cold_cache():
             print("compiling the numba kernels (once after an install; the first progress "

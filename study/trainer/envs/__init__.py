@@ -21,14 +21,14 @@ from typing import Any
 import gymnasium as gym
 
 from study.config import ConfigError
-from study.envs.base import PopulationEnv, Step
-from study.envs.cartpole import CartPolePopulation, cartpole_spaces
-from study.envs.classic import CLASSIC_ENVS, classic_spaces
-from study.envs.generic import GymPopulationEnv, check_spaces, population_space
-from study.envs.images import env_options, make_atari, wrap_images
-from study.envs.minatar import GAMES, MinAtarPopulation, minatar_spaces
-from study.envs.swingup import SwingUpPopulation, swingup_spaces
-from study.rng import STREAM_RESET
+from study.trainer.envs.base import PopulationEnv, Step
+from study.trainer.envs.cartpole import CartPolePopulation, cartpole_spaces
+from study.trainer.envs.classic import CLASSIC_ENVS, classic_spaces
+from study.trainer.envs.generic import GymPopulationEnv, check_spaces, population_space
+from study.trainer.envs.images import env_options, make_atari, wrap_images
+from study.trainer.envs.minatar import GAMES, MinAtarPopulation, minatar_spaces
+from study.trainer.envs.swingup import SwingUpPopulation, swingup_spaces
+from study.trainer.rng import STREAM_RESET
 
 __all__ = [
     "FAST_ENVS",
@@ -70,7 +70,7 @@ def register_fast_env(env_id: str, make: Callable[[Sequence[int], int, int], Pop
 
 def _fast(env_id: str) -> FastEnv | None:
     if env_id.startswith("envpool:") and env_id not in FAST_ENVS:  # the envpool backend
-        importlib.import_module("study.envs.envpool_backend").register(env_id)
+        importlib.import_module("study.trainer.envs.envpool_backend").register(env_id)
     return None if env_id in _DISABLED else FAST_ENVS.get(env_id)
 
 
@@ -112,7 +112,7 @@ def register_envs() -> None:
         if env_id not in gym.registry:
             gym.register(
                 id=env_id,
-                entry_point=f"study.envs.swingup:CartPoleSwingUp{version.upper()}",
+                entry_point=f"study.trainer.envs.swingup:CartPoleSwingUp{version.upper()}",
                 max_episode_steps=500,
             )
 

@@ -7,14 +7,14 @@ logits of a Categorical, or the mean of a diagonal Gaussian whose log-std is a
 state-independent parameter. With ``share_trunk`` the encoder and hidden layers feed both
 heads; otherwise the policy and the value function have their own.
 
-Weights are stacked ``[S, ...]`` (study.nets), so a population's forward pass is one batched
+Weights are stacked ``[S, ...]`` (study.trainer.nets), so a population's forward pass is one batched
 product per layer. Gradients come from autograd over the stacked weights (the reference
 path, any network and loss); :attr:`ActorCritic.accelerated` networks (separate MLPs on flat
 observations) also offer hand-written gradients, :meth:`ActorCritic.policy_grads` and
 :meth:`ActorCritic.value_grads`, tested against autograd (tests/test_nets.py,
 tests/test_networks.py).
 
-Weight names (saved policies, ``study.render``): ``{group}.{j}`` for the j-th tensor of a
+Weight names (saved policies, ``study.report.render``): ``{group}.{j}`` for the j-th tensor of a
 group (``trunk_enc``, ``trunk``, ``pi_enc``, ``pi``, ``v_enc``, ``v``; weights and biases
 alternate), and ``log_std``.
 """
@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 from study import config as cfg
-from study import kernels
-from study.nets import (
+from study.trainer import kernels
+from study.trainer.nets import (
     activation_fn,
     backward,
     cnn,
@@ -48,11 +48,11 @@ __all__ = ["GROUPS", "ActorCritic", "check_network", "feature_size", "reference_
 _LOG_2PI = math.log(2.0 * math.pi)
 #: Weight groups in the order of :meth:`ActorCritic.all_params` (when present).
 GROUPS = ("trunk_enc", "trunk", "pi_enc", "pi", "v_enc", "v")
-#: Init stream offsets (study.nets.init_layers) of each group; MLP groups keep the offsets
+#: Init stream offsets (study.trainer.nets.init_layers) of each group; MLP groups keep the offsets
 #: they had before encoders existed, so MLP members start from the same weights.
 _STREAM = {"trunk": 0, "pi": 1, "v": 2, "trunk_enc": 3, "pi_enc": 4, "v_enc": 5}
 #: A loss over a large batch is accumulated over chunks of rows of about this many bytes of
-#: activations per member (see study.updates.CHUNK_ROWS for MLPs).
+#: activations per member (see study.trainer.updates.CHUNK_ROWS for MLPs).
 _CHUNK_BYTES = 32 * 2**20
 
 
@@ -163,7 +163,7 @@ class ActorCritic:
             if self.discrete
             else log_std_init.reshape(-1, 1).repeat(1, self.act_dim).to(torch.float32)
         )
-        #: Hand-written gradients available (study.updates.AcceleratedMLPUpdate).
+        #: Hand-written gradients available (study.trainer.updates.AcceleratedMLPUpdate).
         self.accelerated = (_ACCELERATE[0] and not self.share_trunk and not self.convs
                             and not self.image)
         for p in self.all_params():
@@ -278,7 +278,7 @@ class ActorCritic:
     def chunk_rows(self) -> int | None:
         """Rows per chunk for losses over large batches of image observations (about
         ``_CHUNK_BYTES`` of encoder activations per member; it depends on the network
-        only, never on S); None: study.updates.CHUNK_ROWS."""
+        only, never on S); None: study.trainer.updates.CHUNK_ROWS."""
         if not self.convs:
             return None
         # The image, and each convolution's output and its ReLU.

@@ -13,9 +13,9 @@ grid; every seed of one config with trapped/diverged runs highlighted; the final
 distribution per config with its modes; hyperparameter sensitivity (marginal medians and
 IQRs); the seed table; the failure report, with (where the sweep saved policies)
 filmstrips of a trapped and a successful agent side by side, or without traps of an agent
-of a config's lowest mode and one of its top mode (:mod:`study.render`); and, for Optuna
+of a config's lowest mode and one of its top mode (:mod:`study.report.render`); and, for Optuna
 studies, the optimisation history, parameter importances and intermediate values. A store
-of several envs also gets a section across tasks: :mod:`study.aggregate`'s table of
+of several envs also gets a section across tasks: :mod:`study.analysis.aggregate`'s table of
 normalized scores (IQM, median, mean, optimality gap with stratified bootstrap CIs; of an
 Optuna store, its held-out and tuning runs apart), performance profiles and
 sample-efficiency curves (``tables/aggregate*.csv|md|tex``).
@@ -27,12 +27,12 @@ final return count, and for an Optuna study which runs are tuning and which held
 (the figures show the tuning runs; the seed tables rank the two apart).
 
 Every number comes from the store's Parquet files (:mod:`study.store`), the statistics from
-:mod:`study.curves`, :mod:`study.tables` and :mod:`study.failures`, the figures from
-:mod:`study.figures`. The report is built in a temporary directory beside ``DIR`` and
-renamed into place at the end, so a failed run never leaves a half-written report (and
-an earlier report stays as it was). Bad input (not a store, an empty store, a metric
-without data, unknown options) is one ``error:`` line and exit code 2, with nothing
-written.
+:mod:`study.analysis.curves`, :mod:`study.analysis.tables` and
+:mod:`study.analysis.failures`, the figures from :mod:`study.report.figures`. The report is
+built in a temporary directory beside ``DIR`` and renamed into place at the end, so a failed
+run never leaves a half-written report (and an earlier report stays as it was). Bad input
+(not a store, an empty store, a metric without data, unknown options) is one ``error:`` line
+and exit code 2, with nothing written.
 """
 
 from __future__ import annotations
@@ -56,9 +56,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from study import curves as curves_mod
-from study import failures, figures, store, tables
+from study import store
+from study.analysis import curves as curves_mod
+from study.analysis import failures, tables
 from study.config import NAMES, ConfigError
+from study.report import figures
 from study.trust import env_module
 
 __all__ = ["METRICS", "ReportResult", "build_report", "main", "markdown_to_html"]
@@ -411,7 +413,7 @@ def _sweep_name(root: Path) -> str | None:
 
 
 def _intermediate(v: Any, steps: Any = None) -> dict[int, float]:
-    """Intermediate values from a trials.parquet cell: ``study.optuna`` writes two list
+    """Intermediate values from a trials.parquet cell: ``study.sweeps.optuna`` writes two list
     columns, ``intermediate_values`` with its ``intermediate_steps``; a mapping, a list of
     (step, value) pairs or JSON text of either is read too. Non-finite values are dropped.
     """
@@ -800,7 +802,7 @@ def _aggregate_phases(runs: pd.DataFrame) -> list[str | None]:
 def _aggregate_section(page: _Page, d: _Data) -> None:
     """Across tasks (a store of several envs): study.aggregate's table with its CIs, the
     performance profiles and the sample-efficiency curves, from the store alone."""
-    from study import aggregate
+    from study.analysis import aggregate
 
     page.md += ["## Across tasks", "",
                 "Normalized scores, `(final_return - low) / (high - low)` with each env's "
@@ -839,7 +841,7 @@ def _aggregate_figures(page: _Page, d: _Data, runs: pd.DataFrame,
     """Performance profiles and sample-efficiency curves of the best configs."""
     import matplotlib
 
-    from study import aggregate
+    from study.analysis import aggregate
 
     size = (figures.COLUMN_WIDTH, 2.6)
     n_boot = min(AGGREGATE_BOOT, 1000)
@@ -1096,7 +1098,7 @@ def _agent_filmstrips(root: Path, runs: pd.DataFrame, cls: pd.DataFrame,
     their episodes cannot be replayed (e.g. a store whose policies lack the observation
     statistics of a normalize_obs run).
     """
-    from study import render
+    from study.report import render
 
     for env in sorted({str(e) for e in runs["env"].unique()}):
         if (module := env_module(env)) is not None:

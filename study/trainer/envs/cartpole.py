@@ -21,9 +21,9 @@ import gymnasium as gym
 import numba
 import numpy as np
 
-from study.envs.base import Step
-from study.kernels import JIT_OPTIONS
-from study.rng import _GOLDEN, _INV_2_53, STREAM_RESET, MemberStreams, _mix64
+from study.trainer.envs.base import Step
+from study.trainer.kernels import JIT_OPTIONS
+from study.trainer.rng import _GOLDEN, _INV_2_53, STREAM_RESET, MemberStreams, _mix64
 
 
 class ResetDraws:

@@ -29,7 +29,7 @@ for ``hyperband``, ``max_resource = total_steps``; steps are env steps of log po
 ``wilcoxon`` is refused: it needs independent problem instances as steps, and the log
 points of a learning curve are not.
 
-:func:`parse_optuna` checks all of it before anything runs, as :mod:`study.sweep` does for
+:func:`parse_optuna` checks all of it before anything runs, as :mod:`study.sweeps.spec` does for
 grids: every problem is a one-line :class:`~study.config.ConfigError` naming the file and
 the key. :class:`OptunaSettings` then turns the table into Optuna distributions, a sampler,
 a pruner and the objective (an aggregate over seeds).
@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from study.config import SPECS, ConfigError, check_name, coerce
-from study.sweep import format_value
+from study.sweeps.spec import format_value
 
 __all__ = [
     "DROPPED_PRUNERS",
@@ -280,19 +280,19 @@ def _parse_param(name: str, entry: Any, where: str) -> Param:
 
 
 def _iqm(v: np.ndarray) -> float:
-    # study.stats.iqm's rule (= scipy.stats.trim_mean(v, 0.25)): cut floor(n/4) per end.
+    # study.analysis.stats.iqm's rule (= scipy.stats.trim_mean(v, 0.25)): cut floor(n/4) per end.
     s = np.sort(v)
     k = s.size // 4
     return float(s[k : s.size - k].mean())
 
 
 def _cvar25(v: np.ndarray) -> float:
-    # study.stats.cvar(v, 0.25): the mean of the lowest max(1, ceil(n/4)) values.
+    # study.analysis.stats.cvar(v, 0.25): the mean of the lowest max(1, ceil(n/4)) values.
     s = np.sort(v)
     return float(s[: max(1, math.ceil(0.25 * s.size - 1e-12))].mean())
 
 
-#: The objectives on finite values, in NumPy alone: study.stats computes the same numbers
+#: The objectives on finite values, in NumPy alone: study.analysis.stats computes the same numbers
 #: but imports SciPy, which would cost every worker process seconds of start-up.
 _OBJECTIVE_FNS: dict[str, Callable[[np.ndarray], float]] = {
     "iqm": _iqm,

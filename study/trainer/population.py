@@ -8,11 +8,11 @@ of its steps is one short method, for all members at once:
 2. :meth:`~_Trainer.compute_targets`: GAE advantages and value targets (truncations
    bootstrap from the value of the final observation);
 3. :meth:`~_Trainer.update`: a policy pass and ``value_iters`` value passes over
-   minibatches, gradients from study.updates (the autograd reference, or a registered
+   minibatches, gradients from study.trainer.updates (the autograd reference, or a registered
    acceleration of it for the network at hand), per-member optimizers;
 4. :meth:`~_Trainer.log`: curve points and evaluations every ``log_every`` env steps.
 
-The networks (study.networks) own their weights and forward passes; nothing here depends
+The networks (study.trainer.networks) own their weights and forward passes; nothing here depends
 on which network a population has.
 
 Members never touch each other:
@@ -39,17 +39,17 @@ import numpy as np
 import torch
 
 from study import config as cfg
-from study import kernels
-from study.alloc import keep_freed_memory
-from study.envs import Step, make_population_env
-from study.envs.memory import check_fits
-from study.gae import gae_advantages
-from study.networks import ActorCritic, check_network
-from study.optim import MemberOptimizer
-from study.rng import STREAM_ACTIONS, STREAM_EVAL_RESET, STREAM_SHUFFLE, MemberStreams
 from study.schema import CURVE_COLUMNS
 from study.schema import UPDATE_METRICS as _UPDATE_METRICS
-from study.updates import Minibatch, make_update, row_mean, row_var
+from study.trainer import kernels
+from study.trainer.alloc import keep_freed_memory
+from study.trainer.envs import Step, make_population_env
+from study.trainer.envs.memory import check_fits
+from study.trainer.gae import gae_advantages
+from study.trainer.networks import ActorCritic, check_network
+from study.trainer.optim import MemberOptimizer
+from study.trainer.rng import STREAM_ACTIONS, STREAM_EVAL_RESET, STREAM_SHUFFLE, MemberStreams
+from study.trainer.updates import Minibatch, make_update, row_mean, row_var
 
 _EVAL_MAX_STEPS = 100_000  # safety cap for environments without a time limit
 
@@ -259,7 +259,7 @@ def _check_members(members: Sequence[Member]) -> dict[str, Any]:
 
 class _Windows:
     """Per-member accumulators for one logging window and for the final 10% of steps
-    (episodes are added by :func:`study.kernels.record_step_`)."""
+    (episodes are added by :func:`study.trainer.kernels.record_step_`)."""
 
     def __init__(self, n: int) -> None:
         self.n = n
@@ -582,7 +582,7 @@ class _Trainer:
                 v_final = self.agent.values(rows(ro.final_obs))
             adv, returns = _rollout_targets(v_all, v_final, ro.rewards, ro.terminated, ro.dones,
                                             self.alive, self.hps, trunc)
-            # PPO normalises advantages per minibatch (study.updates), A2C per rollout.
+            # PPO normalises advantages per minibatch (study.trainer.updates), A2C per rollout.
             which = self.hps["normalize_advantage"] > 0
             ev = self._normalize_advantages(adv, returns, v_all[:, :n_batch],
                                             torch.zeros_like(which) if self.ppo else which)

@@ -62,14 +62,14 @@ def instance_bytes(env_id: str, hp: Mapping[str, Any] | None = None) -> int:
     """Marginal resident memory of one more environment instance of ``env_id`` (``ALE/*``
     preprocessed as ``hp`` says): the resident-set growth from making and resetting 4
     instances after a first one, over 4."""
-    from study.envs.images import env_options
+    from study.trainer.envs.images import env_options
 
     return _instance_bytes(env_id, env_options(env_id, hp))
 
 
 @functools.cache
 def _instance_bytes(env_id: str, options: Any) -> int:
-    from study.envs import FAST_ENVS, make_single_env
+    from study.trainer.envs import FAST_ENVS, make_single_env
 
     if env_id in FAST_ENVS:
         return _FAST_ENV_BYTES
@@ -159,8 +159,8 @@ def check_fits(populations: Sequence[tuple[str, Mapping[str, Any], int]],
     ``[(env_id, hp, n_members), ...]``, would not fit in the memory available now; else a
     line saying what they need (for dry runs). ``fewer`` names what makes populations
     fewer or smaller in the caller's terms."""
-    from study.envs import env_spaces
-    from study.networks import check_network
+    from study.trainer.envs import env_spaces
+    from study.trainer.networks import check_network
 
     estimates = []
     for env_id, hp, n in populations:

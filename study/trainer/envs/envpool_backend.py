@@ -2,11 +2,11 @@
 
 An optional backend (``pip install envpool``; 1.2.5 here) for the ids envpool implements
 (classic control, LunarLander-v3, MuJoCo v3-v5, ...), selected by the id prefix
-``envpool:``. It keeps the contract of :class:`study.envs.base.PopulationEnv`:
+``envpool:``. It keeps the contract of :class:`study.trainer.envs.base.PopulationEnv`:
 
 * **one envpool per member**, each with ``num_envs`` environments and one thread, every
   environment seeded by envpool's ``env_seed`` with a seed derived from (member seed, env
-  index, stream) alone (:func:`study.envs.generic.instance_seed`, 31 bits: envpool's seeds
+  index, stream) alone (:func:`study.trainer.envs.generic.instance_seed`, 31 bits: envpool's seeds
   are int32). A member's trajectory therefore never depends on the other members, and
   re-runs are bit-identical;
 * **autoreset as the generic path does it**: envpool resets an ended environment on the
@@ -21,7 +21,7 @@ The two backends do not agree bit for bit: envpool's C++ environments draw initi
 from their own RNG (and compute in their own precision), so the same member seed gives
 other episodes than gymnasium's; the dynamics, rewards and time limits are the same.
 
-The id must be registered before use: :func:`register` (``study.envs`` calls it for
+The id must be registered before use: :func:`register` (``study.trainer.envs`` calls it for
 ``envpool:`` ids, see its ``_fast``); an unregistered ``envpool:X`` would otherwise be read
 as gymnasium's ``module:EnvName`` form and silently make gymnasium's own ``X``.
 """
@@ -37,9 +37,9 @@ import gymnasium as gym
 import numpy as np
 
 from study.config import ConfigError
-from study.envs.base import Step
-from study.envs.generic import check_spaces, flat_box, instance_seed
-from study.rng import STREAM_RESET
+from study.trainer.envs.base import Step
+from study.trainer.envs.generic import check_spaces, flat_box, instance_seed
+from study.trainer.rng import STREAM_RESET
 
 __all__ = ["PREFIX", "EnvpoolPopulationEnv", "envpool_spaces", "is_envpool_id", "register"]
 
@@ -167,10 +167,10 @@ class EnvpoolPopulationEnv:
 
 
 def register(env_id: str) -> None:
-    """Make ``study.envs.make_population_env`` and ``env_spaces`` build ``env_id``
+    """Make ``study.trainer.envs.make_population_env`` and ``env_spaces`` build ``env_id``
     (``envpool:<task>``) with this backend. ConfigError (one line) when envpool is missing
     or has no such task."""
-    from study.envs import FAST_ENVS, register_fast_env
+    from study.trainer.envs import FAST_ENVS, register_fast_env
 
     if env_id in FAST_ENVS:
         return

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from study import stats
+from study.analysis import stats
 
 __all__ = [
     "AGG_COLUMNS",
@@ -176,8 +176,8 @@ def aggregate_curves(
 
     Columns ``config_id, step, median, q25, q75, iqm, iqm_lo, iqm_hi, n``; one row per
     (config, grid step), configs in sorted order. Over the ``n`` seeds with a value at that
-    step: ``median`` and ``q25``/``q75`` (:func:`study.stats.quantiles`), ``iqm``
-    (:func:`study.stats.iqm`), and ``iqm_lo``/``iqm_hi`` the percentile interval of a
+    step: ``median`` and ``q25``/``q75`` (:func:`study.analysis.stats.quantiles`), ``iqm``
+    (:func:`study.analysis.stats.iqm`), and ``iqm_lo``/``iqm_hi`` the percentile interval of a
     bootstrap that resamples whole curves (seeds) of the config, ``n_boot`` times, seeded
     by ``seed`` and the config id (same input, same band).
 

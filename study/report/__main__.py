@@ -1,0 +1,5 @@
+import sys
+
+from study.report.build import main
+
+sys.exit(main())
