@@ -20,7 +20,6 @@ from typing import Literal
 
 import numpy as np
 from numpy.typing import ArrayLike
-from scipy import stats as _st
 
 __all__ = [
     "cvar",
@@ -62,6 +61,15 @@ def _finite(x: ArrayLike) -> np.ndarray:
     a = np.asarray(x, dtype=float).ravel()
     return a[np.isfinite(a)]
 
+
+
+def _scipy_stats():  # noqa: ANN202 - the scipy.stats module
+    """scipy.stats, imported on first use: the functions that need it are few, and a
+    worker that only aggregates an objective (study.sweeps.search_space) saves SciPy's
+    start-up, about a second per process."""
+    from scipy import stats
+
+    return stats
 
 def iqm(x: ArrayLike, axis: int | None = None) -> np.ndarray | float:
     """Interquartile mean: the mean of the middle 50% of the values, NaN skipped.
@@ -188,7 +196,7 @@ def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, fl
         raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
     if n == 0:
         return 0.0, 1.0
-    z = float(_st.norm.ppf(0.5 + confidence / 2.0))
+    z = float(_scipy_stats().norm.ppf(0.5 + confidence / 2.0))
     p = k / n
     denom = 1.0 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
@@ -212,7 +220,7 @@ def probability_of_improvement(x: ArrayLike, y: ArrayLike) -> float:
     n, m = a.size, b.size
     if n == 0 or m == 0:
         return float("nan")
-    ranks = _st.rankdata(np.concatenate([a, b]))
+    ranks = _scipy_stats().rankdata(np.concatenate([a, b]))
     u = ranks[:n].sum() - n * (n + 1) / 2.0
     return float(u / (n * m))
 
@@ -345,12 +353,13 @@ def welch_power(
         return 1.0 if effect > 0 else 0.0
     nu = (n - 1) * s2**2 / (std_a**4 + std_b**4)
     delta = effect / math.sqrt(s2 / n)
+    st = _scipy_stats()
     if alternative == "one-sided":
-        crit = _st.t.ppf(1.0 - alpha, nu)
-        return float(_st.nct.sf(crit, nu, delta))
+        crit = st.t.ppf(1.0 - alpha, nu)
+        return float(st.nct.sf(crit, nu, delta))
     if alternative == "two-sided":
-        crit = _st.t.ppf(1.0 - alpha / 2.0, nu)
-        return float(_st.nct.sf(crit, nu, delta) + _st.nct.cdf(-crit, nu, delta))
+        crit = st.t.ppf(1.0 - alpha / 2.0, nu)
+        return float(st.nct.sf(crit, nu, delta) + st.nct.cdf(-crit, nu, delta))
     raise ValueError(f"alternative must be 'one-sided' or 'two-sided', got {alternative!r}")
 
 

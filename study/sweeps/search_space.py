@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from study.analysis import stats
 from study.config import SPECS, ConfigError, check_name, coerce
 from study.sweeps.spec import format_value
 
@@ -279,26 +280,13 @@ def _parse_param(name: str, entry: Any, where: str) -> Param:
 # objectives
 
 
-def _iqm(v: np.ndarray) -> float:
-    # study.analysis.stats.iqm's rule (= scipy.stats.trim_mean(v, 0.25)): cut floor(n/4) per end.
-    s = np.sort(v)
-    k = s.size // 4
-    return float(s[k : s.size - k].mean())
-
-
-def _cvar25(v: np.ndarray) -> float:
-    # study.analysis.stats.cvar(v, 0.25): the mean of the lowest max(1, ceil(n/4)) values.
-    s = np.sort(v)
-    return float(s[: max(1, math.ceil(0.25 * s.size - 1e-12))].mean())
-
-
-#: The objectives on finite values, in NumPy alone: study.analysis.stats computes the same numbers
-#: but imports SciPy, which would cost every worker process seconds of start-up.
+#: The objectives on finite values (study.analysis.stats imports SciPy only when a function
+#: needs it, so a worker that scores an objective starts without it).
 _OBJECTIVE_FNS: dict[str, Callable[[np.ndarray], float]] = {
-    "iqm": _iqm,
+    "iqm": stats.iqm,
     "median": lambda v: float(np.median(v)),
     "mean": lambda v: float(np.mean(v)),
-    "cvar25": _cvar25,
+    "cvar25": lambda v: stats.cvar(v, 0.25),
 }
 
 
