@@ -200,3 +200,28 @@ def test_the_torch_fallback_step_matches_the_kernel(kind):
         assert oka.tolist() == okb.tolist() == [True, True, True, True, False]
     for p, q in zip(a, b, strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_optimizers_are_a_registry_that_config_offers_whole(monkeypatch):
+    from study import config as cfg
+    from study.trainer.optim import RULES, UpdateRule
+
+    for key in ("policy_optimizer", "value_optimizer"):
+        assert set(cfg.SPECS[key].choices) == set(RULES)
+
+    class SGD(UpdateRule):  # a new rule: its torch step is all it needs off CPU float32
+        def torch_update(self, g, state, keep, lr, t):  # noqa: ANN001, ANN201
+            return g * lr
+
+    monkeypatch.setitem(RULES, "sgd", SGD())
+    p = [torch.ones(2, 3, 4, dtype=torch.float64)]
+    g = [torch.full((2, 3, 4), 0.5, dtype=torch.float64)]
+    opt = MemberOptimizer("sgd", p)
+    norms, ok = opt.step(p, g, torch.tensor([0.1, 0.2], dtype=torch.float64),
+                         torch.tensor([100.0, 100.0], dtype=torch.float64),
+                         torch.tensor([True, True]))
+    assert ok.all() and torch.allclose(norms, torch.full((2,), 0.5 * 12**0.5, dtype=torch.float64))
+    assert torch.allclose(p[0][0], torch.full((3, 4), 0.95, dtype=torch.float64))
+    assert torch.allclose(p[0][1], torch.full((3, 4), 0.90, dtype=torch.float64))
+    with pytest.raises(ValueError, match="unknown optimizer 'nope'"):
+        MemberOptimizer("nope", p)

@@ -8,7 +8,7 @@ one fused pass over all members' weights (study.trainer.kernels). Formulas follo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -31,8 +31,89 @@ def _arrays(tensors: Sequence[torch.Tensor], copy_ok: bool = False) -> tuple[np.
     return tuple(out)
 
 
+class UpdateRule:
+    """One optimizer's per-element rule, registered by name (:func:`register_rule`).
+
+    ``n_state`` state tensors shaped like each parameter; :meth:`kernel_step` is the fused
+    CPU float32 step over all members (clip, update, finiteness), :meth:`torch_update` the
+    same rule in torch operations (other devices and dtypes, and the reference the kernel
+    is tested against) for gradients already clipped.
+    """
+
+    n_state = 0
+
+    def kernel_step(
+        self, p: tuple[np.ndarray, ...], g: tuple[np.ndarray, ...],
+        state: list[tuple[np.ndarray, ...]], t: np.ndarray, lr: np.ndarray,
+        max_norm: np.ndarray, ok: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Clip and step every member in place: (pre-clip norms, finite after the step)."""
+        raise NotImplementedError
+
+    def torch_update(self, g: torch.Tensor, state: list[torch.Tensor], keep: torch.Tensor,
+                     lr: torch.Tensor, t: np.ndarray) -> torch.Tensor:
+        """The step to subtract from a parameter, for clipped gradient ``g``; the state is
+        updated in place where ``keep`` (``lr``: per member, broadcast like ``g``)."""
+        raise NotImplementedError
+
+
+#: name -> update rule (the values the ``policy_optimizer`` and ``value_optimizer`` keys allow)
+RULES: dict[str, UpdateRule] = {}
+
+
+def register_rule(name: str) -> Callable[[type[UpdateRule]], type[UpdateRule]]:
+    """Class decorator: register an :class:`UpdateRule` under ``name``."""
+
+    def add(cls: type[UpdateRule]) -> type[UpdateRule]:
+        RULES[name] = cls()
+        return cls
+
+    return add
+
+
+@register_rule("rmsprop")
+class RMSprop(UpdateRule):
+    """``torch.optim.RMSprop`` without momentum or centering (alpha 0.99, eps 1e-5, as SB3's
+    A2C): ``v <- a v + (1 - a) g^2``, ``p <- p - lr g / (sqrt(v) + eps)``."""
+
+    n_state = 1
+    alpha, eps = 0.99, 1e-5
+
+    def kernel_step(self, p, g, state, t, lr, max_norm, ok):  # noqa: ANN001, ANN201
+        return kernels.rmsprop_step(p, g, state[0], lr, max_norm, ok, self.alpha, self.eps)
+
+    def torch_update(self, g, state, keep, lr, t):  # noqa: ANN001, ANN201
+        sq = state[0].mul(self.alpha).addcmul_(g, g, value=1 - self.alpha)
+        state[0].copy_(torch.where(keep, sq, state[0]))
+        return g / (sq.sqrt() + self.eps) * lr
+
+
+@register_rule("adam")
+class Adam(UpdateRule):
+    """``torch.optim.Adam`` (betas 0.9/0.999, eps 1e-8) with bias correction by each
+    member's own step count."""
+
+    n_state = 2
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+
+    def kernel_step(self, p, g, state, t, lr, max_norm, ok):  # noqa: ANN001, ANN201
+        return kernels.adam_step(p, g, state[0], state[1], t, lr, max_norm, ok, self.beta1,
+                                 self.beta2, self.eps)
+
+    def torch_update(self, g, state, keep, lr, t):  # noqa: ANN001, ANN201
+        m = state[0].mul(self.beta1).add_(g, alpha=1 - self.beta1)
+        v = state[1].mul(self.beta2).addcmul_(g, g, value=1 - self.beta2)
+        state[0].copy_(torch.where(keep, m, state[0]))
+        state[1].copy_(torch.where(keep, v, state[1]))
+        steps = torch.from_numpy(t).to(g.device, torch.float64)
+        shape = (-1, *([1] * (g.dim() - 1)))
+        bc1 = (1 - self.beta1**steps).to(g.dtype).reshape(shape)
+        bc2 = (1 - self.beta2**steps).to(g.dtype).reshape(shape)
+        return m / (v.sqrt() / bc2**0.5 + self.eps) * (lr / bc1)
+
+
 class MemberOptimizer:
-    """RMSprop (alpha 0.99, eps 1e-5, as SB3's A2C) or Adam (betas 0.9/0.999, eps 1e-8).
+    """The registered update rule ``kind`` (:data:`RULES`: RMSprop, Adam) for a population.
 
     :meth:`step` clips each member's gradient to its own maximum norm and updates the
     parameters and state in place. A member whose loss or gradient is not finite takes no
@@ -41,19 +122,15 @@ class MemberOptimizer:
     """
 
     def __init__(self, kind: str, params: Sequence[torch.Tensor]) -> None:
-        self.kind = kind
+        if kind not in RULES:
+            raise ValueError(f"unknown optimizer {kind!r}: expected one of {sorted(RULES)}")
+        self.kind, self.rule = kind, RULES[kind]
         n = params[0].shape[0] if params else 0
         # Steps taken, per member: a member that sits a step out (PPO's target_kl) keeps
         # its own Adam bias correction.
         self.t = np.zeros(n, dtype=np.int64)
-        if kind == "rmsprop":
-            self.alpha, self.eps = 0.99, 1e-5
-            self.state = [[torch.zeros_like(p.detach())] for p in params]
-        elif kind == "adam":
-            self.beta1, self.beta2, self.eps = 0.9, 0.999, 1e-8
-            self.state = [[torch.zeros_like(p.detach()) for _ in range(2)] for p in params]
-        else:
-            raise ValueError(f"unknown optimizer {kind!r}")
+        self.state = [[torch.zeros_like(p.detach()) for _ in range(self.rule.n_state)]
+                      for p in params]
 
     @torch.no_grad()
     def step(
@@ -96,17 +173,8 @@ class MemberOptimizer:
         lr_np = lr.detach().numpy().astype(np.float32, copy=False)
         mx_np = max_norm.detach().numpy().astype(np.float32, copy=False)
         ok_np = loss_finite.detach().numpy()
-        if self.kind == "rmsprop":
-            norms, ok = kernels.rmsprop_step(
-                p_np, g_np, _arrays([s[0] for s in self.state]), lr_np, mx_np, ok_np,
-                self.alpha, self.eps,
-            )  # fmt: skip
-        else:
-            norms, ok = kernels.adam_step(
-                p_np, g_np, _arrays([s[0] for s in self.state]),
-                _arrays([s[1] for s in self.state]), self.t, lr_np, mx_np, ok_np,
-                self.beta1, self.beta2, self.eps,
-            )  # fmt: skip
+        state = [_arrays([st[i] for st in self.state]) for i in range(self.rule.n_state)]
+        norms, ok = self.rule.kernel_step(p_np, g_np, state, self.t, lr_np, mx_np, ok_np)
         return torch.from_numpy(norms), torch.from_numpy(ok)
 
     def _torch_step(
@@ -132,20 +200,7 @@ class MemberOptimizer:
         for p, g, st in zip(params, grads, self.state, strict=True):
             g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0) * per_member(coef, g)
             keep = per_member(stepping, p)
-            if self.kind == "rmsprop":
-                sq = st[0].mul(self.alpha).addcmul_(g, g, value=1 - self.alpha)
-                st[0].copy_(torch.where(keep, sq, st[0]))
-                update = g / (sq.sqrt() + self.eps) * per_member(lr, p)
-            else:
-                m = st[0].mul(self.beta1).add_(g, alpha=1 - self.beta1)
-                v = st[1].mul(self.beta2).addcmul_(g, g, value=1 - self.beta2)
-                st[0].copy_(torch.where(keep, m, st[0]))
-                st[1].copy_(torch.where(keep, v, st[1]))
-                t = torch.from_numpy(self.t).to(p.device, torch.float64)
-                bc1 = (1 - self.beta1**t).to(p.dtype)
-                bc2 = (1 - self.beta2**t).to(p.dtype)
-                update = m / (v.sqrt() / per_member(bc2, p)**0.5 + self.eps) * per_member(
-                    lr / bc1, p)
+            update = self.rule.torch_update(g, st, keep, per_member(lr, p), self.t)
             p.copy_(torch.where(keep, p - update, p))
             ok &= torch.isfinite(p.flatten(1)).all(dim=1)
         return norm, ok & stepping
