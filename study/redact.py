@@ -113,7 +113,7 @@ def redacting_streams() -> Iterator[None]:
         return
     out, err = sys.stdout, sys.stderr
     swapped: list[tuple[logging.StreamHandler, Any]] = []
-    sys.stdout, sys.stderr = _RedactingStream(out), _RedactingStream(err)  # type: ignore
+    sys.stdout, sys.stderr = _RedactingStream(out), _RedactingStream(err)
     loggers = [logging.getLogger(), *(logging.getLogger(n) for n in ("optuna", "distributed"))]
     for handler in {h for lg in loggers for h in lg.handlers}:
         if isinstance(handler, logging.StreamHandler) and handler.stream in (out, err):

@@ -16,11 +16,12 @@ after an install pays the compile time (a few seconds).
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import numba
 import numpy as np
 
-JIT_OPTIONS = {"cache": True, "nogil": True, "error_model": "numpy"}
+JIT_OPTIONS: dict[str, Any] = {"cache": True, "nogil": True, "error_model": "numpy"}
 _JIT = JIT_OPTIONS
 _F = np.float32
 _LANES = 16

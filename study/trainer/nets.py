@@ -52,13 +52,13 @@ class _Tanh(torch.autograd.Function):
     """:func:`tanh_` for autograd, with the derivative ``1 - tanh(x)^2``."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         y = tanh_(x.detach().clone(memory_format=torch.contiguous_format))
         ctx.save_for_backward(y)
         return y
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         (y,) = ctx.saved_tensors
         return grad * (1.0 - y * y)
 
