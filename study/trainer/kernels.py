@@ -105,7 +105,7 @@ def tanh_backward_(g: np.ndarray, y: np.ndarray, bias_grad: np.ndarray) -> None:
 
 
 @numba.njit(**_JIT)
-def _sum_squares(x: np.ndarray) -> float:
+def _sum_squares(x: np.ndarray) -> np.float32:
     """``sum_j x_j^2`` of a 1-D array, in ``_LANES`` fixed partial sums (then in order)."""
     acc = np.zeros(_LANES, dtype=np.float32)
     n_full = x.size - x.size % _LANES

@@ -127,7 +127,8 @@ class ActorCritic:
         self.activation = hp["activation"]
         self.share_trunk = bool(hp["share_trunk"])
         self.discrete = isinstance(action_space, gym.spaces.Discrete)
-        self.act_dim = int(action_space.n) if self.discrete else int(np.prod(action_space.shape))
+        self.act_dim = (int(action_space.n) if isinstance(action_space, gym.spaces.Discrete)
+                        else int(np.prod(action_space.shape or ())))
         self.image = is_image(obs_space)
         self.scale = 1.0 / float(np.max(obs_space.high)) if self.image else 1.0
         self.convs = cfg.conv_spec(hp)
@@ -295,6 +296,7 @@ class ActorCritic:
             logp = torch.take_along_dim(logp_all, actions.long().unsqueeze(-1), dim=-1)
             entropy = -(logp_all.exp() * logp_all).sum(-1)
             return logp.squeeze(-1), entropy
+        assert self.log_std is not None  # a Gaussian policy has one
         log_std = self.log_std.unsqueeze(1)  # [S, 1, A]
         z = (actions - out) * torch.exp(-log_std)
         logp = (-0.5 * z * z - log_std - 0.5 * _LOG_2PI).sum(-1)
@@ -359,6 +361,7 @@ class ActorCritic:
             grads = backward(g_out, inputs, self.pi, self.activation)
             terms["ent"] = entropy.sum(dim=1) / n_rows
         else:
+            assert self.log_std is not None  # a Gaussian policy has one
             log_std = self.log_std.unsqueeze(1)  # [S, 1, A]
             inv_std = torch.exp(-log_std)
             u = (actions - out) * inv_std
@@ -428,4 +431,7 @@ class ActorCritic:
         self.set_params(new)
 
     def _flat(self, name: str) -> list[torch.Tensor]:
-        return [self.log_std] if name == "log_std" else self.groups[name]
+        if name == "log_std":
+            assert self.log_std is not None
+            return [self.log_std]
+        return self.groups[name]

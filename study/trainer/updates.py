@@ -75,8 +75,8 @@ def chunked_gradients(terms_fn: Callable[[int, int], Terms], params: list[torch.
     for a in range(0, n_rows, chunk):
         terms = terms_fn(a, min(a + chunk, n_rows))
         terms = {k: v / n_rows for k, v in terms.items()}
-        g = torch.autograd.grad(terms["loss"].sum(), params, allow_unused=True)
-        g = [torch.zeros_like(p) if x is None else x for p, x in zip(params, g, strict=True)]
+        raw = torch.autograd.grad(terms["loss"].sum(), params, allow_unused=True)
+        g = [torch.zeros_like(p) if x is None else x for p, x in zip(params, raw, strict=True)]
         grads = g if grads is None else [x + y for x, y in zip(grads, g, strict=True)]
         for k, v in terms.items():
             total[k] = v.detach() if k not in total else total[k] + v.detach()
@@ -333,12 +333,13 @@ class AcceleratedMLPUpdate(AutogradUpdate):
         """PPO's policy loss by the hand-written gradients: the surrogate's weight on
         d log pi is ``A r`` where the unclipped term is the smaller one, else 0."""
         agent = self.agent
-        assert mb.old_logp is not None
+        old_logp = mb.old_logp
+        assert old_logp is not None
         adv = normalized(mb.adv, hps["normalize_advantage"] > 0)
 
         def chunk(a: int, b: int) -> tuple[Terms, list[torch.Tensor]]:
             def surrogate(logp: torch.Tensor) -> tuple[torch.Tensor, Terms]:
-                t, weight = ppo_surrogate(logp, mb.old_logp[:, a:b], adv[:, a:b],
+                t, weight = ppo_surrogate(logp, old_logp[:, a:b], adv[:, a:b],
                                           hps["clip_range"], with_weight=True)
                 return weight, {k: v / mb.n_rows for k, v in t.items()}
 
@@ -350,10 +351,11 @@ class AcceleratedMLPUpdate(AutogradUpdate):
     def ppo_value_gradients(self, mb: Minibatch, hps: Mapping[str, torch.Tensor]
                             ) -> tuple[Terms, list[torch.Tensor]]:
         agent = self.agent
-        assert mb.old_values is not None
+        old_values = mb.old_values
+        assert old_values is not None
         return manual_chunks(lambda a, b: agent.value_grads(
             mb.obs[:, a:b], mb.returns[:, a:b], hps["value_coef"], mb.n_rows,
-            clip=(mb.old_values[:, a:b], hps["clip_range_vf"])), mb.n_rows)
+            clip=(old_values[:, a:b], hps["clip_range_vf"])), mb.n_rows)
 
 
 Accepts = Callable[[ActorCritic, Mapping[str, Any]], bool]
