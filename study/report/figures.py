@@ -437,7 +437,6 @@ def final_distribution_figure(
     level, vermillion for the modes in ``trapped_modes`` (``(config_id, mode.index)``).
     Runs without a finite value (diverged) are counted in the row label. Jitter is seeded.
     """
-    modes = modes or {}
     trapped = set(trapped_modes)
     cids = list(config_ids)
     n = len(cids)
@@ -445,37 +444,14 @@ def final_distribution_figure(
     v = values[values["config_id"].isin(cids)]
     val = v["value"].to_numpy(float)
     finite = np.isfinite(val)
-    ylabels = []
-    for c in cids:
-        lab = labels.get(c, c)
-        bad = int((~finite[(v["config_id"] == c).to_numpy()]).sum())
-        ylabels.append(lab + (f" ({bad} non-finite)" if bad else ""))
+    ylabels = _distribution_labels(v, cids, labels, finite)
     longest = max((len(s) for s in ylabels), default=0)
     width = TEXT_WIDTH if longest > 28 else COLUMN_WIDTH
     fig = _new_figure(width, 0.27 * n + 1.1)
     ax = fig.subplots()
 
     # Mode bands first, so boxes and points are drawn over them.
-    band_y, band_lo, band_w, band_c, lev_x, lev_y, lev_c = [], [], [], [], [], [], []
-    for c in cids:
-        ms = list(modes.get(c, ()))
-        if len(ms) < 2:
-            continue
-        for m in ms:
-            col = CLASS_COLORS["trapped"] if (c, m.index) in trapped else "#777777"
-            band_y.append(pos[c])
-            band_lo.append(m.lo)
-            band_w.append(max(m.hi - m.lo, 0.0))
-            band_c.append(col)
-            lev_x.append(m.level)
-            lev_y.append(pos[c])
-            lev_c.append(col)
-    if band_y:
-        ax.barh(band_y, band_w, left=band_lo, height=0.82, color=band_c, alpha=0.15, lw=0,
-                zorder=1)
-        ly = np.asarray(lev_y)
-        ax.vlines(lev_x, ly - 0.41, ly + 0.41, colors=lev_c, lw=1.2, zorder=1.5)
-
+    bands = _mode_bands(ax, cids, pos, modes or {}, trapped)
     codes = pd.Categorical(v["config_id"], categories=cids).codes
     data = [val[(codes == i) & finite] for i in range(n)]
     _boxplot(ax, data, positions=np.array([pos[c] for c in cids]), widths=0.55,
@@ -500,18 +476,59 @@ def final_distribution_figure(
     ax.set_xlabel(_metric_label(metric))
     ax.spines["left"].set_visible(False)
     ax.tick_params(axis="y", length=0)
+    _distribution_legend(fig, set(klass[finite]), bands, bool(trapped))
+    return fig
 
-    present = [k for k in CLASS_ORDER if k in set(klass[finite])]
+
+def _distribution_labels(v: pd.DataFrame, cids: Sequence[str], labels: Mapping[str, str],
+                         finite: np.ndarray) -> list[str]:
+    """Each config's row label, with its count of runs without a finite value."""
+    out = []
+    for c in cids:
+        bad = int((~finite[(v["config_id"] == c).to_numpy()]).sum())
+        out.append(labels.get(c, c) + (f" ({bad} non-finite)" if bad else ""))
+    return out
+
+
+def _mode_bands(ax: Any, cids: Sequence[str], pos: Mapping[str, float],
+                modes: Mapping[str, Sequence[ModeLike]], trapped: set[tuple[str, int]]
+                ) -> bool:
+    """A band over each mode's range with a tick at its level, for the configs of more
+    than one mode (vermillion when trapped); whether any was drawn."""
+    band_y, band_lo, band_w, band_c, lev_x, lev_y, lev_c = [], [], [], [], [], [], []
+    for c in cids:
+        ms = list(modes.get(c, ()))
+        if len(ms) < 2:
+            continue
+        for m in ms:
+            col = CLASS_COLORS["trapped"] if (c, m.index) in trapped else "#777777"
+            band_y.append(pos[c])
+            band_lo.append(m.lo)
+            band_w.append(max(m.hi - m.lo, 0.0))
+            band_c.append(col)
+            lev_x.append(m.level)
+            lev_y.append(pos[c])
+            lev_c.append(col)
+    if band_y:
+        ax.barh(band_y, band_w, left=band_lo, height=0.82, color=band_c, alpha=0.15, lw=0,
+                zorder=1)
+        ly = np.asarray(lev_y)
+        ax.vlines(lev_x, ly - 0.41, ly + 0.41, colors=lev_c, lw=1.2, zorder=1.5)
+    return bool(band_y)
+
+
+def _distribution_legend(fig: Figure, classes: set[str], bands: bool, trapped: bool) -> None:
+    """The legend below the plot: the run classes shown, and the mode bands if any."""
+    present = [k for k in CLASS_ORDER if k in classes]
     handles: list[Any] = [Line2D([], [], ls="", marker="o", ms=4, mfc=CLASS_COLORS[k],
                                  mec="none", label=f"{k} run") for k in present]
-    if band_y:
+    if bands:
         handles.append(Patch(color="#777777", alpha=0.3, lw=0, label="mode (range, level)"))
         if trapped:
             handles.append(Patch(color=CLASS_COLORS["trapped"], alpha=0.3, lw=0,
                                  label="trapped mode"))
     if handles:
         fig.legend(handles=handles, loc="outside lower center", ncols=min(3, len(handles)))
-    return fig
 
 
 # --------------------------------------------------------------------------------------
