@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from study import config as cfg
+from study.hyperparameters import Structure
 from study.trainer.population import Member, train_population
 
 RESULTS = Path(__file__).parent / "results"
@@ -83,7 +84,7 @@ def _sb3(env_id: str, steps: int) -> dict:
     from study.trainer.envs import make_single_env
 
     torch.set_num_threads(1)
-    hp = cfg.resolve({}, env=env_id)
+    hp = Structure.of(cfg.resolve({}, env=env_id))
     env = DummyVecEnv([lambda: make_single_env(env_id, hp) for _ in range(8)])
     kwargs: dict = {"normalize_images": env_id.startswith("ALE/")}
     if env_id.startswith("MinAtar/"):
@@ -122,7 +123,7 @@ def _network_flops(env_id: str) -> float:
     """Multiply-adds x 2 of one forward pass of the default network of ``env_id``."""
     from study.trainer.envs import env_spaces
 
-    hp = cfg.resolve({}, env=env_id)
+    hp = Structure.of(cfg.resolve({}, env=env_id))
     obs_space, act_space = env_spaces(env_id, hp)
     layers = cfg.conv_layers(hp, obs_space.shape)
     flops = sum(2 * out * h * w * c_in * k * k for c_in, k, _, out, h, w in layers)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from study.config import ConfigError, resolve
+from study.hyperparameters import Structure
 from study.trainer import envs
 from study.trainer.envs import make_population_env
 from study.trainer.envs.generic import instance_seed, seed_bits
@@ -27,7 +28,7 @@ ENVMODS = ROOT / "tests" / "envmods"
 def test_population_bytes_counts_networks_buffers_and_envs() -> None:
     hp = resolve({"num_envs": 4, "n_steps": 5, "policy_hidden_sizes": [8],
                   "value_hidden_sizes": [8, 8]})
-    est = population_bytes("CartPole-v1", hp, 3, obs_shape=4, n_outputs=2)
+    est = population_bytes("CartPole-v1", Structure.of(hp), 3, obs_shape=4, n_outputs=2)
     params = (4 + 1) * 8 + (8 + 1) * 2 + (4 + 1) * 8 + (8 + 1) * 8 + (8 + 1) * 1
     assert est.networks == 4 * 3 * params * 4  # weights, grads, two moments; float32
     assert est.buffers == 2 * 3 * (5 + 1) * 4 * (4 + 8 + 2 + 8 + 8 + 1) * 4

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from study import config as cfg
+from study.hyperparameters import Structure
 from study.sweeps.grid import main as grid_main
 from study.sweeps.train import main as train_main
 from study.trainer.networks import ActorCritic, reference_path
@@ -43,7 +44,7 @@ def test_cnn_matches_torch_modules_forward_and_gradients(share):
                       "policy_hidden_sizes": [8] if share else [], "value_hidden_sizes":
                       [8] if share else [5], "activation": "relu"})
     seeds = [3, 4, 5]
-    agent = ActorCritic(hp, seeds, IMAGE, gym.spaces.Discrete(4), torch.zeros(3),
+    agent = ActorCritic(Structure.of(hp), seeds, IMAGE, gym.spaces.Discrete(4), torch.zeros(3),
                         torch.device("cpu"))
     gen = torch.Generator().manual_seed(0)
     obs = torch.randint(0, 256, (3, 7, 3, 12, 12), dtype=torch.uint8, generator=gen)
@@ -110,6 +111,18 @@ def test_bad_network_specs_are_refused_in_one_line(tmp_path, capsys):
         assert expect in err, err
 
 
+
+def test_normalize_obs_on_images_is_refused_for_any_member_not_only_the_first():
+    # normalize_obs is per member: a population is refused when any member sets it on
+    # images (the check once read the first member's value only).
+    _needs("minatar")
+    plain = cfg.resolve({}, env="MinAtar/Breakout-v1")
+    normed = cfg.resolve({"normalize_obs": True}, env="MinAtar/Breakout-v1")
+    for members in ([Member(normed, 0)], [Member(plain, 0), Member(normed, 1)]):
+        with pytest.raises(cfg.ConfigError, match="normalize_obs = true applies to vector"):
+            train_population("MinAtar/Breakout-v1", members, total_steps=40, log_every=20,
+                             check_memory=False)
+
 def test_minatar_cnn_member_is_bit_identical_alone_and_in_a_population():
     _needs("minatar")
     hps = [cfg.resolve({"policy_lr": lr, "clip_reward": clip}, env="MinAtar/Breakout-v1")
@@ -154,13 +167,13 @@ def test_atari_preprocessing_shapes_and_reward_clipping():
 
     hp = cfg.resolve({"frame_stack": 2, "screen_size": 42, "grayscale": False},
                      env="ALE/Pong-v5")
-    obs_space, act_space = env_spaces("ALE/Pong-v5", hp)
+    obs_space, act_space = env_spaces("ALE/Pong-v5", Structure.of(hp))
     assert obs_space.shape == (6, 42, 42) and obs_space.dtype == np.uint8  # 2 RGB frames
     assert act_space.n == 6
     default = cfg.resolve({}, env="ALE/Breakout-v5")
-    assert env_spaces("ALE/Breakout-v5", default)[0].shape == (4, 84, 84)
+    assert env_spaces("ALE/Breakout-v5", Structure.of(default))[0].shape == (4, 84, 84)
     assert default["encoder"] == "nature_cnn" and default["clip_reward"]
-    env = make_population_env("ALE/Breakout-v5", [0], 1, hp=default)
+    env = make_population_env("ALE/Breakout-v5", [0], 1, hp=Structure.of(default))
     env.reset()
     rng = np.random.default_rng(0)
     lost = [env.step(rng.integers(4, size=(1, 1))).life_lost[0, 0] for _ in range(400)]

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from study import config as cfg
+from study.hyperparameters import Structure
 from study.trainer.population import CURVE_COLUMNS, Member, train_population
 
 torch.set_num_threads(1)
@@ -178,7 +179,8 @@ def test_hand_written_gradients_match_autograd(discrete):
     hp = cfg.resolve({"policy_hidden_sizes": [8, 8], "value_hidden_sizes": [8]})
     S, B = 3, 11
     agent = ActorCritic(
-        hp, [0, 1, 2], gym.spaces.Box(-1, 1, (4,)), space, torch.tensor([0.0, -0.5, 0.3]),
+        Structure.of(hp), [0, 1, 2], gym.spaces.Box(-1, 1, (4,)), space,
+        torch.tensor([0.0, -0.5, 0.3]),
         torch.device("cpu"),
     )
     gen = torch.Generator().manual_seed(0)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from study import config as cfg
+from study.hyperparameters import Structure
 from study.sweeps.train import main as train_main
 from study.trainer import updates
 from study.trainer.networks import ActorCritic
@@ -38,7 +39,7 @@ def test_clipped_objective_and_gradient_match_a_direct_implementation(shared):
     hp = _ppo(share_trunk=shared, policy_hidden_sizes=[8], value_hidden_sizes=[8],
               clip_range_vf=0.3, entropy_coef=0.01)
     space = gym.spaces.Box(-1, 1, (3,))
-    agent = ActorCritic(hp, [0, 1], space, gym.spaces.Discrete(3), torch.zeros(2),
+    agent = ActorCritic(Structure.of(hp), [0, 1], space, gym.spaces.Discrete(3), torch.zeros(2),
                         torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
     S, B = 2, 9

@@ -17,6 +17,7 @@ from PIL import Image
 from study import store
 from study.analysis import failures
 from study.config import ConfigError
+from study.hyperparameters import Structure
 from study.report import build as report
 from study.report import figures, render
 from study.sweeps import grid
@@ -131,8 +132,8 @@ def test_policy_is_the_trainer_network_of_that_member(share_trunk):
     hp = cfg.resolve({"share_trunk": share_trunk, "policy_hidden_sizes": [16, 8],
                       "value_hidden_sizes": [16, 8]})
     obs_space, act_space = env_spaces("CartPoleSwingUp-v1")
-    agent = ActorCritic(hp, [4, 5, 6], obs_space, act_space, torch.tensor([0.0, 0.1, -0.2]),
-                        torch.device("cpu"))
+    agent = ActorCritic(Structure.of(hp), [4, 5, 6], obs_space, act_space,
+                        torch.tensor([0.0, 0.1, -0.2]), torch.device("cpu"))
     assert isinstance(act_space, gym.spaces.Box)
     policy = render.SavedPolicy("r", "CartPoleSwingUp-v1", 5, "ok", 0.0, hp,
                                 agent.member_state(1))

@@ -214,3 +214,26 @@ def test_chunks_depend_only_on_the_sweep(tmp_path):
     done = {r.run_id for r in s.runs()[:100]}
     rest = make_plan(s, 64, done)
     assert rest.pending == 80 and not done & {r.run_id for c in rest.chunks for r in c.runs}
+
+
+def test_the_typed_hyperparameters_are_generated_from_the_specs():
+    # study/hyperparameters.py is generated from config.SPECS; a stale file fails here.
+    import dataclasses
+    from pathlib import Path
+
+    from study import config
+    from study.hyperparameters import Hyperparameters, Structure
+
+    path = Path(config.__file__).parent / "hyperparameters.py"
+    assert path.read_text() == config.hyperparameters_source(), (
+        "study/hyperparameters.py is stale: regenerate it with "
+        "study.config.write_hyperparameters()")
+    assert [f.name for f in dataclasses.fields(Hyperparameters)] == list(config.NAMES)
+    assert [f.name for f in dataclasses.fields(Structure)] == list(config.STRUCTURAL)
+    hp = config.resolve({"policy_lr": 3e-4, "policy_hidden_sizes": [32]})
+    typed = Hyperparameters.of(hp)
+    assert typed.policy_lr == 3e-4 and typed.policy_hidden_sizes == (32,)
+    assert typed.to_dict() == hp and Hyperparameters() == Hyperparameters.of(config.defaults())
+    assert typed.structure() == Structure.of(hp) and typed.structure().policy_hidden_sizes == (32,)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        typed.policy_lr = 1.0  # type: ignore[misc]

@@ -37,6 +37,7 @@ import numpy as np
 
 from study import store
 from study.config import SPECS, ConfigError, coerce, resolve
+from study.hyperparameters import Structure
 from study.trust import require_trust
 
 __all__ = [
@@ -101,9 +102,10 @@ class SavedPolicy:
         from study.trainer.envs import env_spaces
         from study.trainer.networks import ActorCritic
 
-        obs_space, act_space = env_spaces(self.env_id, self.hyperparameters)
+        structure = Structure.of(self.hyperparameters)
+        obs_space, act_space = env_spaces(self.env_id, structure)
         log_std = torch.zeros(1)
-        net = ActorCritic(self.hyperparameters, [0], obs_space, act_space, log_std,
+        net = ActorCritic(structure, [0], obs_space, act_space, log_std,
                           torch.device("cpu"))
         try:
             net.load_member_state({k: v for k, v in self.weights.items()
@@ -214,7 +216,8 @@ def _make_env(policy: SavedPolicy) -> Any:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e.g. "CartPole-v0 is out of date"
-        return make_single_env(policy.env_id, policy.hyperparameters, render_mode="rgb_array")
+        return make_single_env(policy.env_id, Structure.of(policy.hyperparameters),
+                               render_mode="rgb_array")
 
 
 def _actor(policy: SavedPolicy, env: Any) -> Callable[[np.ndarray], Any]:

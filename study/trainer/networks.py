@@ -24,13 +24,13 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
 
 import gymnasium as gym
 import numpy as np
 import torch
 
 from study import config as cfg
+from study.hyperparameters import Structure
 from study.trainer import kernels
 from study.trainer.nets import (
     activation_fn,
@@ -75,7 +75,7 @@ def is_image(obs_space: gym.spaces.Box) -> bool:
     return obs_space.dtype == np.uint8 and len(obs_space.shape) == 3
 
 
-def feature_size(hp: Mapping[str, Any], obs_space: gym.spaces.Box) -> int:
+def feature_size(hp: Structure, obs_space: gym.spaces.Box) -> int:
     """Features the encoder of ``hp`` makes of one observation (ConfigError, one line,
     when its convolutions do not fit the image or the observations are not images)."""
     convs = cfg.conv_spec(hp)
@@ -83,7 +83,7 @@ def feature_size(hp: Mapping[str, Any], obs_space: gym.spaces.Box) -> int:
         return int(np.prod(obs_space.shape))
     if not is_image(obs_space):
         raise cfg.ConfigError(
-            f"encoder = {hp['encoder']!r} needs image observations, but they are "
+            f"encoder = {hp.encoder!r} needs image observations, but they are "
             f"{list(obs_space.shape)} {obs_space.dtype}; use encoder = \"mlp\"")
     layers = cfg.conv_layers(hp, obs_space.shape)
     sizes = [f"{obs_space.shape[1]}x{obs_space.shape[2]}"]
@@ -91,7 +91,7 @@ def feature_size(hp: Mapping[str, Any], obs_space: gym.spaces.Box) -> int:
         sizes.append(f"{max(h, 0)}x{max(w, 0)}")
         if h < 1 or w < 1:
             raise cfg.ConfigError(
-                f"encoder = {hp['encoder']!r}: the convolutions (kernels "
+                f"encoder = {hp.encoder!r}: the convolutions (kernels "
                 f"{[k for _, k, _ in convs]}, strides {[s for _, _, s in convs]}) shrink the "
                 f"{obs_space.shape[1]}x{obs_space.shape[2]} observations below 1x1 "
                 f"({' -> '.join(sizes)}); use smaller kernels or strides")
@@ -99,12 +99,13 @@ def feature_size(hp: Mapping[str, Any], obs_space: gym.spaces.Box) -> int:
     return cfg.encoder_units(hp) or c * h * w
 
 
-def check_network(env_id: str, hp: Mapping[str, Any], obs_space: gym.spaces.Box) -> None:
+def check_network(env_id: str, hp: Structure, obs_space: gym.spaces.Box,
+                  normalize_obs: bool = False) -> None:
     """ConfigError (one line, naming ``env_id``) unless ``hp``'s network fits these
-    observations."""
+    observations (and, with ``normalize_obs`` for any member, they are not images)."""
     try:
         feature_size(hp, obs_space)
-        if is_image(obs_space) and hp["normalize_obs"]:
+        if is_image(obs_space) and normalize_obs:
             raise cfg.ConfigError("normalize_obs = true applies to vector observations, not "
                                   "images (they are scaled to [0, 1])")
     except cfg.ConfigError as e:
@@ -117,15 +118,15 @@ class ActorCritic:
 
     def __init__(
         self,
-        hp: Mapping[str, Any],
+        hp: Structure,
         seeds: Sequence[int],
         obs_space: gym.spaces.Box,
         action_space: gym.spaces.Space,
         log_std_init: torch.Tensor,
         device: torch.device,
     ) -> None:
-        self.activation = hp["activation"]
-        self.share_trunk = bool(hp["share_trunk"])
+        self.activation = hp.activation
+        self.share_trunk = hp.share_trunk
         self.discrete = isinstance(action_space, gym.spaces.Discrete)
         self.act_dim = (int(action_space.n) if isinstance(action_space, gym.spaces.Discrete)
                         else int(np.prod(action_space.shape or ())))
@@ -136,8 +137,8 @@ class ActorCritic:
         n_feat = feature_size(hp, obs_space)  # (checks the convolutions fit the image)
         self.conv_layers = cfg.conv_layers(hp, self.obs_shape)
         self.groups: dict[str, list[torch.Tensor]] = {}
-        pi_hidden = list(hp["policy_hidden_sizes"])
-        v_hidden = list(hp["value_hidden_sizes"])
+        pi_hidden = list(hp.policy_hidden_sizes)
+        v_hidden = list(hp.value_hidden_sizes)
         units = cfg.encoder_units(hp)
         towers = ["trunk"] if self.share_trunk else ["pi", "v"]
         for tower in towers:

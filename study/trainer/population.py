@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from study import config as cfg
+from study.hyperparameters import Hyperparameters, Structure
 from study.schema import CURVE_COLUMNS
 from study.schema import UPDATE_METRICS as _UPDATE_METRICS
 from study.trainer import kernels
@@ -156,10 +157,12 @@ class RewardNormalizer:
 # --------------------------------------------------------------------------------------
 
 
-def _member_tensor(members: Sequence[Member], name: str, device: torch.device) -> torch.Tensor:
-    return torch.tensor(
-        [float(m.hyperparameters[name]) for m in members], dtype=torch.float32, device=device
-    )
+def _member_tensor(values: Sequence[Hyperparameters], name: str, device: torch.device
+                   ) -> torch.Tensor:
+    """Hyperparameter ``name`` of every member, ``[S]`` (the per-member scalars the update
+    reads as tensors)."""
+    return torch.tensor([float(getattr(v, name)) for v in values], dtype=torch.float32,
+                        device=device)
 
 
 def _explained_variance(values: torch.Tensor, returns: torch.Tensor) -> torch.Tensor:
@@ -246,7 +249,7 @@ def _rollout_targets(
     return adv, returns.transpose(0, 1).reshape(n_alive, n_batch)
 
 
-def _check_members(members: Sequence[Member]) -> dict[str, Any]:
+def _check_members(members: Sequence[Member]) -> Structure:
     if not members:
         raise cfg.ConfigError("a population needs at least one member")
     first = members[0].hyperparameters
@@ -254,7 +257,7 @@ def _check_members(members: Sequence[Member]) -> dict[str, Any]:
     for m in members[1:]:
         if cfg.structural_key(m.hyperparameters) != key:
             raise ValueError("members of one population must share structural hyperparameters")
-    return dict(first)
+    return Structure.of(first)
 
 
 class _Windows:
@@ -346,7 +349,8 @@ def train_population(
         keep_freed_memory()
         hp = _check_members(members)
         if check_memory:  # drivers check all the populations they start together instead
-            check_fits([(env_id, hp, len(members))], fewer="the population")
+            check_fits([(env_id, members[0].hyperparameters, len(members))],
+                       fewer="the population")
         trainer = _Trainer(env_id, members, hp, total_steps, device)
         return trainer.train(_Schedule(log_every, eval_every, eval_episodes), save_policies,
                              on_log, on_progress, t_start)
@@ -392,13 +396,14 @@ class _Batch:
 class _Trainer:
     """The state of one population's training; :meth:`train` is the loop."""
 
-    def __init__(self, env_id: str, members: Sequence[Member], hp: dict[str, Any],
+    def __init__(self, env_id: str, members: Sequence[Member], hp: Structure,
                  total_steps: int, device: str) -> None:
         self.env_id, self.members, self.hp = env_id, members, hp
+        values = [Hyperparameters.of(m.hyperparameters) for m in members]
         self.dev = torch.device(device)
         self.seeds = [int(m.seed) for m in members]
         self.n_mem = len(members)
-        self.n_envs, self.n_steps = int(hp["num_envs"]), int(hp["n_steps"])
+        self.n_envs, self.n_steps = hp.num_envs, hp.n_steps
         self.n_batch = self.n_envs * self.n_steps
         self.n_updates = max(1, math.ceil(total_steps / self.n_batch))
         self.total_effective = self.n_updates * self.n_batch
@@ -407,7 +412,7 @@ class _Trainer:
         self.env = make_population_env(env_id, self.seeds, self.n_envs, hp=hp)
         self.n_evals = 0
         obs_space, act_space = self.env.observation_space, self.env.action_space
-        check_network(env_id, hp, obs_space)
+        check_network(env_id, hp, obs_space, any(v.normalize_obs for v in values))
         self.obs_shape = tuple(obs_space.shape)
         self.discrete = isinstance(act_space, gym.spaces.Discrete)
         self.act_shape: tuple[int, ...] = () if self.discrete else tuple(act_space.shape)
@@ -416,29 +421,27 @@ class _Trainer:
             self.act_high = np.broadcast_to(act_space.high, self.act_shape).astype(np.float64)
 
         # Per-member scalar hyperparameters; rows follow `alive` (members still learning).
-        self.hps = {n: _member_tensor(members, n, self.dev)
+        self.hps = {n: _member_tensor(values, n, self.dev)
                     for n in cfg.SCALAR if n not in ("value_target",)}
-        self.hps["mc"] = torch.tensor(
-            [m.hyperparameters["value_target"] == "mc" for m in members], device=self.dev)
+        self.hps["mc"] = torch.tensor([v.value_target == "mc" for v in values],
+                                      device=self.dev)
         self.agent = ActorCritic(hp, self.seeds, obs_space, act_space, self.hps["log_std_init"],
                                  self.dev)
         self.updater = make_update(self.agent, hp)
-        self.ppo = hp["algorithm"] == "ppo"
-        self.pi_opt = MemberOptimizer(hp["policy_optimizer"], self.agent.policy_params())
-        self.v_opt = MemberOptimizer(hp["value_optimizer"], self.agent.value_params())
+        self.ppo = hp.algorithm == "ppo"
+        self.pi_opt = MemberOptimizer(hp.policy_optimizer, self.agent.policy_params())
+        self.v_opt = MemberOptimizer(hp.value_optimizer, self.agent.value_params())
         self.alive = np.arange(self.n_mem)  # members still learning, in population order
 
-        def flags(name: str) -> np.ndarray:
-            return np.array([bool(m.hyperparameters[name]) for m in members])
-
         self.normalizer = ObsNormalizer(self.n_mem, int(np.prod(self.obs_shape)),
-                                        flags("normalize_obs"))
+                                        np.array([v.normalize_obs for v in values]))
         self.reward_norm = RewardNormalizer(
-            self.n_envs, flags("normalize_reward"),
-            np.array([float(m.hyperparameters["gamma"]) for m in members]))
+            self.n_envs, np.array([v.normalize_reward for v in values]),
+            np.array([v.gamma for v in values]))
         # Per-member masks, or None when no member asks (the usual case: no per-step work).
-        self.clip_reward = flags("clip_reward") if flags("clip_reward").any() else None
-        life_loss = flags("terminal_on_life_loss")
+        clip_reward = np.array([v.clip_reward for v in values])
+        self.clip_reward = clip_reward if clip_reward.any() else None
+        life_loss = np.array([v.terminal_on_life_loss for v in values])
         self.life_loss = life_loss if life_loss.any() else None
         self.action_rng = MemberStreams(self.seeds, STREAM_ACTIONS)
         self.shuffle_rng = MemberStreams(self.seeds, STREAM_SHUFFLE)
@@ -617,7 +620,7 @@ class _Trainer:
     def update_a2c(self, batch: _Batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """One policy pass and ``value_iters`` value passes over minibatches."""
         n_alive, hps = len(self.alive), self.hps
-        spans = _minibatches(self.n_batch, int(self.hp["n_minibatches"]))
+        spans = _minibatches(self.n_batch, self.hp.n_minibatches)
         stats = {k: torch.zeros(n_alive, device=self.dev) for k in _UPDATE_METRICS}
         diverged = torch.zeros(n_alive, dtype=torch.bool, device=self.dev)
         shuffled = self.shuffled(batch, self.permutation(len(spans)))
@@ -632,7 +635,7 @@ class _Trainer:
             stats["grad_norm"] += norm / len(spans)
             if self.agent.share_trunk:
                 stats["value_loss"] += terms["v"] / len(spans)
-        for _ in range(0 if self.agent.share_trunk else int(self.hp["value_iters"])):
+        for _ in range(0 if self.agent.share_trunk else self.hp.value_iters):
             shuffled = self.shuffled(batch, self.permutation(len(spans)))
             v_loss_sum = torch.zeros(n_alive, device=self.dev)
             for lo, hi in spans:
@@ -656,12 +659,12 @@ class _Trainer:
         member's streams never depend on the others. Metrics are means over the
         minibatches each member trained on."""
         n_alive, hps, shared = len(self.alive), self.hps, self.agent.share_trunk
-        spans = _minibatches(self.n_batch, int(self.hp["n_minibatches"]))
+        spans = _minibatches(self.n_batch, self.hp.n_minibatches)
         stats = {k: torch.zeros(n_alive, device=self.dev) for k in _UPDATE_METRICS}
         steps = torch.zeros(n_alive, device=self.dev)
         diverged = torch.zeros(n_alive, dtype=torch.bool, device=self.dev)
         active = torch.ones(n_alive, dtype=torch.bool, device=self.dev)
-        for _ in range(int(self.hp["n_epochs"])):
+        for _ in range(self.hp.n_epochs):
             perm = self.permutation(len(spans))
             if not bool(active.any()):
                 continue  # (the shuffle was drawn all the same)

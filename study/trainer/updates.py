@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from study.hyperparameters import Structure
 from study.trainer.nets import Prepared, backward, forward_cached
 from study.trainer.networks import ActorCritic
 
@@ -155,7 +156,7 @@ def clipped_value_error(values: torch.Tensor, old_values: torch.Tensor, returns:
 class AutogradUpdate:
     """The reference: every gradient by autograd over the stacked weights."""
 
-    def __init__(self, agent: ActorCritic, hp: Mapping[str, Any]) -> None:
+    def __init__(self, agent: ActorCritic, hp: Structure) -> None:
         self.agent = agent
         self._values: list[torch.Tensor] = []
 
@@ -262,13 +263,13 @@ class AcceleratedMLPUpdate(AutogradUpdate):
     (member-major, contiguous) and are that step's forward pass; with one value step, the
     pass that computes V(s_0 .. s_T) is that step's forward pass."""
 
-    def __init__(self, agent: ActorCritic, hp: Mapping[str, Any]) -> None:
+    def __init__(self, agent: ActorCritic, hp: Structure) -> None:
         super().__init__(agent, hp)
-        n_mb = int(hp["n_minibatches"])
-        n_batch = int(hp["num_envs"]) * int(hp["n_steps"])
-        a2c = hp["algorithm"] == "a2c"  # PPO's epochs change the weights: nothing to reuse
+        n_mb = hp.n_minibatches
+        n_batch = hp.num_envs * hp.n_steps
+        a2c = hp.algorithm == "a2c"  # PPO's epochs change the weights: nothing to reuse
         self.reuse_policy = a2c and n_mb == 1 and n_batch <= CHUNK_ROWS
-        self.fused_value = a2c and int(hp["value_iters"]) * n_mb == 1 and n_batch <= CHUNK_ROWS
+        self.fused_value = a2c and hp.value_iters * n_mb == 1 and n_batch <= CHUNK_ROWS
         self._net: Prepared | None = None
         self._outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._hidden: list[torch.Tensor] = []
@@ -358,7 +359,7 @@ class AcceleratedMLPUpdate(AutogradUpdate):
             clip=(old_values[:, a:b], hps["clip_range_vf"])), mb.n_rows)
 
 
-Accepts = Callable[[ActorCritic, Mapping[str, Any]], bool]
+Accepts = Callable[[ActorCritic, Structure], bool]
 _ACCELERATIONS: list[tuple[Accepts, type[AutogradUpdate]]] = []
 
 
@@ -368,7 +369,7 @@ def register_acceleration(accepts: Accepts, update: type[AutogradUpdate]) -> Non
     _ACCELERATIONS.append((accepts, update))
 
 
-def make_update(agent: ActorCritic, hp: Mapping[str, Any]) -> AutogradUpdate:
+def make_update(agent: ActorCritic, hp: Structure) -> AutogradUpdate:
     """The first registered acceleration that accepts ``agent``, else the reference."""
     for accepts, update in _ACCELERATIONS:
         if accepts(agent, hp):

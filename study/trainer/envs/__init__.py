@@ -14,18 +14,18 @@ import contextlib
 import difflib
 import functools
 import importlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import gymnasium as gym
 
 from study.config import ConfigError
+from study.hyperparameters import Structure
 from study.trainer.envs.base import PopulationEnv, Step
 from study.trainer.envs.cartpole import CartPolePopulation, cartpole_spaces
 from study.trainer.envs.classic import CLASSIC_ENVS, classic_spaces
 from study.trainer.envs.generic import GymPopulationEnv, check_spaces, population_space
-from study.trainer.envs.images import env_options, make_atari, wrap_images
+from study.trainer.envs.images import AtariOptions, env_options, make_atari, wrap_images
 from study.trainer.envs.minatar import GAMES, MinAtarPopulation, minatar_spaces
 from study.trainer.envs.swingup import SwingUpPopulation, swingup_spaces
 from study.trainer.rng import STREAM_RESET
@@ -162,7 +162,7 @@ def _resolve(env_id: str) -> None:
         raise ConfigError(f"unknown environment id {env_id!r}{hint}")
 
 
-def env_spaces(env_id: str, hp: Mapping[str, Any] | None = None
+def env_spaces(env_id: str, hp: Structure | None = None
                ) -> tuple[gym.spaces.Box, gym.spaces.Space]:
     """``(observation_space, action_space)`` of one environment, as a population env
     built from ``env_id`` (preprocessed as ``hp`` says) reports them: observations flat
@@ -190,22 +190,27 @@ def _cannot_make(env_id: str, e: Exception) -> ConfigError:
     return ConfigError(f"environment {env_id!r} cannot be made: {first_line}")
 
 
-def _instance(env_id: str, hp: Mapping[str, Any] | None, render_mode: str | None) -> gym.Env:
-    options = env_options(env_id, hp)
+def _instance(env_id: str, options: AtariOptions | None, render_mode: str | None) -> gym.Env:
     if options is not None:
         return wrap_images(make_atari(env_id, options, render_mode))
     kwargs = {} if render_mode is None else {"render_mode": render_mode}
     return wrap_images(gym.make(env_id, **kwargs))
 
 
-def make_single_env(env_id: str, hp: Mapping[str, Any] | None = None,
+def make_single_env(env_id: str, hp: Structure | None = None,
                     render_mode: str | None = None) -> gym.Env:
     """One instance of ``env_id`` (its module or namespace imported first) as the trainer
     sees it: ``ALE/*`` preprocessed as ``hp`` says (default: the Atari protocol), image
     observations channel-first uint8. ConfigError (one line) when it cannot be made."""
+    return make_env_instance(env_id, env_options(env_id, hp), render_mode)
+
+
+def make_env_instance(env_id: str, options: AtariOptions | None,
+                      render_mode: str | None = None) -> gym.Env:
+    """:func:`make_single_env` with the preprocessing ``options`` given directly."""
     _resolve(env_id)
     try:
-        return _instance(env_id, hp, render_mode)
+        return _instance(env_id, options, render_mode)
     except gym.error.Error as e:
         raise _cannot_make(env_id, e) from e
 
@@ -215,7 +220,7 @@ def make_population_env(
     seeds: Sequence[int],
     num_envs: int,
     stream: int = STREAM_RESET,
-    hp: Mapping[str, Any] | None = None,
+    hp: Structure | None = None,
 ) -> PopulationEnv:
     """A population of ``len(seeds)`` members x ``num_envs`` environments of ``env_id``
     (``ALE/*`` preprocessed as the hyperparameters ``hp`` say).
@@ -235,8 +240,9 @@ def make_population_env(
     if fast is not None:
         return fast.make(seeds, int(num_envs), stream)
     _resolve(env_id)
+    options = env_options(env_id, hp)
     try:
         return GymPopulationEnv(env_id, seeds, num_envs, stream,
-                                make=lambda: _instance(env_id, hp, None))
+                                make=lambda: _instance(env_id, options, None))
     except gym.error.Error as e:
         raise _cannot_make(env_id, e) from e

@@ -17,7 +17,6 @@ in the rollout buffers; the network's first layer converts and scales them):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +24,7 @@ import gymnasium as gym
 import numpy as np
 
 from study.config import ConfigError, env_family
+from study.hyperparameters import Structure
 
 
 @dataclass(frozen=True)
@@ -39,12 +39,12 @@ class AtariOptions:
     sticky_actions: float = 0.25
 
     @classmethod
-    def from_hyperparameters(cls, hp: Mapping[str, Any]) -> AtariOptions:
-        return cls(int(hp["frame_skip"]), int(hp["frame_stack"]), int(hp["screen_size"]),
-                   bool(hp["grayscale"]), int(hp["noop_max"]), float(hp["sticky_actions"]))
+    def from_hyperparameters(cls, hp: Structure) -> AtariOptions:
+        return cls(hp.frame_skip, hp.frame_stack, hp.screen_size, hp.grayscale, hp.noop_max,
+                   hp.sticky_actions)
 
 
-def env_options(env_id: str, hp: Mapping[str, Any] | None) -> AtariOptions | None:
+def env_options(env_id: str, hp: Structure | None) -> AtariOptions | None:
     """The preprocessing of ``env_id`` under hyperparameters ``hp`` (the defaults when
     ``hp`` is None); None for environments that have none."""
     if env_family(env_id) != "ALE":

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from study.config import ConfigError
+from study.hyperparameters import Hyperparameters, Structure
 
 __all__ = ["PopulationMemory", "available_bytes", "check_fits", "instance_bytes",
            "population_bytes"]
@@ -58,7 +59,7 @@ def available_bytes() -> int | None:
     return None
 
 
-def instance_bytes(env_id: str, hp: Mapping[str, Any] | None = None) -> int:
+def instance_bytes(env_id: str, hp: Structure | None = None) -> int:
     """Marginal resident memory of one more environment instance of ``env_id`` (``ALE/*``
     preprocessed as ``hp`` says): the resident-set growth from making and resetting 4
     instances after a first one, over 4."""
@@ -69,15 +70,14 @@ def instance_bytes(env_id: str, hp: Mapping[str, Any] | None = None) -> int:
 
 @functools.cache
 def _instance_bytes(env_id: str, options: Any) -> int:
-    from study.trainer.envs import FAST_ENVS, make_single_env
+    from study.trainer.envs import FAST_ENVS, make_env_instance
 
     if env_id in FAST_ENVS:
         return _FAST_ENV_BYTES
-    hp = None if options is None else options.__dict__
-    first = make_single_env(env_id, hp)
+    first = make_env_instance(env_id, options)
     first.reset(seed=0)
     before = _rss_bytes()
-    more = [make_single_env(env_id, hp) for _ in range(_MEASURED)]
+    more = [make_env_instance(env_id, options) for _ in range(_MEASURED)]
     for i, env in enumerate(more):
         env.reset(seed=i + 1)
     after = _rss_bytes()
@@ -113,7 +113,7 @@ def _mlp_params(sizes: Sequence[int]) -> int:
     return sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
 
 
-def _encoder(hp: Mapping[str, Any], obs_shape: Sequence[int]) -> tuple[int, int, int]:
+def _encoder(hp: Structure, obs_shape: Sequence[int]) -> tuple[int, int, int]:
     """(parameters, activations per row, features) of the encoder of ``hp``."""
     from study.config import conv_layers, encoder_units
 
@@ -130,18 +130,18 @@ def _encoder(hp: Mapping[str, Any], obs_shape: Sequence[int]) -> tuple[int, int,
     return params, acts, units or c * h * w
 
 
-def population_bytes(env_id: str, hp: Mapping[str, Any], n_members: int,
+def population_bytes(env_id: str, hp: Structure, n_members: int,
                      obs_shape: Sequence[int] | int, n_outputs: int,
                      obs_itemsize: int = _FLOAT) -> PopulationMemory:
     """The estimate for ``n_members`` members with hyperparameters ``hp`` (network sizes,
     num_envs, n_steps) on ``env_id``, whose observations have shape ``obs_shape`` (items
     of ``obs_itemsize`` bytes: 1 for images) and whose policy head ``n_outputs``."""
-    n_envs, n_steps = int(hp["num_envs"]), int(hp["n_steps"])
+    n_envs, n_steps = hp.num_envs, hp.n_steps
     shape = (obs_shape,) if isinstance(obs_shape, int) else tuple(obs_shape)
     enc_params, enc_acts, n_feat = _encoder(hp, shape)
-    towers = 1 if hp["share_trunk"] else 2
-    pi = [n_feat, *map(int, hp["policy_hidden_sizes"]), n_outputs]
-    vf = [n_feat, *map(int, hp["value_hidden_sizes"]), 1]
+    towers = 1 if hp.share_trunk else 2
+    pi = [n_feat, *hp.policy_hidden_sizes, n_outputs]
+    vf = [n_feat, *hp.value_hidden_sizes, 1]
     params = _mlp_params(pi) + _mlp_params(vf) + towers * enc_params
     activations = sum(pi[1:]) + sum(vf[1:]) + towers * enc_acts
     rows = (n_steps + 1) * n_envs
@@ -153,7 +153,7 @@ def population_bytes(env_id: str, hp: Mapping[str, Any], n_members: int,
     )
 
 
-def check_fits(populations: Sequence[tuple[str, Mapping[str, Any], int]],
+def check_fits(populations: Sequence[tuple[str, Mapping[str, Any] | Hyperparameters, int]],
                where: str = "", fewer: str = "--population-size or --n-jobs") -> str:
     """ConfigError (one line) when the populations trained at the same time,
     ``[(env_id, hp, n_members), ...]``, would not fit in the memory available now; else a
@@ -163,9 +163,11 @@ def check_fits(populations: Sequence[tuple[str, Mapping[str, Any], int]],
     from study.trainer.networks import check_network
 
     estimates = []
-    for env_id, hp, n in populations:
+    for env_id, member, n in populations:
+        values = Hyperparameters.of(member)
+        hp = values.structure()
         obs_space, act_space = env_spaces(env_id, hp)
-        check_network(env_id, hp, obs_space)
+        check_network(env_id, hp, obs_space, values.normalize_obs)
         n_out = int(getattr(act_space, "n", 0)) or math.prod(act_space.shape)
         memory = population_bytes(env_id, hp, n, obs_space.shape, n_out,
                                   obs_space.dtype.itemsize)
@@ -180,7 +182,7 @@ def check_fits(populations: Sequence[tuple[str, Mapping[str, Any], int]],
     part = max(("envs", "buffers", "networks"), key=lambda k: getattr(biggest, k))
     keys = {"envs": "num_envs", "buffers": "num_envs, n_steps or the hidden sizes",
             "networks": "policy_hidden_sizes / value_hidden_sizes"}[part]
-    one = f"{n} members x {hp['num_envs']} envs of {env_id!r}"
+    one = f"{n} members x {hp.num_envs} envs of {env_id!r}"
     if len(estimates) == 1:
         what = f"a population of {one} needs {biggest.describe()}"
     else:
