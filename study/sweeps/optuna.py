@@ -96,6 +96,7 @@ from study import procs, store
 from study.cli_util import ArgumentParser, positive_int, run_cli
 from study.config import ConfigError, resolve, structural_key, to_jsonable
 from study.redact import redact, register_secret
+from study.sweeps import optuna_storage
 from study.sweeps.executors import Executor, open_executor, run_all
 from study.sweeps.jobs import Budget, Chunk, ChunkResult, Outcome, chunk_key, normalization
 from study.sweeps.search_space import DEFAULT_TEST_SEEDS, OptunaSettings, parse_optuna
@@ -751,10 +752,6 @@ class Driver:
         # The study's uid (set when it was created) enters every tuning run id.
         self.uid_token = str(self.study.user_attrs.get(_UID, ""))
 
-    def _storage(self) -> Any:
-        # Optuna's public API has no system attributes on trials; the storage has.
-        return self.study._storage
-
     def _log(self, msg: str) -> None:
         if not self.quiet:
             print(msg, file=sys.stderr, flush=True)
@@ -769,7 +766,7 @@ class Driver:
         """
         now = time.time()
         mine = {tr.number for st in self._units.values() for tr in st.trials}
-        asking = self._storage().get_study_system_attrs(self.study._study_id).get(_ASKING)
+        asking = optuna_storage.study_system_attr(self.study, _ASKING)
         n = 0
         for t in trials:
             if t.state == TrialState.RUNNING and t.number not in mine:
@@ -807,7 +804,7 @@ class Driver:
         """Tell ``t`` FAIL (failure "stale": it does not count), re-queue its params once,
         and say so. False if it finished meanwhile."""
         try:
-            self._storage().set_trial_user_attr(t._trial_id, "failure", "stale")
+            optuna_storage.set_trial_user_attr(self.study, t, "failure", "stale")
             self.study.tell(t.number, state=TrialState.FAIL)
         except (RuntimeError, ValueError, optuna.exceptions.UpdateFinishedTrialError):
             return False
@@ -852,12 +849,12 @@ class Driver:
             return batch
 
     def _set_asking(self, record: dict[str, Any] | None) -> None:
-        self._storage().set_study_system_attr(self.study._study_id, _ASKING, record)
+        optuna_storage.set_study_system_attr(self.study, _ASKING, record)
 
     def _ask_one(self) -> _TrialRun:
         trial = self.study.ask(self.settings.distributions())
-        self._storage().set_trial_system_attr(trial._trial_id, _OWNER, self._me)
-        self._storage().set_trial_system_attr(trial._trial_id, _HEARTBEAT, time.time())
+        optuna_storage.set_trial_system_attr(self.study, trial, _OWNER, self._me)
+        optuna_storage.set_trial_system_attr(self.study, trial, _HEARTBEAT, time.time())
         return self._prepare(trial)
 
     def _prepare(self, trial: optuna.Trial) -> _TrialRun:
@@ -1203,7 +1200,7 @@ class Driver:
             if t.system_attrs.get(_OWNER) != self._me:
                 continue
             with contextlib.suppress(Exception):
-                self._storage().set_trial_user_attr(t._trial_id, "failure", "interrupted")
+                optuna_storage.set_trial_user_attr(self.study, t, "failure", "interrupted")
                 self.study.tell(t.number, state=TrialState.FAIL)
                 n += 1
                 if set(t.params) == set(self.settings.names) and (
@@ -1218,7 +1215,8 @@ class Driver:
                 trials = [tr.trial for st in self._units.values() for tr in st.trials]
             for t in trials:
                 with contextlib.suppress(Exception):
-                    self._storage().set_trial_system_attr(t._trial_id, _HEARTBEAT, time.time())
+                    optuna_storage.set_trial_system_attr(self.study, t, _HEARTBEAT,
+                                                        time.time())
 
     def _write_trials(self) -> None:
         # Under the study lock: a concurrent driver must not overwrite a newer snapshot
