@@ -376,12 +376,13 @@ def test_pruned_trials_stop_training_in_worker_processes(tmp_path, monkeypatch):
 
 _KILLED_DRIVER = """\
 import os, signal, sys
+import study.sweeps.executors as executors
 import study.sweeps.optuna as so
 
-def die(unit, reporter):  # the driver is killed -9 while its first batch trains
+def die(chunk, progress, on_log):  # the driver is killed -9 while its first batch trains
     os.kill(os.getpid(), signal.SIGKILL)
 
-so.train_unit = die
+executors.run_chunk = die
 sys.exit(so.main(sys.argv[1:]))
 """
 
@@ -528,6 +529,7 @@ def test_a_journal_lock_left_by_a_killed_writer_does_not_hang_the_next_run(tmp_p
 _KILLED_ASKING = """\
 import os, signal, sys
 import optuna
+import study.sweeps.executors as executors
 import study.sweeps.optuna as so
 
 class DieWhileSampling(optuna.samplers.RandomSampler):

@@ -64,7 +64,6 @@ writes ``best.toml``, a grid sweep file of the winner over the test seeds.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import contextlib
 import dataclasses
 import datetime as dt
@@ -97,9 +96,11 @@ from study import procs, store
 from study.cli_util import ArgumentParser, positive_int, run_cli
 from study.config import ConfigError, resolve, structural_key, to_jsonable
 from study.redact import redact, register_secret
-from study.sweeps.runner import Chunk, ChunkResult, normalization, result_frames, run_chunk
+from study.sweeps import optuna_storage
+from study.sweeps.executors import Executor, open_executor, run_all
+from study.sweeps.jobs import Budget, Chunk, ChunkResult, Outcome, chunk_key, normalization
 from study.sweeps.search_space import DEFAULT_TEST_SEEDS, OptunaSettings, parse_optuna
-from study.sweeps.spec import Run, Sweep, config_id, load_sweep, parse_sweep, run_id, sweep_to_toml
+from study.sweeps.spec import Run, Sweep, load_sweep, parse_sweep, sweep_to_toml
 from study.trust import sign_env
 
 __all__ = [
@@ -243,8 +244,7 @@ def trial_hp(sweep: Sweep, settings: OptunaSettings, params: Mapping[str, Any], 
 
 
 def _env_config_id(sweep: Sweep, env: str, hp: Mapping[str, Any]) -> str:
-    total_steps, log_every = sweep.budget(env)
-    return config_id(env, hp, total_steps, log_every, sweep.eval_every, sweep.eval_episodes)
+    return Budget.of(sweep, env).config_id(env, hp)
 
 
 def trial_config_id(sweep: Sweep, cids: Mapping[str, str]) -> str:
@@ -545,21 +545,6 @@ def _counts(t: FrozenTrial) -> bool:
 # the worker side: one population of trials x seeds
 
 
-@dataclass(frozen=True)
-class Unit:
-    """A population to train: members (resolved hyperparameters, seed) of several trials."""
-
-    uid: int
-    env: str
-    total_steps: int
-    log_every: int
-    eval_every: int
-    eval_episodes: int
-    save_policies: bool
-    metric: str
-    members: tuple[tuple[Mapping[str, Any], int], ...]
-
-
 class _Tracker:
     """Per-member intermediate values from the ``episode_return`` curve so far.
 
@@ -614,44 +599,23 @@ class _RemoteReporter:
                 "_conn": None}
 
 
-def train_unit(unit: Unit, reporter: Reporter | None) -> list[Any]:
-    """Train one unit as a population; at each log point send the members' intermediate
-    values to ``reporter`` and stop the members it returns. Returns the RunResults.
+class _Pruning:
+    """The log hook of a tuning chunk (:func:`study.sweeps.jobs.run_chunk`, in the
+    worker): turns each log point's curve row into the members' intermediate values and
+    sends them to ``reporter`` (the driver's :meth:`Driver.report`, directly or through
+    the report channel), which answers the members to stop."""
 
-    One torch thread, as the grid's workers: values then do not depend on how many
-    workers run, and parallelism comes from the workers.
-    """
-    import torch
+    def __init__(self, metric: str, reporter: Reporter) -> None:
+        self.tracker = _Tracker(metric)
+        self.reporter = reporter
 
-    from study.trainer import population
+    def __call__(self, step: int, row: dict[str, np.ndarray],
+                 env_steps: int) -> np.ndarray | None:
+        return self.reporter(step, self.tracker.update(row), env_steps)
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    tracker = _Tracker(unit.metric)
-    done = 0
-
-    def on_progress(n: int) -> None:
-        nonlocal done
-        done += int(n)
-
-    def on_log(step: int, row: dict[str, np.ndarray]) -> np.ndarray | None:
-        values = tracker.update(row)
-        if reporter is None:
-            return None
-        return reporter(int(step), values, done)
-
-    try:
-        members = [population.Member(dict(hp), int(seed)) for hp, seed in unit.members]
-        results = population.train_population(
-            unit.env, members, unit.total_steps, log_every=unit.log_every,
-            eval_every=unit.eval_every, eval_episodes=unit.eval_episodes,
-            save_policies=unit.save_policies, on_log=on_log, on_progress=on_progress,
-        )
-    finally:
-        torch.set_num_threads(threads)
-        if isinstance(reporter, _RemoteReporter):
-            reporter.close()
-    return results
+    def close(self) -> None:
+        if isinstance(self.reporter, _RemoteReporter):
+            self.reporter.close()
 
 
 class _ReportServer:
@@ -701,30 +665,6 @@ class _ReportServer:
         self.listener.close()
 
 
-def _pool(n_jobs: int) -> Any:
-    """loky's reusable process pool whose workers start with procs.die_with_parent, so
-    that a driver killed with ``kill -9`` leaves none of them training on."""
-    from joblib.externals.loky import get_reusable_executor
-
-    return get_reusable_executor(max_workers=n_jobs, timeout=60,
-                                 initializer=procs.die_with_parent)
-
-
-class _InlineExecutor:
-    """The executor interface for ``--n-jobs 1``: runs each unit at once in this process."""
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> cf.Future:
-        fut: cf.Future = cf.Future()
-        try:
-            fut.set_result(fn(*args))
-        except Exception as e:  # delivered to the caller through the future
-            fut.set_exception(e)
-        return fut
-
-    def shutdown(self) -> None:
-        return None
-
-
 # --------------------------------------------------------------------------------------
 # the driver
 
@@ -753,12 +693,12 @@ class _Group:
     trials: list[_TrialRun]
     stage: int = 0  # envs launched so far (in the sweep's order)
     in_flight: int = 0
-    done: list[tuple[_UnitState, Sequence[Any]]] = field(default_factory=list)
+    done: list[tuple[_UnitState, ChunkResult]] = field(default_factory=list)
 
 
 @dataclass
 class _UnitState:
-    unit: Unit
+    unit: Chunk
     trials: list[_TrialRun]
     member_trial: np.ndarray  # index into `trials` per member
     runs: tuple[Run, ...]
@@ -767,16 +707,13 @@ class _UnitState:
 
 
 @dataclass
-class StudyOutcome:
-    """What :meth:`Driver.run` did."""
+class StudyOutcome(Outcome):
+    """What :meth:`Driver.run` did: :class:`study.sweeps.jobs.Outcome` (``runs_done``:
+    the runs of the trials it kept), and its trials."""
 
     trials_run: int = 0
     trials_kept: int = 0  # finished by this run, their runs stored
-    runs_kept: int = 0
     trials_dropped: int = 0  # in flight when interrupted: told FAIL
-    env_steps: int = 0
-    wall_s: float = 0.0
-    interrupted: bool = False
     timed_out: bool = False
 
 
@@ -815,10 +752,6 @@ class Driver:
         # The study's uid (set when it was created) enters every tuning run id.
         self.uid_token = str(self.study.user_attrs.get(_UID, ""))
 
-    def _storage(self) -> Any:
-        # Optuna's public API has no system attributes on trials; the storage has.
-        return self.study._storage
-
     def _log(self, msg: str) -> None:
         if not self.quiet:
             print(msg, file=sys.stderr, flush=True)
@@ -833,7 +766,7 @@ class Driver:
         """
         now = time.time()
         mine = {tr.number for st in self._units.values() for tr in st.trials}
-        asking = self._storage().get_study_system_attrs(self.study._study_id).get(_ASKING)
+        asking = optuna_storage.study_system_attr(self.study, _ASKING)
         n = 0
         for t in trials:
             if t.state == TrialState.RUNNING and t.number not in mine:
@@ -871,7 +804,7 @@ class Driver:
         """Tell ``t`` FAIL (failure "stale": it does not count), re-queue its params once,
         and say so. False if it finished meanwhile."""
         try:
-            self._storage().set_trial_user_attr(t._trial_id, "failure", "stale")
+            optuna_storage.set_trial_user_attr(self.study, t, "failure", "stale")
             self.study.tell(t.number, state=TrialState.FAIL)
         except (RuntimeError, ValueError, optuna.exceptions.UpdateFinishedTrialError):
             return False
@@ -916,12 +849,12 @@ class Driver:
             return batch
 
     def _set_asking(self, record: dict[str, Any] | None) -> None:
-        self._storage().set_study_system_attr(self.study._study_id, _ASKING, record)
+        optuna_storage.set_study_system_attr(self.study, _ASKING, record)
 
     def _ask_one(self) -> _TrialRun:
         trial = self.study.ask(self.settings.distributions())
-        self._storage().set_trial_system_attr(trial._trial_id, _OWNER, self._me)
-        self._storage().set_trial_system_attr(trial._trial_id, _HEARTBEAT, time.time())
+        optuna_storage.set_trial_system_attr(self.study, trial, _OWNER, self._me)
+        optuna_storage.set_trial_system_attr(self.study, trial, _HEARTBEAT, time.time())
         return self._prepare(trial)
 
     def _prepare(self, trial: optuna.Trial) -> _TrialRun:
@@ -946,9 +879,7 @@ class Driver:
         # The grid's run id names (config, seed); a tuning run is also one trial's, and two
         # trials may share a config (re-queued, categorical spaces) with different fates
         # (pruned or not), so the study's uid and the trial number enter the id too.
-        total_steps, log_every = self.sweep.budget(env)
-        base = run_id(env, hp, seed, total_steps, log_every, self.sweep.eval_every,
-                      self.sweep.eval_episodes)
+        base = Budget.of(self.sweep, env).run_id(env, hp, seed)
         text = f"{base}:{self.uid_token}:{number}"
         return hashlib.sha1(text.encode()).hexdigest()[:16]
 
@@ -977,26 +908,21 @@ class Driver:
         units = [self._unit(group, env) for env in todo]
         group.in_flight += len(units)
         with self._mutex:
-            self._units.update({u.unit.uid: u for u in units})
+            self._units.update({u.unit.index: u for u in units})
         return units
 
     def _unit(self, group: _Group, env: str) -> _UnitState:
         """The population of the group's live trials x tuning seeds on ``env``."""
         trials = [tr for tr in group.trials if not tr.pruned]
-        members, owner, runs = [], [], []
+        owner, runs = [], []
         for j, tr in enumerate(trials):
             hp = tr.hps[env]
             for seed in self.tune_seeds:
-                members.append((hp, seed))
                 owner.append(j)
                 runs.append(Run(self._run_id(env, hp, seed, tr.number), tr.cids[env], seed,
                                 hp, env))
-        s = self.sweep
-        total_steps, log_every = s.budget(env)
-        unit = Unit(uid=self._next_uid, env=env, total_steps=total_steps,
-                    log_every=log_every, eval_every=s.eval_every,
-                    eval_episodes=s.eval_episodes, save_policies=s.save_policies,
-                    metric=self.settings.metric, members=tuple(members))
+        # The trainer checks its memory: the driver does not size its batches.
+        unit = _chunk(self.sweep, self._next_uid, env, tuple(runs), check_memory=True)
         self._next_uid += 1
         return _UnitState(unit, trials, np.asarray(owner), tuple(runs), group)
 
@@ -1029,28 +955,31 @@ class Driver:
             return mask
 
     # -- finishing ---------------------------------------------------------------------------
-    def _seed_values(self, results: Sequence[Any], env: str) -> np.ndarray:
-        """Per-seed metric of one trial's runs on ``env``; diverged seeds get their lowest
+    def _seed_values(self, runs: pd.DataFrame, returns: Sequence[np.ndarray],
+                     env: str) -> np.ndarray:
+        """Per-seed metric of one trial's runs on ``env`` (their rows of a chunk's runs
+        frame, and each one's ``episode_return`` curve); diverged seeds get their lowest
         return; normalized with the env's score references in a study across tasks."""
         metric = self.settings.metric
         import warnings
 
         vals, floors = [], []
-        for r in results:
-            ret = np.asarray(r.curve["episode_return"], dtype=float)
+        for status, final, final_eval, ret in zip(runs["status"], runs["final_return"],
+                                                  runs["final_eval_return"], returns,
+                                                  strict=True):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
                 floors.append(np.nanmin(ret) if np.isfinite(ret).any() else np.nan)
-                if r.status != "ok":
+                if status != "ok":
                     vals.append(np.nan)
                 elif metric == "final_return":
-                    vals.append(r.final_return)
+                    vals.append(final)
                 elif metric == "final_eval_return":
-                    vals.append(r.final_eval_return)
+                    vals.append(final_eval)
                 else:
                     vals.append(np.nanmean(ret) if np.isfinite(ret).any() else np.nan)
         v, f = np.asarray(vals, dtype=float), np.asarray(floors, dtype=float)
-        diverged = np.array([r.status == "diverged" for r in results])
+        diverged = runs["status"].eq("diverged").to_numpy()
         trial_floor = np.nanmin(f) if np.isfinite(f).any() else np.nan
         f = np.where(np.isfinite(f), f, trial_floor)
         return _scale(self.sweep, env, np.where(diverged, f, v))
@@ -1062,19 +991,22 @@ class Driver:
         x = np.concatenate([tr.values[e] for e in self.sweep.envs if e in tr.values])
         return objective_of(self.settings, self.across_tasks, x)
 
-    def _unit_done(self, st: _UnitState, results: Sequence[Any]) -> list[_UnitState]:
+    def _unit_done(self, st: _UnitState, result: ChunkResult) -> list[_UnitState]:
         """Record a finished unit's scores; then launch its group's next env, or finish
         the group. Returns the units launched."""
         g = st.group
-        g.done.append((st, results))
+        g.done.append((st, result))
         g.in_flight -= 1
+        returns = _returns(result)
         for j, tr in enumerate(st.trials):
-            res = [results[i] for i in np.flatnonzero(st.member_trial == j)]
-            tr.values[st.unit.env] = self._seed_values(res, st.unit.env)
-            tr.diverged.append(all(r.status == "diverged" for r in res))
+            idx = np.flatnonzero(st.member_trial == j)
+            rows = result.runs.iloc[idx]
+            tr.values[st.unit.env] = self._seed_values(rows, [returns[i] for i in idx],
+                                                       st.unit.env)
+            tr.diverged.append(bool(rows["status"].eq("diverged").all()))
         with self._mutex:
-            self._steps_done += max(0, sum(r.env_steps for r in results) - st.env_steps)
-            del self._units[st.unit.uid]
+            self._steps_done += max(0, result.env_steps - st.env_steps)
+            del self._units[st.unit.index]
         if g.in_flight:
             return []
         if g.stage < len(self.sweep.envs) and self._prune_between_tasks(g):
@@ -1117,8 +1049,8 @@ class Driver:
             else:
                 tr.state, tr.failure = TrialState.FAIL, "no value"
         with store.deferred_sigint():  # stored, told and counted, or none of it
-            for st, results in g.done:
-                self._store_tuning(st, results)
+            for st, result in g.done:
+                self._store_tuning(st, result)
             for tr in g.trials:
                 self._tell(tr)
             self._kept_trials += len(g.trials)
@@ -1137,25 +1069,14 @@ class Driver:
             # stored, the study keeps the other process's verdict.
             self._log(f"[optuna] trial {tr.number}: could not tell {tr.state}: {e}")
 
-    def _store_tuning(self, st: _UnitState, results: Sequence[Any]) -> None:
-        s, u = self.sweep, st.unit
-        chunk = Chunk(index=u.uid, key="", sweep=s.name, env=u.env,
-                      total_steps=u.total_steps, log_every=u.log_every,
-                      eval_every=s.eval_every, eval_episodes=s.eval_episodes,
-                      save_policies=s.save_policies, runs=st.runs,
-                      normalize=normalization(s, u.env))
-        runs_df, curves_df = result_frames(chunk, results)
+    def _store_tuning(self, st: _UnitState, result: ChunkResult) -> None:
+        runs_df = result.runs.copy()
         owner = st.member_trial
         runs_df["trial_number"] = [st.trials[j].number for j in owner]
         runs_df["trial_state"] = [st.trials[j].state.name for j in owner]  # type: ignore[union-attr]
         runs_df["phase"] = "tune"
         runs_df["study_name"] = self.study_name
-        policies = None
-        if s.save_policies:
-            policies = {r.run_id: res.policy_state for r, res in zip(st.runs, results,
-                                                                      strict=True)
-                        if res.policy_state is not None}
-        store.write_chunk(self.out, runs_df, curves_df, _chunk_key(st.runs), policies,
+        store.write_chunk(self.out, runs_df, result.curves, result.key, result.policies,
                           runs_schema=RUNS_SCHEMA)
 
     # -- progress ---------------------------------------------------------------------------
@@ -1190,67 +1111,31 @@ class Driver:
         outcome = StudyOutcome()
         self._t0 = self._last_print = time.monotonic()
         self._update_best_line()
-        server: _ReportServer | None = None
-        executor: Any
-        if self.n_jobs > 1:
-            server = _ReportServer(self.report)
-            executor = _pool(self.n_jobs)
-        else:
-            executor = _InlineExecutor()
+        executor = open_executor("loky", self.n_jobs)
+        # Workers only train: every Optuna call happens in this process, directly from an
+        # in-process chunk, through the report channel from a worker's.
+        server = None if executor.in_process else _ReportServer(self.report)
         stop_heartbeat = threading.Event()
         beat = threading.Thread(target=self._heartbeat, args=(stop_heartbeat,), daemon=True,
                                 name="study-optuna-heartbeat")
         beat.start()
-        futures: dict[cf.Future, _UnitState] = {}
+        in_flight: dict[int, _UnitState] = {}
 
         def submit(units: Sequence[_UnitState]) -> None:
             for u in units:
+                uid = u.unit.index
                 reporter: Reporter
                 if server is None:
-                    uid = u.unit.uid
-
                     def reporter(step: int, values: np.ndarray, steps: int,
                                  uid: int = uid) -> np.ndarray:
                         return self.report(uid, step, values, steps)
                 else:
-                    reporter = _RemoteReporter(server.address, server.authkey, u.unit.uid)
-                futures[executor.submit(train_unit, u.unit, reporter)] = u
+                    reporter = _RemoteReporter(server.address, server.authkey, uid)
+                in_flight[uid] = u
+                executor.submit(u.unit, _Pruning(self.settings.metric, reporter))
 
-        asking = True
         try:
-            while True:
-                while asking and len(futures) < self.n_jobs:
-                    if self.timeout is not None and time.monotonic() - self._t0 > self.timeout:
-                        asking, outcome.timed_out = False, True
-                        break
-                    batch = self._ask_batch()
-                    if not batch:
-                        asking = False
-                        break
-                    outcome.trials_run += len(batch)
-                    groups = self._groups_for(batch)
-                    for g in groups:
-                        submit(self._launch(g))
-                    if not groups:  # every trial of the batch was invalid
-                        self._write_trials()
-                if not futures:
-                    break
-                done, _ = cf.wait(list(futures), return_when=cf.FIRST_COMPLETED)
-                for fut in done:
-                    st = futures.pop(fut)
-                    try:
-                        results = fut.result()
-                    except Exception as e:
-                        for tr in st.group.trials:
-                            tr.state, tr.failure = TrialState.FAIL, f"error: {e}"
-                            self._tell(tr)
-                        with self._mutex:
-                            self._units.pop(st.unit.uid, None)
-                        raise
-                    submit(self._unit_done(st, results))
-                self._write_trials()
-                self._update_best_line()
-                self._maybe_print(force=True)
+            self._loop(outcome, executor, in_flight, submit)
         except KeyboardInterrupt:
             outcome.interrupted = True
             with store.deferred_sigint():
@@ -1259,15 +1144,50 @@ class Driver:
             stop_heartbeat.set()
             if server is not None:
                 server.close()
-            if self.n_jobs > 1:
-                with contextlib.suppress(Exception):
-                    executor.shutdown(wait=False, kill_workers=outcome.interrupted)
+            executor.close(abort=outcome.interrupted)
             outcome.wall_s = time.monotonic() - self._t0
             outcome.env_steps = self._steps_done
-            outcome.trials_kept, outcome.runs_kept = self._kept_trials, self._kept_runs
+            outcome.trials_kept, outcome.runs_done = self._kept_trials, self._kept_runs
         with contextlib.suppress(Exception):
             self._write_trials()
         return outcome
+
+    def _loop(self, outcome: StudyOutcome, executor: Executor,
+              in_flight: dict[int, _UnitState],
+              submit: Callable[[Sequence[_UnitState]], None]) -> None:
+        """Ask batches while fewer than n_jobs units train, and finish the units that
+        come back, until no trial is left to ask (or --timeout)."""
+        asking = True
+        while True:
+            while asking and executor.pending < self.n_jobs:
+                if self.timeout is not None and time.monotonic() - self._t0 > self.timeout:
+                    asking, outcome.timed_out = False, True
+                    break
+                batch = self._ask_batch()
+                if not batch:
+                    asking = False
+                    break
+                outcome.trials_run += len(batch)
+                groups = self._groups_for(batch)
+                for g in groups:
+                    submit(self._launch(g))
+                if not groups:  # every trial of the batch was invalid
+                    self._write_trials()
+            if not executor.pending:
+                return
+            for done in executor.wait():
+                st = in_flight.pop(done.chunk.index)
+                if done.error is not None:
+                    for tr in st.group.trials:
+                        tr.state, tr.failure = TrialState.FAIL, f"error: {done.error}"
+                        self._tell(tr)
+                    with self._mutex:
+                        self._units.pop(st.unit.index, None)
+                    raise done.error
+                submit(self._unit_done(st, done.get()))
+            self._write_trials()
+            self._update_best_line()
+            self._maybe_print(force=True)
 
     def _abandon(self) -> int:
         """Ctrl-C or SIGTERM: tell FAIL to every trial this driver still runs (in flight,
@@ -1280,7 +1200,7 @@ class Driver:
             if t.system_attrs.get(_OWNER) != self._me:
                 continue
             with contextlib.suppress(Exception):
-                self._storage().set_trial_user_attr(t._trial_id, "failure", "interrupted")
+                optuna_storage.set_trial_user_attr(self.study, t, "failure", "interrupted")
                 self.study.tell(t.number, state=TrialState.FAIL)
                 n += 1
                 if set(t.params) == set(self.settings.names) and (
@@ -1295,7 +1215,8 @@ class Driver:
                 trials = [tr.trial for st in self._units.values() for tr in st.trials]
             for t in trials:
                 with contextlib.suppress(Exception):
-                    self._storage().set_trial_system_attr(t._trial_id, _HEARTBEAT, time.time())
+                    optuna_storage.set_trial_system_attr(self.study, t, _HEARTBEAT,
+                                                        time.time())
 
     def _write_trials(self) -> None:
         # Under the study lock: a concurrent driver must not overwrite a newer snapshot
@@ -1312,9 +1233,20 @@ def _format_params(params: Mapping[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def _chunk_key(runs: Sequence[Run]) -> str:
-    return "optuna-" + hashlib.sha1(",".join(sorted(r.run_id for r in runs)).encode()
-                                    ).hexdigest()[:16]
+def _returns(result: ChunkResult) -> list[np.ndarray]:
+    """Each run's ``episode_return`` curve of a finished chunk, in its runs' order."""
+    by_run = {rid: col.to_numpy(dtype=float) for rid, col in
+              result.curves.groupby("run_id", sort=False)["episode_return"]}
+    return [by_run.get(rid, np.empty(0)) for rid in result.runs["run_id"]]
+
+
+def _chunk(s: Sweep, index: int, env: str, runs: tuple[Run, ...],
+           check_memory: bool = False) -> Chunk:
+    """A chunk of ``runs`` on ``env`` (tuning or confirmation), named ``optuna-<hash>``
+    in the store."""
+    return Chunk(index=index, key=chunk_key(runs, "optuna-"), sweep=s.name, env=env,
+                 budget=Budget.of(s, env), save_policies=s.save_policies, runs=runs,
+                 normalize=normalization(s, env), check_memory=check_memory)
 
 
 # --------------------------------------------------------------------------------------
@@ -1437,24 +1369,7 @@ def confirm(driver: Driver, k: int, test_seeds: Sequence[int],
         print(f"confirm: re-running the top {len(top)} config(s) on {len(test_seeds)} held-out "
               f"test seeds ({len(todo)} runs, {len(chunks)} population(s))",
               file=sys.stderr, flush=True)
-    results: list[ChunkResult]
-    if driver.n_jobs > 1 and len(chunks) > 1:
-        pool = _pool(driver.n_jobs)
-        try:
-            results = list(pool.map(run_chunk, [c for c, _ in chunks]))
-        except BaseException:
-            pool.shutdown(wait=False, kill_workers=True)
-            raise
-    else:
-        results = [run_chunk(c) for c, _ in chunks]
-    for (chunk, numbers), res in zip(chunks, results, strict=True):
-        df = res.runs
-        df["trial_number"] = numbers
-        df["trial_state"] = TrialState.COMPLETE.name
-        df["phase"] = "confirm"
-        df["study_name"] = driver.study_name
-        store.write_chunk(driver.out, df, res.curves, chunk.key, res.policies,
-                          runs_schema=RUNS_SCHEMA)
+    _run_confirm(driver, chunks)
 
     ids = {r.run_id for r, _ in runs}
     all_runs = store.load_runs(driver.out)
@@ -1507,6 +1422,29 @@ def confirm(driver: Driver, k: int, test_seeds: Sequence[int],
     return summary_df, winner_hp
 
 
+def _run_confirm(driver: Driver, chunks: Sequence[tuple[Chunk, list[int]]]) -> None:
+    """Train the confirmation chunks (in parallel with --n-jobs) and store each with its
+    runs' trial numbers as it finishes."""
+    numbers = {c.index: n for c, n in chunks}
+
+    def store_chunk(res: ChunkResult) -> None:
+        df = res.runs
+        df["trial_number"] = numbers[res.index]
+        df["trial_state"] = TrialState.COMPLETE.name
+        df["phase"] = "confirm"
+        df["study_name"] = driver.study_name
+        store.write_chunk(driver.out, df, res.curves, res.key, res.policies,
+                          runs_schema=RUNS_SCHEMA)
+
+    executor = open_executor("loky", driver.n_jobs if len(chunks) > 1 else 1)
+    finished = False
+    try:
+        run_all(executor, [c for c, _ in chunks], store_chunk)
+        finished = True
+    finally:
+        executor.close(abort=not finished)
+
+
 def _confirm_runs(s: Sweep, settings: OptunaSettings, top: Sequence[FrozenTrial],
                   test_seeds: Sequence[int]) -> tuple[list[tuple], list[tuple[Run, int]]]:
     """``(configs, runs)``: per top trial ``(trial, {env: hp}, {env: config id}, its
@@ -1518,11 +1456,10 @@ def _confirm_runs(s: Sweep, settings: OptunaSettings, top: Sequence[FrozenTrial]
         cids = {env: _env_config_id(s, env, hp) for env, hp in hps.items()}
         configs.append((t, hps, cids, trial_config_id(s, cids)))
         for env, hp in hps.items():
-            total_steps, log_every = s.budget(env)
+            budget = Budget.of(s, env)
             for seed in test_seeds:
-                rid = run_id(env, hp, seed, total_steps, log_every, s.eval_every,
-                             s.eval_episodes)
-                runs.append((Run(rid, cids[env], seed, hp, env), t.number))
+                runs.append((Run(budget.run_id(env, hp, seed), cids[env], seed, hp, env),
+                              t.number))
     return configs, runs
 
 
@@ -1535,13 +1472,7 @@ def _confirm_chunks(s: Sweep, todo: Sequence[tuple[Run, int]]
     chunks = []
     for i, ((env, _), members) in enumerate(groups.items()):
         part = tuple(r for r, _ in members)
-        total_steps, log_every = s.budget(env)
-        chunks.append((Chunk(index=i, key=_chunk_key(part), sweep=s.name, env=env,
-                             total_steps=total_steps, log_every=log_every,
-                             eval_every=s.eval_every, eval_episodes=s.eval_episodes,
-                             save_policies=s.save_policies, runs=part,
-                             normalize=normalization(s, env)),
-                       [n for _, n in members]))
+        chunks.append((_chunk(s, i, env, part), [n for _, n in members]))
     return chunks
 
 
@@ -1993,7 +1924,7 @@ def _interrupted_line(driver: Driver, outcome: StudyOutcome) -> str:
     done = sum(_counts(t) and t.state.is_finished() for t in trials)
     return (f"interrupted: dropped {outcome.trials_dropped} trial(s) in flight (marked FAIL, "
             f"re-queued for the next run); kept {outcome.trials_kept} trial(s) finished by "
-            f"this run ({outcome.runs_kept} runs stored in {driver.out}); the study holds "
+            f"this run ({outcome.runs_done} runs stored in {driver.out}); the study holds "
             f"{done} of {driver.target} trials; run the same command again to resume")
 
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from study import config as cfg
 from study.cli_util import ArgumentParser, run_cli
+from study.sweeps.jobs import Budget
 from study.sweeps.spec import MAX_STEPS
 
 
@@ -87,12 +88,13 @@ def _main(argv: Sequence[str] | None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
 
-    total_steps = _positive_int("--total-steps", args.total_steps)
-    log_every = _positive_int("--log-every", args.log_every)
-    eval_every = (
-        0 if str(args.eval_every) == "0" else _positive_int("--eval-every", args.eval_every)
+    budget = Budget(
+        total_steps=_positive_int("--total-steps", args.total_steps),
+        log_every=_positive_int("--log-every", args.log_every),
+        eval_every=(0 if str(args.eval_every) == "0"
+                    else _positive_int("--eval-every", args.eval_every)),
+        eval_episodes=_positive_int("--eval-episodes", args.eval_episodes),
     )
-    eval_episodes = _positive_int("--eval-episodes", args.eval_episodes)
     seeds = parse_seeds(args.seeds)
     hp = cfg.resolve(cfg.parse_set(args.set), where="--set: ", env=args.env)
     if args.device != "cpu":
@@ -113,7 +115,7 @@ def _main(argv: Sequence[str] | None) -> int:
     torch.set_num_threads(1)
     members = [Member(hp, s) for s in seeds]
     n_batch = hp["num_envs"] * hp["n_steps"]
-    effective = math.ceil(total_steps / n_batch) * n_batch
+    effective = math.ceil(budget.total_steps / n_batch) * n_batch
 
     from tqdm import tqdm
 
@@ -138,10 +140,8 @@ def _main(argv: Sequence[str] | None) -> int:
         results = train_population(
             args.env,
             members,
-            total_steps,
-            log_every=log_every,
-            eval_every=eval_every,
-            eval_episodes=eval_episodes,
+            budget.total_steps,
+            **budget.train_kwargs(),
             device=args.device,
             on_progress=bar.update,
         )
@@ -150,7 +150,7 @@ def _main(argv: Sequence[str] | None) -> int:
     wall = time.perf_counter() - t0
     steps_per_s = effective * len(seeds) / wall
 
-    has_eval = eval_every > 0
+    has_eval = budget.eval_every > 0
     header = (
         f"{'seed':>10}  {'final_return':>12}  "
         + (f"{'final_eval':>10}  " if has_eval else "")
@@ -182,7 +182,7 @@ def _main(argv: Sequence[str] | None) -> int:
 
         payload = {
             "env": args.env,
-            "total_steps": total_steps,
+            "total_steps": budget.total_steps,
             "hyperparameters": cfg.to_jsonable(hp),
             "wall_s": wall,
             "env_steps_per_s": steps_per_s,
