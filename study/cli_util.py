@@ -52,6 +52,17 @@ class ArgumentParser(argparse.ArgumentParser):
         return super().format_help().replace("``", "")
 
 
+def is_interrupt(error: BaseException) -> bool:
+    """Whether ``error`` is a Ctrl-C or SIGTERM in disguise: a KeyboardInterrupt raised
+    while a compiled (numba) call returns surfaces as the cause of a SystemError."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, KeyboardInterrupt):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def run_cli(body: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None) -> int:
     """Run a CLI body and return its exit code: user errors (ConfigError) become a
     one-line ``error:`` with code 2, and usage errors or ``--help`` (SystemExit) give
@@ -69,6 +80,11 @@ def run_cli(body: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
             except ConfigError as e:
                 fail(str(e))
             except KeyboardInterrupt:
+                print("interrupted", file=sys.stderr)
+                return 130
+            except SystemError as e:
+                if not is_interrupt(e):
+                    raise
                 print("interrupted", file=sys.stderr)
                 return 130
             except OSError as e:

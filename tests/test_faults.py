@@ -318,3 +318,24 @@ def test_a_full_disk_ends_in_one_line_and_the_store_resumes(tmp_path, tiny_disk,
     pd.testing.assert_frame_equal(curves, ref_curves)
     pd.testing.assert_frame_equal(runs.drop(columns=["save_policies"], errors="ignore"),
                                   ref_runs.drop(columns=["save_policies"], errors="ignore"))
+
+
+def test_an_interrupt_surfacing_from_compiled_code_ends_as_an_interrupt(capsys):
+    # A Ctrl-C or SIGTERM raised while a numba call returns reaches Python as a
+    # SystemError caused by KeyboardInterrupt: the command must still end as interrupted
+    # (130, one line), and any other SystemError must still propagate.
+    from study.cli_util import run_cli
+
+    def interrupted_in_numba(argv):  # noqa: ANN001, ANN202
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as k:
+            raise SystemError("CPUDispatcher returned a result with an exception set") from k
+
+    def broken(argv):  # noqa: ANN001, ANN202
+        raise SystemError("a real bug")
+
+    assert run_cli(interrupted_in_numba, []) == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
+    with pytest.raises(SystemError, match="a real bug"):
+        run_cli(broken, [])

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from study import procs
+from study.cli_util import is_interrupt
 from study.config import ConfigError
 from study.sweeps.jobs import Chunk, ChunkResult, LogHook, run_chunk
 
@@ -114,7 +115,7 @@ class _Inline(Executor):
         try:
             self._done.append(Done(chunk, run_chunk(chunk, self._on_progress, on_log)))
         except Exception as e:  # handed to the driver by wait(), as a worker's would be
-            if _interrupted(e):
+            if is_interrupt(e):
                 raise KeyboardInterrupt from e
             self._done.append(Done(chunk, None, e))
 
@@ -125,17 +126,6 @@ class _Inline(Executor):
 
     def close(self, abort: bool) -> None:
         self._done = []
-
-
-def _interrupted(error: BaseException) -> bool:
-    """Whether ``error`` is a Ctrl-C or SIGTERM in disguise: a KeyboardInterrupt raised
-    while a compiled (numba) call returns surfaces as its SystemError's cause."""
-    seen: BaseException | None = error
-    while seen is not None:
-        if isinstance(seen, KeyboardInterrupt):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
 
 
 class _FileSink:

@@ -14,30 +14,26 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import os
-import platform
 import shlex
 import sys
 from collections.abc import Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from study import procs, store
+from study import store
 from study.analysis import stats
 from study.cli_util import ArgumentParser, positive_int, run_cli
 from study.config import ConfigError
+from study.sweeps.manifest import EXIT_INTERRUPTED, Record
 from study.sweeps.runner import BACKENDS, Outcome, Plan, check_scheduler, execute, make_plan
-from study.sweeps.spec import Sweep, grid_axes, load_sweep, sweep_to_toml
+from study.sweeps.spec import Sweep, grid_axes, load_sweep
 from study.trainer.envs.memory import check_fits
-from study.trust import sign_env
 
 __all__ = ["best_configs", "main"]
 
-EXIT_INTERRUPTED = 130
 
 
 def _available_cores() -> int:
@@ -74,62 +70,11 @@ def _parser() -> ArgumentParser:
 # manifest
 
 
-def _version(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-
-
-def _manifest(sweep: Sweep, command: str, plan: Plan, n_jobs: int, backend: str,
-              previous: dict[str, Any] | None) -> dict[str, Any]:
-    import study
-
-    history = []
-    if previous:
-        history = list(previous.pop("history", []))
-        history.append(previous)
-    return {
-        "format": store.FORMAT,
-        "sweep": sweep.name,
-        "env": sweep.env if len(sweep.envs) == 1 else list(sweep.envs),
-        "sweep_file": sweep.source,
-        "command": command,
-        "cwd": os.getcwd(),
-        "started": _now(),
-        "finished": None,
-        "status": "running",
-        "driver": procs.me(),  # readers call a "running" store whose driver died interrupted
-        "backend": backend,
-        "n_jobs": n_jobs,
-        "population_size": plan.population_size,
-        "numerics": study.NUMERICS,
-        "runs": {"in_sweep": len(plan.runs), "already_stored": len(plan.runs) - plan.pending,
-                 "to_run": plan.pending, "ran": 0},
-        "versions": {
-            "python": platform.python_version(),
-            "study": study.__version__,
-            **{name: _version(name) for name in
-               ("torch", "gymnasium", "numpy", "numba", "pandas", "pyarrow", "joblib",
-                "distributed")},
-        },
-        "machine": {
-            "platform": platform.platform(),
-            "machine": platform.machine(),
-            "processor": platform.processor(),
-            "cpu_count": os.cpu_count(),
-        },
-        # Earlier invocations on this store (resumes, changed sweeps), oldest first.
-        "history": history,
-        # Lets study.render import the env's module from this store without --trust.
-        **({"env_signature": sig} if (sig := sign_env(sweep.env)) else {}),
-        **({"env_signatures": sigs} if (sigs := {e: sg for e in sweep.envs[1:]
-                                                  if (sg := sign_env(e))}) else {}),
-    }
+def _manifest_fields(plan: Plan, n_jobs: int, backend: str) -> dict[str, Any]:
+    """The grid's own manifest fields (see :func:`study.sweeps.manifest.new_manifest`)."""
+    return {"backend": backend, "n_jobs": n_jobs, "population_size": plan.population_size,
+            "runs": {"in_sweep": len(plan.runs), "already_stored": len(plan.runs) - plan.pending,
+                     "to_run": plan.pending, "ran": 0}}
 
 
 # --------------------------------------------------------------------------------------
@@ -328,21 +273,16 @@ def _write(args: argparse.Namespace, sweep: Sweep, plan: Plan, out: Path, comman
     if args.fresh:
         store.remove_store(out)
     out.mkdir(parents=True, exist_ok=True)
-    previous = store.read_manifest(out) if store.is_store(out) else None
-    manifest = _manifest(sweep, command, plan, n_jobs, backend, previous)
-    store.atomic_write_text(out / store.SWEEP_FILE, sweep_to_toml(sweep))
-    store.write_manifest(out, manifest)
+    record = Record.start(out, sweep, command, _manifest_fields(plan, n_jobs, backend))
     if not args.quiet:
         print(plan.describe(out), flush=True)
 
     def finish(status: str, outcome: Outcome | None) -> None:
-        manifest["finished"] = _now()
-        manifest["status"] = status
-        if outcome is not None:
-            manifest["runs"]["ran"] = outcome.runs_done
-            manifest["wall_s"] = round(outcome.wall_s, 3)
-            manifest["env_steps"] = outcome.env_steps
-        store.write_manifest(out, manifest)
+        if outcome is None:
+            return record.finish(status)
+        record.data["runs"]["ran"] = outcome.runs_done
+        record.finish(status, {"wall_s": round(outcome.wall_s, 3),
+                               "env_steps": outcome.env_steps})
 
     try:
         outcome = execute(plan, out, n_jobs=n_jobs, backend=backend, scheduler=args.scheduler,

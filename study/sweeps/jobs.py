@@ -86,7 +86,7 @@ class Budget:
         return run_id(env, hp, seed, self.total_steps, self.log_every, self.eval_every,
                       self.eval_episodes)
 
-    def train_kwargs(self) -> dict[str, int]:
+    def train_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of :func:`study.trainer.population.train_population`
         after ``total_steps``."""
         return {"log_every": self.log_every, "eval_every": self.eval_every,
@@ -172,7 +172,7 @@ class Outcome:
 class ProgressSink(Protocol):
     """Where a worker reports the cumulative env steps of a chunk (best effort)."""
 
-    def __call__(self, chunk_index: int, steps_done: int) -> None: ...
+    def __call__(self, chunk_index: int, steps_done: int, /) -> None: ...
 
 
 class LogHook(Protocol):

@@ -66,13 +66,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime as dt
 import hashlib
 import io
 import json
 import math
 import os
-import platform
 import shlex
 import sys
 import threading
@@ -99,9 +97,9 @@ from study.redact import redact, register_secret
 from study.sweeps import optuna_storage
 from study.sweeps.executors import Executor, open_executor, run_all
 from study.sweeps.jobs import Budget, Chunk, ChunkResult, Outcome, chunk_key, normalization
+from study.sweeps.manifest import EXIT_INTERRUPTED, Record
 from study.sweeps.search_space import DEFAULT_TEST_SEEDS, OptunaSettings, parse_optuna
 from study.sweeps.spec import Run, Sweep, load_sweep, parse_sweep, sweep_to_toml
-from study.trust import sign_env
 
 __all__ = [
     "EXTRA_RUN_COLUMNS",
@@ -113,7 +111,6 @@ __all__ = [
     "trials_frame",
 ]
 
-EXIT_INTERRUPTED = 130
 JOURNAL_FILE = "optuna.journal"
 TRIALS_FILE = "trials.parquet"
 BEST_FILE = "best.toml"
@@ -1601,10 +1598,6 @@ def _check_same_storage(out: Path, spec: str | None) -> None:
             f"{STORAGE_ENV})")
 
 
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-
-
 def _settings_record(sweep: Sweep, settings: OptunaSettings,
                      tune: Sequence[int]) -> dict[str, Any]:
     """What makes trials comparable; a study resumed with other values is refused."""
@@ -1655,40 +1648,17 @@ def _open_study(storage: Any, lock: Any, name: str, where: str, record: dict[str
     return study
 
 
-def _manifest(sweep: Sweep, command: str, study_name: str, storage_desc: str,
-              settings: OptunaSettings, previous: dict[str, Any] | None) -> dict[str, Any]:
-    import study as study_pkg
-
-    history = []
-    if previous:
-        history = list(previous.pop("history", []))
-        history.append(previous)
-    versions = {"python": platform.python_version(), "study": study_pkg.__version__}
-    for dist in ("torch", "gymnasium", "numpy", "numba", "pandas", "pyarrow", "optuna"):
-        with contextlib.suppress(Exception):
-            from importlib import metadata
-
-            versions[dist] = metadata.version(dist)
-    return {
-        "format": store.FORMAT, "kind": "optuna", "sweep": sweep.name,
-        "env": sweep.env if len(sweep.envs) == 1 else list(sweep.envs),
-        "sweep_file": sweep.source, "command": command, "cwd": os.getcwd(),
-        "started": _now(), "finished": None, "status": "running",
-        "driver": procs.me(),  # readers call a "running" store whose driver died interrupted
-        "numerics": study_pkg.NUMERICS,
-        "optuna": {"study_name": study_name, "storage": storage_desc,
-                   "n_trials": settings.n_trials, "seeds_per_trial": settings.seeds_per_trial,
-                   "objective": settings.objective, "metric": settings.metric,
-                   "sampler": settings.sampler, "pruner": settings.pruner,
-                   "trials_per_batch": settings.trials_per_batch},
-        "versions": versions,
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
-        "history": history,
-        # Lets study.render import the env's module from this store without --trust.
-        **({"env_signature": sig} if (sig := sign_env(sweep.env)) else {}),
-        **({"env_signatures": sigs} if (sigs := {e: sg for e in sweep.envs[1:]
-                                                  if (sg := sign_env(e))}) else {}),
-    }
+def _manifest_fields(study_name: str, storage_desc: str, settings: OptunaSettings
+                     ) -> dict[str, Any]:
+    """The Optuna driver's own manifest fields (see
+    :func:`study.sweeps.manifest.new_manifest`)."""
+    return {"kind": "optuna",
+            "optuna": {"study_name": study_name, "storage": storage_desc,
+                       "n_trials": settings.n_trials,
+                       "seeds_per_trial": settings.seeds_per_trial,
+                       "objective": settings.objective, "metric": settings.metric,
+                       "sampler": settings.sampler, "pruner": settings.pruner,
+                       "trials_per_batch": settings.trials_per_batch}}
 
 
 @contextlib.contextmanager
@@ -1833,10 +1803,8 @@ def _run(job: _Job, study: optuna.Study, lock: Any, desc: str) -> int:
     """Start the manifest, then drive the study and confirm."""
     s = job.settings
     job.out.mkdir(parents=True, exist_ok=True)
-    previous = store.read_manifest(job.out) if store.is_store(job.out) else None
-    manifest = _manifest(job.sweep, job.command, job.study_name, desc, s, previous)
-    store.atomic_write_text(job.out / store.SWEEP_FILE, sweep_to_toml(job.sweep))
-    store.write_manifest(job.out, manifest)
+    record = Record.start(job.out, job.sweep, job.command,
+                          _manifest_fields(job.study_name, desc, s))
     driver = Driver(sweep=job.sweep, settings=s, study=study, lock=lock, out=job.out,
                     tune_seeds=job.tune_seeds, study_name=job.study_name,
                     n_jobs=job.args.n_jobs, timeout=job.args.timeout, quiet=job.args.quiet)
@@ -1844,13 +1812,9 @@ def _run(job: _Job, study: optuna.Study, lock: Any, desc: str) -> int:
         _announce(job, driver, desc)
 
     def finish(status: str, outcome: StudyOutcome | None) -> None:
-        manifest["finished"] = _now()
-        manifest["status"] = status
-        if outcome is not None:
-            manifest["wall_s"] = round(outcome.wall_s, 3)
-            manifest["env_steps"] = outcome.env_steps
-            manifest["trials_run"] = outcome.trials_run
-        store.write_manifest(job.out, manifest)
+        record.finish(status, None if outcome is None else {
+            "wall_s": round(outcome.wall_s, 3), "env_steps": outcome.env_steps,
+            "trials_run": outcome.trials_run})
 
     try:
         return _drive(job, driver, finish)
