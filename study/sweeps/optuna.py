@@ -714,6 +714,107 @@ class StudyOutcome(Outcome):
     timed_out: bool = False
 
 
+def seed_values(sweep: Sweep, metric: str, env: str, runs: pd.DataFrame,
+                returns: Sequence[np.ndarray]) -> np.ndarray:
+    """Per-seed metric of one trial's runs on ``env`` (their rows of a chunk's runs
+    frame, and each one's ``episode_return`` curve); diverged seeds get their lowest
+    return; normalized with the env's score references in a study across tasks."""
+    import warnings
+
+    vals, floors = [], []
+    for status, final, final_eval, ret in zip(runs["status"], runs["final_return"],
+                                              runs["final_eval_return"], returns,
+                                              strict=True):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            floors.append(np.nanmin(ret) if np.isfinite(ret).any() else np.nan)
+            if status != "ok":
+                vals.append(np.nan)
+            elif metric == "final_return":
+                vals.append(final)
+            elif metric == "final_eval_return":
+                vals.append(final_eval)
+            else:
+                vals.append(np.nanmean(ret) if np.isfinite(ret).any() else np.nan)
+    v, f = np.asarray(vals, dtype=float), np.asarray(floors, dtype=float)
+    diverged = runs["status"].eq("diverged").to_numpy()
+    trial_floor = np.nanmin(f) if np.isfinite(f).any() else np.nan
+    f = np.where(np.isfinite(f), f, trial_floor)
+    return _scale(sweep, env, np.where(diverged, f, v))
+
+
+class _StaleTrials:
+    """Trials left RUNNING by a driver that is gone: found, told FAIL (failure "stale", so
+    they do not count) and their parameters re-queued once. One of the Driver's jobs,
+    kept apart: it reads the owners, heartbeats and asking records other drivers left."""
+
+    def __init__(self, study: optuna.Study, lock: Any, names: Sequence[str]) -> None:
+        self.study, self.lock, self.names = study, lock, tuple(names)
+
+    def fail(self, trials: Sequence[FrozenTrial], mine: set[int]) -> int:
+        """Tell FAIL to RUNNING trials (other than ``mine``, this driver's) whose driver is
+        gone; re-queue each one's params once. The number failed.
+
+        Called under the study lock. A trial is gone when its owner (stamped right after
+        ask) died here or stopped its heartbeat elsewhere, or when it has no owner and the
+        ask session that left it (the ``_ASKING`` record) belongs to a dead driver.
+        """
+        now = time.time()
+        asking = optuna_storage.study_system_attr(self.study, _ASKING)
+        n = 0
+        for t in trials:
+            if t.state == TrialState.RUNNING and t.number not in mine:
+                note = self._note(t, now, asking)
+                if note is not None and self._fail(t, note):
+                    n += 1
+        return n
+
+    def _note(self, t: FrozenTrial, now: float, asking: Any) -> str | None:
+        """How trial ``t`` was left behind by a driver that is gone, None if it may still
+        run."""
+        owner = t.system_attrs.get(_OWNER)
+        if owner is None and _asked_in(t, asking) and self._gone(asking.get("driver")):
+            return (f"was left RUNNING {_params_state(t, self.names)} by a driver "
+                    f"that died while asking ({_who(asking['driver'])})")
+        if not _is_stale(t, now):
+            return None
+        if not isinstance(owner, dict):
+            return f"was left RUNNING without an owner for more than {STALE_AFTER_S:g} s"
+        if procs.is_local(owner):
+            return f"was left RUNNING by a driver that died ({_who(owner)})"
+        return (f"was left RUNNING by a driver whose heartbeat stopped more than "
+                f"{STALE_AFTER_S:g} s ago ({_who(owner)})")
+
+    def _gone(self, driver: Any) -> bool:
+        """Whether an asking driver is gone: dead (on this machine), or, where the study
+        lock spans machines and we hold it, not asking anywhere."""
+        if not isinstance(driver, dict):
+            return False
+        if procs.is_local(driver):
+            return not procs.is_alive(driver)
+        return bool(getattr(self.lock, "spans_machines", False))
+
+    def _fail(self, t: FrozenTrial, note: str) -> bool:
+        """Tell ``t`` FAIL (failure "stale": it does not count), re-queue its params once,
+        and say so. False if it finished meanwhile."""
+        try:
+            optuna_storage.set_trial_user_attr(self.study, t, "failure", "stale")
+            self.study.tell(t.number, state=TrialState.FAIL)
+        except (RuntimeError, ValueError, optuna.exceptions.UpdateFinishedTrialError):
+            return False
+        complete = set(t.params) == set(self.names)
+        if complete and "requeued_from" not in t.user_attrs:
+            self.study.enqueue_trial(dict(t.params), user_attrs={"requeued_from": t.number})
+            what = "marked FAIL, its params re-queued"
+        elif complete:
+            what = (f"marked FAIL, not re-queued (it was the re-queued copy of trial "
+                    f"{t.user_attrs['requeued_from']})")
+        else:
+            what = "marked FAIL"
+        print(f"note: trial {t.number} {note}; {what}", file=sys.stderr, flush=True)
+        return True
+
+
 @dataclass
 class Driver:
     """Runs a study: asks batches, trains them as populations, reports, tells, stores."""
@@ -754,69 +855,6 @@ class Driver:
             print(msg, file=sys.stderr, flush=True)
 
     # -- asking ----------------------------------------------------------------------------
-    def _fail_stale(self, trials: Sequence[FrozenTrial]) -> int:
-        """Tell FAIL to RUNNING trials whose driver is gone; re-queue each one's params once.
-
-        Called under the study lock. A trial is gone when its owner (stamped right after
-        ask) died here or stopped its heartbeat elsewhere, or when it has no owner and the
-        ask session that left it (the ``_ASKING`` record) belongs to a dead driver.
-        """
-        now = time.time()
-        mine = {tr.number for st in self._units.values() for tr in st.trials}
-        asking = optuna_storage.study_system_attr(self.study, _ASKING)
-        n = 0
-        for t in trials:
-            if t.state == TrialState.RUNNING and t.number not in mine:
-                note = self._gone_note(t, now, asking)
-                if note is not None and self._fail_gone(t, note):
-                    n += 1
-        return n
-
-    def _gone_note(self, t: FrozenTrial, now: float, asking: Any) -> str | None:
-        """How trial ``t`` was left behind by a driver that is gone, None if it may still
-        run."""
-        owner = t.system_attrs.get(_OWNER)
-        if owner is None and _asked_in(t, asking) and self._gone(asking.get("driver")):
-            return (f"was left RUNNING {_params_state(t, self.settings.names)} by a driver "
-                    f"that died while asking ({_who(asking['driver'])})")
-        if not _is_stale(t, now):
-            return None
-        if not isinstance(owner, dict):
-            return f"was left RUNNING without an owner for more than {STALE_AFTER_S:g} s"
-        if procs.is_local(owner):
-            return f"was left RUNNING by a driver that died ({_who(owner)})"
-        return (f"was left RUNNING by a driver whose heartbeat stopped more than "
-                f"{STALE_AFTER_S:g} s ago ({_who(owner)})")
-
-    def _gone(self, driver: Any) -> bool:
-        """Whether an asking driver is gone: dead (on this machine), or, where the study
-        lock spans machines and we hold it, not asking anywhere."""
-        if not isinstance(driver, dict):
-            return False
-        if procs.is_local(driver):
-            return not procs.is_alive(driver)
-        return bool(getattr(self.lock, "spans_machines", False))
-
-    def _fail_gone(self, t: FrozenTrial, note: str) -> bool:
-        """Tell ``t`` FAIL (failure "stale": it does not count), re-queue its params once,
-        and say so. False if it finished meanwhile."""
-        try:
-            optuna_storage.set_trial_user_attr(self.study, t, "failure", "stale")
-            self.study.tell(t.number, state=TrialState.FAIL)
-        except (RuntimeError, ValueError, optuna.exceptions.UpdateFinishedTrialError):
-            return False
-        complete = set(t.params) == set(self.settings.names)
-        if complete and "requeued_from" not in t.user_attrs:
-            self.study.enqueue_trial(dict(t.params), user_attrs={"requeued_from": t.number})
-            what = "marked FAIL, its params re-queued"
-        elif complete:
-            what = (f"marked FAIL, not re-queued (it was the re-queued copy of trial "
-                    f"{t.user_attrs['requeued_from']})")
-        else:
-            what = "marked FAIL"
-        print(f"note: trial {t.number} {note}; {what}", file=sys.stderr, flush=True)
-        return True
-
     def _ask_batch(self) -> list[_TrialRun]:
         """Ask the next batch of trials: waiting (re-queued) trials first, then new ones.
 
@@ -824,11 +862,12 @@ class Driver:
         one at a time; with SIGINT/SIGTERM held, so that a stop never leaves a trial
         half-asked. Only ``kill -9`` can, between Optuna creating a trial and this driver
         stamping its owner: the ``_ASKING`` record names the asking driver and the trials
-        it may leave, so that the next driver fails them at once (:meth:`_fail_stale`).
+        it may leave, so that the next driver fails them at once (:class:`_StaleTrials`).
         """
         with self.lock, store.deferred_sigint():
             trials = self.study.get_trials(deepcopy=False)
-            if self._fail_stale(trials):
+            mine = {tr.number for st in self._units.values() for tr in st.trials}
+            if _StaleTrials(self.study, self.lock, self.settings.names).fail(trials, mine):
                 trials = self.study.get_trials(deepcopy=False)
             counted = sum(_counts(t) for t in trials)
             waiting = [t.number for t in trials if t.state == TrialState.WAITING]
@@ -952,35 +991,6 @@ class Driver:
             return mask
 
     # -- finishing ---------------------------------------------------------------------------
-    def _seed_values(self, runs: pd.DataFrame, returns: Sequence[np.ndarray],
-                     env: str) -> np.ndarray:
-        """Per-seed metric of one trial's runs on ``env`` (their rows of a chunk's runs
-        frame, and each one's ``episode_return`` curve); diverged seeds get their lowest
-        return; normalized with the env's score references in a study across tasks."""
-        metric = self.settings.metric
-        import warnings
-
-        vals, floors = [], []
-        for status, final, final_eval, ret in zip(runs["status"], runs["final_return"],
-                                                  runs["final_eval_return"], returns,
-                                                  strict=True):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                floors.append(np.nanmin(ret) if np.isfinite(ret).any() else np.nan)
-                if status != "ok":
-                    vals.append(np.nan)
-                elif metric == "final_return":
-                    vals.append(final)
-                elif metric == "final_eval_return":
-                    vals.append(final_eval)
-                else:
-                    vals.append(np.nanmean(ret) if np.isfinite(ret).any() else np.nan)
-        v, f = np.asarray(vals, dtype=float), np.asarray(floors, dtype=float)
-        diverged = runs["status"].eq("diverged").to_numpy()
-        trial_floor = np.nanmin(f) if np.isfinite(f).any() else np.nan
-        f = np.where(np.isfinite(f), f, trial_floor)
-        return _scale(self.sweep, env, np.where(diverged, f, v))
-
     def objective(self, tr: _TrialRun) -> float:
         """The trial's objective over its scores so far: per seed on one env; over every
         (task, seed) pair of normalized scores across tasks (the IQM is
@@ -998,8 +1008,8 @@ class Driver:
         for j, tr in enumerate(st.trials):
             idx = np.flatnonzero(st.member_trial == j)
             rows = result.runs.iloc[idx]
-            tr.values[st.unit.env] = self._seed_values(rows, [returns[i] for i in idx],
-                                                       st.unit.env)
+            tr.values[st.unit.env] = seed_values(self.sweep, self.settings.metric,
+                                                 st.unit.env, rows, [returns[i] for i in idx])
             tr.diverged.append(bool(rows["status"].eq("diverged").all()))
         with self._mutex:
             self._steps_done += max(0, result.env_steps - st.env_steps)
