@@ -74,6 +74,7 @@ from scipy import stats as _st
 from study.analysis import stats
 from study.analysis.curves import Interpolator, curve_matrix
 from study.config import NAMES, ConfigError
+from study.text import format_value, markdown_lines
 
 __all__ = [
     "CLASSES",
@@ -88,7 +89,6 @@ __all__ = [
     "failure_report",
     "find_modes",
     "fmt_number",
-    "format_value",
     "hyperparameter_columns",
     "main",
 ]
@@ -143,20 +143,6 @@ def hyperparameter_columns(runs: pd.DataFrame, differing: bool = True) -> list[s
     if differing:
         cols = [c for c in cols if runs[c].nunique(dropna=False) > 1]
     return cols
-
-
-def format_value(v: object) -> str:
-    """A hyperparameter value as people write it: 0.0007, 64, true, [64, 64], inf."""
-    if v is None or (isinstance(v, float) and math.isnan(v)) or v is pd.NA:
-        return "-"
-    if isinstance(v, (bool, np.bool_)):
-        return "true" if v else "false"
-    if isinstance(v, (int, np.integer)):
-        return str(int(v))
-    if isinstance(v, (float, np.floating)):
-        f = float(v)
-        return str(int(f)) if f.is_integer() and abs(f) < 1e15 else f"{f:.6g}"
-    return str(v)
 
 
 def config_labels(runs: pd.DataFrame, columns: Sequence[str] | None = None) -> dict[str, str]:
@@ -1499,16 +1485,6 @@ def _reliability(runs: pd.DataFrame, curves: pd.DataFrame | None) -> dict[str, p
 # Markdown
 
 
-def _md(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    def esc(s: str) -> str:
-        return str(s).replace("|", "\\|")
-
-    out = ["| " + " | ".join(esc(h) for h in header) + " |",
-           "|" + "|".join("---" for _ in header) + "|"]
-    out += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
-    return out
-
-
 def _pct(x: float) -> str:
     return "nan" if not np.isfinite(x) else f"{100 * x:.0f}%"
 
@@ -1588,8 +1564,9 @@ def _md_drops(rep: FailureReport) -> list[str]:
             "curves' first points), so a wobble of a run stuck low, large on its own small "
             "scale, is not listed. It may recover; a run that ends below an untrained policy "
             "is *collapsed* above instead.", "",
-            *_md(["config", "seed", "peak (at step)", "fell at step", "lowest", "depth",
-                  "log points below", "recovered"], _capped(rep, rows, "drops")), ""]
+            *markdown_lines(["config", "seed", "peak (at step)", "fell at step", "lowest",
+                             "depth", "log points below", "recovered"],
+                            _capped(rep, rows, "drops")), ""]
 
 
 def _md_reliability(rep: FailureReport) -> list[str]:
@@ -1608,8 +1585,8 @@ def _md_reliability(rep: FailureReport) -> list[str]:
             "so far; **DR** dispersion across runs, the IQR of the final returns; **RR** "
             "risk across runs, the CVaR of the final returns (the worst runs). Lower "
             "dispersions and higher risks (closer to 0, or higher returns) are better.", "",
-            *_md(["config", "runs", "DT", "SRT", "LRT", "DR", "RR"],
-                 _capped(rep, rows, "configs")), ""]
+            *markdown_lines(["config", "runs", "DT", "SRT", "LRT", "DR", "RR"],
+                            _capped(rep, rows, "configs")), ""]
 
 
 def _capped(rep: FailureReport, rows: list[list[str]], what: str) -> list[list[str]]:
@@ -1633,8 +1610,8 @@ def _md_modes(rep: FailureReport) -> list[str]:
             ("**" + m.describe(d) + " (trapped)**") if (c, m.index) in trapped_modes
             else m.describe(d) for m in ms)] for c, ms in sorted(multi.items())]
         if rows:
-            lines += _md(["config", "modes (level +/- sd: seeds)"],
-                         _capped(rep, rows, "configs"))
+            lines += markdown_lines(["config", "modes (level +/- sd: seeds)"],
+                                    _capped(rep, rows, "configs"))
             lines.append("")
         lines.append(_single_mode_sentence(rep, set(multi)))
     lines += _md_pooled(rep)
@@ -1722,9 +1699,9 @@ def _md_runs(rep: FailureReport) -> list[str]:
                          fmt_number(r.final_return, d), str(int(r.plateau_step)),
                          f"{e:.3g}" if np.isfinite(e) else "-",
                          f"{ref:.3g}" if np.isfinite(ref) else "-"])
-        lines += _md(["config", "seed", "final return", "plateau step",
-                      "entropy at plateau", "successful runs' entropy"],
-                     _capped(rep, rows, "trapped runs"))
+        lines += markdown_lines(["config", "seed", "final return", "plateau step",
+                                 "entropy at plateau", "successful runs' entropy"],
+                                _capped(rep, rows, "trapped runs"))
         collapse = tr["reason"].str.contains("entropy collapse").sum()
         with_ref = np.isfinite(tr["reference_entropy"]).sum()
         if with_ref:
@@ -1739,8 +1716,8 @@ def _md_runs(rep: FailureReport) -> list[str]:
             continue
         rows = [[lab.get(r.config_id, r.config_id), str(r.seed), r.reason]
                 for r in sub.itertuples()]
-        lines += [f"## {title}", "", *_md(["config", "seed", "why"], _capped(rep, rows, "runs")),
-                  ""]
+        lines += [f"## {title}", "",
+                  *markdown_lines(["config", "seed", "why"], _capped(rep, rows, "runs")), ""]
     return lines
 
 
@@ -1753,8 +1730,8 @@ def _md_rates(rep: FailureReport) -> list[str]:
         rows = [[rep.labels.get(r.config_id, r.config_id), str(r.n_runs), str(r.n_ok),
                  str(r.n_learning), _rate(r.n_trapped, r.n_runs, r.trapped_lo, r.trapped_hi),
                  str(r.n_collapsed), str(r.n_diverged)] for r in pc.itertuples()]
-        lines += _md(["config", "runs", "ok", "learning", "trapped", "collapsed", "diverged"],
-                     _capped(rep, rows, "configs"))
+        lines += markdown_lines(["config", "runs", "ok", "learning", "trapped", "collapsed",
+                                 "diverged"], _capped(rep, rows, "configs"))
         lines.append("")
     bh = rep.by_hyperparameter
     if rep.counts["trapped"] and not bh.empty:
@@ -1766,8 +1743,8 @@ def _md_rates(rep: FailureReport) -> list[str]:
                  _rate(r.rest_trapped, r.rest_n, r.rest_lo, r.rest_hi), f"{r.p_value:.2g}",
                  f"{r.p_holm:.2g}", "**raises**" if r.raises else ""]
                 for r in bh.itertuples()]
-        lines += _md(["hyperparameter", "value", "trapped", "rest of the sweep", "p",
-                      "p (Holm)", ""], rows)
+        lines += markdown_lines(["hyperparameter", "value", "trapped", "rest of the sweep",
+                                 "p", "p (Holm)", ""], rows)
         lines.append("")
     return lines
 
