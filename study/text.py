@@ -154,8 +154,10 @@ def latex_tabular(header: Sequence[object],
     for i, (caption, rows) in enumerate(sections):
         lines += [r"\midrule"] if i else []
         if caption:
+            # A row ends in "\\"; one backslash would be a control space and run the caption
+            # into the first row of its section.
             lines.append(rf"\multicolumn{{{len(header)}}}{{l}}{{\textit{{"
-                         f"{latex_escape(caption)}}}}} \\")
+                         rf"{latex_escape(caption)}}}}} \\")
         lines += [_tex_row(r) for r in rows]
     lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines) + "\n"

@@ -136,3 +136,15 @@ def test_latex_tabular_one_section():
         r"0.001 & 5 \\", r"50\% & 3 \\",
         r"\bottomrule", r"\end{tabular}",
     ]) + "\n"
+
+
+def test_latex_tabular_sections_get_captions_and_rules():
+    text = latex_tabular(["a", "b"], [("held-out & tuned", [["1", "2"]]), ("tune", [["3", "4"]])],
+                         "ll")
+    body = text.splitlines()
+    assert body[:4] == [r"\begin{tabular}{ll}", r"\toprule", r"a & b \\", r"\midrule"]
+    assert body[4:9] == [
+        r"\multicolumn{2}{l}{\textit{held-out \& tuned}} \\", r"1 & 2 \\",
+        r"\midrule", r"\multicolumn{2}{l}{\textit{tune}} \\", r"3 & 4 \\",
+    ]
+    assert body[9:] == [r"\bottomrule", r"\end{tabular}"]
