@@ -233,6 +233,18 @@ def test_formats():
     assert "_" not in body.replace("\\_", "")
 
 
+def test_latex_phase_captions_are_rows_of_their_own():
+    # Regression: an Optuna table's phase captions ended in one backslash (a control space,
+    # not a row end), so each caption ran into the first row of its phase.
+    runs = make_runs()
+    runs["phase"] = ["confirm" if c == "a" else "tune" for c in runs["config_id"]]
+    lines = format_table(seed_table(runs), "latex").splitlines()
+    captions = [line for line in lines if line.startswith("\\multicolumn")]
+    assert len(captions) == 2 and "Held-out confirmation" in captions[0]
+    rows = [line for line in lines if "&" in line or line.startswith("\\multicolumn")]
+    assert all(line.endswith(" \\\\") for line in rows)
+
+
 def test_csv_is_data_at_full_precision():
     # Regression: CSV used to round to the Markdown's 2 decimals.
     t = seed_table(make_runs(), per_seed=True)

@@ -30,6 +30,7 @@ import pandas as pd
 
 from study.analysis import stats
 from study.config import SPECS, ConfigError
+from study.text import latex_tabular, markdown_table
 
 __all__ = [
     "METRICS",
@@ -260,13 +261,16 @@ def render(table: pd.DataFrame, fmt: str, note: str) -> str:
         if shown[c].dtype.kind == "f":  # hyperparameters as given, statistics to 3 places
             spec = ".4g" if c in SPECS else ".3f"
             shown[c] = shown[c].map(lambda v, spec=spec: f"{v:{spec}}")
+    header = [str(c) for c in shown.columns]
+    rows = [[str(v) for v in r] for r in shown.itertuples(index=False)]
     if fmt == "latex":
-        body = shown.to_latex(index=False, escape=True)
-        return f"% needs \\usepackage{{booktabs}}\n% {note}\n{body}"
-    header = "| " + " | ".join(shown.columns) + " |"
-    lines = [header, "|" + "---|" * len(shown.columns)]
-    lines += ["| " + " | ".join(str(v) for v in r) + " |" for r in shown.itertuples(index=False)]
-    return f"{note}\n\n" + "\n".join(lines) + "\n"
+        # Numbers still numeric (the counts) right-aligned, text left, as pandas' to_latex
+        # wrote this table before.
+        align = "".join("r" if pd.api.types.is_numeric_dtype(shown[c]) else "l"
+                        for c in shown.columns)
+        return latex_tabular(header, [(None, rows)], align,
+                             comments=[r"needs \usepackage{booktabs}", note])
+    return f"{note}\n\n" + markdown_table(header, rows)
 
 
 # --------------------------------------------------------------------------------------

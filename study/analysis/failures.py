@@ -74,6 +74,7 @@ from scipy import stats as _st
 from study.analysis import stats
 from study.analysis.curves import Interpolator, curve_matrix
 from study.config import NAMES, ConfigError
+from study.text import format_value, markdown_lines
 
 __all__ = [
     "CLASSES",
@@ -88,7 +89,6 @@ __all__ = [
     "failure_report",
     "find_modes",
     "fmt_number",
-    "format_value",
     "hyperparameter_columns",
     "main",
 ]
@@ -143,20 +143,6 @@ def hyperparameter_columns(runs: pd.DataFrame, differing: bool = True) -> list[s
     if differing:
         cols = [c for c in cols if runs[c].nunique(dropna=False) > 1]
     return cols
-
-
-def format_value(v: object) -> str:
-    """A hyperparameter value as people write it: 0.0007, 64, true, [64, 64], inf."""
-    if v is None or (isinstance(v, float) and math.isnan(v)) or v is pd.NA:
-        return "-"
-    if isinstance(v, (bool, np.bool_)):
-        return "true" if v else "false"
-    if isinstance(v, (int, np.integer)):
-        return str(int(v))
-    if isinstance(v, (float, np.floating)):
-        f = float(v)
-        return str(int(f)) if f.is_integer() and abs(f) < 1e15 else f"{f:.6g}"
-    return str(v)
 
 
 def config_labels(runs: pd.DataFrame, columns: Sequence[str] | None = None) -> dict[str, str]:
@@ -608,7 +594,7 @@ class _Features:
     final_level: np.ndarray  # tail mean
     drop_se: np.ndarray  # standard error of (initial - final_level)
     tail_rises: np.ndarray  # the tail test alone (learning also needs the end window)
-    start: np.ndarray | None = None  # an untrained policy's return (set by _analyse)
+    start: np.ndarray | None = None  # an untrained policy's return (set by _run_arrays)
 
 
 def _empty_features(n: int) -> _Features:
@@ -845,8 +831,51 @@ def _check_runs(runs: pd.DataFrame) -> None:
         raise ConfigError(f"runs lack columns {missing}")
 
 
-def _analyse(runs: pd.DataFrame, curves: pd.DataFrame | None, min_seeds: int,
-             tail_frac: float, trend_alpha: float, max_progress: float) -> _Analysis:
+@dataclass
+class _Runs:
+    """The runs of one classification as arrays (sorted by config, then seed), with their
+    curve features: what every pass of :func:`_analyse` reads."""
+
+    runs: pd.DataFrame
+    run_ids: list[str]
+    cfg: np.ndarray
+    final: np.ndarray
+    env: np.ndarray  # pool keys (:func:`_pool_keys`): env, and budget when budgets differ
+    pruned: np.ndarray
+    diverged: np.ndarray
+    usable: np.ndarray  # neither pruned nor diverged, with a finite final return
+    dec: int  # decimals of the reasons' numbers
+    f: _Features
+    curve_ok: np.ndarray
+    has_curves: bool
+    groups: dict[str, np.ndarray]  # config id -> its rows
+
+    def initial_of(self, rows: np.ndarray) -> float:
+        """The median starting return of ``rows`` (NaN when none has curve points)."""
+        x = self.f.initial[rows]
+        return float(np.nanmedian(x)) if np.isfinite(x).any() else np.nan
+
+
+@dataclass
+class _Traps:
+    """What the trap search has found so far; each pass adds to it."""
+
+    mode_idx: np.ndarray  # per run, its mode in its config's modes (-1: none)
+    candidate: np.ndarray  # per run, whether some pass found it at a trapped level
+    lone: np.ndarray  # per run, trapped alone (pass 3)
+    why: dict[int, str] = field(default_factory=dict)  # run row -> the mode story
+    ref_rows: dict[int, np.ndarray] = field(default_factory=dict)  # successful runs to compare
+    modes: dict[str, list[Mode]] = field(default_factory=dict)  # per config
+    sweep_modes: dict[str, list[Mode]] = field(default_factory=dict)  # per pool (env)
+    best_rows: dict[str, np.ndarray] = field(default_factory=dict)  # a config's best mode
+    levels: list[TrappedLevel] = field(default_factory=list)
+    level_refs: list[np.ndarray] = field(default_factory=list)  # per level: runs above it
+
+
+def _run_arrays(runs: pd.DataFrame, curves: pd.DataFrame | None, tail_frac: float,
+                trend_alpha: float) -> _Runs:
+    """The runs sorted by config and seed, as arrays, with their curve features and each
+    run's start level (:func:`_start_levels`)."""
     _check_runs(runs)
     runs = runs.sort_values(["config_id", "seed"], kind="stable").reset_index(drop=True)
     n = len(runs)
@@ -861,74 +890,74 @@ def _analyse(runs: pd.DataFrame, curves: pd.DataFrame | None, min_seeds: int,
     diverged = ~pruned & (status == "diverged")
     usable = ~pruned & ~diverged & np.isfinite(final)
     dec = decimals_for(final[usable]) - 1  # one decimal fewer than the tables: prose
-
     has_curves = curves is not None and len(curves) > 0
     f = (_curve_features(curves, run_ids, tail_frac, trend_alpha) if has_curves
          else _empty_features(n))
-    curve_ok = f.n_valid >= 3
     f.start = _start_levels(f.initial, env)
-
-    mode_idx = np.full(n, -1)
-    candidate = np.zeros(n, dtype=bool)
-    why: dict[int, str] = {}  # run row -> the mode story, for trapped candidates
-    ref_rows: dict[int, np.ndarray] = {}  # run row -> rows of successful runs to compare with
-    modes: dict[str, list[Mode]] = {}
-    sweep_modes: dict[str, list[Mode]] = {}
-    best_rows: dict[str, np.ndarray] = {}
-    levels: list[TrappedLevel] = []
-    level_refs: list[np.ndarray] = []  # per level: successful runs where it was found
     groups = {c: np.flatnonzero(cfg == c) for c in pd.unique(cfg)}
+    return _Runs(runs, run_ids, cfg, final, env, pruned, diverged, usable, dec, f,
+                 f.n_valid >= 3, has_curves, groups)
 
-    def initial_of(rows: np.ndarray) -> float:
-        x = f.initial[rows]
-        return float(np.nanmedian(x)) if np.isfinite(x).any() else np.nan
 
-    def is_trap(m: Mode, best: Mode, init: float) -> bool:
-        # Clearly below: realises at most max_progress of the best mode's improvement over
-        # the starting return (a cluster just under a capped maximum is not a trap).
-        # Concentrated: trapped agents sit at the same level (racing off the track gives
-        # about -28 every time), so the mode's spread is at most TRAP_MAX_SPREAD of its
-        # distance below the best mode; a wide low "mode" is a spread of slow learners.
-        return (np.isfinite(init) and best.level - init > 0
+def _is_trap(m: Mode, best: Mode, init: float, max_progress: float) -> bool:
+    """Whether mode ``m`` is a trapped level below ``best`` for runs starting at ``init``.
+
+    Clearly below: it realises at most ``max_progress`` of the best mode's improvement over
+    the starting return (a cluster just under a capped maximum is not a trap).
+    Concentrated: trapped agents sit at the same level (racing off the track gives about
+    -28 every time), so the mode's spread is at most TRAP_MAX_SPREAD of its distance below
+    the best mode; a wide low "mode" is a spread of slow learners.
+    """
+    return bool(np.isfinite(init) and best.level - init > 0
                 and (m.level - init) <= max_progress * (best.level - init)
                 and m.spread <= TRAP_MAX_SPREAD * (best.level - m.level))
 
-    # Pass 1: modes within each config with enough seeds; low modes far below the best.
-    for cid, rows in groups.items():
-        r = rows[usable[rows]]
+
+def _config_traps(d: _Runs, t: _Traps, min_seeds: int, max_progress: float) -> None:
+    """Pass 1: the modes of each config with at least ``min_seeds`` usable seeds; every
+    mode far below the config's best (:func:`_is_trap`) is a trapped level, its runs
+    candidates compared with the runs of the best mode."""
+    final = d.final
+    for cid, rows in d.groups.items():
+        r = rows[d.usable[rows]]
         if r.size < min_seeds:
             continue
-        init = initial_of(r)
+        init = d.initial_of(r)
         ms = find_modes(final[r], min_gap=_min_gap(final[r], init))
-        modes[cid] = ms
-        mode_idx[r] = assign_modes(final[r], ms)
+        t.modes[cid] = ms
+        t.mode_idx[r] = assign_modes(final[r], ms)
         best = ms[-1]
-        best_rows[cid] = r[mode_idx[r] == best.index]
+        t.best_rows[cid] = r[t.mode_idx[r] == best.index]
         for m in ms[:-1]:
-            if not is_trap(m, best, init):
+            if not _is_trap(m, best, init, max_progress):
                 continue
-            levels.append(TrappedLevel(cid, m, best, init, str(env[rows[0]]), (cid,)))
-            level_refs.append(best_rows[cid])
-            members = r[mode_idx[r] == m.index]
-            candidate[members] = True
+            t.levels.append(TrappedLevel(cid, m, best, init, str(d.env[rows[0]]), (cid,)))
+            t.level_refs.append(t.best_rows[cid])
+            members = r[t.mode_idx[r] == m.index]
+            t.candidate[members] = True
             for i in members:
-                why[i] = (f"final {fmt_number(final[i], dec)} in a low mode "
-                          f"({m.describe(dec)}) of its config, best mode "
-                          f"{best.describe(dec)}")
-                ref_rows[i] = best_rows[cid]
+                t.why[i] = (f"final {fmt_number(final[i], d.dec)} in a low mode "
+                            f"({m.describe(d.dec)}) of its config, best mode "
+                            f"{best.describe(d.dec)}")
+                t.ref_rows[i] = t.best_rows[cid]
 
-    # Pass 1b: the pooled final returns of the sweep (per env). A lone trapped seed per
-    # config makes no mode within its config, but many of them pile up into a low mode
-    # of the pool. Only the runs of that mode whose configs' other seeds reach a higher
-    # mode support a trap (a weak config in the same pooled mode does not); their own
-    # modes (at least two runs each) are the trapped levels.
-    for e in pd.unique(env[usable]):
-        r = np.flatnonzero(usable & (env == e))
-        if r.size < min_seeds or len(groups) < 2:
+
+def _pooled_traps(d: _Runs, t: _Traps, min_seeds: int, max_progress: float) -> None:
+    """Pass 1b: the pooled final returns of the sweep, per pool (env).
+
+    A lone trapped seed per config makes no mode within its config, but many of them pile
+    up into a low mode of the pool. Only the runs of that mode whose configs' other seeds
+    reach a higher mode support a trap (a weak config in the same pooled mode does not);
+    their own modes (at least two runs each) are the trapped levels.
+    """
+    final, cfg, env, dec = d.final, d.cfg, d.env, d.dec
+    for e in pd.unique(env[d.usable]):
+        r = np.flatnonzero(d.usable & (env == e))
+        if r.size < min_seeds or len(d.groups) < 2:
             continue
-        gap = _min_gap(final[r], initial_of(r))
+        gap = _min_gap(final[r], d.initial_of(r))
         pm = find_modes(final[r], min_gap=gap)
-        sweep_modes[str(e)] = pm
+        t.sweep_modes[str(e)] = pm
         if len(pm) < 2:
             continue
         lab = assign_modes(final[r], pm)
@@ -940,103 +969,117 @@ def _analyse(runs: pd.DataFrame, curves: pd.DataFrame | None, min_seeds: int,
             for sm in find_modes(final[support], min_gap=gap):
                 members = support[(final[support] >= sm.lo) & (final[support] <= sm.hi)]
                 cfgs = tuple(pd.unique(cfg[members]))
-                rows_c = np.flatnonzero(np.isin(cfg, cfgs) & usable)
-                init = initial_of(rows_c)
-                if sm.count < 2 or not is_trap(sm, pm[-1], init):
+                init = d.initial_of(np.flatnonzero(np.isin(cfg, cfgs) & d.usable))
+                if sm.count < 2 or not _is_trap(sm, pm[-1], init, max_progress):
                     continue
                 # index: the pooled mode (sweep_modes[env]) the level lies in
                 level = replace(sm, index=m.index, total=int(r.size))
                 above = r[np.isin(cfg[r], cfgs) & (lab > m.index)]
-                levels.append(TrappedLevel("", level, pm[-1], init, str(e), cfgs))
-                level_refs.append(above)
-                for i in members[~candidate[members]]:
-                    candidate[i] = True
-                    ref_rows[i] = above[cfg[above] == cfg[i]]
-                    why[i] = (f"final {fmt_number(final[i], dec)} in a low mode of the sweep "
-                              f"({level.describe(dec, 'runs')}), while its config's best "
-                              f"seed reaches {fmt_number(final[ref_rows[i]].max(), dec)}")
+                t.levels.append(TrappedLevel("", level, pm[-1], init, str(e), cfgs))
+                t.level_refs.append(above)
+                for i in members[~t.candidate[members]]:
+                    t.candidate[i] = True
+                    t.ref_rows[i] = above[cfg[above] == cfg[i]]
+                    t.why[i] = (f"final {fmt_number(final[i], dec)} in a low mode of the "
+                                f"sweep ({level.describe(dec, 'runs')}), while its config's "
+                                f"best seed reaches {fmt_number(final[t.ref_rows[i]].max(), dec)}")
 
-    # Pass 2: runs of any config at a trapped level found in another config of the same
-    # env. A weak config whose seeds all sit there is trapped, since the same level is a
-    # known trap where that failure can be told from success; one elsewhere is just weak.
-    if levels:
-        lo_all, hi_all = np.nanmin(final[usable]), np.nanmax(final[usable])
-        floor = 0.01 * float(hi_all - lo_all)
-        lv = np.array([t.mode.level for t in levels])
-        # Within 3 sd of a trapped mode; the sd is floored at 1% of the sweep's range so
-        # that a trapped mode of identical values still has a catchment.
-        tol = 3 * np.maximum([t.mode.spread for t in levels], floor)
-        lv_env = np.array([t.env for t in levels], dtype=object)
-        for cid, rows in groups.items():
-            r = rows[usable[rows] & ~candidate[rows]]
-            if r.size == 0:
-                continue
-            own = np.array([t.config_id == cid for t in levels])
-            hit = ((np.abs(final[r][:, None] - lv[None, :]) <= tol[None, :])
-                   & (lv_env == env[r[0]])[None, :] & ~own[None, :])
-            found = hit.any(axis=1)
-            if not found.any():
-                continue
-            candidate[r[found]] = True
-            # Successful runs to compare with: this config's runs above the trap (its best
-            # mode when it has modes), else those where the trapped level was found.
-            rest = r[~found]
-            if cid in modes:
-                rest = np.intersect1d(rest, best_rows[cid])
-            for i, k in zip(r[found], np.argmax(hit[found], axis=1), strict=True):
-                t = levels[k]
-                where = (f"in mode {modes[cid][mode_idx[i]].describe(dec)} of its config, "
-                         if cid in modes and len(modes[cid]) > 1 else "")
-                found_in = (f"config {t.config_id}" if t.config_id
-                            else f"the sweep ({t.mode.describe(dec, 'runs')})")
-                why[i] = (f"final {fmt_number(final[i], dec)} {where}at the trapped level "
-                          f"{fmt_number(t.mode.level, dec)} found in {found_in}")
-                better = rest[final[rest] > final[i]]
-                ref_rows[i] = better if better.size else level_refs[k]
 
-    # Pass 3: a lone trapped run. One seed stuck far below its config's other seeds makes
-    # no mode (a mode needs two), so it is looked for as an outlier of its config.
-    lone = np.zeros(n, dtype=bool)
-    for rows in groups.values():
-        r = rows[usable[rows] & ~candidate[rows]]
+def _known_levels(d: _Runs, t: _Traps) -> None:
+    """Pass 2: runs of any config at a trapped level found in another config of the same
+    pool (within 3 sd of it). A weak config whose seeds all sit there is trapped, since the
+    same level is a known trap where that failure can be told from success; one elsewhere
+    is just weak."""
+    if not t.levels:
+        return
+    final, dec, usable = d.final, d.dec, d.usable
+    floor = 0.01 * float(np.nanmax(final[usable]) - np.nanmin(final[usable]))
+    lv = np.array([lvl.mode.level for lvl in t.levels])
+    # The sd is floored at 1% of the sweep's range so that a trapped mode of identical
+    # values still has a catchment.
+    tol = 3 * np.maximum([lvl.mode.spread for lvl in t.levels], floor)
+    lv_env = np.array([lvl.env for lvl in t.levels], dtype=object)
+    for cid, rows in d.groups.items():
+        r = rows[usable[rows] & ~t.candidate[rows]]
+        if r.size == 0:
+            continue
+        own = np.array([lvl.config_id == cid for lvl in t.levels])
+        hit = ((np.abs(final[r][:, None] - lv[None, :]) <= tol[None, :])
+               & (lv_env == d.env[r[0]])[None, :] & ~own[None, :])
+        found = hit.any(axis=1)
+        if not found.any():
+            continue
+        t.candidate[r[found]] = True
+        # Successful runs to compare with: this config's runs above the trap (its best
+        # mode when it has modes), else those where the trapped level was found.
+        rest = r[~found]
+        if cid in t.modes:
+            rest = np.intersect1d(rest, t.best_rows[cid])
+        for i, k in zip(r[found], np.argmax(hit[found], axis=1), strict=True):
+            lvl = t.levels[k]
+            where = (f"in mode {t.modes[cid][t.mode_idx[i]].describe(dec)} of its config, "
+                     if cid in t.modes and len(t.modes[cid]) > 1 else "")
+            found_in = (f"config {lvl.config_id}" if lvl.config_id
+                        else f"the sweep ({lvl.mode.describe(dec, 'runs')})")
+            t.why[i] = (f"final {fmt_number(final[i], dec)} {where}at the trapped level "
+                        f"{fmt_number(lvl.mode.level, dec)} found in {found_in}")
+            better = rest[final[rest] > final[i]]
+            t.ref_rows[i] = better if better.size else t.level_refs[k]
+
+
+def _lone_traps(d: _Runs, t: _Traps, max_progress: float) -> None:
+    """Pass 3: a lone trapped run. One seed stuck far below its config's other seeds makes
+    no mode (a mode needs two), so it is looked for as an outlier of its config
+    (:func:`_lone_outlier`) among the runs no earlier pass took."""
+    final, dec = d.final, d.dec
+    for rows in d.groups.values():
+        r = rows[d.usable[rows] & ~t.candidate[rows]]
         if r.size < LONE_MIN_SEEDS:
             continue
-        hit = _lone_outlier(final[r], f.noise[r], initial_of(r), max_progress)
+        hit = _lone_outlier(final[r], d.f.noise[r], d.initial_of(r), max_progress)
         if hit is None:
             continue
         k, med, margin, init = hit
         i = r[k]
-        lone[i] = candidate[i] = True
+        t.lone[i] = t.candidate[i] = True
         others = np.delete(r, k)
-        ref_rows[i] = others
+        t.ref_rows[i] = others
         share = (final[i] - init) / (med - init)
-        why[i] = (f"final {fmt_number(final[i], dec)} trapped alone, far below its config's "
-                  f"other {others.size} seeds: the only one below their median "
-                  f"{fmt_number(med, dec)} minus {LONE_Z:g} spreads "
-                  f"({fmt_number(med - margin, dec)}), realising {share:.0%} of their median "
-                  f"improvement over the start {fmt_number(init, dec)}")
+        t.why[i] = (f"final {fmt_number(final[i], dec)} trapped alone, far below its config's "
+                    f"other {others.size} seeds: the only one below their median "
+                    f"{fmt_number(med, dec)} minus {LONE_Z:g} spreads "
+                    f"({fmt_number(med - margin, dec)}), realising {share:.0%} of their "
+                    f"median improvement over the start {fmt_number(init, dec)}")
 
-    # Labels.
-    cls = np.full(n, "ok", dtype=object)
-    cls[f.learning & usable] = "learning"
+
+def _labels(d: _Runs, t: _Traps) -> tuple[np.ndarray, np.ndarray]:
+    """Every run's label (:data:`CLASSES`), and which runs are trapped."""
+    f = d.f
+    cls = np.full(len(d.final), "ok", dtype=object)
+    cls[f.learning & d.usable] = "learning"
     # A trap is a level the run stays at: one reached in the last TRAP_MIN_HOLD of the run
     # may be a waypoint of a slow learner (a short budget stops many runs mid-climb).
     held = f.plateau_step <= (1.0 - TRAP_MIN_HOLD) * f.last_step
-    below_start = _collapsed(f, curve_ok) & ~pruned
+    below_start = _collapsed(f, d.curve_ok) & ~d.pruned
     # A lone run that ended below an untrained policy's return is collapsed, as before.
-    trapped = candidate & curve_ok & ~f.learning & held & ~(lone & below_start)
+    trapped = t.candidate & d.curve_ok & ~f.learning & held & ~(t.lone & below_start)
     cls[trapped] = "trapped"
-    collapsed = ~trapped & below_start
-    cls[collapsed] = "collapsed"
-    cls[diverged] = "diverged"
-    cls[pruned] = "pruned"
+    cls[~trapped & below_start] = "collapsed"
+    cls[d.diverged] = "diverged"
+    cls[d.pruned] = "pruned"
+    return cls, trapped
 
-    # Entropy of trapped runs at their plateau vs successful runs there.
-    ref_entropy = np.full(n, np.nan)
-    ref_min = np.full(n, np.nan)
-    ref_n = np.zeros(n, dtype=int)
+
+def _reference_entropy(d: _Runs, t: _Traps, cls: np.ndarray, trapped: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per trapped run, the policy entropy of its successful comparison runs (ok or
+    learning) at its plateau step: their median, minimum and count (NaN, NaN, 0 when there
+    is none): whether the trapped policy's entropy collapsed."""
+    n = len(cls)
+    ref_entropy, ref_min, ref_n = np.full(n, np.nan), np.full(n, np.nan), np.zeros(n, int)
+    f = d.f
     for i in np.flatnonzero(trapped):
-        rr = ref_rows.get(i, np.array([], dtype=int))
+        rr = t.ref_rows.get(i, np.array([], dtype=int))
         rr = rr[(cls[rr] == "ok") | (cls[rr] == "learning")]
         if rr.size == 0 or not np.isfinite(f.plateau_step[i]):
             continue
@@ -1044,23 +1087,41 @@ def _analyse(runs: pd.DataFrame, curves: pd.DataFrame | None, min_seeds: int,
         e = e[np.isfinite(e)]
         if e.size:
             ref_entropy[i], ref_min[i], ref_n[i] = np.median(e), e.min(), e.size
+    return ref_entropy, ref_min, ref_n
 
-    reasons = _reasons(runs, cls, candidate, why, f, ref_entropy, ref_min, ref_n, curve_ok,
-                       has_curves, dec)
+
+def _analyse(runs: pd.DataFrame, curves: pd.DataFrame | None, min_seeds: int,
+             tail_frac: float, trend_alpha: float, max_progress: float) -> _Analysis:
+    """Classify every run: the passes of the trap search (modes within configs, in the
+    pooled returns, known levels elsewhere, lone outliers), then labels, entropies and one
+    reason per run."""
+    d = _run_arrays(runs, curves, tail_frac, trend_alpha)
+    n = len(d.final)
+    t = _Traps(mode_idx=np.full(n, -1), candidate=np.zeros(n, dtype=bool),
+               lone=np.zeros(n, dtype=bool))
+    _config_traps(d, t, min_seeds, max_progress)
+    _pooled_traps(d, t, min_seeds, max_progress)
+    _known_levels(d, t)
+    _lone_traps(d, t, max_progress)
+    cls, trapped = _labels(d, t)
+    ref_entropy, ref_min, ref_n = _reference_entropy(d, t, cls, trapped)
+    reasons = _reasons(d.runs, cls, t.candidate, t.why, d.f, ref_entropy, ref_min, ref_n,
+                       d.curve_ok, d.has_curves, d.dec)
+    f = d.f
     per_run = pd.DataFrame({
-        "run_id": run_ids,
-        "config_id": cfg,
-        "seed": runs["seed"].to_numpy(),
+        "run_id": d.run_ids,
+        "config_id": d.cfg,
+        "seed": d.runs["seed"].to_numpy(),
         "classification": pd.Categorical(cls, categories=list(CLASSES)),
-        "mode": pd.Series(mode_idx).where(mode_idx >= 0).astype("Int64"),
+        "mode": pd.Series(t.mode_idx).where(t.mode_idx >= 0).astype("Int64"),
         "plateau_step": np.where(trapped, f.plateau_step, np.nan),
         "entropy_at_plateau": np.where(trapped, f.entropy_at_plateau, np.nan),
         "reference_entropy": ref_entropy,
         "reason": reasons,
-        "final_return": final,
+        "final_return": d.final,
     })[list(PER_RUN_COLUMNS)]
-    return _Analysis(per_run, modes, levels, has_curves, sweep_modes,
-                     [run_ids[i] for i in np.flatnonzero(trapped & lone)])
+    return _Analysis(per_run, t.modes, t.levels, d.has_curves, t.sweep_modes,
+                     [d.run_ids[i] for i in np.flatnonzero(trapped & t.lone)])
 
 
 def _lone_outlier(final: np.ndarray, noise: np.ndarray, init: float,
@@ -1499,16 +1560,6 @@ def _reliability(runs: pd.DataFrame, curves: pd.DataFrame | None) -> dict[str, p
 # Markdown
 
 
-def _md(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    def esc(s: str) -> str:
-        return str(s).replace("|", "\\|")
-
-    out = ["| " + " | ".join(esc(h) for h in header) + " |",
-           "|" + "|".join("---" for _ in header) + "|"]
-    out += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
-    return out
-
-
 def _pct(x: float) -> str:
     return "nan" if not np.isfinite(x) else f"{100 * x:.0f}%"
 
@@ -1588,8 +1639,9 @@ def _md_drops(rep: FailureReport) -> list[str]:
             "curves' first points), so a wobble of a run stuck low, large on its own small "
             "scale, is not listed. It may recover; a run that ends below an untrained policy "
             "is *collapsed* above instead.", "",
-            *_md(["config", "seed", "peak (at step)", "fell at step", "lowest", "depth",
-                  "log points below", "recovered"], _capped(rep, rows, "drops")), ""]
+            *markdown_lines(["config", "seed", "peak (at step)", "fell at step", "lowest",
+                             "depth", "log points below", "recovered"],
+                            _capped(rep, rows, "drops")), ""]
 
 
 def _md_reliability(rep: FailureReport) -> list[str]:
@@ -1608,8 +1660,8 @@ def _md_reliability(rep: FailureReport) -> list[str]:
             "so far; **DR** dispersion across runs, the IQR of the final returns; **RR** "
             "risk across runs, the CVaR of the final returns (the worst runs). Lower "
             "dispersions and higher risks (closer to 0, or higher returns) are better.", "",
-            *_md(["config", "runs", "DT", "SRT", "LRT", "DR", "RR"],
-                 _capped(rep, rows, "configs")), ""]
+            *markdown_lines(["config", "runs", "DT", "SRT", "LRT", "DR", "RR"],
+                            _capped(rep, rows, "configs")), ""]
 
 
 def _capped(rep: FailureReport, rows: list[list[str]], what: str) -> list[list[str]]:
@@ -1633,8 +1685,8 @@ def _md_modes(rep: FailureReport) -> list[str]:
             ("**" + m.describe(d) + " (trapped)**") if (c, m.index) in trapped_modes
             else m.describe(d) for m in ms)] for c, ms in sorted(multi.items())]
         if rows:
-            lines += _md(["config", "modes (level +/- sd: seeds)"],
-                         _capped(rep, rows, "configs"))
+            lines += markdown_lines(["config", "modes (level +/- sd: seeds)"],
+                                    _capped(rep, rows, "configs"))
             lines.append("")
         lines.append(_single_mode_sentence(rep, set(multi)))
     lines += _md_pooled(rep)
@@ -1722,9 +1774,9 @@ def _md_runs(rep: FailureReport) -> list[str]:
                          fmt_number(r.final_return, d), str(int(r.plateau_step)),
                          f"{e:.3g}" if np.isfinite(e) else "-",
                          f"{ref:.3g}" if np.isfinite(ref) else "-"])
-        lines += _md(["config", "seed", "final return", "plateau step",
-                      "entropy at plateau", "successful runs' entropy"],
-                     _capped(rep, rows, "trapped runs"))
+        lines += markdown_lines(["config", "seed", "final return", "plateau step",
+                                 "entropy at plateau", "successful runs' entropy"],
+                                _capped(rep, rows, "trapped runs"))
         collapse = tr["reason"].str.contains("entropy collapse").sum()
         with_ref = np.isfinite(tr["reference_entropy"]).sum()
         if with_ref:
@@ -1739,8 +1791,8 @@ def _md_runs(rep: FailureReport) -> list[str]:
             continue
         rows = [[lab.get(r.config_id, r.config_id), str(r.seed), r.reason]
                 for r in sub.itertuples()]
-        lines += [f"## {title}", "", *_md(["config", "seed", "why"], _capped(rep, rows, "runs")),
-                  ""]
+        lines += [f"## {title}", "",
+                  *markdown_lines(["config", "seed", "why"], _capped(rep, rows, "runs")), ""]
     return lines
 
 
@@ -1753,8 +1805,8 @@ def _md_rates(rep: FailureReport) -> list[str]:
         rows = [[rep.labels.get(r.config_id, r.config_id), str(r.n_runs), str(r.n_ok),
                  str(r.n_learning), _rate(r.n_trapped, r.n_runs, r.trapped_lo, r.trapped_hi),
                  str(r.n_collapsed), str(r.n_diverged)] for r in pc.itertuples()]
-        lines += _md(["config", "runs", "ok", "learning", "trapped", "collapsed", "diverged"],
-                     _capped(rep, rows, "configs"))
+        lines += markdown_lines(["config", "runs", "ok", "learning", "trapped", "collapsed",
+                                 "diverged"], _capped(rep, rows, "configs"))
         lines.append("")
     bh = rep.by_hyperparameter
     if rep.counts["trapped"] and not bh.empty:
@@ -1766,8 +1818,8 @@ def _md_rates(rep: FailureReport) -> list[str]:
                  _rate(r.rest_trapped, r.rest_n, r.rest_lo, r.rest_hi), f"{r.p_value:.2g}",
                  f"{r.p_holm:.2g}", "**raises**" if r.raises else ""]
                 for r in bh.itertuples()]
-        lines += _md(["hyperparameter", "value", "trapped", "rest of the sweep", "p",
-                      "p (Holm)", ""], rows)
+        lines += markdown_lines(["hyperparameter", "value", "trapped", "rest of the sweep",
+                                 "p", "p (Holm)", ""], rows)
         lines.append("")
     return lines
 

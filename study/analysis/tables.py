@@ -47,17 +47,24 @@ from study.analysis.failures import (
     classify_runs,
     decimals_for,
     fmt_number,
-    format_value,
     hyperparameter_columns,
     plain,
 )
 from study.config import ConfigError
+from study.text import (
+    BOOKTABS_NOTE,
+    format_value,
+    latex_escape,
+    latex_tabular,
+    markdown_table,
+)
 
 __all__ = [
     "FORMATS",
     "METRICS",
     "compare_tables",
     "format_table",
+    "latex_escape",
     "main",
     "run_metric",
     "seed_table",
@@ -296,21 +303,6 @@ def _display(df: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-_LATEX_ESCAPES = {
-    "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-    "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-    # In LaTeX's default OT1 font encoding these three print as other glyphs (">" as an
-    # inverted question mark): they need their text commands.
-    "<": r"\textless{}", ">": r"\textgreater{}", "|": r"\textbar{}",
-}
-
-
-def latex_escape(s: str) -> str:
-    """Text for a LaTeX table cell: every special character escaped, "+/-" as $\\pm$."""
-    out = "".join(_LATEX_ESCAPES.get(ch, ch) for ch in s)
-    return out.replace("+/-", r"$\pm$")
-
-
 def ranking_sentence(metric: str) -> str:
     """How every table and report of this package ranks configs."""
     return (f"one row per config, ranked by the IQM of {metric} (interquartile mean over "
@@ -357,34 +349,27 @@ def format_table(df: pd.DataFrame, fmt: str = "markdown") -> str:
 
 
 def _markdown_table(df: pd.DataFrame) -> str:
+    """One seed table in Markdown: labels left, numbers right."""
     header, rows = _display(df)
+    return markdown_table(header, rows, _align(df, len(header)))
+
+
+def _align(df: pd.DataFrame, n_columns: int) -> str:
+    """Column alignment of a displayed table: its hyperparameters and config id left, every
+    number right."""
     hps, _ = _kinds(df)
-    align = ["---" if i < len(hps) + 1 else "---:" for i in range(len(header))]
-
-    def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
-
-    return "\n".join([line(header), "|" + "|".join(align) + "|",
-                      *[line(r) for r in rows]]) + "\n"
+    return "l" * (len(hps) + 1) + "r" * (n_columns - len(hps) - 1)
 
 
 def _latex(df: pd.DataFrame, title: str) -> str:
-    parts = _parts(df, trim=False)  # one header: every piece keeps every column
+    """The seed table(s) as one booktabs tabular; an Optuna table's phases as captioned
+    row groups under one header (every piece keeps every column)."""
+    parts = _parts(df, trim=False)
     header, _ = _display(parts[0][1])
-    hps, _ = _kinds(parts[0][1])
-    spec = "l" * (len(hps) + 1) + "r" * (len(header) - len(hps) - 1)
-    body = [f"% {title}.", r"% Needs \usepackage{booktabs} (\toprule, \midrule, \bottomrule).",
-            r"\begin{tabular}{" + spec + "}", r"\toprule",
-            " & ".join(latex_escape(h) for h in header) + r" \\", r"\midrule"]
-    for i, (ph, sub) in enumerate(parts):
-        if ph:
-            body += [r"\midrule"] if i else []
-            body.append(rf"\multicolumn{{{len(header)}}}{{l}}{{\textit{{"
-                        f"{latex_escape(PHASE_CAPTIONS.get(ph, ph))}}}}} \\")
-        _, rows = _display(sub)
-        body += [" & ".join(latex_escape(c) for c in r) + r" \\" for r in rows]
-    body += [r"\bottomrule", r"\end{tabular}"]
-    return "\n".join(body) + "\n"
+    sections = [(PHASE_CAPTIONS.get(ph, ph) if ph else None, _display(sub)[1])
+                for ph, sub in parts]
+    return latex_tabular(header, sections, _align(parts[0][1], len(header)),
+                         comments=[f"{title}.", BOOKTABS_NOTE])
 
 
 # --------------------------------------------------------------------------------------

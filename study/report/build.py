@@ -61,6 +61,7 @@ from study.analysis import curves as curves_mod
 from study.analysis import failures, tables
 from study.config import NAMES, ConfigError
 from study.report import figures
+from study.text import BOOKTABS_NOTE, format_value, latex_tabular, markdown_table
 from study.trust import env_module
 
 __all__ = ["METRICS", "ReportResult", "build_report", "main", "markdown_to_html"]
@@ -123,6 +124,8 @@ def _check_out(results: Path, out: Path) -> None:
 
 
 def _cell(v: Any, decimals: int = 3) -> str:
+    """A failure-table cell: floats to ``decimals`` places (significant digits below 0.01),
+    integral ones without a point, NaN as "-"; other values by :func:`format_value`."""
     if isinstance(v, (float, np.floating)):
         f = float(v)
         if math.isnan(f):
@@ -130,28 +133,24 @@ def _cell(v: Any, decimals: int = 3) -> str:
         if f.is_integer() and abs(f) < 1e15:
             return str(int(f))
         return f"{f:.{decimals}g}" if abs(f) < 1e-2 else f"{f:.{decimals}f}"
-    return failures.format_value(v)
+    return format_value(v)
+
+
+def _cells(df: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    """A failure table's header and rows as text (:func:`_cell` per value)."""
+    return ([str(c) for c in df.columns],
+            [[_cell(v) for v in row] for row in df.itertuples(index=False)])
 
 
 def _df_markdown(df: pd.DataFrame) -> str:
-    head = [str(c) for c in df.columns]
-    lines = ["| " + " | ".join(h.replace("|", "\\|") for h in head) + " |",
-             "|" + "|".join("---" for _ in head) + "|"]
-    for row in df.itertuples(index=False):
-        lines.append("| " + " | ".join(_cell(v).replace("|", "\\|") for v in row) + " |")
-    return "\n".join(lines) + "\n"
+    """A failure table in Markdown, every column left-aligned."""
+    return markdown_table(*_cells(df))
 
 
 def _df_latex(df: pd.DataFrame) -> str:
-    """A booktabs ``tabular`` (no pandas Styler, so no jinja2 dependency)."""
-    cols = "l" * len(df.columns)
-    lines = [r"% Needs \usepackage{booktabs} (\toprule, \midrule, \bottomrule).",
-             f"\\begin{{tabular}}{{{cols}}}", "\\toprule",
-             " & ".join(tables.latex_escape(str(c)) for c in df.columns) + r" \\", "\\midrule"]
-    for row in df.itertuples(index=False):
-        lines.append(" & ".join(tables.latex_escape(_cell(v)) for v in row) + r" \\")
-    lines += ["\\bottomrule", "\\end{tabular}"]
-    return "\n".join(lines) + "\n"
+    """A failure table as a booktabs ``tabular`` (no pandas Styler, so no jinja2)."""
+    header, rows = _cells(df)
+    return latex_tabular(header, [(None, rows)], "l" * len(header), comments=[BOOKTABS_NOTE])
 
 
 def _shift_headings(md: str, by: int = 1) -> str:

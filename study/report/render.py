@@ -508,7 +508,8 @@ def list_runs(results_dir: str | Path) -> str:
 
     ConfigError (one line) if the path is not a store or holds no runs.
     """
-    from study.analysis.failures import config_labels, format_value
+    from study.analysis.failures import config_labels
+    from study.text import format_value
 
     root = Path(results_dir)
     runs = store.load_runs(root)

@@ -33,6 +33,7 @@ from study.config import (
     resolve,
     to_jsonable,
 )
+from study.text import format_value  # re-exported: runner and search_space import it here
 
 __all__ = [
     "Run",
@@ -495,13 +496,6 @@ def _parse_normalize(data: Mapping[str, Any], envs: Sequence[str],
 
 # --------------------------------------------------------------------------------------
 # formatting
-
-
-def format_value(value: Any) -> str:
-    """A hyperparameter value as stored in tables: lists as "[64, 64]", others via str()."""
-    if isinstance(value, (tuple, list)):
-        return "[" + ", ".join(str(v) for v in value) + "]"
-    return str(value)
 
 
 def _toml_scalar(value: Any) -> str:
