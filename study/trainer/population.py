@@ -413,10 +413,10 @@ class _Trainer:
         self.n_evals = 0
         obs_space, act_space = self.env.observation_space, self.env.action_space
         check_network(env_id, hp, obs_space, any(v.normalize_obs for v in values))
-        self.obs_shape = tuple(obs_space.shape)
+        self.obs_shape = tuple(obs_space.shape or ())
         self.discrete = isinstance(act_space, gym.spaces.Discrete)
-        self.act_shape: tuple[int, ...] = () if self.discrete else tuple(act_space.shape)
-        if not self.discrete:
+        self.act_shape: tuple[int, ...] = () if self.discrete else tuple(act_space.shape or ())
+        if isinstance(act_space, gym.spaces.Box):
             self.act_low = np.broadcast_to(act_space.low, self.act_shape).astype(np.float64)
             self.act_high = np.broadcast_to(act_space.high, self.act_shape).astype(np.float64)
 
@@ -553,7 +553,7 @@ class _Trainer:
         _note_env_faults(step, self.global_step, self.env_fault)
         # Learn from clipped or scaled rewards; episodes keep the raw ones.
         clip = self.clip_reward is not None
-        if clip:
+        if self.clip_reward is not None:
             ro.rewards[t] = np.where(self.clip_reward[:, None], np.sign(step.reward), step.reward)
         if self.reward_norm.active:
             ro.rewards[t] = self.reward_norm(ro.rewards[t] if clip else step.reward,
@@ -710,12 +710,15 @@ class _Trainer:
         if perm is None:
             return batch
 
-        def rows(x: torch.Tensor | None) -> torch.Tensor | None:
-            return None if x is None else _gather(x, perm)
+        def rows(x: torch.Tensor) -> torch.Tensor:
+            return _gather(x, perm)
+
+        def maybe(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else rows(x)
 
         return _Batch(rows(batch.obs), rows(batch.actions), rows(batch.adv),
-                      rows(batch.returns), batch.explained_variance, rows(batch.old_logp),
-                      rows(batch.old_values))
+                      rows(batch.returns), batch.explained_variance, maybe(batch.old_logp),
+                      maybe(batch.old_values))
 
     @staticmethod
     def minibatch(batch: _Batch, lo: int, hi: int) -> Minibatch:
@@ -724,12 +727,15 @@ class _Trainer:
             return Minibatch(batch.obs, batch.actions, batch.adv, batch.returns, full=True,
                              old_logp=batch.old_logp, old_values=batch.old_values)
 
-        def rows(x: torch.Tensor | None) -> torch.Tensor | None:
-            return None if x is None else x[:, lo:hi].contiguous()
+        def rows(x: torch.Tensor) -> torch.Tensor:
+            return x[:, lo:hi].contiguous()
+
+        def maybe(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else rows(x)
 
         return Minibatch(rows(batch.obs), rows(batch.actions), rows(batch.adv),
-                         rows(batch.returns), full=False, old_logp=rows(batch.old_logp),
-                         old_values=rows(batch.old_values))
+                         rows(batch.returns), full=False, old_logp=maybe(batch.old_logp),
+                         old_values=maybe(batch.old_values))
 
     # ------------------------------------------------------------------- 4. logging
     def record(self, stats: dict[str, torch.Tensor]) -> None:
@@ -789,7 +795,9 @@ class _Trainer:
             full = np.zeros((n_mem, out.shape[1]), dtype=np.int64)
             if deterministic:
                 full[alive] = logits.argmax(-1)
-            elif len(alive) == n_mem:
+                return full
+            assert draws is not None  # sampling needs this step's uniforms
+            if len(alive) == n_mem:
                 kernels.sample_categorical(logits, draws, full)
             else:
                 part = np.empty(logits.shape[:2], dtype=np.int64)
@@ -797,13 +805,14 @@ class _Trainer:
                 full[alive] = part
             return full
         out_np = out.detach().cpu().numpy().astype(np.float64)
-        full = np.zeros((n_mem, out.shape[1], *self.act_shape))
+        actions = np.zeros((n_mem, out.shape[1], *self.act_shape))
         if deterministic:
-            full[alive] = out_np
+            actions[alive] = out_np
         else:
+            assert draws is not None and self.agent.log_std is not None  # a Gaussian policy
             std = np.exp(self.agent.log_std.detach().cpu().numpy().astype(np.float64))
-            full[alive] = out_np + std[:, None] * draws[alive]
-        return full
+            actions[alive] = out_np + std[:, None] * draws[alive]
+        return actions
 
     def env_actions(self, a: np.ndarray) -> np.ndarray:
         # The env gets clipped actions; the log-prob is of the unclipped sample.
