@@ -234,7 +234,8 @@ def _store_notes(sweep: Sweep, out: Path, corrupt: Sequence[str]) -> list[str]:
                      f"runs trained again")
     if store.is_store(out):
         budgets = store.read_columns(out, ["env", "total_steps", "log_every"], corrupt)
-        expect = pd.DataFrame([(e, *sweep.budget(e)) for e in sweep.envs],
+        expect = pd.DataFrame([(e, sweep.budget(e).total_steps, sweep.budget(e).log_every)
+                               for e in sweep.envs],
                               columns=["env", "want_steps", "want_log"])
         budgets = budgets.merge(expect, on="env", how="inner")  # other envs: other notes
         other = budgets[(budgets["total_steps"] != budgets["want_steps"])

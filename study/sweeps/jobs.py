@@ -13,7 +13,7 @@ import contextlib
 import hashlib
 import multiprocessing
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -22,10 +22,9 @@ import pandas as pd
 
 from study import procs
 from study.config import SPECS
-from study.sweeps.spec import Run, Sweep, config_id, format_value, run_id
+from study.sweeps.spec import Budget, Run, Sweep, format_value
 
 __all__ = [
-    "Budget",
     "Chunk",
     "ChunkResult",
     "LogHook",
@@ -38,59 +37,6 @@ __all__ = [
 ]
 
 _PROGRESS_EVERY_S = 0.5  # how often a worker reports env steps to the driver
-
-
-@dataclass(frozen=True)
-class Budget:
-    """How long runs train and how they are measured: the part of a run's identity that
-    is not its hyperparameters or seed."""
-
-    #: env steps per run (the trainer rounds up to whole updates)
-    total_steps: int
-    #: env steps between curve points
-    log_every: int
-    #: env steps between evaluations (0: none)
-    eval_every: int = 0
-    #: episodes per evaluation
-    eval_episodes: int = 10
-
-    @classmethod
-    def of(cls, sweep: Sweep, env: str) -> Budget:
-        """The budget of ``sweep``'s runs on ``env`` (its ``[overrides]`` included).
-
-        Args:
-            sweep: the validated sweep file.
-            env: one of ``sweep.envs``.
-        """
-        total_steps, log_every = sweep.budget(env)
-        return cls(total_steps, log_every, sweep.eval_every, sweep.eval_episodes)
-
-    def config_id(self, env: str, hp: Mapping[str, Any]) -> str:
-        """:func:`study.sweeps.spec.config_id` of ``hp`` on ``env`` at this budget.
-
-        Args:
-            env: the env id.
-            hp: resolved hyperparameters.
-        """
-        return config_id(env, hp, self.total_steps, self.log_every, self.eval_every,
-                         self.eval_episodes)
-
-    def run_id(self, env: str, hp: Mapping[str, Any], seed: int) -> str:
-        """:func:`study.sweeps.spec.run_id` of ``hp`` and ``seed`` on ``env`` at this budget.
-
-        Args:
-            env: the env id.
-            hp: resolved hyperparameters.
-            seed: the run's seed.
-        """
-        return run_id(env, hp, seed, self.total_steps, self.log_every, self.eval_every,
-                      self.eval_episodes)
-
-    def train_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of :func:`study.trainer.population.train_population`
-        after ``total_steps``."""
-        return {"log_every": self.log_every, "eval_every": self.eval_every,
-                "eval_episodes": self.eval_episodes}
 
 
 @dataclass(frozen=True)

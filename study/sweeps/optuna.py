@@ -96,7 +96,7 @@ from study.config import ConfigError, resolve, structural_key, to_jsonable
 from study.redact import redact, register_secret
 from study.sweeps import optuna_storage
 from study.sweeps.executors import Executor, open_executor, run_all
-from study.sweeps.jobs import Budget, Chunk, ChunkResult, Outcome, chunk_key, normalization
+from study.sweeps.jobs import Chunk, ChunkResult, Outcome, chunk_key, normalization
 from study.sweeps.manifest import EXIT_INTERRUPTED, Record
 from study.sweeps.search_space import DEFAULT_TEST_SEEDS, OptunaSettings, parse_optuna
 from study.sweeps.spec import Run, Sweep, load_sweep, parse_sweep, sweep_to_toml
@@ -241,7 +241,7 @@ def trial_hp(sweep: Sweep, settings: OptunaSettings, params: Mapping[str, Any], 
 
 
 def _env_config_id(sweep: Sweep, env: str, hp: Mapping[str, Any]) -> str:
-    return Budget.of(sweep, env).config_id(env, hp)
+    return sweep.budget(env).config_id(env, hp)
 
 
 def trial_config_id(sweep: Sweep, cids: Mapping[str, str]) -> str:
@@ -915,7 +915,7 @@ class Driver:
         # The grid's run id names (config, seed); a tuning run is also one trial's, and two
         # trials may share a config (re-queued, categorical spaces) with different fates
         # (pruned or not), so the study's uid and the trial number enter the id too.
-        base = Budget.of(self.sweep, env).run_id(env, hp, seed)
+        base = self.sweep.budget(env).run_id(env, hp, seed)
         text = f"{base}:{self.uid_token}:{number}"
         return hashlib.sha1(text.encode()).hexdigest()[:16]
 
@@ -1252,7 +1252,7 @@ def _chunk(s: Sweep, index: int, env: str, runs: tuple[Run, ...],
     """A chunk of ``runs`` on ``env`` (tuning or confirmation), named ``optuna-<hash>``
     in the store."""
     return Chunk(index=index, key=chunk_key(runs, "optuna-"), sweep=s.name, env=env,
-                 budget=Budget.of(s, env), save_policies=s.save_policies, runs=runs,
+                 budget=s.budget(env), save_policies=s.save_policies, runs=runs,
                  normalize=normalization(s, env), check_memory=check_memory)
 
 
@@ -1463,7 +1463,7 @@ def _confirm_runs(s: Sweep, settings: OptunaSettings, top: Sequence[FrozenTrial]
         cids = {env: _env_config_id(s, env, hp) for env, hp in hps.items()}
         configs.append((t, hps, cids, trial_config_id(s, cids)))
         for env, hp in hps.items():
-            budget = Budget.of(s, env)
+            budget = s.budget(env)
             for seed in test_seeds:
                 runs.append((Run(budget.run_id(env, hp, seed), cids[env], seed, hp, env),
                               t.number))

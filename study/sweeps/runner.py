@@ -97,7 +97,7 @@ class Plan:
         n_stored = sum(r.run_id in self.stored for r in self.runs)
         sizes = sorted((len(c.runs) for c in self.chunks), reverse=True)
         budgets = "; ".join(f"{e}: {b.total_steps:,} env steps per run, log every "
-                            f"{b.log_every:,}" for e in s.envs if (b := Budget.of(s, e)))
+                            f"{b.log_every:,}" for e in s.envs if (b := s.budget(e)))
         lines = [
             f"sweep {s.name!r} ({s.source}): {budgets}"
             + (f", eval every {s.eval_every:,} ({s.eval_episodes} episodes)"
@@ -148,7 +148,7 @@ def make_plan(sweep: Sweep, population_size: int = 64,
             part = tuple(members[lo:hi])
             chunks.append(Chunk(
                 index=len(chunks), key=chunk_key(part), sweep=sweep.name, env=env,
-                budget=Budget.of(sweep, env), save_policies=sweep.save_policies, runs=part,
+                budget=sweep.budget(env), save_policies=sweep.save_policies, runs=part,
                 normalize=normalization(sweep, env),
             ))
     return Plan(sweep=sweep, runs=runs, stored=frozenset(stored), chunks=tuple(chunks),

@@ -94,6 +94,48 @@ def _is_int(value: Any) -> bool:
 
 
 @dataclass(frozen=True)
+class Budget:
+    """How long runs train and how they are measured: the part of a run's identity that
+    is not its hyperparameters or seed."""
+
+    #: env steps per run (the trainer rounds up to whole updates)
+    total_steps: int
+    #: env steps between curve points
+    log_every: int
+    #: env steps between evaluations (0: none)
+    eval_every: int = 0
+    #: episodes per evaluation
+    eval_episodes: int = 10
+
+    def config_id(self, env: str, hp: Mapping[str, Any]) -> str:
+        """:func:`study.sweeps.spec.config_id` of ``hp`` on ``env`` at this budget.
+
+        Args:
+            env: the env id.
+            hp: resolved hyperparameters.
+        """
+        return config_id(env, hp, self.total_steps, self.log_every, self.eval_every,
+                         self.eval_episodes)
+
+    def run_id(self, env: str, hp: Mapping[str, Any], seed: int) -> str:
+        """:func:`study.sweeps.spec.run_id` of ``hp`` and ``seed`` on ``env`` at this budget.
+
+        Args:
+            env: the env id.
+            hp: resolved hyperparameters.
+            seed: the run's seed.
+        """
+        return run_id(env, hp, seed, self.total_steps, self.log_every, self.eval_every,
+                      self.eval_episodes)
+
+    def train_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`study.trainer.population.train_population`
+        after ``total_steps``."""
+        return {"log_every": self.log_every, "eval_every": self.eval_every,
+                "eval_episodes": self.eval_episodes}
+
+
+@dataclass(frozen=True)
 class Run:
     """One training run: a resolved config and a seed."""
 
@@ -135,11 +177,12 @@ class Sweep:
         if not self.envs:
             object.__setattr__(self, "envs", (self.env,))
 
-    def budget(self, env: str) -> tuple[int, int]:
-        """``(total_steps, log_every)`` of the runs on ``env``."""
+    def budget(self, env: str) -> Budget:
+        """The budget of the runs on ``env`` (its ``[overrides]`` included)."""
         own = self.overrides.get(env, {})
-        return (int(own.get("total_steps", self.total_steps)),
-                int(own.get("log_every", self.log_every)))
+        return Budget(int(own.get("total_steps", self.total_steps)),
+                      int(own.get("log_every", self.log_every)), self.eval_every,
+                      self.eval_episodes)
 
     def configs(self, env: str | None = None) -> list[dict[str, Any]]:
         """Every resolved config of the grid on ``env`` (default: the first env; file
@@ -159,14 +202,11 @@ class Sweep:
         then config 1, ...)."""
         out = []
         for env in self.envs:
-            total_steps, log_every = self.budget(env)
+            budget = self.budget(env)
             for hp in self.configs(env):
-                cid = config_id(env, hp, total_steps, log_every, self.eval_every,
-                                self.eval_episodes)
-                for seed in self.seeds:
-                    rid = run_id(env, hp, seed, total_steps, log_every, self.eval_every,
-                                 self.eval_episodes)
-                    out.append(Run(rid, cid, seed, hp, env))
+                cid = budget.config_id(env, hp)
+                out.extend(Run(budget.run_id(env, hp, seed), cid, seed, hp, env)
+                           for seed in self.seeds)
         return out
 
     @property
@@ -181,7 +221,8 @@ class Sweep:
     @property
     def env_steps(self) -> int:
         """Env steps the whole sweep asks for (before any rounding by the trainer)."""
-        return sum(self.budget(e)[0] * self.n_configs * len(self.seeds) for e in self.envs)
+        return sum(self.budget(e).total_steps * self.n_configs * len(self.seeds)
+                   for e in self.envs)
 
 
 # --------------------------------------------------------------------------------------

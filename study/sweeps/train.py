@@ -17,8 +17,7 @@ import numpy as np
 
 from study import config as cfg
 from study.cli_util import ArgumentParser, run_cli
-from study.sweeps.jobs import Budget
-from study.sweeps.spec import MAX_STEPS
+from study.sweeps.spec import MAX_STEPS, Budget
 
 
 def parse_seeds(text: str) -> list[int]:
