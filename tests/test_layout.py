@@ -134,3 +134,14 @@ def test_importing_the_readers_loads_no_trainer(group):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=ROOT, check=True).stdout.strip()
     assert out == "[]", f"importing {group} loaded: {out}"
+
+
+def test_the_package_states_its_public_api_and_loads_it_lazily():
+    code = ("import sys, study\n"
+            "light = not any(m in sys.modules for m in ('torch', 'gymnasium', 'numba'))\n"
+            "names = [n for n in study.__all__ if getattr(study, n, None) is None]\n"
+            "print(light, names, callable(study.train_population), 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=ROOT, check=True).stdout.split(maxsplit=1)
+    # light before first use; every public name resolves; using one loads what it needs
+    assert out[0] == "True" and out[1].strip() == "[] True True", out
