@@ -40,7 +40,7 @@ path with a write lock that a writer killed mid-write cannot wedge (:class:`_Jou
 Re-running the command resumes the study until it holds ``n_trials`` trials. Trials left
 RUNNING by a driver that died are told FAIL (``failure = "stale"``), each with a note
 saying how it was left, and their params are re-queued once: at once when the driver ran
-on this machine (or died while asking, see :meth:`Driver._ask_batch`), else once its
+on this machine (or died while asking, see :meth:`_Asking.batch`), else once its
 heartbeat is older than ``STALE_AFTER_S``. ``--storage`` takes an Optuna RDB URL
 (``postgresql://...``) to share one study between machines. Trials that count towards
 ``n_trials``: every COMPLETE, PRUNED, RUNNING and WAITING trial, and FAIL trials that
@@ -519,7 +519,7 @@ def _who(driver: Mapping[str, Any]) -> str:
 
 def _asked_in(t: FrozenTrial, asking: Any) -> bool:
     """Whether ``t`` is a trial the ask session recorded in ``asking`` may have left (see
-    :meth:`Driver._ask_batch`): a new one, or a waiting one it popped."""
+    :meth:`_Asking.batch`): a new one, or a waiting one it popped."""
     if not isinstance(asking, dict) or not isinstance(asking.get("first"), int):
         return False
     return t.number >= asking["first"] or t.number in asking.get("waiting", ())
@@ -815,6 +815,73 @@ class _StaleTrials:
         return True
 
 
+class _Asking:
+    """Asking Optuna for trials (one of the Driver's jobs, kept apart): under the study
+    lock, each trial stamped with its owner and prepared (its hyperparameters per env and
+    config ids), or failed at once when the trainer would refuse its combination."""
+
+    def __init__(self, study: optuna.Study, lock: Any, sweep: Sweep,
+                 settings: OptunaSettings, me: dict[str, Any]) -> None:
+        self.study, self.lock, self.sweep, self.settings, self.me = (study, lock, sweep,
+                                                                     settings, me)
+
+    def batch(self, target: int, mine: set[int]) -> list[_TrialRun]:
+        """Ask the next batch of trials towards ``target`` counted trials: waiting
+        (re-queued) trials first, then new ones. ``mine``: the trials this driver runs.
+
+        Under the study lock, so that concurrent drivers never overshoot n_trials and ask
+        one at a time; with SIGINT/SIGTERM held, so that a stop never leaves a trial
+        half-asked. Only ``kill -9`` can, between Optuna creating a trial and this driver
+        stamping its owner: the ``_ASKING`` record names the asking driver and the trials
+        it may leave, so that the next driver fails them at once (:class:`_StaleTrials`).
+        """
+        with self.lock, store.deferred_sigint():
+            trials = self.study.get_trials(deepcopy=False)
+            if _StaleTrials(self.study, self.lock, self.settings.names).fail(trials, mine):
+                trials = self.study.get_trials(deepcopy=False)
+            counted = sum(_counts(t) for t in trials)
+            waiting = [t.number for t in trials if t.state == TrialState.WAITING]
+            k = min(self.settings.trials_per_batch,
+                    max(0, target - counted) + len(waiting))
+            if k <= 0:
+                return []
+            # A sampler seeded by the number of trials so far: reproducible for one
+            # process, and different for concurrent ones (they see different counts).
+            seed = (self.settings.sampler_seed * 1_000_003 + len(trials)) % 2**32
+            self.study.sampler = self.settings.make_sampler(seed)
+            self._set_asking({"driver": self.me, "first": len(trials), "waiting": waiting})
+            batch = [self._ask_one() for _ in range(k)]
+            self._set_asking(None)
+            return batch
+
+    def _set_asking(self, record: dict[str, Any] | None) -> None:
+        optuna_storage.set_study_system_attr(self.study, _ASKING, record)
+
+    def _ask_one(self) -> _TrialRun:
+        trial = self.study.ask(self.settings.distributions())
+        optuna_storage.set_trial_system_attr(self.study, trial, _OWNER, self.me)
+        optuna_storage.set_trial_system_attr(self.study, trial, _HEARTBEAT, time.time())
+        return self._prepare(trial)
+
+    def _prepare(self, trial: optuna.Trial) -> _TrialRun:
+        params = dict(trial.params)
+        try:
+            hps = {env: trial_hp(self.sweep, self.settings, params, env,
+                                 f"trial {trial.number}: ") for env in self.sweep.envs}
+        except ConfigError as e:
+            # A combination the space allows but the trainer does not (e.g. more
+            # minibatches than samples): the trial fails on its own and counts.
+            trial.set_user_attr("failure", redact(f"invalid: {e}"))
+            self.study.tell(trial, state=TrialState.FAIL)
+            tr = _TrialRun(trial, trial.number, params, {}, {}, "", state=TrialState.FAIL,
+                           failure="invalid")
+            return tr
+        cids = {env: _env_config_id(self.sweep, env, hp) for env, hp in hps.items()}
+        cid = trial_config_id(self.sweep, cids)
+        trial.set_user_attr("config_id", cid)
+        return _TrialRun(trial, trial.number, params, hps, cids, cid)
+
+
 @dataclass
 class Driver:
     """Runs a study: asks batches, trains them as populations, reports, tells, stores."""
@@ -853,63 +920,6 @@ class Driver:
     def _log(self, msg: str) -> None:
         if not self.quiet:
             print(msg, file=sys.stderr, flush=True)
-
-    # -- asking ----------------------------------------------------------------------------
-    def _ask_batch(self) -> list[_TrialRun]:
-        """Ask the next batch of trials: waiting (re-queued) trials first, then new ones.
-
-        Under the study lock, so that concurrent drivers never overshoot n_trials and ask
-        one at a time; with SIGINT/SIGTERM held, so that a stop never leaves a trial
-        half-asked. Only ``kill -9`` can, between Optuna creating a trial and this driver
-        stamping its owner: the ``_ASKING`` record names the asking driver and the trials
-        it may leave, so that the next driver fails them at once (:class:`_StaleTrials`).
-        """
-        with self.lock, store.deferred_sigint():
-            trials = self.study.get_trials(deepcopy=False)
-            mine = {tr.number for st in self._units.values() for tr in st.trials}
-            if _StaleTrials(self.study, self.lock, self.settings.names).fail(trials, mine):
-                trials = self.study.get_trials(deepcopy=False)
-            counted = sum(_counts(t) for t in trials)
-            waiting = [t.number for t in trials if t.state == TrialState.WAITING]
-            k = min(self.settings.trials_per_batch,
-                    max(0, self.target - counted) + len(waiting))
-            if k <= 0:
-                return []
-            # A sampler seeded by the number of trials so far: reproducible for one
-            # process, and different for concurrent ones (they see different counts).
-            seed = (self.settings.sampler_seed * 1_000_003 + len(trials)) % 2**32
-            self.study.sampler = self.settings.make_sampler(seed)
-            self._set_asking({"driver": self._me, "first": len(trials), "waiting": waiting})
-            batch = [self._ask_one() for _ in range(k)]
-            self._set_asking(None)
-            return batch
-
-    def _set_asking(self, record: dict[str, Any] | None) -> None:
-        optuna_storage.set_study_system_attr(self.study, _ASKING, record)
-
-    def _ask_one(self) -> _TrialRun:
-        trial = self.study.ask(self.settings.distributions())
-        optuna_storage.set_trial_system_attr(self.study, trial, _OWNER, self._me)
-        optuna_storage.set_trial_system_attr(self.study, trial, _HEARTBEAT, time.time())
-        return self._prepare(trial)
-
-    def _prepare(self, trial: optuna.Trial) -> _TrialRun:
-        params = dict(trial.params)
-        try:
-            hps = {env: trial_hp(self.sweep, self.settings, params, env,
-                                 f"trial {trial.number}: ") for env in self.sweep.envs}
-        except ConfigError as e:
-            # A combination the space allows but the trainer does not (e.g. more
-            # minibatches than samples): the trial fails on its own and counts.
-            trial.set_user_attr("failure", redact(f"invalid: {e}"))
-            self.study.tell(trial, state=TrialState.FAIL)
-            tr = _TrialRun(trial, trial.number, params, {}, {}, "", state=TrialState.FAIL,
-                           failure="invalid")
-            return tr
-        cids = {env: _env_config_id(self.sweep, env, hp) for env, hp in hps.items()}
-        cid = trial_config_id(self.sweep, cids)
-        trial.set_user_attr("config_id", cid)
-        return _TrialRun(trial, trial.number, params, hps, cids, cid)
 
     def _run_id(self, env: str, hp: Mapping[str, Any], seed: int, number: int) -> str:
         # The grid's run id names (config, seed); a tuning run is also one trial's, and two
@@ -1057,7 +1067,7 @@ class Driver:
                 tr.state, tr.failure = TrialState.FAIL, "no value"
         with store.deferred_sigint():  # stored, told and counted, or none of it
             for st, result in g.done:
-                self._store_tuning(st, result)
+                _store_tuning(self.out, self.study_name, st, result)
             for tr in g.trials:
                 self._tell(tr)
             self._kept_trials += len(g.trials)
@@ -1075,16 +1085,6 @@ class Driver:
             # Another process took it for stale (our heartbeat was late): its runs are
             # stored, the study keeps the other process's verdict.
             self._log(f"[optuna] trial {tr.number}: could not tell {tr.state}: {e}")
-
-    def _store_tuning(self, st: _UnitState, result: ChunkResult) -> None:
-        runs_df = result.runs.copy()
-        owner = st.member_trial
-        runs_df["trial_number"] = [st.trials[j].number for j in owner]
-        runs_df["trial_state"] = [st.trials[j].state.name for j in owner]  # type: ignore[union-attr]
-        runs_df["phase"] = "tune"
-        runs_df["study_name"] = self.study_name
-        store.write_chunk(self.out, runs_df, result.curves, result.key, result.policies,
-                          runs_schema=RUNS_SCHEMA)
 
     # -- progress ---------------------------------------------------------------------------
     def _maybe_print(self, force: bool = False) -> None:
@@ -1170,7 +1170,9 @@ class Driver:
                 if self.timeout is not None and time.monotonic() - self._t0 > self.timeout:
                     asking, outcome.timed_out = False, True
                     break
-                batch = self._ask_batch()
+                mine = {tr.number for st in self._units.values() for tr in st.trials}
+                batch = _Asking(self.study, self.lock, self.sweep, self.settings,
+                                self._me).batch(self.target, mine)
                 if not batch:
                     asking = False
                     break
@@ -1258,6 +1260,19 @@ def _chunk(s: Sweep, index: int, env: str, runs: tuple[Run, ...],
 
 # --------------------------------------------------------------------------------------
 # writing the store
+
+
+def _store_tuning(out: Path, study_name: str, st: _UnitState, result: ChunkResult) -> None:
+    """Store a finished tuning unit's runs, each with its trial's number and final state
+    (atomically, one chunk)."""
+    runs_df = result.runs.copy()
+    owner = st.member_trial
+    runs_df["trial_number"] = [st.trials[j].number for j in owner]
+    runs_df["trial_state"] = [st.trials[j].state.name for j in owner]  # type: ignore[union-attr]
+    runs_df["phase"] = "tune"
+    runs_df["study_name"] = study_name
+    store.write_chunk(out, runs_df, result.curves, result.key, result.policies,
+                      runs_schema=RUNS_SCHEMA)
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:
