@@ -166,7 +166,7 @@ def deferred_sigint() -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    for sig in dict.fromkeys(caught):  # in arrival order, each once
+    for sig in dict.fromkeys(signal.Signals(n) for n in caught):  # arrival order, once each
         handler = previous[sig]
         if handler is signal.SIG_IGN:
             continue
@@ -283,7 +283,8 @@ def _npz_bytes(state: Mapping[str, np.ndarray]) -> bytes:
     import io
 
     buf = io.BytesIO()
-    np.savez(buf, **{k: np.asarray(v) for k, v in state.items()})
+    arrays: dict[str, Any] = {k: np.asarray(v) for k, v in state.items()}
+    np.savez(buf, **arrays)
     return buf.getvalue()
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -26,7 +27,7 @@ __all__ = ["MIN_CONFIGS", "importance_table", "importances"]
 MIN_CONFIGS = 8
 
 
-def _distribution(values: Sequence[object]) -> object:
+def _distribution(values: Sequence[object]) -> Any:
     from optuna.distributions import CategoricalDistribution, FloatDistribution
 
     numeric = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]

@@ -314,7 +314,7 @@ def _parts(df: pd.DataFrame, trim: bool = True) -> list[tuple[str | None, pd.Dat
     ``trim`` a piece keeps only the seed columns its own runs have."""
     if "phase" not in df:
         return [(None, df)]
-    out = []
+    out: list[tuple[str | None, pd.DataFrame]] = []
     for ph in pd.unique(df["phase"]):
         sub = df[df["phase"] == ph].drop(columns="phase").reset_index(drop=True)
         empty = [c for c in sub if trim and c.startswith("seed_") and sub[c].isna().all()]

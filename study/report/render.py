@@ -244,7 +244,8 @@ def play_episode(policy: SavedPolicy, seed: int = 0, max_steps: int | None = Non
         limit = max_steps or (env.spec.max_episode_steps if env.spec else None) or \
             DEFAULT_MAX_STEPS
         obs, _ = env.reset(seed=int(seed))
-        actions, rewards = [], []
+        actions: list[Any] = []
+        rewards: list[float] = []
         terminated = truncated = False
         while len(actions) < limit and not (terminated or truncated):
             a = act(obs)

@@ -200,7 +200,7 @@ class Sweep:
     def runs(self) -> list[Run]:
         """envs x configs x seeds, env-major then config-major (all seeds of config 0,
         then config 1, ...)."""
-        out = []
+        out: list[Run] = []
         for env in self.envs:
             budget = self.budget(env)
             for hp in self.configs(env):
@@ -474,7 +474,7 @@ def parse_sweep(data: Mapping[str, Any], source: str = "<sweep>",
 def _parse_envs(data: Mapping[str, Any], where: str) -> tuple[str, ...]:
     """``env = "id"``, ``env = ["id", ...]`` or ``[grid] env = [...]``: distinct,
     validated ids."""
-    grid = data.get("grid") if isinstance(data.get("grid"), dict) else {}
+    grid: dict[str, Any] = data["grid"] if isinstance(data.get("grid"), dict) else {}
     if "env" in data and "env" in grid:
         raise ConfigError(f"{where}env is set both at the top and in [grid]; expected one")
     key, raw = ("[grid] env", grid["env"]) if "env" in grid else ("env", data["env"])

@@ -31,7 +31,7 @@ from __future__ import annotations
 import difflib
 import functools
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import gymnasium as gym
 import numpy as np
@@ -133,7 +133,8 @@ class EnvpoolPopulationEnv:
 
     def _actions(self, actions: np.ndarray) -> np.ndarray:
         if self._discrete:
-            return np.asarray(actions, dtype=np.int64) + int(self.action_space.start)
+            return np.asarray(actions, dtype=np.int64) + int(
+                cast(gym.spaces.Discrete, self.action_space).start)
         return np.asarray(actions, dtype=self.action_space.dtype)
 
     def step(self, actions: np.ndarray) -> Step:
@@ -153,7 +154,7 @@ class EnvpoolPopulationEnv:
             terminated[m, ids] = np.asarray(te, dtype=bool)
             truncated[m, ids] = np.asarray(tr, dtype=bool)
         final_obs = obs.copy()
-        for m in np.flatnonzero((terminated | truncated).any(axis=1)):
+        for m in map(int, np.flatnonzero((terminated | truncated).any(axis=1))):
             ended = self._ids[terminated[m] | truncated[m]]
             o, info = self.pools[m].reset(ended)
             o, ids = self._flat(o, info)

@@ -109,7 +109,8 @@ class GymPopulationEnv:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             first = make()
-            single_obs, single_act = first.observation_space, first.action_space
+            single_obs: Any = first.observation_space
+            single_act = first.action_space
             try:
                 check_spaces(env_id, single_obs, single_act)
             except ConfigError:
@@ -174,7 +175,7 @@ class GymPopulationEnv:
         if isinstance(space, gym.spaces.Discrete):
             flat_actions = [int(a) + int(space.start) for a in np.asarray(actions).reshape(n)]
         else:
-            acts = np.asarray(actions, dtype=space.dtype).reshape(n, *space.shape)
+            acts = np.asarray(actions, dtype=space.dtype).reshape(n, *(space.shape or ()))
             flat_actions = [acts[i].copy() for i in range(n)]
         reward = np.zeros(n, dtype=np.float64)
         terminated = np.zeros(n, dtype=bool)

@@ -18,7 +18,7 @@ in the rollout buffers; the network's first layer converts and scales them):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import gymnasium as gym
 import numpy as np
@@ -61,7 +61,7 @@ class ChannelsFirst(gym.ObservationWrapper):
     def __init__(self, env: gym.Env) -> None:
         super().__init__(env)
         space = env.observation_space
-        shape = space.shape
+        shape = space.shape or ()
         if len(shape) == 2:
             self._to_chw = lambda o: o[None]
         elif len(shape) == 4:
@@ -71,7 +71,7 @@ class ChannelsFirst(gym.ObservationWrapper):
         else:  # [H, W, C], the usual layout, also when C == H (MinAtar's Seaquest: 10)
             self._to_chw = lambda o: np.moveaxis(o, -1, 0)
         probe = self._to_chw(np.zeros(shape, dtype=np.uint8))
-        high = 1 if space.dtype == np.bool_ else int(np.max(space.high))
+        high = 1 if space.dtype == np.bool_ else int(np.max(cast(gym.spaces.Box, space).high))
         self.observation_space = gym.spaces.Box(0, high, probe.shape, dtype=np.uint8)
 
     def observation(self, observation: Any) -> np.ndarray:

@@ -168,7 +168,7 @@ def check_fits(populations: Sequence[tuple[str, Mapping[str, Any] | Hyperparamet
         hp = values.structure()
         obs_space, act_space = env_spaces(env_id, hp)
         check_network(env_id, hp, obs_space, values.normalize_obs)
-        n_out = int(getattr(act_space, "n", 0)) or math.prod(act_space.shape)
+        n_out = int(getattr(act_space, "n", 0)) or math.prod(act_space.shape or ())
         memory = population_bytes(env_id, hp, n, obs_space.shape, n_out,
                                   obs_space.dtype.itemsize)
         estimates.append((memory, env_id, hp, n))
