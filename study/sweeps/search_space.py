@@ -42,7 +42,7 @@ import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 
@@ -158,6 +158,7 @@ class Param:
 
         if self.kind == "categorical":
             return CategoricalDistribution(list(self.labels))
+        assert self.low is not None and self.high is not None  # a range has both ends
         if self.kind == "int":
             return IntDistribution(int(self.low), int(self.high), log=self.log,
                                    step=int(self.step or 1))
@@ -283,7 +284,7 @@ def _parse_param(name: str, entry: Any, where: str) -> Param:
 #: The objectives on finite values (study.analysis.stats imports SciPy only when a function
 #: needs it, so a worker that scores an objective starts without it).
 _OBJECTIVE_FNS: dict[str, Callable[[np.ndarray], float]] = {
-    "iqm": stats.iqm,
+    "iqm": lambda v: float(stats.iqm(v)),
     "median": lambda v: float(np.median(v)),
     "mean": lambda v: float(np.mean(v)),
     "cvar25": lambda v: stats.cvar(v, 0.25),
@@ -432,6 +433,17 @@ class OptunaSettings:
     def describe(self) -> str:
         return (f"{self.objective} of {self.metric} over {self.seeds_per_trial} seeds, "
                 f"sampler {self.sampler}, pruner {self.pruner}")
+
+
+@overload
+def _int_key(table: Mapping[str, Any], key: str, default: int, low: int, where: str) -> int:
+    ...
+
+
+@overload
+def _int_key(table: Mapping[str, Any], key: str, default: None, low: int,
+             where: str) -> int | None:
+    ...
 
 
 def _int_key(table: Mapping[str, Any], key: str, default: int | None, low: int,
