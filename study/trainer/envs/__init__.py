@@ -16,6 +16,7 @@ import functools
 import importlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 import gymnasium as gym
 
@@ -95,10 +96,14 @@ register_fast_env("CartPoleSwingUp-v0", lambda seeds, n, stream: SwingUpPopulati
     seeds, n, stream, reward_version=0), swingup_spaces)
 register_fast_env("CartPoleSwingUp-v1", lambda seeds, n, stream: SwingUpPopulation(
     seeds, n, stream, reward_version=1), swingup_spaces)
+def _minatar(env_id: str, seeds: Sequence[int], num_envs: int, stream: int) -> PopulationEnv:
+    return MinAtarPopulation(env_id, seeds, num_envs, stream)
+
+
 for _name in GAMES:  # MinAtar: the games stepped directly (the package is imported lazily)
     for _v in ("v0", "v1"):
         _mid = f"MinAtar/{_name}-{_v}"
-        register_fast_env(_mid, functools.partial(MinAtarPopulation, _mid),
+        register_fast_env(_mid, functools.partial(_minatar, _mid),
                           functools.partial(minatar_spaces, _mid))
 for _id, _cls in CLASSIC_ENVS.items():
     register_fast_env(_id, _cls, functools.cache(functools.partial(classic_spaces,
@@ -180,7 +185,7 @@ def env_spaces(env_id: str, hp: Structure | None = None
     finally:
         env.close()
     check_spaces(env_id, obs_space, act_space)
-    return population_space(obs_space), act_space
+    return population_space(cast(gym.spaces.Box, obs_space)), act_space
 
 
 def _cannot_make(env_id: str, e: Exception) -> ConfigError:
@@ -193,7 +198,7 @@ def _cannot_make(env_id: str, e: Exception) -> ConfigError:
 def _instance(env_id: str, options: AtariOptions | None, render_mode: str | None) -> gym.Env:
     if options is not None:
         return wrap_images(make_atari(env_id, options, render_mode))
-    kwargs = {} if render_mode is None else {"render_mode": render_mode}
+    kwargs: dict[str, Any] = {} if render_mode is None else {"render_mode": render_mode}
     return wrap_images(gym.make(env_id, **kwargs))
 
 

@@ -82,7 +82,7 @@ class FastPopulationEnv:
     n_draws: int  # uniforms consumed by one environment reset
     n_components: int  # rows of self._state
     obs_dim: int  # leading rows of self._state that form the observation
-    state_rows: tuple[int, int, int, int]  # rows of x, x_dot, theta, theta_dot
+    state_rows: tuple[int, ...]  # rows of the state (CartPole: x, x_dot, theta, theta_dot)
 
     def __init__(
         self,

@@ -23,7 +23,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import cast
 
 import gymnasium as gym
 import numba
@@ -79,7 +80,7 @@ def classic_spaces(env_cls: type[gym.Env]) -> tuple[gym.spaces.Box, gym.spaces.S
     (built without ``gym.make``: no wrappers, no rendering)."""
     env = env_cls()
     try:
-        return env.observation_space, env.action_space
+        return cast(gym.spaces.Box, env.observation_space), env.action_space
     finally:
         env.close()
 
@@ -426,7 +427,7 @@ def _continuous_mountaincar_step(state, actions, reward, terminated):  # noqa: A
 
 
 #: The ports by gymnasium id: (population class, time limit of the registered id).
-CLASSIC_ENVS: dict[str, Callable[..., SeededPopulationEnv]] = {
+CLASSIC_ENVS: dict[str, type[SeededPopulationEnv]] = {
     "Acrobot-v1": AcrobotPopulation,
     "Pendulum-v1": PendulumPopulation,
     "MountainCar-v0": MountainCarPopulation,

@@ -44,7 +44,7 @@ def _environment(game: str):
 
 
 @functools.cache
-def minatar_spaces(env_id: str) -> tuple[gym.spaces.Box, gym.spaces.Discrete]:
+def minatar_spaces(env_id: str) -> tuple[gym.spaces.Box, gym.spaces.Space]:
     """Observation space (uint8 ``[C, 10, 10]``) and action space of one game."""
     game, minimal = _game(env_id)
     env = _environment(game)
