@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -38,7 +38,7 @@ __all__ = [
     "wilson_interval",
 ]
 
-Statistic = Callable[..., np.ndarray]
+Statistic = Callable[..., Any]  # (values, axis) -> ndarray or float
 
 # Bootstrap replicates are evaluated in chunks of at most this many array elements, so a
 # large band (many seeds x many steps) never needs gigabytes at once.
@@ -246,7 +246,7 @@ def _statistic(statistic: str | Statistic) -> Statistic:
 def _groups(groups: ArrayLike | Sequence[ArrayLike]) -> list[np.ndarray]:
     if isinstance(groups, np.ndarray):
         return [np.asarray(groups, dtype=float)]
-    arrays = [np.asarray(g, dtype=float) for g in groups]
+    arrays = [np.asarray(g, dtype=float) for g in cast(Sequence[ArrayLike], groups)]
     if arrays and all(a.ndim == 0 for a in arrays):  # a flat list of numbers: one group
         return [np.asarray(arrays, dtype=float)]
     return arrays

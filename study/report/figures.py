@@ -94,7 +94,7 @@ METRIC_LABELS: dict[str, str] = {
 
 FONT_SIZE = 8
 #: Applied while a figure is built (text sizes are fixed when the artists are created).
-STYLE: dict[str, Any] = {
+STYLE: Any = {  # (Any: matplotlib types rcParams keys as a closed set of literals)
     "font.size": FONT_SIZE,
     "axes.labelsize": FONT_SIZE,
     "axes.titlesize": FONT_SIZE,
@@ -108,7 +108,7 @@ STYLE: dict[str, Any] = {
     "axes.linewidth": 0.6,
     "xtick.major.width": 0.6,
     "ytick.major.width": 0.6,
-    "axes.prop_cycle": matplotlib.cycler(color=OKABE_ITO),
+    "axes.prop_cycle": matplotlib.cycler(color=OKABE_ITO),  # type: ignore[attr-defined]
     "legend.frameon": False,
     "legend.handlelength": 2.2,
     "lines.linewidth": 1.2,
@@ -402,10 +402,14 @@ def _interp_finite(x: float, seg: np.ndarray) -> float:
 class ModeLike(Protocol):
     """What the distribution figure needs of a mode (``study.analysis.failures.Mode`` has it)."""
 
-    index: int
-    level: float
-    lo: float
-    hi: float
+    @property
+    def index(self) -> int: ...
+    @property
+    def level(self) -> float: ...
+    @property
+    def lo(self) -> float: ...
+    @property
+    def hi(self) -> float: ...
 
 
 def _boxplot(ax: Any, data: list[np.ndarray], positions: np.ndarray, **kw: Any) -> Any:
@@ -850,7 +854,8 @@ def save_figure(fig: Figure, directory: str | Path, stem: str,
                                                           else None)
             # A figure legend below the axes can be wider than the figure: "tight" keeps it
             # whole. Figures without one keep their exact size (filmstrips rely on it).
-            tight = {"bbox_inches": "tight", "pad_inches": 0.03} if fig.legends else {}
+            tight: dict[str, Any] = ({"bbox_inches": "tight", "pad_inches": 0.03}
+                                     if fig.legends else {})
             fig.savefig(p, format=fmt, dpi=PNG_DPI, metadata=meta, facecolor="white", **tight)
             out.append(p)
     return out
