@@ -36,7 +36,9 @@ class Spec:
     max_len: int = 0  # intlist: at most this many items (0: MAX_LAYERS)
 
 
-def _f(name, default, allowed, low=None, high=None, low_open=False, allow_inf=False, help=""):
+def _f(name: str, default: float, allowed: str, low: float | None = None,
+       high: float | None = None, low_open: bool = False, allow_inf: bool = False,
+       help: str = "") -> Spec:
     return Spec(
         name,
         default,
@@ -51,7 +53,7 @@ def _f(name, default, allowed, low=None, high=None, low_open=False, allow_inf=Fa
     )
 
 
-def _i(name, default, low, high, help=""):
+def _i(name: str, default: int, low: int, high: int, help: str = "") -> Spec:
     return Spec(name, default, "int", True, f"an integer in [{low}, {high:_}]", low=low,
                 high=high, help=help)
 

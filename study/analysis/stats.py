@@ -63,7 +63,7 @@ def _finite(x: ArrayLike) -> np.ndarray:
 
 
 
-def _scipy_stats():  # noqa: ANN202 - the scipy.stats module
+def _scipy_stats() -> Any:  # the scipy.stats module
     """scipy.stats, imported on first use: the functions that need it are few, and a
     worker that only aggregates an objective (study.sweeps.search_space) saves SciPy's
     start-up, about a second per process."""

@@ -15,7 +15,7 @@ truncations and at the end of the rollout, minus V.
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -41,14 +41,14 @@ def gae_advantages(
     if isinstance(rewards, torch.Tensor):
         dtype = rewards.dtype
 
-        def as_float(x):
+        def as_float(x: Any) -> Any:
             return torch.as_tensor(x, device=rewards.device).to(dtype)
 
         advantages = torch.zeros_like(rewards)
     else:
         dtype = np.result_type(rewards.dtype, np.float32)
 
-        def as_float(x):
+        def as_float(x: Any) -> Any:
             return np.asarray(x).astype(dtype)
 
         advantages = np.zeros(rewards.shape, dtype=dtype)

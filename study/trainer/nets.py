@@ -17,7 +17,8 @@ its shape and the number of rows per member, never on S.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -52,13 +53,13 @@ class _Tanh(torch.autograd.Function):
     """:func:`tanh_` for autograd, with the derivative ``1 - tanh(x)^2``."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
         y = tanh_(x.detach().clone(memory_format=torch.contiguous_format))
         ctx.save_for_backward(y)
         return y
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         (y,) = ctx.saved_tensors
         return grad * (1.0 - y * y)
 
@@ -71,7 +72,7 @@ def tanh(x: torch.Tensor) -> torch.Tensor:
 _ACTIVATIONS = {"tanh": tanh, "relu": torch.relu}
 
 
-def activation_fn(name: str):
+def activation_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """The activation function called ``name`` ("tanh" or "relu")."""
     return _ACTIVATIONS[name]
 

@@ -79,10 +79,13 @@ class RMSprop(UpdateRule):
     n_state = 1
     alpha, eps = 0.99, 1e-5
 
-    def kernel_step(self, p, g, state, t, lr, max_norm, ok):  # noqa: ANN001, ANN201
+    def kernel_step(self, p: tuple[np.ndarray, ...], g: tuple[np.ndarray, ...],
+                    state: list[tuple[np.ndarray, ...]], t: np.ndarray, lr: np.ndarray,
+                    max_norm: np.ndarray, ok: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return kernels.rmsprop_step(p, g, state[0], lr, max_norm, ok, self.alpha, self.eps)
 
-    def torch_update(self, g, state, keep, lr, t):  # noqa: ANN001, ANN201
+    def torch_update(self, g: torch.Tensor, state: list[torch.Tensor], keep: torch.Tensor,
+                     lr: torch.Tensor, t: np.ndarray) -> torch.Tensor:
         sq = state[0].mul(self.alpha).addcmul_(g, g, value=1 - self.alpha)
         state[0].copy_(torch.where(keep, sq, state[0]))
         return g / (sq.sqrt() + self.eps) * lr
@@ -96,11 +99,14 @@ class Adam(UpdateRule):
     n_state = 2
     beta1, beta2, eps = 0.9, 0.999, 1e-8
 
-    def kernel_step(self, p, g, state, t, lr, max_norm, ok):  # noqa: ANN001, ANN201
+    def kernel_step(self, p: tuple[np.ndarray, ...], g: tuple[np.ndarray, ...],
+                    state: list[tuple[np.ndarray, ...]], t: np.ndarray, lr: np.ndarray,
+                    max_norm: np.ndarray, ok: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return kernels.adam_step(p, g, state[0], state[1], t, lr, max_norm, ok, self.beta1,
                                  self.beta2, self.eps)
 
-    def torch_update(self, g, state, keep, lr, t):  # noqa: ANN001, ANN201
+    def torch_update(self, g: torch.Tensor, state: list[torch.Tensor], keep: torch.Tensor,
+                     lr: torch.Tensor, t: np.ndarray) -> torch.Tensor:
         m = state[0].mul(self.beta1).add_(g, alpha=1 - self.beta1)
         v = state[1].mul(self.beta2).addcmul_(g, g, value=1 - self.beta2)
         state[0].copy_(torch.where(keep, m, state[0]))

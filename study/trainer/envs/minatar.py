@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -34,7 +35,7 @@ def _game(env_id: str) -> tuple[str, bool]:
     return GAMES[name], version == "v1"
 
 
-def _environment(game: str):
+def _environment(game: str) -> Any:
     from study.trainer.envs import register_namespace  # the one-line hint when minatar is missing
 
     register_namespace(f"MinAtar/{next(k for k, v in GAMES.items() if v == game)}-v1")
