@@ -3,7 +3,7 @@ return: which runs fail with their exploration noise only, and which fail outrig
 
     python benchmarks/greedy_returns.py RESULTS_DIR [--resets 10] [--out FILE.md]
 
-Each policy plays one episode from each of the resets 0..N-1 (study.render.play_episode).
+Each policy plays one episode from each of the resets 0..N-1 (study.report.render.play_episode).
 """
 
 from __future__ import annotations

@@ -186,6 +186,9 @@ ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 #: Keys that only mean something for ALE/* environments.
+#: Environment families whose observations are images.
+IMAGE_FAMILIES: tuple[str, ...] = ("ALE", "MinAtar")
+
 ALE_ONLY: tuple[str, ...] = ("frame_skip", "frame_stack", "screen_size", "grayscale",
                              "noop_max", "sticky_actions", "terminal_on_life_loss")
 
@@ -367,6 +370,10 @@ def resolve(overrides: Mapping[str, Any], where: str = "",
             if hp[k] != SPECS[k].default:
                 raise ConfigError(f"{where}{k} applies to ALE/* environments only, not to "
                                   f"{env!r}; remove it or set it to {SPECS[k].default}")
+    if env is not None and env_family(env) in IMAGE_FAMILIES and hp["normalize_obs"]:
+        # (other image envs are refused by the trainer, which sees their observations)
+        raise ConfigError(f"{where}normalize_obs = true applies to vector observations, not "
+                          f"to the images of {env!r} (they are scaled to [0, 1])")
     batch = hp["num_envs"] * hp["n_steps"]
     if hp["n_minibatches"] > batch:
         raise ConfigError(

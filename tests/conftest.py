@@ -25,6 +25,8 @@ def _reap(proc: subprocess.Popen) -> None:
     for pipe in (proc.stdout, proc.stderr):
         if pipe is not None:
             pipe.close()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=10)  # the driver itself was killed: this reaps it
 
 
 @pytest.fixture

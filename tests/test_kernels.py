@@ -210,7 +210,7 @@ def test_optimizers_are_a_registry_that_config_offers_whole(monkeypatch):
         assert set(cfg.SPECS[key].choices) == set(RULES)
 
     class SGD(UpdateRule):  # a new rule: its torch step is all it needs off CPU float32
-        def torch_update(self, g, state, keep, lr, t):  # noqa: ANN001, ANN201
+        def torch_update(self, g, state, keep, lr, t):  # noqa: ANN001, ANN202
             return g * lr
 
     monkeypatch.setitem(RULES, "sgd", SGD())

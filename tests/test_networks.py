@@ -114,10 +114,13 @@ def test_bad_network_specs_are_refused_in_one_line(tmp_path, capsys):
 
 def test_normalize_obs_on_images_is_refused_for_any_member_not_only_the_first():
     # normalize_obs is per member: a population is refused when any member sets it on
-    # images (the check once read the first member's value only).
+    # images (the check once read the first member's value only). Sweeps on ALE/MinAtar
+    # are refused before that, when a config is resolved.
     _needs("minatar")
+    with pytest.raises(cfg.ConfigError, match="normalize_obs = true applies to vector"):
+        cfg.resolve({"normalize_obs": True}, env="MinAtar/Breakout-v1")
     plain = cfg.resolve({}, env="MinAtar/Breakout-v1")
-    normed = cfg.resolve({"normalize_obs": True}, env="MinAtar/Breakout-v1")
+    normed = {**plain, "normalize_obs": True}  # (as a generic image env would let through)
     for members in ([Member(normed, 0)], [Member(plain, 0), Member(normed, 1)]):
         with pytest.raises(cfg.ConfigError, match="normalize_obs = true applies to vector"):
             train_population("MinAtar/Breakout-v1", members, total_steps=40, log_every=20,

@@ -62,7 +62,6 @@ def _finite(x: ArrayLike) -> np.ndarray:
     return a[np.isfinite(a)]
 
 
-
 def _scipy_stats() -> Any:  # the scipy.stats module
     """scipy.stats, imported on first use: the functions that need it are few, and a
     worker that only aggregates an objective (study.sweeps.search_space) saves SciPy's
@@ -70,6 +69,7 @@ def _scipy_stats() -> Any:  # the scipy.stats module
     from scipy import stats
 
     return stats
+
 
 def iqm(x: ArrayLike, axis: int | None = None) -> np.ndarray | float:
     """Interquartile mean: the mean of the middle 50% of the values, NaN skipped.

@@ -67,7 +67,7 @@ OKABE_ITO: tuple[str, ...] = (
 #: Paired with the colours so that the 8th curve differs from the 1st by dash, not only hue.
 LINESTYLES: tuple[Any, ...] = ("-", "--", "-.", ":", (0, (5, 1, 1, 1, 1, 1)))
 
-#: Colours of the failure classes (study.failures.CLASSES). Trapped runs get the one warm,
+#: Colours of the failure classes (study.analysis.failures.CLASSES). Trapped runs get the one warm,
 #: saturated colour, so they are what the eye finds first.
 CLASS_COLORS: dict[str, str] = {
     "ok": "#56B4E9",

@@ -178,6 +178,13 @@ class _FilePoll:
             os.unlink(self.path)
 
 
+#: Workers compute with one thread each (parallelism comes from the workers; torch is set
+#: to one thread per chunk as well): no BLAS or OpenMP pool oversubscribes the cores.
+_ONE_THREAD = {name: "1" for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                                      "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS",
+                                      "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")}
+
+
 class _Loky(Executor):
     """loky's reusable process pool of ``n_jobs`` workers."""
 
@@ -190,7 +197,7 @@ class _Loky(Executor):
         # Each worker starts its parent watchdog as it starts, not with its first chunk: a
         # driver killed while the pool is still starting must not leave idle workers behind.
         self._pool = get_reusable_executor(max_workers=n_jobs, timeout=60,
-                                           initializer=procs.die_with_parent)
+                                           initializer=procs.die_with_parent, env=_ONE_THREAD)
         self._futures: dict[cf.Future, Chunk] = {}
 
     def submit(self, chunk: Chunk, on_log: LogHook | None = None) -> None:
@@ -332,8 +339,45 @@ class _Dask(Executor):
             self._cluster.close()
 
 
+class Bar:
+    """The drivers' one progress bar (both use it): env steps done, their rate, and the
+    ETA when the total is known, after a label the driver sets; lines a driver prints
+    while it runs go above the bar (:meth:`note`)."""
+
+    def __init__(self, total: int | None, enabled: bool, label: str = "") -> None:
+        """
+        Args:
+            total: the env steps expected (None: unknown, e.g. a study that prunes).
+            enabled: draw the bar (False: nothing is drawn).
+            label: the text before the bar.
+        """
+        from tqdm import tqdm
+
+        # Redraw often on a terminal; sparingly into a log file, where every redraw stays.
+        interactive = sys.stderr.isatty()
+        self._bar = tqdm(total=total, unit="step", unit_scale=True, file=sys.stderr,
+                         disable=not enabled, smoothing=0.05, dynamic_ncols=interactive,
+                         mininterval=0.2 if interactive else 10.0, desc=label)
+
+    def advance(self, steps: int) -> None:
+        """Count ``steps`` more env steps."""
+        if steps > 0:
+            self._bar.update(steps)
+
+    def label(self, text: str, redraw: bool = True) -> None:
+        """Set the text before the bar."""
+        self._bar.set_description_str(text, refresh=redraw)
+
+    def note(self, line: str) -> None:
+        """Print ``line`` to stderr above the bar."""
+        self._bar.write(line, file=sys.stderr)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
 class Progress:
-    """The driver's progress bar: env steps (rate, ETA) with runs done/total as its label.
+    """The grid's progress: a :class:`Bar` of env steps with runs done/total as its label.
 
     Workers report cumulative env steps per chunk, so late or repeated reports are
     harmless; a finished chunk counts its full budget.
@@ -345,20 +389,13 @@ class Progress:
             chunks: the chunks to run (their runs and env steps make the totals).
             enabled: draw the bar (False: count only).
         """
-        from tqdm import tqdm
-
         self._budget = {c.index: c.env_steps for c in chunks}
         self._done: dict[int, int] = {}
         self._finished: set[int] = set()
         self._runs_total = sum(len(c.runs) for c in chunks)
         self._runs_done = 0
         self._lock = threading.Lock()
-        # Redraw often on a terminal; sparingly into a log file, where every redraw stays.
-        interactive = sys.stderr.isatty()
-        self._bar = tqdm(total=sum(self._budget.values()), unit="step", unit_scale=True,
-                         file=sys.stderr, disable=not enabled, smoothing=0.05,
-                         dynamic_ncols=interactive, mininterval=0.2 if interactive else 10.0,
-                         desc=self._desc())
+        self._bar = Bar(sum(self._budget.values()), enabled, self._desc())
 
     def _desc(self) -> str:
         return f"runs {self._runs_done}/{self._runs_total}"
@@ -368,7 +405,7 @@ class Progress:
         delta = steps - self._done.get(index, 0)
         if delta > 0:
             self._done[index] = steps
-            self._bar.update(delta)
+            self._bar.advance(delta)
 
     def report(self, index: int, steps: int) -> None:
         """A worker's cumulative env steps for chunk ``index``."""
@@ -382,7 +419,7 @@ class Progress:
             self._set(index, self._budget.get(index, 0))
             self._finished.add(index)
             self._runs_done += n_runs
-            self._bar.set_description_str(self._desc(), refresh=True)
+            self._bar.label(self._desc())
 
     def close(self) -> None:
         with self._lock:

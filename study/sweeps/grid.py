@@ -181,7 +181,7 @@ def _main(argv: Sequence[str] | None) -> int:
     memory = None
     if plan.chunks and not args.scheduler:  # a cluster's memory is not ours to measure
         at_once = sorted(plan.chunks, key=lambda c: -len(c.runs))[:n_jobs]
-        memory = check_fits([(c.env, c.runs[0].hyperparameters, len(c.runs))
+        memory = check_fits([(c.env, [r.hyperparameters for r in c.runs], len(c.runs))
                              for c in at_once], f"{sweep.source}: ")
 
     if args.dry_run:

@@ -95,7 +95,7 @@ from study.cli_util import ArgumentParser, positive_int, run_cli
 from study.config import ConfigError, resolve, structural_key, to_jsonable
 from study.redact import redact, register_secret
 from study.sweeps import optuna_storage
-from study.sweeps.executors import Executor, open_executor, run_all
+from study.sweeps.executors import Bar, Executor, open_executor, run_all
 from study.sweeps.jobs import Chunk, ChunkResult, Outcome, chunk_key, normalization
 from study.sweeps.manifest import EXIT_INTERRUPTED, Record
 from study.sweeps.search_space import DEFAULT_TEST_SEEDS, OptunaSettings, parse_optuna
@@ -138,7 +138,6 @@ _CONFIRMED = "study:confirmed"
 _ASKING = "study:asking"
 # Failures that are the trial's own (they count towards n_trials and are not retried).
 _OWN_FAILURES = ("diverged", "invalid", "no value", "error")
-_PRINT_EVERY_S = 10.0
 
 
 # --------------------------------------------------------------------------------------
@@ -902,7 +901,7 @@ class Driver:
     _me: dict[str, Any] = field(default_factory=procs.me)
     _t0: float = 0.0
     _steps_done: int = 0
-    _last_print: float = 0.0
+    _bar: Bar | None = None  # the progress bar, while run() runs
     _best_line: str = ""
     _kept_trials: int = 0  # finished by this run (their runs stored)
     _kept_runs: int = 0
@@ -918,7 +917,11 @@ class Driver:
         self.uid_token = str(self.study.user_attrs.get(_UID, ""))
 
     def _log(self, msg: str) -> None:
-        if not self.quiet:
+        if self.quiet:
+            return
+        if self._bar is not None:
+            self._bar.note(msg)  # above the progress bar
+        else:
             print(msg, file=sys.stderr, flush=True)
 
     def _run_id(self, env: str, hp: Mapping[str, Any], seed: int, number: int) -> str:
@@ -972,19 +975,18 @@ class Driver:
         self._next_uid += 1
         return _UnitState(unit, trials, np.asarray(owner), tuple(runs), group)
 
-    # -- reporting (called from train_unit, in this process or via the report server) ---
+    # -- reporting (a tuning chunk's log hook, in this process or via the report server)
     def report(self, uid: int, step: int, values: np.ndarray, env_steps: int) -> np.ndarray:
         """Report each trial's intermediate value; the members of pruned trials to stop."""
         with self._mutex:
             st = self._units.get(uid)
             if st is None:  # dropped by an interrupt while its worker still trains: stop it
                 return np.ones(len(values), dtype=bool)
-            self._steps_done += max(0, int(env_steps) - st.env_steps)
+            self._count_steps(max(0, int(env_steps) - st.env_steps))
             st.env_steps = max(st.env_steps, int(env_steps))
             values = np.asarray(values, dtype=float)
             mask = np.zeros(len(values), dtype=bool)
             if self.across_tasks:  # one env's curve is not comparable to the others'
-                self._maybe_print()
                 return mask
             for j, tr in enumerate(st.trials):
                 idx = st.member_trial == j
@@ -997,7 +999,6 @@ class Driver:
                         except Exception as e:  # a storage hiccup must not kill training
                             self._log(f"[optuna] trial {tr.number}: report failed: {e}")
                 mask[idx] = tr.pruned
-            self._maybe_print()
             return mask
 
     # -- finishing ---------------------------------------------------------------------------
@@ -1022,7 +1023,7 @@ class Driver:
                                                  st.unit.env, rows, [returns[i] for i in idx])
             tr.diverged.append(bool(rows["status"].eq("diverged").all()))
         with self._mutex:
-            self._steps_done += max(0, result.env_steps - st.env_steps)
+            self._count_steps(max(0, result.env_steps - st.env_steps))
             del self._units[st.unit.index]
         if g.in_flight:
             return []
@@ -1087,14 +1088,11 @@ class Driver:
             self._log(f"[optuna] trial {tr.number}: could not tell {tr.state}: {e}")
 
     # -- progress ---------------------------------------------------------------------------
-    def _maybe_print(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if self.quiet or (not force and now - self._last_print < _PRINT_EVERY_S):
-            return
-        self._last_print = now
-        elapsed = max(now - self._t0, 1e-9)
-        print(f"[optuna] {self._best_line} | {self._steps_done / elapsed:,.0f} env steps/s",
-              file=sys.stderr, flush=True)
+    def _count_steps(self, steps: int) -> None:
+        """Count env steps trained (under the mutex)."""
+        self._steps_done += steps
+        if self._bar is not None:
+            self._bar.advance(steps)
 
     def _update_best_line(self) -> None:
         trials = self.study.get_trials(deepcopy=False)
@@ -1111,13 +1109,18 @@ class Driver:
             line += (f" | best {best.value:.4g} (trial {best.number}: "
                      f"{_format_params(best.params)})")
         self._best_line = line
+        if self._bar is not None:
+            self._bar.label(f"[optuna] {line}")
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> StudyOutcome:
         """Ask, train, tell until the study holds n_trials trials (or --timeout)."""
         outcome = StudyOutcome()
-        self._t0 = self._last_print = time.monotonic()
+        self._t0 = time.monotonic()
+        # Env steps, their rate and the trials' progress as its label; no total (pruning
+        # ends trials early).
         self._update_best_line()
+        self._bar = Bar(None, enabled=not self.quiet, label=f"[optuna] {self._best_line}")
         executor = open_executor("loky", self.n_jobs)
         # Workers only train: every Optuna call happens in this process, directly from an
         # in-process chunk, through the report channel from a worker's.
@@ -1141,8 +1144,10 @@ class Driver:
                 in_flight[uid] = u
                 executor.submit(u.unit, _Pruning(self.settings.metric, reporter))
 
+        finished = False  # any other end (an interrupt, a chunk's error) stops the workers
         try:
             self._loop(outcome, executor, in_flight, submit)
+            finished = True
         except KeyboardInterrupt:
             outcome.interrupted = True
             with store.deferred_sigint():
@@ -1151,7 +1156,9 @@ class Driver:
             stop_heartbeat.set()
             if server is not None:
                 server.close()
-            executor.close(abort=outcome.interrupted)
+            executor.close(abort=not finished)
+            self._bar.close()
+            self._bar = None
             outcome.wall_s = time.monotonic() - self._t0
             outcome.env_steps = self._steps_done
             outcome.trials_kept, outcome.runs_done = self._kept_trials, self._kept_runs
@@ -1196,7 +1203,6 @@ class Driver:
                 submit(self._unit_done(st, done.get()))
             self._write_trials()
             self._update_best_line()
-            self._maybe_print(force=True)
 
     def _abandon(self) -> int:
         """Ctrl-C or SIGTERM: tell FAIL to every trial this driver still runs (in flight,
@@ -1923,8 +1929,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run the importable module, not __main__: worker processes unpickle train_unit by
-    # its module name.
-    from study.sweeps.optuna import main as _entry
-
-    raise SystemExit(_entry())
+    raise SystemExit(main())

@@ -35,7 +35,6 @@ from study.sweeps.executors import (
     run_all,
 )
 from study.sweeps.jobs import (
-    Budget,
     Chunk,
     ChunkResult,
     Outcome,
@@ -48,7 +47,6 @@ from study.sweeps.spec import Run, Sweep
 
 __all__ = [
     "BACKENDS",
-    "Budget",
     "Chunk",
     "ChunkResult",
     "Outcome",

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,9 +57,10 @@ _EVAL_MAX_STEPS = 100_000  # safety cap for environments without a time limit
 
 @dataclass(frozen=True)
 class Member:
-    """One member of a population: resolved hyperparameters (all keys) and a seed."""
+    """One member of a population: resolved hyperparameters (every key, as a mapping or
+    a :class:`~study.hyperparameters.Hyperparameters`) and a seed."""
 
-    hyperparameters: dict[str, Any]
+    hyperparameters: Mapping[str, Any] | Hyperparameters
     seed: int
 
 
@@ -252,12 +253,11 @@ def _rollout_targets(
 def _check_members(members: Sequence[Member]) -> Structure:
     if not members:
         raise cfg.ConfigError("a population needs at least one member")
-    first = members[0].hyperparameters
-    key = cfg.structural_key(first)
+    first = Hyperparameters.of(members[0].hyperparameters).structure()
     for m in members[1:]:
-        if cfg.structural_key(m.hyperparameters) != key:
+        if Hyperparameters.of(m.hyperparameters).structure() != first:
             raise ValueError("members of one population must share structural hyperparameters")
-    return Structure.of(first)
+    return first
 
 
 class _Windows:
@@ -349,7 +349,7 @@ def train_population(
         keep_freed_memory()
         hp = _check_members(members)
         if check_memory:  # drivers check all the populations they start together instead
-            check_fits([(env_id, members[0].hyperparameters, len(members))],
+            check_fits([(env_id, [m.hyperparameters for m in members], len(members))],
                        fewer="the population")
         trainer = _Trainer(env_id, members, hp, total_steps, device)
         return trainer.train(_Schedule(log_every, eval_every, eval_episodes), save_policies,
@@ -889,7 +889,9 @@ class _Trainer:
             final = _final_return(self.windows.final_sum[i], self.windows.final_count[i],
                                   self.last_ret[i])
             out.append(RunResult(
-                seed=m.seed, hyperparameters=dict(m.hyperparameters), status=str(self.status[i]),
+                seed=m.seed, hyperparameters=(
+                    m.hyperparameters.to_dict() if isinstance(m.hyperparameters, Hyperparameters)
+                    else dict(m.hyperparameters)), status=str(self.status[i]),
                 diverged_at_step=self.diverged_at[i], diverged_reason=self.reasons[i],
                 final_return=float(final) if ok else float("nan"),
                 final_eval_return=float(self.last_eval[i]) if ok else float("nan"),

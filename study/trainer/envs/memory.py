@@ -153,21 +153,26 @@ def population_bytes(env_id: str, hp: Structure, n_members: int,
     )
 
 
-def check_fits(populations: Sequence[tuple[str, Mapping[str, Any] | Hyperparameters, int]],
+Member = Mapping[str, Any] | Hyperparameters  # one member's resolved hyperparameters
+
+
+def check_fits(populations: Sequence[tuple[str, Member | Sequence[Member], int]],
                where: str = "", fewer: str = "--population-size or --n-jobs") -> str:
     """ConfigError (one line) when the populations trained at the same time,
-    ``[(env_id, hp, n_members), ...]``, would not fit in the memory available now; else a
+    ``[(env_id, hp, n_members), ...]`` (``hp``: one member's, or every member's, which
+    share their structural values), would not fit in the memory available now; else a
     line saying what they need (for dry runs). ``fewer`` names what makes populations
     fewer or smaller in the caller's terms."""
     from study.trainer.envs import env_spaces
     from study.trainer.networks import check_network
 
     estimates = []
-    for env_id, member, n in populations:
-        values = Hyperparameters.of(member)
-        hp = values.structure()
+    for env_id, members, n in populations:
+        values = [Hyperparameters.of(m) for m in (
+            [members] if isinstance(members, Mapping | Hyperparameters) else members)]
+        hp = values[0].structure()
         obs_space, act_space = env_spaces(env_id, hp)
-        check_network(env_id, hp, obs_space, values.normalize_obs)
+        check_network(env_id, hp, obs_space, any(v.normalize_obs for v in values))
         n_out = int(getattr(act_space, "n", 0)) or math.prod(act_space.shape or ())
         memory = population_bytes(env_id, hp, n, obs_space.shape, n_out,
                                   obs_space.dtype.itemsize)
