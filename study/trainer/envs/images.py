@@ -29,14 +29,15 @@ from study.hyperparameters import Structure
 
 @dataclass(frozen=True)
 class AtariOptions:
-    """How an ``ALE/*`` environment is preprocessed (see the module docstring)."""
+    """How an ``ALE/*`` environment is preprocessed (see the module docstring; the
+    defaults are those of the hyperparameters of the same names)."""
 
-    frame_skip: int = 4
-    frame_stack: int = 4
-    screen_size: int = 84
-    grayscale: bool = True
-    noop_max: int = 30
-    sticky_actions: float = 0.25
+    frame_skip: int
+    frame_stack: int
+    screen_size: int
+    grayscale: bool
+    noop_max: int
+    sticky_actions: float
 
     @classmethod
     def from_hyperparameters(cls, hp: Structure) -> AtariOptions:
@@ -49,7 +50,7 @@ def env_options(env_id: str, hp: Structure | None) -> AtariOptions | None:
     ``hp`` is None); None for environments that have none."""
     if env_family(env_id) != "ALE":
         return None
-    return AtariOptions() if hp is None else AtariOptions.from_hyperparameters(hp)
+    return AtariOptions.from_hyperparameters(Structure() if hp is None else hp)
 
 
 class ChannelsFirst(gym.ObservationWrapper):
