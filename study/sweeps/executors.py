@@ -339,6 +339,16 @@ class _Dask(Executor):
             self._cluster.close()
 
 
+def announce_compilation() -> None:
+    """Say on stderr that the numba kernels compile now, when their cache is cold (the
+    first run after an install), since the first progress figures include it."""
+    from study.trainer import kernels
+
+    if kernels.cold_cache():
+        print("compiling the numba kernels (once after an install; the first progress "
+              "figures include it)", file=sys.stderr, flush=True)
+
+
 class Bar:
     """The drivers' one progress bar (both use it): env steps done, their rate, and the
     ETA when the total is known, after a label the driver sets; lines a driver prints

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from study.config import structural_key
 from study.sweeps.executors import (
     Executor,
     Progress,
+    announce_compilation,
     check_scheduler,
     open_executor,
     run_all,
@@ -187,11 +187,7 @@ def execute(plan: Plan, out: str | Path, n_jobs: int = 1, backend: str = "loky",
         return outcome
     n_jobs = max(1, min(n_jobs, len(plan.chunks)))
     if show_progress and backend != "dask":
-        from study.trainer import kernels
-
-        if kernels.cold_cache():
-            print("compiling the numba kernels (once after an install; the first progress "
-                  "figures include it)", file=sys.stderr, flush=True)
+        announce_compilation()
     progress = Progress(plan.chunks, show_progress)
 
     def store_chunk(res: ChunkResult) -> None:

@@ -6,12 +6,13 @@
 
 from __future__ import annotations
 
+import argparse
 import collections
 import json
 import math
-import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -67,7 +68,7 @@ def _positive_int(name: str, value: str) -> int:
     return v
 
 
-def _main(argv: Sequence[str] | None) -> int:
+def _parser() -> ArgumentParser:
     p = ArgumentParser(prog="study.train", description=__doc__.split("\n")[0])
     p.add_argument("--env", default="CartPole-v1", help="gymnasium env id (default CartPole-v1)")
     p.add_argument("--seeds", default="0-7", help="e.g. 0-63, 1,5,9 (default 0-7)")
@@ -85,15 +86,22 @@ def _main(argv: Sequence[str] | None) -> int:
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = p.parse_args(argv)
+    return p
 
-    budget = Budget(
+
+def _budget(args: argparse.Namespace) -> Budget:
+    return Budget(
         total_steps=_positive_int("--total-steps", args.total_steps),
         log_every=_positive_int("--log-every", args.log_every),
         eval_every=(0 if str(args.eval_every) == "0"
                     else _positive_int("--eval-every", args.eval_every)),
         eval_episodes=_positive_int("--eval-episodes", args.eval_episodes),
     )
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args = _parser().parse_args(argv)
+    budget = _budget(args)
     seeds = parse_seeds(args.seeds)
     hp = cfg.resolve(cfg.parse_set(args.set), where="--set: ", env=args.env)
     if args.device != "cpu":
@@ -101,10 +109,21 @@ def _main(argv: Sequence[str] | None) -> int:
 
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise cfg.ConfigError(f"--device {args.device!r} is invalid: CUDA is not available")
+    results, wall, env_steps = _train(args, hp, seeds, budget)
+    _print_summary(results, budget.eval_every > 0, wall, env_steps)
+    if args.json:
+        _write_json(args.json, args.env, budget, hp, results, wall, env_steps)
+    return 0
 
+
+def _train(args: argparse.Namespace, hp: dict[str, Any], seeds: Sequence[int],
+           budget: Budget) -> tuple[list[Any], float, int]:
+    """Train every seed as one population with a progress bar: (results, wall seconds,
+    env steps trained)."""
     # Imported late so that bad input fails fast without paying for torch start-up twice.
     import torch
 
+    from study.sweeps.executors import Bar, announce_compilation
     from study.trainer.envs import env_spaces
     from study.trainer.envs.memory import check_fits
     from study.trainer.population import Member, train_population
@@ -112,44 +131,24 @@ def _main(argv: Sequence[str] | None) -> int:
     env_spaces(args.env)  # validates the env id and its spaces before anything runs
     check_fits([(args.env, hp, len(seeds))], fewer="the number of --seeds")
     torch.set_num_threads(1)
-    members = [Member(hp, s) for s in seeds]
     n_batch = hp["num_envs"] * hp["n_steps"]
-    effective = math.ceil(budget.total_steps / n_batch) * n_batch
-
-    from tqdm import tqdm
-
-    from study.trainer import kernels
-
-    if not args.quiet and kernels.cold_cache():
-        print("compiling the numba kernels (once after an install; the first progress "
-              "figures include it)", file=sys.stderr, flush=True)
-
-    bar = tqdm(
-        total=effective * len(seeds),
-        unit="step",
-        unit_scale=True,
-        file=sys.stderr,
-        disable=args.quiet,
-        desc=f"{args.env} x{len(seeds)}",
-        smoothing=0.1,
-        mininterval=0.5,
-    )
+    env_steps = math.ceil(budget.total_steps / n_batch) * n_batch * len(seeds)
+    if not args.quiet:
+        announce_compilation()
+    bar = Bar(env_steps, enabled=not args.quiet, label=f"{args.env} x{len(seeds)}")
     t0 = time.perf_counter()
     try:
-        results = train_population(
-            args.env,
-            members,
-            budget.total_steps,
-            **budget.train_kwargs(),
-            device=args.device,
-            on_progress=bar.update,
-        )
+        results = train_population(args.env, [Member(hp, s) for s in seeds],
+                                   budget.total_steps, **budget.train_kwargs(),
+                                   device=args.device, on_progress=bar.advance)
     finally:
         bar.close()
-    wall = time.perf_counter() - t0
-    steps_per_s = effective * len(seeds) / wall
+    return results, time.perf_counter() - t0, env_steps
 
-    has_eval = budget.eval_every > 0
+
+def _print_summary(results: Sequence[Any], has_eval: bool, wall: float,
+                   env_steps: int) -> None:
+    """The seed table, the median and IQR of final returns, and the throughput."""
     header = (
         f"{'seed':>10}  {'final_return':>12}  "
         + (f"{'final_eval':>10}  " if has_eval else "")
@@ -172,37 +171,37 @@ def _main(argv: Sequence[str] | None) -> int:
     n_div = sum(r.status == "diverged" for r in results)
     if n_div:
         print(f"{n_div} of {len(results)} seeds diverged")
-    print(f"{effective * len(seeds):,} env steps in {wall:.1f} s ({steps_per_s:,.0f} steps/s)")
+    print(f"{env_steps:,} env steps in {wall:.1f} s ({env_steps / wall:,.0f} steps/s)")
 
-    if args.json:
 
-        def num(x: float) -> float | None:
-            return float(x) if x is not None and math.isfinite(x) else None
+def _write_json(path: str, env: str, budget: Budget, hp: dict[str, Any],
+                results: Sequence[Any], wall: float, env_steps: int) -> None:
+    def num(x: float) -> float | None:
+        return float(x) if x is not None and math.isfinite(x) else None
 
-        payload = {
-            "env": args.env,
-            "total_steps": budget.total_steps,
-            "hyperparameters": cfg.to_jsonable(hp),
-            "wall_s": wall,
-            "env_steps_per_s": steps_per_s,
-            "runs": [
-                {
-                    "seed": r.seed,
-                    "final_return": num(r.final_return),
-                    "final_eval_return": num(r.final_eval_return),
-                    "status": r.status,
-                    "diverged_at_step": r.diverged_at_step,
-                    "curve": [
-                        [int(s), num(v)]
-                        for s, v in zip(r.curve["step"], r.curve["episode_return"], strict=True)
-                    ],
-                }
-                for r in results
-            ],
-        }
-        with open(args.json, "w") as f:
-            json.dump(payload, f, indent=1)
-    return 0
+    payload = {
+        "env": env,
+        "total_steps": budget.total_steps,
+        "hyperparameters": cfg.to_jsonable(hp),
+        "wall_s": wall,
+        "env_steps_per_s": env_steps / wall,
+        "runs": [
+            {
+                "seed": r.seed,
+                "final_return": num(r.final_return),
+                "final_eval_return": num(r.final_eval_return),
+                "status": r.status,
+                "diverged_at_step": r.diverged_at_step,
+                "curve": [
+                    [int(s), num(v)]
+                    for s, v in zip(r.curve["step"], r.curve["episode_return"], strict=True)
+                ],
+            }
+            for r in results
+        ],
+    }
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
