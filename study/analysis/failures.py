@@ -269,7 +269,7 @@ def _grid_progress(root: Path, manifest: dict) -> tuple[int, int | None, str]:
     """(stored runs of the current sweep, planned runs, "runs")."""
     from study import store
 
-    block = manifest.get("runs") if isinstance(manifest.get("runs"), dict) else {}
+    block: dict = manifest["runs"] if isinstance(manifest.get("runs"), dict) else {}
     planned = block.get("in_sweep")
     ids = _planned_run_ids(root)
     if ids is not None and (planned is None or len(ids) == int(planned)):
@@ -309,7 +309,7 @@ def _planned_run_ids(root: Path) -> set[str] | None:
 def _optuna_progress(root: Path, manifest: dict) -> tuple[int, int | None, str]:
     """(trials that count towards n_trials, n_trials, "trials"): finished trials, and
     those that failed on their own (as the Optuna driver counts them)."""
-    opt = manifest.get("optuna") if isinstance(manifest.get("optuna"), dict) else {}
+    opt: dict = manifest["optuna"] if isinstance(manifest.get("optuna"), dict) else {}
     planned = opt.get("n_trials")
     done = 0
     try:
@@ -594,7 +594,8 @@ class _Features:
     final_level: np.ndarray  # tail mean
     drop_se: np.ndarray  # standard error of (initial - final_level)
     tail_rises: np.ndarray  # the tail test alone (learning also needs the end window)
-    start: np.ndarray | None = None  # an untrained policy's return (set by _run_arrays)
+    # an untrained policy's return per run (set by _run_arrays; empty until then)
+    start: np.ndarray = field(default_factory=lambda: np.empty(0))
 
 
 def _empty_features(n: int) -> _Features:
@@ -1079,7 +1080,7 @@ def _reference_entropy(d: _Runs, t: _Traps, cls: np.ndarray, trapped: np.ndarray
     ref_entropy, ref_min, ref_n = np.full(n, np.nan), np.full(n, np.nan), np.zeros(n, int)
     f = d.f
     for i in np.flatnonzero(trapped):
-        rr = t.ref_rows.get(i, np.array([], dtype=int))
+        rr = t.ref_rows.get(int(i), np.array([], dtype=int))
         rr = rr[(cls[rr] == "ok") | (cls[rr] == "learning")]
         if rr.size == 0 or not np.isfinite(f.plateau_step[i]):
             continue
