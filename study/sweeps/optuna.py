@@ -81,7 +81,7 @@ import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import optuna
@@ -199,7 +199,7 @@ def _load_optuna_sweep(path: str | Path) -> Sweep:
     if "seeds" in data:
         raise error
     name = data.get("name", Path(path).stem)
-    table = data.get("optuna") if isinstance(data.get("optuna"), dict) else {}
+    table: dict = data["optuna"] if isinstance(data.get("optuna"), dict) else {}
     n = table.get("seeds_per_trial", 5)
     n = n if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else 5
     data = {**data, "seeds": list(derive_seeds(str(name), n))}
@@ -415,7 +415,8 @@ class _JournalLock:
         self.grace_s = grace_s
 
     def acquire(self) -> bool:
-        seen, since, pause = None, time.monotonic(), 0.001
+        seen: tuple[int, int] | None = None
+        since, pause = time.monotonic(), 0.001
         while True:
             try:
                 os.symlink(self.target, self.path)
@@ -428,7 +429,7 @@ class _JournalLock:
                 continue  # released meanwhile: take it now
             if (st.st_ino, st.st_mtime_ns) != seen:
                 seen, since = (st.st_ino, st.st_mtime_ns), time.monotonic()
-            elif time.monotonic() - since > self.grace_s:
+            elif seen is not None and time.monotonic() - since > self.grace_s:
                 self._break(seen)
                 continue
             time.sleep(pause)
@@ -466,7 +467,8 @@ def _open_journal(spec: str | None, out: Path) -> tuple[Any, Any, str]:
     # dangles (see _JournalLock).
     path = (Path(spec) if spec else out / JOURNAL_FILE).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
-    backend = JournalFileBackend(str(path), lock_obj=_JournalLock(path, JOURNAL_GRACE_S))
+    lock = cast(Any, _JournalLock(path, JOURNAL_GRACE_S))  # Optuna's lock interface, by duck
+    backend = JournalFileBackend(str(path), lock_obj=lock)
     study_lock = _FileLock(path.with_name(path.name + ".study-lock"))
     return JournalStorage(backend), study_lock, str(path)
 
@@ -1105,7 +1107,7 @@ class Driver:
                 f"{n_f} failed)")
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
         if complete:
-            best = max(complete, key=lambda t: t.value)
+            best = max(complete, key=lambda t: float(t.values[0]))  # COMPLETE: one value
             line += (f" | best {best.value:.4g} (trial {best.number}: "
                      f"{_format_params(best.params)})")
         self._best_line = line
@@ -1268,13 +1270,18 @@ def _chunk(s: Sweep, index: int, env: str, runs: tuple[Run, ...],
 # writing the store
 
 
+def _state_name(state: TrialState | None) -> str:
+    assert state is not None  # decided for every trial before its runs are stored
+    return state.name
+
+
 def _store_tuning(out: Path, study_name: str, st: _UnitState, result: ChunkResult) -> None:
     """Store a finished tuning unit's runs, each with its trial's number and final state
     (atomically, one chunk)."""
     runs_df = result.runs.copy()
     owner = st.member_trial
     runs_df["trial_number"] = [st.trials[j].number for j in owner]
-    runs_df["trial_state"] = [st.trials[j].state.name for j in owner]  # type: ignore[union-attr]
+    runs_df["trial_state"] = [_state_name(st.trials[j].state) for j in owner]
     runs_df["phase"] = "tune"
     runs_df["study_name"] = study_name
     store.write_chunk(out, runs_df, result.curves, result.key, result.policies,
@@ -1363,7 +1370,7 @@ def write_trials(out: Path, table: pa.Table) -> None:
 def _top_configs(study: optuna.Study, k: int) -> list[FrozenTrial]:
     """The best COMPLETE trial of each of the ``k`` best distinct configs."""
     complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
-    complete.sort(key=lambda t: (-t.value, t.number))
+    complete.sort(key=lambda t: (-float(t.values[0]), t.number))
     seen: set[str] = set()
     out = []
     for t in complete:
@@ -1815,7 +1822,7 @@ def _main(argv: Sequence[str] | None) -> int:
     # study is opened and checked first (that writes nothing here). Optuna drivers of one
     # study share the store, a grid driver excludes them. SIGTERM stops as Ctrl-C does.
     with _quiet_optuna():
-        in_db = _study(job, *_open_rdb(job.storage_spec, job.study_name)) \
+        in_db = _study(job, *_open_rdb(str(job.storage_spec), job.study_name)) \
             if _is_url(job.storage_spec) else None
         with store.driver_lock(job.out, exclusive=False), procs.sigterm_as_interrupt():
             study, lock, desc = in_db or _study(job, *_open_journal(job.storage_spec, job.out))
