@@ -93,15 +93,20 @@ def tanh_backward_(g: np.ndarray, y: np.ndarray, bias_grad: np.ndarray) -> None:
     ``y`` may have more rows than ``g`` (the extra ones are ignored); it should be
     C-contiguous, as a strided row does not vectorize (5x slower)."""
     for s in range(g.shape[0]):
-        db = bias_grad[s, 0]
-        db[:] = 0.0
-        for b in range(g.shape[1]):
-            gr = g[s, b]
-            yr = y[s, b]
-            for j in range(g.shape[2]):
-                v = gr[j] * (_F(1.0) - yr[j] * yr[j])
-                gr[j] = v
-                db[j] += v
+        tanh_backward_rows(g[s], y[s], bias_grad[s, 0])
+
+
+@numba.njit(**_JIT)
+def tanh_backward_rows(g: np.ndarray, y: np.ndarray, db: np.ndarray) -> None:
+    """:func:`tanh_backward_` of one member: ``g`` ``[B, F]``, ``y`` ``[B', F]``, ``db`` ``[F]``."""
+    db[:] = 0.0
+    for b in range(g.shape[0]):
+        gr = g[b]
+        yr = y[b]
+        for j in range(g.shape[1]):
+            v = gr[j] * (_F(1.0) - yr[j] * yr[j])
+            gr[j] = v
+            db[j] += v
 
 
 @numba.njit(**_JIT)
@@ -143,29 +148,34 @@ def rmsprop_step(params, grads, sq_avgs, lr, max_norm, loss_ok, alpha, eps):
     n_members = lr.shape[0]
     norms = np.zeros(n_members, dtype=np.float32)
     ok = np.zeros(n_members, dtype=np.bool_)
+    for s in range(n_members):
+        norms[s], ok[s] = rmsprop_member(params, grads, sq_avgs, s, lr[s], max_norm[s],
+                                         loss_ok[s], alpha, eps)
+    return norms, ok
+
+
+@numba.njit(**_JIT)
+def rmsprop_member(params, grads, sq_avgs, s, lr, max_norm, loss_ok, alpha, eps):
+    """:func:`rmsprop_step` of member s: ``(pre-clip norm, stepped to finite parameters)``."""
     a = _F(alpha)
     one_minus_a = _F(1.0) - a
     e = _F(eps)
-    for s in range(n_members):
-        norm, coef = _clip_coefficient(grads, s, max_norm[s])
-        norms[s] = norm
-        if not (loss_ok[s] and np.isfinite(norm)):
-            continue
-        step = lr[s]
-        bad = 0
-        for k in range(len(params)):
-            p = params[k][s].reshape(-1)
-            g = grads[k][s].reshape(-1)
-            v = sq_avgs[k][s].reshape(-1)
-            for j in range(p.size):
-                gj = g[j] * coef
-                vj = a * v[j] + one_minus_a * (gj * gj)
-                v[j] = vj
-                pj = p[j] - step * gj / (np.sqrt(vj) + e)
-                p[j] = pj
-                bad |= np.int32(pj - pj != _F(0.0))  # NaN for inf and NaN alike
-        ok[s] = bad == 0
-    return norms, ok
+    norm, coef = _clip_coefficient(grads, s, max_norm)
+    if not (loss_ok and np.isfinite(norm)):
+        return norm, False
+    bad = 0
+    for k in range(len(params)):
+        p = params[k][s].reshape(-1)
+        g = grads[k][s].reshape(-1)
+        v = sq_avgs[k][s].reshape(-1)
+        for j in range(p.size):
+            gj = g[j] * coef
+            vj = a * v[j] + one_minus_a * (gj * gj)
+            v[j] = vj
+            pj = p[j] - lr * gj / (np.sqrt(vj) + e)
+            p[j] = pj
+            bad |= np.int32(pj - pj != _F(0.0))  # NaN for inf and NaN alike
+    return norm, bad == 0
 
 
 @numba.njit(**_JIT)
@@ -181,32 +191,39 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, t, lr, max_norm, loss_ok, be
     n_members = lr.shape[0]
     norms = np.zeros(n_members, dtype=np.float32)
     ok = np.zeros(n_members, dtype=np.bool_)
-    b1, b2, e = _F(beta1), _F(beta2), _F(eps)
     for s in range(n_members):
-        norm, coef = _clip_coefficient(grads, s, max_norm[s])
-        norms[s] = norm
-        if not (loss_ok[s] and np.isfinite(norm)):
-            continue
-        bc1 = _F(1.0 - beta1 ** t[s])
-        bc2_sqrt = _F(np.sqrt(1.0 - beta2 ** t[s]))
-        step = lr[s] / bc1
-        bad = 0
-        for k in range(len(params)):
-            p = params[k][s].reshape(-1)
-            g = grads[k][s].reshape(-1)
-            m = exp_avgs[k][s].reshape(-1)
-            v = exp_avg_sqs[k][s].reshape(-1)
-            for j in range(p.size):
-                gj = g[j] * coef
-                mj = b1 * m[j] + (_F(1.0) - b1) * gj
-                vj = b2 * v[j] + (_F(1.0) - b2) * (gj * gj)
-                m[j] = mj
-                v[j] = vj
-                pj = p[j] - step * mj / (np.sqrt(vj) / bc2_sqrt + e)
-                p[j] = pj
-                bad |= np.int32(pj - pj != _F(0.0))
-        ok[s] = bad == 0
+        norms[s], ok[s] = adam_member(params, grads, exp_avgs, exp_avg_sqs, s, t[s], lr[s],
+                                      max_norm[s], loss_ok[s], beta1, beta2, eps)
     return norms, ok
+
+
+@numba.njit(**_JIT)
+def adam_member(params, grads, exp_avgs, exp_avg_sqs, s, t, lr, max_norm, loss_ok, beta1,
+                beta2, eps):
+    """:func:`adam_step` of member s (its step count ``t``)."""
+    b1, b2, e = _F(beta1), _F(beta2), _F(eps)
+    norm, coef = _clip_coefficient(grads, s, max_norm)
+    if not (loss_ok and np.isfinite(norm)):
+        return norm, False
+    bc1 = _F(1.0 - beta1 ** t)
+    bc2_sqrt = _F(np.sqrt(1.0 - beta2 ** t))
+    step = lr / bc1
+    bad = 0
+    for k in range(len(params)):
+        p = params[k][s].reshape(-1)
+        g = grads[k][s].reshape(-1)
+        m = exp_avgs[k][s].reshape(-1)
+        v = exp_avg_sqs[k][s].reshape(-1)
+        for j in range(p.size):
+            gj = g[j] * coef
+            mj = b1 * m[j] + (_F(1.0) - b1) * gj
+            vj = b2 * v[j] + (_F(1.0) - b2) * (gj * gj)
+            m[j] = mj
+            v[j] = vj
+            pj = p[j] - step * mj / (np.sqrt(vj) / bc2_sqrt + e)
+            p[j] = pj
+            bad |= np.int32(pj - pj != _F(0.0))
+    return norm, bad == 0
 
 
 @numba.njit(**_JIT)
@@ -416,4 +433,6 @@ def cold_cache() -> bool:
     from pathlib import Path
 
     cache = Path(os.environ.get("NUMBA_CACHE_DIR") or Path(__file__).parent / "__pycache__")
-    return not any(cache.rglob("kernels.*.nbi"))
+    # The compiled A2C loop (study.trainer.compiled_a2c) is the longest to compile.
+    return not all(any(cache.rglob(pattern))
+                   for pattern in ("kernels.*.nbi", "compiled_a2c.run_updates*.nbi"))

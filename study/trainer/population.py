@@ -42,8 +42,9 @@ from study import config as cfg
 from study.hyperparameters import Hyperparameters, Structure
 from study.schema import CURVE_COLUMNS
 from study.schema import UPDATE_METRICS as _UPDATE_METRICS
-from study.trainer import kernels
+from study.trainer import compiled_a2c, kernels
 from study.trainer.alloc import keep_freed_memory
+from study.trainer.compiled_a2c import CompiledA2C
 from study.trainer.envs import Step, make_population_env
 from study.trainer.envs.memory import check_fits
 from study.trainer.gae import gae_advantages
@@ -461,6 +462,8 @@ class _Trainer:
         self.last_eval = np.full(n, np.nan)
         self.global_step = 0
         self.save_policies = False
+        # The same updates as one compiled loop, where it reproduces them (same bits).
+        self.compiled = CompiledA2C.build(self) if compiled_a2c.accepts(self) else None
 
     # ------------------------------------------------------------------- the loop
     def train(self, schedule: _Schedule, save_policies: bool,
@@ -472,22 +475,42 @@ class _Trainer:
         self.obs = self.observe(self.env.reset(), update=True)
         self.next_log = schedule.log_every
         self.next_eval = schedule.eval_every if schedule.eval_every > 0 else math.inf
-        for update in range(self.n_updates):
-            if len(self.alive) == 0:
-                break
-            rollout = self.collect_rollout()
-            if on_progress is not None:
-                on_progress(self.n_batch * len(self.alive))
-            batch = self.compute_targets(rollout)
-            stats, diverged = self.update(batch)
-            self.record(stats)
-            self.stop(diverged.cpu().numpy(), "diverged", self.global_step)
-            self.log(schedule, on_log, last=update == self.n_updates - 1)
+        update = 0
+        while update < self.n_updates and len(self.alive):
+            if self.compiled is not None:  # every update up to the next log point at once
+                update += self.compiled_updates(on_progress, self.n_updates - update)
+            else:
+                rollout = self.collect_rollout()
+                if on_progress is not None:
+                    on_progress(self.n_batch * len(self.alive))
+                batch = self.compute_targets(rollout)
+                stats, diverged = self.update(batch)
+                self.record(stats)
+                self.stop(diverged.cpu().numpy(), "diverged", self.global_step)
+                update += 1
+            self.log(schedule, on_log, last=update == self.n_updates)
         if save_policies:
             for pos, i in enumerate(self.alive):
                 self.policy_states[i] = self.policy_state(pos, int(i))
         self.env.close()
         return self.results((time.perf_counter() - t_start) / self.n_mem)
+
+    def compiled_updates(self, on_progress: Callable[[int], None] | None, left: int) -> int:
+        """The updates up to the next log point (at most ``left``) by the compiled loop;
+        learners that went non-finite stop at the update they did. Returns how many."""
+        assert self.compiled is not None
+        n = min(left, max(1, math.ceil((self.next_log - self.global_step) / self.n_batch)))
+        start = self.global_step
+        diverged_at = self.compiled.run(n)
+        self.global_step += n * self.n_batch
+        if on_progress is not None:
+            done = np.where(diverged_at >= 0, diverged_at + 1, n)
+            on_progress(int(done.sum()) * self.n_batch)
+        members = self.alive[diverged_at >= 0]
+        for u in np.unique(diverged_at[diverged_at >= 0]):
+            which = np.isin(self.alive, members[diverged_at[diverged_at >= 0] == u])
+            self.stop(which, "diverged", start + (int(u) + 1) * self.n_batch)
+        return n
 
     # ------------------------------------------------------------------- 1. rollout
     def collect_rollout(self) -> _Rollout:

@@ -40,6 +40,7 @@ class ResetDraws:
 
     def __init__(self, seeds: Sequence[int], n_envs: int, n_draws: int, stream: int) -> None:
         keys = MemberStreams(seeds, stream).keys  # [S] uint64
+        self.keys = keys
         self.n_envs = int(n_envs)
         self.n_draws = int(n_draws)
         # Flat over (member, env), indexed by ``member * E + env``.
@@ -79,6 +80,9 @@ class FastPopulationEnv:
 
     observation_space: gym.spaces.Box
     action_space: gym.spaces.Space
+    #: The port's name in study.trainer.compiled_a2c's compiled environments, where it has
+    #: compiled versions of :meth:`_advance` and :meth:`_sample` (None: it has not).
+    compiled_port: str | None = None
     n_draws: int  # uniforms consumed by one environment reset
     n_components: int  # rows of self._state
     obs_dim: int  # leading rows of self._state that form the observation
@@ -179,6 +183,25 @@ class FastPopulationEnv:
     def close(self) -> None:
         """Nothing to release."""
 
+    # -- the compiled loop's access (study.trainer.compiled_a2c) ---------------------
+    def reset_numbers(self) -> np.ndarray:
+        """The number of the next reset of each environment, ``[S, E]`` uint64: its state
+        comes from draws ``(n * E + e) * K + 1 ..`` of its member's reset stream."""
+        return (self._resets_done + self._batch_used).astype(np.uint64).reshape(
+            self.n_members, self.n_envs)
+
+    def set_reset_numbers(self, numbers: np.ndarray) -> None:
+        """Continue from reset numbers ``[S, E]`` (after a compiled loop reset environments
+        itself; the states computed ahead are recomputed when next needed)."""
+        self._resets_done[:] = numbers.reshape(-1).astype(np.int64)
+        self._batch_used[:] = 0
+        self._batch_ready = False
+
+    @property
+    def reset_keys(self) -> np.ndarray:
+        """Each member's reset stream key, ``[S]`` uint64."""
+        return self._draws.keys
+
     # -- state access (tests, debugging) ----------------------------------------------
     def get_state(self) -> np.ndarray:
         """Physical state ``[S, E, 4]`` float64 in gymnasium's ``env.unwrapped.state`` order
@@ -259,6 +282,7 @@ class CartPolePopulation(FastPopulationEnv):
     """
 
     n_draws = 4
+    compiled_port = "cartpole"
     # Rows x, x_dot, theta, theta_dot: the observation as it is.
     n_components = 4
     obs_dim = 4
@@ -314,3 +338,18 @@ def _cartpole_step(state: np.ndarray, actions: np.ndarray, terminated: np.ndarra
                 x < -X_THRESHOLD or x > X_THRESHOLD
                 or theta < -THETA_THRESHOLD or theta > THETA_THRESHOLD
             )  # fmt: skip
+
+
+@numba.njit(**JIT_OPTIONS)
+def compiled_sample(u: np.ndarray, state: np.ndarray) -> None:
+    """:meth:`CartPolePopulation._sample` of one environment: ``state[c]`` from ``u[c]``."""
+    for c in range(4):
+        state[c] = -0.05 + 0.1 * u[c]
+
+
+@numba.njit(**JIT_OPTIONS)
+def compiled_step(state: np.ndarray, actions: np.ndarray, terminated: np.ndarray,
+                  reward: np.ndarray) -> None:
+    """:meth:`CartPolePopulation._advance` into ``terminated`` and ``reward`` (``[S, E]``)."""
+    _cartpole_step(state, actions, terminated)
+    reward[:] = 1.0

@@ -1,0 +1,388 @@
+"""Member-blocked MLP passes compiled by numba, with the bits of the torch products they replace.
+
+The accelerated MLP path (study.trainer.nets: ``forward_cached``, ``backward``) computes each
+layer with torch's batched products and a few fused kernels, one operation over all members
+at a time. At small populations most of its time is spent starting those operations. Here a
+member's whole pass (every layer, its activations, its gradients) is one loop over that
+member's weights, and one call covers the population.
+
+Same bits, not merely close. torch's CPU products (MKL) sum every output element over the
+inner index in order, starting from zero, either with fused multiply-adds or with separately
+rounded products, depending on the kernel MKL picks for the shape (measured here: fused for
+most, separate for outputs narrower than 9 and for one-row products; neither for inner
+dimensions of 256 and more, which sum in blocks). So :class:`CompiledMLP` asks torch: for
+every product of a pass it runs torch's own pass (``forward_cached``/``backward``) on random
+data of this network's exact shapes and keeps the mode whose bits match. A pass with a
+product that neither mode matches is left to torch (:meth:`CompiledMLP.forward_plan` returns
+None). Activations are the same rational tanh as ``kernels.tanh_`` (``kernels._tanh1``), and
+hidden bias gradients come from ``kernels.tanh_backward_`` itself; the output layer's bias
+gradient stays a torch sum, as in ``nets.backward``. A member's arithmetic never looks at
+another member's data, so bit-identity across populations holds as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import numba
+import numpy as np
+import torch
+
+from study.trainer import kernels
+from study.trainer.kernels import JIT_OPTIONS, _tanh1
+
+__all__ = ["DOT4", "FMA", "MODES", "SEPARATE", "CompiledMLP", "torch_passes"]
+
+#: How a product sums its terms: in order with fused multiply-adds (FMA) or with separately
+#: rounded products (SEPARATE), or as four interleaved partial sums of rounded products
+#: added pairwise at the end (DOT4: MKL's dot-product kernel, for a transposed operand).
+FMA, SEPARATE, DOT4 = 1, 0, 2
+MODES = (FMA, SEPARATE, DOT4)
+
+
+@numba.njit(**JIT_OPTIONS, inline="always")
+def _product_rows(a, b, out):
+    """``out[i, :] = sum_k a[i, k] b[k, :]``, k in order from zero. Four rows at a time, so
+    that each row of ``b`` is loaded once for four (every element's sum keeps its order).
+    Inlined into its callers below, whose fastmath flags decide whether each multiply-add
+    is fused: numba compiles inlined code with the caller's flags."""
+    n_rows, n_inner = a.shape
+    width = out.shape[1]
+    out[:, :] = 0.0
+    i = 0
+    while i + 4 <= n_rows:
+        o0, o1, o2, o3 = out[i], out[i + 1], out[i + 2], out[i + 3]
+        for k in range(n_inner):
+            x0, x1, x2, x3 = a[i, k], a[i + 1, k], a[i + 2, k], a[i + 3, k]
+            bk = b[k]
+            for j in range(width):
+                v = bk[j]
+                o0[j] += x0 * v
+                o1[j] += x1 * v
+                o2[j] += x2 * v
+                o3[j] += x3 * v
+        i += 4
+    while i < n_rows:
+        o = out[i]
+        for k in range(n_inner):
+            x = a[i, k]
+            bk = b[k]
+            for j in range(width):
+                o[j] += x * bk[j]
+        i += 1
+
+
+@numba.njit(**JIT_OPTIONS, fastmath={"contract"})
+def _product_fma(a, b, out):
+    """:func:`_product_rows` with fused multiply-adds."""
+    _product_rows(a, b, out)
+
+
+@numba.njit(**JIT_OPTIONS)
+def _product_separate(a, b, out):
+    """:func:`_product_rows` with every product rounded before it is added."""
+    _product_rows(a, b, out)
+
+
+@numba.njit(**JIT_OPTIONS)
+def _product_dot4(a, b, out):
+    """``out[i, j] = (p0 + p2) + (p1 + p3)``, ``p_m`` the sum over k = m mod 4 (in order) of
+    the rounded products ``a[i, k] b[k, j]``."""
+    n_inner = a.shape[1]
+    full = n_inner // 4 * 4
+    for i in range(a.shape[0]):
+        for j in range(out.shape[1]):
+            p0 = p1 = p2 = p3 = np.float32(0.0)
+            for k in range(0, full, 4):
+                p0 += a[i, k] * b[k, j]
+                p1 += a[i, k + 1] * b[k + 1, j]
+                p2 += a[i, k + 2] * b[k + 2, j]
+                p3 += a[i, k + 3] * b[k + 3, j]
+            for k in range(full, n_inner):
+                if k % 4 == 0:
+                    p0 += a[i, k] * b[k, j]
+                elif k % 4 == 1:
+                    p1 += a[i, k] * b[k, j]
+                else:
+                    p2 += a[i, k] * b[k, j]
+            out[i, j] = (p0 + p2) + (p1 + p3)
+
+
+@numba.njit(**JIT_OPTIONS)
+def _product(a, b, out, mode):
+    if mode == FMA:
+        _product_fma(a, b, out)
+    elif mode == SEPARATE:
+        _product_separate(a, b, out)
+    else:
+        _product_dot4(a, b, out)
+
+
+@numba.njit(**JIT_OPTIONS, fastmath={"contract"})
+def _bias_tanh(out, bias, tanh):
+    """``out <- out + bias`` (then ``tanh``, with ``kernels.tanh_``'s arithmetic)."""
+    for i in range(out.shape[0]):
+        o = out[i]
+        for j in range(o.shape[0]):
+            v = o[j] + bias[j]
+            o[j] = _tanh1(v) if tanh else v
+
+
+@numba.njit(**JIT_OPTIONS, inline="always")
+def _layer(hidden, layer, width):
+    """Hidden layer ``layer``'s activations, ``[R, width]`` contiguous (``hidden``:
+    ``[L - 1, R, max width]``, each layer's block at the start of its plane)."""
+    rows = hidden.shape[1]
+    return hidden[layer].reshape(-1)[: rows * width].reshape(rows, width)
+
+
+@numba.njit(**JIT_OPTIONS)
+def forward_member(x, params, s, modes, hidden, row0, out):
+    """Member s's pass through a tanh MLP: ``x`` ``[R, D]``; ``params`` the tuple
+    ``(w0, b0, w1, b1, ...)`` of stacked weights ``[S, K, N]`` and biases ``[S, 1, N]``;
+    ``modes[l]`` layer l's product mode; the tanh activations of hidden layer l into rows
+    ``row0 : row0 + R`` of :func:`_layer` ``(hidden, l)``, the output into ``out`` ``[R, N]``."""
+    n_layers = len(params) // 2
+    h = x
+    for layer in range(n_layers - 1):
+        width = params[2 * layer].shape[2]
+        dst = _layer(hidden, layer, width)[row0:row0 + x.shape[0]]
+        _product(h, params[2 * layer][s], dst, modes[layer])
+        _bias_tanh(dst, params[2 * layer + 1][s, 0], True)
+        h = dst
+    _product(h, params[2 * n_layers - 2][s], out, modes[n_layers - 1])
+    _bias_tanh(out, params[2 * n_layers - 1][s, 0], False)
+
+
+@numba.njit(**JIT_OPTIONS)
+def backward_member(g_out, x, hidden, params, s, w_modes, x_modes, grads):
+    """Member s's weight gradients, by the chain rule through a tanh MLP, into ``grads[k][s]``
+    (the tuple ``(dw0, db0, ...)`` like ``params``), for every layer but the output layer's
+    bias. ``g_out`` ``[R, N]``: the loss's gradient with respect to the output; ``x``
+    ``[R', D]`` and ``hidden`` (as :func:`forward_member` fills it, R' rows): the pass's
+    inputs and activations (R' >= R; rows past R are ignored). Layer l's weight gradient
+    ``h^T g`` is summed over rows in order with ``w_modes[l]``; the gradient passed down,
+    ``g w^T``, over outputs in order with ``x_modes[l]``, then through the tanh as
+    ``kernels.tanh_backward_`` does (which also gives the bias gradient of the layer below).
+    """
+    n_layers = len(params) // 2
+    n_rows = g_out.shape[0]
+    g = g_out
+    for layer in range(n_layers - 1, -1, -1):
+        w = params[2 * layer][s]
+        n_in = w.shape[0]
+        h = x[:n_rows] if layer == 0 else _layer(hidden, layer - 1, n_in)[:n_rows]
+        _product(h.T, g, grads[2 * layer][s], w_modes[layer])
+        if layer == 0:
+            break
+        g_down = np.empty((n_rows, n_in), dtype=np.float32)
+        _product(g, np.ascontiguousarray(w.T), g_down, x_modes[layer])
+        kernels.tanh_backward_rows(g_down, h, grads[2 * layer - 1][s, 0])
+        g = g_down
+
+
+@numba.njit(**JIT_OPTIONS)
+def mlp_forward(x, params, modes, hidden, out):
+    """:func:`forward_member` for every member: ``x`` ``[S, R, D]``, ``hidden``
+    ``[S, L - 1, R, max width]``, ``out`` ``[S, R, N]``."""
+    for s in range(x.shape[0]):
+        forward_member(x[s], params, s, modes, hidden[s], 0, out[s])
+
+
+@numba.njit(**JIT_OPTIONS)
+def mlp_backward(g_out, x, hidden, params, w_modes, x_modes, grads):
+    """:func:`backward_member` for every member (``g_out`` ``[S, R, N]``, ``x`` and
+    ``hidden`` as :func:`mlp_forward` fills them)."""
+    for s in range(g_out.shape[0]):
+        backward_member(g_out[s], x[s], hidden[s], params, s, w_modes, x_modes, grads)
+
+
+@numba.njit(**JIT_OPTIONS)
+def torch_column_sums(g, out):
+    """``out[j] = sum_i g[i, j]`` as torch sums a middle dimension of up to 64 rows
+    (``g.sum(dim=1)`` of ``[S, R, N]``): four interleaved partial sums (rows i = m mod 4,
+    in order), the leftover rows added to the first, then the four added in order."""
+    n_rows = g.shape[0]
+    full = n_rows // 4 * 4
+    for j in range(g.shape[1]):
+        p0 = p1 = p2 = p3 = np.float32(0.0)
+        for i in range(0, full, 4):
+            p0 += g[i, j]
+            p1 += g[i + 1, j]
+            p2 += g[i + 2, j]
+            p3 += g[i + 3, j]
+        for i in range(full, n_rows):
+            p0 += g[i, j]
+        out[j] = ((p0 + p1) + p2) + p3
+
+
+@numba.njit(**JIT_OPTIONS)
+def torch_row_sum(x):
+    """``sum_i x[i]`` as torch sums a contiguous row of up to ~100 floats on AVX2 (``[S, n]
+    .sum(dim=1)``): vectors of 8 summed in four interleaved groups, the leftover vectors
+    added to the first, the groups added, then the tail elements in order, then the 8 lanes."""
+    n = x.shape[0]
+    n_vec = n // 8
+    parts = np.zeros((4, 8), dtype=np.float32)
+    full = n_vec // 4 * 4
+    for v in range(0, full, 4):
+        for m in range(4):
+            for lane in range(8):
+                parts[m, lane] += x[(v + m) * 8 + lane]
+    for v in range(full, n_vec):
+        for lane in range(8):
+            parts[0, lane] += x[v * 8 + lane]
+    for m in range(1, 4):
+        for lane in range(8):
+            parts[0, lane] += parts[m, lane]
+    total = np.float32(0.0)
+    for i in range(n_vec * 8, n):
+        total += x[i]
+    for lane in range(8):
+        total += parts[0, lane]
+    return total
+
+
+_ENABLED = [True]
+
+
+@contextlib.contextmanager
+def torch_passes() -> Iterator[None]:
+    """Within the block, networks built run their passes as torch products (no compiled
+    passes): what tests and benchmarks compare the compiled passes with."""
+    _ENABLED[0] = False
+    try:
+        yield
+    finally:
+        _ENABLED[0] = True
+
+
+class CompiledMLP:
+    """One stacked tanh MLP's compiled passes, each with its product modes found by
+    comparing with torch's own (see the module docstring); a plan per number of rows."""
+
+    def __init__(self, params: Sequence[torch.Tensor]) -> None:
+        self.shapes = [tuple(int(n) for n in p.shape[1:]) for p in params]
+        self._forward: dict[int, np.ndarray | None] = {}
+        self._backward: dict[tuple[int, int], tuple[np.ndarray, np.ndarray] | None] = {}
+
+    @classmethod
+    def for_network(cls, params: Sequence[torch.Tensor], activation: str
+                    ) -> CompiledMLP | None:
+        """The compiled passes of a network they serve (tanh MLPs with a hidden layer and
+        inputs wider than 1, float32 on the CPU), else None."""
+        p = params[0]
+        if (not _ENABLED[0] or activation != "tanh" or len(params) < 4 or p.dtype != torch.float32
+                or p.device.type != "cpu" or p.shape[1] < 2):
+            return None
+        return cls(params)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.shapes) // 2
+
+    def _random(self, rows: int, seed: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        params = [torch.randn(2, *shape, generator=g) * (0.5 if i % 2 == 0 else 0.1)
+                  for i, shape in enumerate(self.shapes)]
+        return params, torch.randn(2, rows, self.shapes[0][0], generator=g)
+
+    def forward_plan(self, rows: int) -> np.ndarray | None:
+        """Product modes of a forward pass over ``rows`` rows per member (None: some layer
+        matches neither mode; leave that pass to torch)."""
+        if rows not in self._forward:
+            self._forward[rows] = self._find_forward_modes(rows)
+        return self._forward[rows]
+
+    def _find_forward_modes(self, rows: int) -> np.ndarray | None:
+        from study.trainer.nets import forward_cached
+
+        params, x = self._random(rows, 0)
+        out, inputs = forward_cached(x, params, "tanh")
+        expected = [*inputs[1:], out]
+        modes = np.full(self.n_layers, FMA, dtype=np.int64)
+        for layer in range(self.n_layers):
+            for mode in MODES:
+                modes[layer] = mode
+                got = self.forward(x, params, modes)
+                if torch.equal(got[1][layer + 1] if layer + 1 < self.n_layers else got[0],
+                               expected[layer]):
+                    break
+            else:
+                return None
+        return modes
+
+    def backward_plan(self, rows: int, input_rows: int
+                      ) -> tuple[np.ndarray, np.ndarray] | None:
+        """(weight-gradient modes, passed-down gradient modes) of a backward pass over
+        ``rows`` rows whose cached inputs hold ``input_rows`` rows (None: leave it to torch)."""
+        key = (rows, input_rows)
+        if key not in self._backward:
+            self._backward[key] = self._find_backward_modes(rows, input_rows)
+        return self._backward[key]
+
+    def _find_backward_modes(self, rows: int, input_rows: int
+                             ) -> tuple[np.ndarray, np.ndarray] | None:
+        from study.trainer.nets import backward, forward_cached
+
+        params, x = self._random(input_rows, 1)
+        _, inputs = forward_cached(x, params, "tanh")
+        g_out = torch.randn(2, rows, self.shapes[-1][-1],
+                            generator=torch.Generator().manual_seed(2))
+        expected = backward(g_out, inputs, params, "tanh")
+        w_modes = np.full(self.n_layers, FMA, dtype=np.int64)
+        x_modes = np.full(self.n_layers, FMA, dtype=np.int64)
+        # Products in the order they feed each other: dW of the top layer, then the gradient
+        # passed down (seen in the bias gradient below it), then that layer's dW, ...
+        order = [(w_modes, self.n_layers - 1, 2 * self.n_layers - 2)]
+        for layer in range(self.n_layers - 1, 0, -1):
+            order += [(x_modes, layer, 2 * layer - 1), (w_modes, layer - 1, 2 * layer - 2)]
+        for modes, layer, check in order:
+            for mode in MODES:
+                modes[layer] = mode
+                got = self.backward(g_out, inputs, params, (w_modes, x_modes))
+                if torch.equal(got[check], expected[check]):
+                    break
+            else:
+                return None
+        return w_modes, x_modes
+
+    # The passes themselves ---------------------------------------------------------------
+    @property
+    def width(self) -> int:
+        """The widest hidden layer (the activation buffers' last dimension)."""
+        return max(shape[1] for shape in self.shapes[0:-2:2])
+
+    def forward(self, x: torch.Tensor, params: Sequence[torch.Tensor], modes: np.ndarray
+                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``forward_cached``'s ``(output, layer inputs)``, computed with ``modes``."""
+        n, rows = x.shape[0], x.shape[1]
+        hidden = np.zeros((n, self.n_layers - 1, rows, self.width), dtype=np.float32)
+        out = torch.empty(n, rows, params[-1].shape[2])
+        mlp_forward(np.ascontiguousarray(x.numpy()), tuple(p.detach().numpy() for p in params),
+                    modes, hidden, out.numpy())
+        acts = [torch.from_numpy(hidden[:, i].reshape(n, -1)[:, : rows * p.shape[2]]
+                                 .reshape(n, rows, p.shape[2]))
+                for i, p in enumerate(params[0:-2:2])]
+        return out, [x, *acts]
+
+    def backward(self, grad_out: torch.Tensor, inputs: Sequence[torch.Tensor],
+                 params: Sequence[torch.Tensor], modes: tuple[np.ndarray, np.ndarray]
+                 ) -> list[torch.Tensor]:
+        """``nets.backward``'s gradients ``[dw0, db0, ...]``, computed with ``modes``."""
+        n, rows = inputs[0].shape[0], inputs[0].shape[1]
+        hidden = np.zeros((n, self.n_layers - 1, rows, self.width), dtype=np.float32)
+        for i, h in enumerate(inputs[1:]):
+            hidden[:, i].reshape(n, -1)[:, : rows * h.shape[2]] = h.numpy().reshape(n, -1)
+        grads = [torch.empty(p.shape) for p in params]
+        mlp_backward(np.ascontiguousarray(grad_out.numpy()),
+                     np.ascontiguousarray(inputs[0].numpy()), hidden,
+                     tuple(p.detach().numpy() for p in params), modes[0], modes[1],
+                     tuple(g.numpy() for g in grads))
+        # The output layer's bias gradient as nets.backward takes it (a width of 1 padded).
+        g = grad_out
+        if g.shape[-1] == 1:
+            g = torch.cat([g, torch.zeros_like(g)], dim=-1)
+        grads[-1] = g.sum(dim=1, keepdim=True)[..., : params[-1].shape[2]]
+        return grads

@@ -1,0 +1,389 @@
+"""A2C on compiled population environments as one compiled loop: no Python per step.
+
+The population trainer (study.trainer.population) runs each update as Python calls over the
+whole population: a rollout of ``n_steps`` vectorized steps, the targets, the gradients and
+the optimizer steps. At everyday population sizes (one config, a few seeds) that Python and
+torch's per-operation start-up cost most of the time. :class:`CompiledA2C` runs the same
+updates member by member in one compiled call per log window: a member's rollout (policy
+pass, sampling, environment step, episode book-keeping), its GAE targets, both networks'
+gradients and both optimizer steps, with its weights, activations and optimizer state in
+cache, then the next member.
+
+The same bits as the trainer's own path, not merely close: every step is the arithmetic of
+the kernel the trainer would call (study.trainer.kernels; the products and torch's sums
+reproduced by study.trainer.compiled, their modes found by asking torch), in the same
+order. tests/test_compiled.py trains with and without it and compares every curve value,
+return and weight. It serves what it reproduces (:func:`accepts`): A2C with one minibatch
+and one value step, separate tanh MLPs, a discrete policy, no observation or reward
+normalisation, on a compiled environment port (:data:`PORTS`: CartPole-v0 and v1); anything
+else keeps the trainer's own path.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numba
+import numpy as np
+import torch
+
+from study.schema import UPDATE_METRICS
+from study.trainer import kernels
+from study.trainer.compiled import (
+    CompiledMLP,
+    backward_member,
+    forward_member,
+    torch_column_sums,
+    torch_row_sum,
+)
+from study.trainer.envs import cartpole
+from study.trainer.envs.cartpole import FastPopulationEnv
+from study.trainer.kernels import JIT_OPTIONS
+from study.trainer.optim import RULES
+from study.trainer.rng import _GOLDEN, _INV_2_53, _M1, _M2
+
+if TYPE_CHECKING:
+    from study.trainer.population import _Trainer
+
+__all__ = ["CompiledA2C", "accepts"]
+
+_F = np.float32
+_RULE_IDS = {"rmsprop": 0, "adam": 1}
+#: Columns of the per-learner hyperparameter table the loop reads.
+_HP = ("policy_lr", "value_lr", "max_grad_norm", "value_max_grad_norm", "entropy_coef",
+       "value_coef", "gamma", "lam")
+# Where each update metric goes (study.schema.UPDATE_METRICS' order).
+_ENTROPY, _POLICY_LOSS, _VALUE_LOSS, _EXPLAINED_VARIANCE, _GRAD_NORM = (
+    UPDATE_METRICS.index(name) for name in
+    ("entropy", "policy_loss", "value_loss", "explained_variance", "grad_norm"))
+
+
+@numba.njit(**JIT_OPTIONS)
+def _uniform(key, counter):
+    """Draw ``counter`` (1-based) of a counter-based stream (study.trainer.rng)."""
+    z = key + counter * _GOLDEN
+    z = (z ^ (z >> np.uint64(30))) * _M1
+    z = (z ^ (z >> np.uint64(27))) * _M2
+    z = z ^ (z >> np.uint64(31))
+    return np.float64(z >> np.uint64(11)) * _INV_2_53
+
+
+#: The compiled environment ports (``FastPopulationEnv.compiled_port``). A fixed list
+#: rather than functions passed in: numba caches a compiled function only when everything
+#: it calls is known when it compiles.
+PORTS = {"cartpole": 0}
+
+
+@numba.njit(**JIT_OPTIONS)
+def _env_step(port, state, actions, terminated, reward):
+    if port == 0:
+        cartpole.compiled_step(state, actions, terminated, reward)
+
+
+@numba.njit(**JIT_OPTIONS)
+def _env_sample(port, u, state):
+    if port == 0:
+        cartpole.compiled_sample(u, state)
+
+
+@numba.njit(**JIT_OPTIONS)
+def _optimizer_step(kind, params, grads, state, k, t, lr, max_norm, loss_ok, rule):
+    """One clipped step of learner k (``kind`` 0: RMSprop, 1: Adam; ``rule``: its
+    constants; ``state``: its one or two state tuples)."""
+    if kind == 0:
+        return kernels.rmsprop_member(params, grads, state[0], k, lr, max_norm, loss_ok,
+                                      rule[0], rule[1])
+    return kernels.adam_member(params, grads, state[0], state[1], k, t, lr, max_norm, loss_ok,
+                               rule[0], rule[1], rule[2])
+
+
+@numba.njit(**JIT_OPTIONS)
+def _rollout(k, s, u, n_steps, env, port, obs, pi, pi_modes, bufs, book, gs0,
+             final_from):
+    """Member s's rollout of update u: policy passes (activations kept for the gradient),
+    actions, environment steps with autoreset, and the episodes' book-keeping."""
+    state, elapsed, resets, reset_keys, n_draws, max_steps, act_keys, act_counters = env
+    x_all, pi_hidden, logits, actions, final_obs, rewards, terminated, dones = bufs
+    ep_ret, ep_len, last_ret, ret_sum, len_sum, ep_count, final_sum, final_count = book
+    n_envs, obs_dim = obs.shape[1], obs.shape[2]
+    draws = np.empty((n_steps, n_envs))
+    for i in range(n_steps * n_envs):
+        draws[i // n_envs, i % n_envs] = _uniform(act_keys[s], act_counters[s] + np.uint64(i + 1))
+    act_counters[s] += np.uint64(n_steps * n_envs)
+    step_term = np.empty((1, n_envs), dtype=np.bool_)
+    step_trunc = np.empty((1, n_envs), dtype=np.bool_)
+    step_rew = np.empty((1, n_envs))
+    u_reset = np.empty(n_draws)
+    fresh = np.empty(state.shape[0])
+    for t in range(n_steps):
+        rows = slice(t * n_envs, (t + 1) * n_envs)
+        x_all[rows] = obs[s]
+        forward_member(x_all[rows], pi, k, pi_modes, pi_hidden, t * n_envs, logits[rows])
+        kernels.sample_categorical(logits[rows].reshape(1, n_envs, logits.shape[1]),
+                                   draws[t:t + 1], actions[t:t + 1])
+        _env_step(port, state[:, s:s + 1], actions[t:t + 1], step_term, step_rew)
+        for e in range(n_envs):
+            steps = elapsed[s, e] + 1
+            elapsed[s, e] = steps
+            step_trunc[0, e] = steps >= max_steps
+            for c in range(obs_dim):
+                final_obs[t * n_envs + e, c] = np.float32(state[c, s, e])
+            if step_term[0, e] or step_trunc[0, e]:  # the env's next reset state
+                first = (resets[s, e] * np.uint64(n_envs) + np.uint64(e)) * np.uint64(n_draws)
+                for d in range(n_draws):
+                    u_reset[d] = _uniform(reset_keys[s], first + np.uint64(d + 1))
+                _env_sample(port, u_reset, fresh)
+                state[:, s, e] = fresh
+                resets[s, e] += np.uint64(1)
+                elapsed[s, e] = 0
+            for c in range(obs_dim):
+                obs[s, e, c] = np.float32(state[c, s, e])
+        final = np.float64(gs0 + (u * n_steps + t + 1) * n_envs) > final_from
+        kernels.record_step_(
+            t, step_rew, step_term, step_trunc, rewards, terminated, dones,
+            ep_ret[s:s + 1], ep_len[s:s + 1], ret_sum[s:s + 1], len_sum[s:s + 1],
+            ep_count[s:s + 1], final_sum[s:s + 1], final_count[s:s + 1], final,
+            last_ret[s:s + 1])  # fmt: skip
+    x_all[n_steps * n_envs:] = obs[s]
+
+
+@numba.njit(**JIT_OPTIONS)
+def _value_targets(k, hp, flags, v, v_modes, v_final_modes, bufs, v_bufs, adv, ret, ev):
+    """V(s_0 .. s_T), V of truncations' final observations, GAE targets, advantage
+    normalisation and explained variance (``kernels.rollout_targets_``, ``advantage_stats_``)."""
+    x_all, _, _, _, final_obs, rewards, terminated, dones = bufs
+    v_hidden, v_all, v_final, v_final_hidden = v_bufs
+    n = adv.shape[1]
+    forward_member(x_all, v, k, v_modes, v_hidden, 0, v_all.reshape(-1, 1))
+    truncated = False
+    for i in range(dones.size):
+        truncated |= dones.flat[i] and not terminated.flat[i]
+    if truncated:  # (the trainer computes it for every row; only these are read)
+        forward_member(final_obs, v, k, v_final_modes, v_final_hidden, 0,
+                       v_final.reshape(-1, 1))
+    alive = np.zeros(1, dtype=np.int64)
+    kernels.rollout_targets_(v_all.reshape(1, -1), (v_final if truncated else v_all).reshape(1, -1),
+                             rewards, terminated, dones, alive, hp[k, 6:7], hp[k, 7:8],
+                             flags[k, 0:1], adv, ret)
+    kernels.advantage_stats_(adv, ret, v_all[:n].reshape(1, n), flags[k, 1:2], ev)
+
+
+@numba.njit(**JIT_OPTIONS)
+def _policy_step(k, hp, pi, pi_modes, pi_opt, bufs, adv, rule_kind, rule, t, metrics, grads):
+    """A2C's policy gradient (``kernels.categorical_policy_grad``, then the backward pass)
+    and the clipped optimizer step; returns whether the member stays finite."""
+    x_all, pi_hidden, logits, actions, _, _, _, _ = bufs
+    n = adv.shape[1]
+    n_actions = logits.shape[1]
+    weights = adv / _F(n)
+    coef = np.empty(1, dtype=np.float32)
+    coef[0] = hp[k, 4] / _F(n)
+    g_out = np.empty((1, n, n_actions), dtype=np.float32)
+    pg, ent = kernels.categorical_policy_grad(
+        logits[:n].reshape(1, n, n_actions), actions.reshape(1, n), weights, coef, g_out)
+    entropy = ent[0] / _F(n)
+    loss = pg[0] - hp[k, 4] * entropy
+    backward_member(g_out[0], x_all, pi_hidden, pi, k, pi_modes[0], pi_modes[1], grads)
+    torch_column_sums(g_out[0], grads[len(grads) - 1][k, 0])
+    norm, ok = _optimizer_step(rule_kind, pi, grads, pi_opt, k, t, hp[k, 0], hp[k, 2],
+                               np.isfinite(loss), rule)
+    metrics[_POLICY_LOSS] = pg[0]
+    metrics[_ENTROPY] = entropy
+    metrics[_GRAD_NORM] = norm
+    return ok
+
+
+@numba.njit(**JIT_OPTIONS)
+def _value_step(k, hp, v, v_modes, v_opt, bufs, v_bufs, ret, rule_kind, rule, t, metrics,
+                grads):
+    """The value loss ``c_v (V(s) - R)^2`` of the fused value step (the V(s_0 .. s_T) pass
+    is its forward pass), its backward pass and the clipped optimizer step."""
+    x_all = bufs[0]
+    v_hidden, v_all = v_bufs[0], v_bufs[1]
+    n = ret.shape[1]
+    err = np.empty(n, dtype=np.float32)
+    squares = np.empty(n, dtype=np.float32)
+    for i in range(n):
+        err[i] = v_all[i] - ret[0, i]
+        squares[i] = err[i] * err[i]
+    v_loss = torch_row_sum(squares) / _F(n)
+    coef = _F(2.0 / n) * hp[k, 5]
+    g_out = np.empty((n, 1), dtype=np.float32)
+    for i in range(n):
+        g_out[i, 0] = coef * err[i]
+    pad = np.zeros((n, 2), dtype=np.float32)  # the trainer pads a width of 1 to 2
+    pad[:, 0] = g_out[:, 0]
+    backward_member(g_out, x_all, v_hidden, v, k, v_modes[0], v_modes[1], grads)
+    sums = np.empty(2, dtype=np.float32)
+    torch_column_sums(pad, sums)
+    grads[len(grads) - 1][k, 0, 0] = sums[0]
+    _, ok = _optimizer_step(rule_kind, v, grads, v_opt, k, t, hp[k, 1], hp[k, 3],
+                            np.isfinite(hp[k, 5] * v_loss), rule)
+    metrics[_VALUE_LOSS] = v_loss
+    return ok
+
+
+@numba.njit(**JIT_OPTIONS)
+def run_updates(alive, n_updates, n_steps, gs0, final_from, hp, flags, env, port, obs, pi, v,
+                plans, optimizers, book, windows, scratch, diverged_at):
+    """``n_updates`` A2C updates of every learner (``alive[k]`` is learner k's member), one
+    member after another. ``windows``: (metric sums ``[M, S]``, update counts ``[S]``);
+    ``scratch``: :func:`_scratch`'s buffers; ``diverged_at[k]`` is set to the update at which
+    learner k went non-finite (it then stops), else left at -1."""
+    pi_modes, v_modes, v_final_modes, pi_back, v_back = plans
+    pi_kind, pi_rule, pi_state, pi_t, v_kind, v_rule, v_state, v_t = optimizers
+    metric_sum, updates = windows
+    bufs, v_bufs, pi_grads, v_grads = scratch
+    n = n_steps * obs.shape[1]
+    adv = np.empty((1, n), dtype=np.float32)
+    ret = np.empty((1, n), dtype=np.float32)
+    ev = np.empty(1, dtype=np.float32)
+    metrics = np.empty(metric_sum.shape[0], dtype=np.float32)
+    for k in range(alive.shape[0]):
+        s = alive[k]
+        for u in range(n_updates):
+            _rollout(k, s, u, n_steps, env, port, obs, pi, pi_modes, bufs, book, gs0,
+                     final_from)
+            _value_targets(k, hp, flags, v, v_modes, v_final_modes, bufs, v_bufs, adv, ret, ev)
+            metrics[:] = np.nan  # approx_kl and clip_fraction: PPO's
+            pi_t[k] += 1
+            ok = _policy_step(k, hp, pi, pi_back, pi_state, bufs, adv, pi_kind, pi_rule,
+                              pi_t[k], metrics, pi_grads)
+            v_t[k] += 1
+            ok &= _value_step(k, hp, v, v_back, v_state, bufs, v_bufs, ret, v_kind, v_rule,
+                              v_t[k], metrics, v_grads)
+            metrics[_EXPLAINED_VARIANCE] = ev[0]
+            for m in range(metrics.shape[0]):
+                metric_sum[m, s] += np.float64(metrics[m])
+            updates[s] += 1.0
+            if not ok:
+                diverged_at[k] = u
+                break
+
+
+def accepts(trainer: _Trainer) -> bool:
+    """Whether :class:`CompiledA2C` reproduces this trainer's updates (see the module
+    docstring); the plans it needs are checked when it is built."""
+    hp, agent, env = trainer.hp, trainer.agent, trainer.env
+    return (hp.algorithm == "a2c" and hp.n_minibatches == 1 and hp.value_iters == 1
+            and trainer.n_batch <= 1024 and trainer.discrete and agent.accelerated
+            and agent.activation == "tanh" and trainer.dev.type == "cpu"
+            and getattr(env, "compiled_port", None) in PORTS
+            and hp.policy_optimizer in _RULE_IDS and hp.value_optimizer in _RULE_IDS
+            and not trainer.normalizer.active and not trainer.reward_norm.active
+            and trainer.clip_reward is None and trainer.life_loss is None
+            and CompiledMLP.for_network(agent.pi, "tanh") is not None
+            and CompiledMLP.for_network(agent.v, "tanh") is not None)
+
+
+def _rule(name: str) -> tuple[int, np.ndarray]:
+    rule: Any = RULES[name]
+    if name == "rmsprop":
+        return 0, np.array([rule.alpha, rule.eps, 0.0])
+    return 1, np.array([rule.beta1, rule.beta2, rule.eps])
+
+
+class CompiledA2C:
+    """The compiled loop for one trainer (:func:`accepts` it first); :meth:`build` returns
+    None where some pass has no plan that reproduces torch's bits."""
+
+    def __init__(self, trainer: _Trainer, plans: tuple[Any, ...]) -> None:
+        self.trainer = trainer
+        self.plans = plans
+
+    @classmethod
+    def build(cls, trainer: _Trainer) -> CompiledA2C | None:
+        agent = trainer.agent
+        pi = CompiledMLP.for_network(agent.pi, "tanh")
+        v = CompiledMLP.for_network(agent.v, "tanh")
+        assert pi is not None and v is not None  # accepts() checked it
+        n, n_envs = trainer.n_batch, trainer.n_envs
+        plans = (pi.forward_plan(n_envs), v.forward_plan(n + n_envs), v.forward_plan(n),
+                 pi.backward_plan(n, n), v.backward_plan(n, n + n_envs))
+        if any(p is None for p in plans) or not _sums_match(n, trainer.agent.act_dim):
+            return None
+        return cls(trainer, plans)
+
+    def run(self, n_updates: int) -> np.ndarray:
+        """``n_updates`` updates of every learner; returns, per learner, the update at which
+        it went non-finite (-1: none). The trainer's state (weights, optimizer state,
+        environments, observations, streams, episode and window sums) is updated in place."""
+        tr = self.trainer
+        env = tr.env
+        assert isinstance(env, FastPopulationEnv)  # accepts() checked its port
+        resets = env.reset_numbers()
+        env_arrays = (env._state, env.elapsed_steps, resets, env.reset_keys, env.n_draws,
+                      env.max_episode_steps, tr.action_rng.keys, tr.action_rng.counters)
+        hp = np.stack([tr.hps[name].numpy() for name in _HP], axis=1).astype(np.float32)
+        flags = np.stack([tr.hps["mc"].numpy(), tr.hps["normalize_advantage"].numpy() > 0],
+                         axis=1)
+        w = tr.windows
+        metric_sum = np.stack([w.metric_sum[name] for name in UPDATE_METRICS])
+        diverged_at = np.full(len(tr.alive), -1, dtype=np.int64)
+        pi_kind, pi_rule = _rule(tr.pi_opt.kind)
+        v_kind, v_rule = _rule(tr.v_opt.kind)
+        optimizers = (pi_kind, pi_rule, _state(tr.pi_opt.state), tr.pi_opt.t,
+                      v_kind, v_rule, _state(tr.v_opt.state), tr.v_opt.t)
+        pi, v = _arrays(tr.agent.pi), _arrays(tr.agent.v)
+        run_updates(
+            np.ascontiguousarray(tr.alive, dtype=np.int64), n_updates, tr.n_steps,
+            tr.global_step, float(tr.final_from), hp, flags, env_arrays,
+            PORTS[str(env.compiled_port)], tr.obs, pi, v, self.plans, optimizers,
+            (tr.ep_ret, tr.ep_len, tr.last_ret, w.ret_sum, w.len_sum, w.ep_count,
+             w.final_sum, w.final_count), (metric_sum, w.updates),
+            _scratch(pi, v, tr.n_steps, tr.n_envs, tr.obs.shape[2]), diverged_at)
+        for i, name in enumerate(UPDATE_METRICS):
+            w.metric_sum[name][:] = metric_sum[i]
+        env.set_reset_numbers(resets)  # the environments continue from here in Python too
+        return diverged_at
+
+
+def _scratch(pi: tuple[np.ndarray, ...], v: tuple[np.ndarray, ...], n_steps: int,
+             n_envs: int, obs_dim: int) -> tuple[Any, ...]:
+    """One member's buffers for :func:`run_updates` (reused member after member): the
+    rollout's (observations then the last ones, policy activations, logits, actions,
+    final observations, rewards, terminations, ends), the value pass's (activations,
+    V(s_0 .. s_T), V(final obs), their activations) and both networks' gradients."""
+    n = n_steps * n_envs
+
+    def width(params: tuple[np.ndarray, ...]) -> int:
+        return max(p.shape[2] for p in params[0:-2:2])
+
+    n_pi, n_v = len(pi) // 2 - 1, len(v) // 2 - 1
+    bufs = (np.empty((n + n_envs, obs_dim), dtype=np.float32),
+            np.empty((n_pi, n, width(pi)), dtype=np.float32),
+            np.empty((n, pi[-1].shape[2]), dtype=np.float32),
+            np.empty((n_steps, n_envs), dtype=np.int64),
+            np.zeros((n, obs_dim), dtype=np.float32),
+            np.empty((n_steps, 1, n_envs)), np.empty((n_steps, 1, n_envs), dtype=np.bool_),
+            np.empty((n_steps, 1, n_envs), dtype=np.bool_))
+    v_bufs = (np.empty((n_v, n + n_envs, width(v)), dtype=np.float32),
+              np.empty(n + n_envs, dtype=np.float32), np.empty(n, dtype=np.float32),
+              np.empty((n_v, n, width(v)), dtype=np.float32))
+    return (bufs, v_bufs, tuple(np.empty_like(p) for p in pi),
+            tuple(np.empty_like(p) for p in v))
+
+
+def _arrays(params: list[torch.Tensor]) -> tuple[np.ndarray, ...]:
+    return tuple(p.detach().numpy() for p in params)
+
+
+def _state(state: list[list[torch.Tensor]]) -> tuple[tuple[np.ndarray, ...], ...]:
+    """An optimizer's state as (first state tuple, second state tuple): the first again
+    where the rule has one (RMSprop)."""
+    per_kind = [tuple(st[i].numpy() for st in state) for i in range(len(state[0]))]
+    return (per_kind[0], per_kind[-1])
+
+
+def _sums_match(n: int, n_actions: int) -> bool:
+    """Whether torch's sums over this many rows are the ones the loop reproduces."""
+    g = torch.Generator().manual_seed(3)
+    cols = torch.randn(2, n, max(2, n_actions), generator=g)
+    expected = cols.sum(dim=1).numpy()
+    out = np.empty(cols.shape[2], dtype=np.float32)
+    for s in range(2):
+        torch_column_sums(np.ascontiguousarray(cols[s].numpy()), out)
+        if not np.array_equal(out, expected[s]):
+            return False
+    rows = torch.randn(2, n, generator=g)
+    return all(torch_row_sum(rows[s].numpy()) == rows.sum(dim=1)[s].item() for s in range(2))

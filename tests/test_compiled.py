@@ -1,0 +1,137 @@
+"""The compiled MLP passes (study.trainer.compiled) against the torch passes they replace:
+the same bits, not merely close, for the passes and for whole training runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from study import config as cfg
+from study.trainer import compiled_a2c
+from study.trainer.compiled import MODES, CompiledMLP, torch_passes
+from study.trainer.envs.cartpole import CartPolePopulation
+from study.trainer.nets import backward, forward_cached
+from study.trainer.population import Member, train_population
+
+
+def _network(widths: list[int], members: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    params = []
+    for n_in, n_out in zip(widths[:-1], widths[1:], strict=True):
+        params += [torch.randn(members, n_in, n_out, generator=g) * 0.3,
+                   torch.randn(members, 1, n_out, generator=g) * 0.1]
+    return params
+
+
+@pytest.mark.parametrize("widths", [[4, 64, 64, 2], [4, 64, 64, 1], [3, 32, 1],
+                                    [8, 128, 64, 4], [6, 16, 24, 3], [2, 64, 1]])
+@pytest.mark.parametrize("rows", [4, 8, 40, 48])
+def test_compiled_passes_give_torch_bits(widths, rows):
+    params = _network(widths, 3, seed=rows)
+    compiled = CompiledMLP.for_network(params, "tanh")
+    assert compiled is not None
+    x = torch.randn(3, rows, widths[0], generator=torch.Generator().manual_seed(7))
+    out, inputs = forward_cached(x, params, "tanh")
+    plan = compiled.forward_plan(rows)
+    assert plan is not None and set(plan) <= set(MODES)  # these shapes all have one
+    got, got_inputs = compiled.forward(x, params, plan)
+    assert torch.equal(got, out)
+    assert all(torch.equal(a, b) for a, b in zip(got_inputs, inputs, strict=True))
+
+    # A backward pass over the first rows of a longer cache (as the fused value step does).
+    n = rows if rows < 40 else rows - 8
+    g_out = torch.randn(3, n, widths[-1], generator=torch.Generator().manual_seed(8))
+    expected = backward(g_out, inputs, params, "tanh")
+    back = compiled.backward_plan(n, rows)
+    assert back is not None
+    grads = compiled.backward(g_out, inputs, params, back)
+    assert all(torch.equal(a, b) for a, b in zip(grads, expected, strict=True))
+
+
+def test_compiled_passes_serve_only_what_they_compute():
+    tanh = _network([4, 64, 2], 2, seed=0)
+    assert CompiledMLP.for_network(tanh, "relu") is None  # tanh only
+    assert CompiledMLP.for_network(_network([4, 2], 2, 0), "tanh") is None  # no hidden layer
+    assert CompiledMLP.for_network(_network([1, 8, 2], 2, 0), "tanh") is None  # 1-wide input
+    assert CompiledMLP.for_network([p.double() for p in tanh], "tanh") is None
+    with torch_passes():
+        assert CompiledMLP.for_network(tanh, "tanh") is None
+
+
+def test_a_product_no_mode_reproduces_is_left_to_torch(monkeypatch):
+    import study.trainer.compiled as compiled_mod
+
+    compiled = CompiledMLP(_network([4, 32, 2], 2, seed=1))
+    monkeypatch.setattr(compiled_mod, "MODES", (compiled_mod.DOT4,))  # wrong for hidden layers
+    assert compiled.forward_plan(8) is None
+    assert compiled.backward_plan(8, 8) is None
+
+
+def _runs(env_id, members, steps):
+    results = train_population(env_id, members, steps, log_every=500, save_policies=True)
+    return [(r.status, r.diverged_at_step, r.final_return, r.curve, r.policy_state)
+            for r in results]
+
+
+def _same(a, b):
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, np.ndarray):
+        return np.array_equal(a, b, equal_nan=True)
+    return a == b or (a != a and b != b)
+
+
+def _compare(env_id, members, steps):
+    """Train with the compiled loop (checking that it ran) and without it; the same bits."""
+    calls = []
+    real_run = compiled_a2c.CompiledA2C.run
+
+    def counted(self, n_updates):
+        calls.append(n_updates)
+        return real_run(self, n_updates)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(compiled_a2c.CompiledA2C, "run", counted)
+        compiled = _runs(env_id, members, steps)
+    with torch_passes():
+        reference = _runs(env_id, members, steps)
+    assert calls, "the compiled loop did not run"
+    assert _same(compiled, reference)
+    return compiled
+
+
+@pytest.mark.parametrize(("env_id", "overrides"), [
+    ("CartPole-v1", {}),
+    ("CartPole-v1", {"normalize_advantage": True, "policy_hidden_sizes": [32],
+                     "value_hidden_sizes": [48, 16], "policy_optimizer": "adam",
+                     "value_optimizer": "adam", "num_envs": 3, "n_steps": 7}),
+    ("CartPole-v0", {"value_target": "mc", "gamma": 0.9, "lam": 0.95, "entropy_coef": 0.01,
+                     "policy_hidden_sizes": [64, 32, 16]}),
+])
+def test_the_compiled_loop_changes_no_bit(env_id, overrides):
+    hp = cfg.resolve(overrides)
+    runs = _compare(env_id, [Member(hp, s) for s in (0, 1)], 3000)
+    assert all(r[0] == "ok" and np.isfinite(r[2]) for r in runs)
+
+
+def test_the_compiled_loop_bootstraps_truncations_like_the_trainer(monkeypatch):
+    # A 12-step time limit: most episodes end by truncation, bootstrapped from V(final obs).
+    from study.trainer import envs
+
+    fast = envs.FAST_ENVS["CartPole-v1"]
+    monkeypatch.setitem(envs.FAST_ENVS, "CartPole-v1", envs.FastEnv(
+        lambda seeds, n, stream: CartPolePopulation(seeds, n, stream, max_episode_steps=12),
+        fast.spaces))
+    runs = _compare("CartPole-v1", [Member(cfg.resolve({}), s) for s in (3, 4)], 2000)
+    assert all(np.nanmax(r[3]["episode_length"]) == 12 for r in runs)
+
+
+def test_a_member_that_diverges_in_the_compiled_loop_stops_as_in_the_trainer():
+    steady = cfg.resolve({})
+    wild = cfg.resolve({"policy_lr": 1e38, "value_lr": 1e38, "max_grad_norm": 1e38,
+                        "value_max_grad_norm": 1e38})
+    runs = _compare("CartPole-v1", [Member(steady, 0), Member(wild, 1), Member(steady, 2)], 3000)
+    assert [r[0] for r in runs] == ["ok", "diverged", "ok"]
