@@ -1,4 +1,4 @@
-"""A2C on gymnax's CartPole-v1 in JAX, PureJaxRL style: the whole training run of one seed
+"""A2C on CartPole-v1 in JAX, PureJaxRL style: the whole training run of one seed
 is one jitted function, and ``jax.vmap`` over seeds trains a population of S of them.
 
     python benchmarks/_jax_a2c.py [--seeds 8] [--steps 100000] [--pin CORE]
@@ -7,9 +7,18 @@ is one jitted function, and ``jax.vmap`` over seeds trains a population of S of 
 
 It is the comparison point of benchmarks/throughput.py for study's population trainer,
 so it runs the same algorithm with the same hyperparameters (``study.config.resolve({})``,
-SB3's A2C defaults) and reads top to bottom like a CleanRL/PureJaxRL script: network init,
-env step, rollout (``lax.scan`` over ``n_steps``), GAE (a reverse ``lax.scan``), losses,
-update, and the train loop (``lax.scan`` over updates). As in study's trainer:
+SB3's A2C defaults) and reads top to bottom like a CleanRL/PureJaxRL script: the
+environment, network init, env step, rollout (``lax.scan`` over ``n_steps``), GAE (a
+reverse ``lax.scan``), losses, update, and the train loop (``lax.scan`` over updates).
+
+The environment is gymnasium's CartPole-v1 written here as two pure functions,
+:func:`env_reset` and :func:`env_step` (vmapped over envs, auto-reset inside the rollout's
+scan): the same constants, Euler integrator, termination bounds, reward of 1 on every step
+(the terminating one included), reset state uniform in [-0.05, 0.05]^4 and 500-step time
+limit (a truncation). Its state is float32 (as gymnax's), where gymnasium keeps float64 and
+returns float32 observations.
+
+As in study's trainer:
 
 * separate policy (obs-64-64-actions) and value (obs-64-64-1) MLPs, orthogonal init with
   gains sqrt(2) for hidden layers, 0.01 for the policy head and 1 for the value head,
@@ -23,7 +32,7 @@ update, and the train loop (``lax.scan`` over updates). As in study's trainer:
 * the final return: mean return of the episodes that ended in the last 10% of a seed's
   env steps (else the mean of each env's last finished episode).
 
-Differences that remain: the random streams (JAX's PRNG, gymnax's resets) are not
+Differences that remain: the random streams (JAX's PRNG, for actions and resets) are not
 study's, so runs match in distribution, not bit for bit; torch's ``orthogonal_`` draws
 an ``[out, in]`` matrix and JAX's initializer an ``[in, out]`` one (the same Haar
 distribution); the policy's forward pass over the rollout runs twice (once to act, once
@@ -32,8 +41,8 @@ computed for every step when ``bootstrap_truncation`` (under ``vmap`` a conditio
 both branches), where study computes it only in rollouts that had a truncation; and a seed
 whose loss goes non-finite keeps stepping (study stops it as "diverged").
 
-XLA's CPU thread pool is sized when the backend starts, which importing gymnax does:
-call :func:`configure_xla` (and pin the process) before this module's first training.
+XLA's CPU thread pool is sized when the backend starts, which the first JAX computation
+does: call :func:`configure_xla` (and pin the process) before this module's first training.
 """
 
 from __future__ import annotations
@@ -127,6 +136,54 @@ class A2CConfig:
         )  # fmt: skip
 
 
+# ------------------------------------------------------------------ environment
+
+# gymnasium's CartPole-v1 (gymnasium/envs/classic_control/cartpole.py, "euler" integrator)
+GRAVITY = 9.8
+MASSCART = 1.0
+MASSPOLE = 0.1
+TOTAL_MASS = MASSPOLE + MASSCART
+LENGTH = 0.5  # half the pole's length
+POLEMASS_LENGTH = MASSPOLE * LENGTH
+FORCE_MAG = 10.0
+TAU = 0.02  # seconds between state updates
+THETA_THRESHOLD = 12 * 2 * math.pi / 360
+X_THRESHOLD = 2.4
+MAX_EPISODE_STEPS = 500  # CartPole-v1's TimeLimit
+OBS_DIM = 4
+N_ACTIONS = 2
+
+
+class EnvState(NamedTuple):
+    physics: Array  # [4] float32: x, x_dot, theta, theta_dot (also the observation)
+    time: Array  # int32 steps since the last reset
+
+
+def env_reset(key: Array) -> tuple[Array, EnvState]:
+    """A new episode: every state variable uniform in [-0.05, 0.05]."""
+    physics = jax.random.uniform(key, (OBS_DIM,), jnp.float32, -0.05, 0.05)
+    return physics, EnvState(physics, jnp.zeros((), jnp.int32))
+
+
+def env_step(state: EnvState, action: Array) -> tuple[Array, EnvState, Array, Array, Array]:
+    """One step of one env (no reset): ``(obs, state, reward, terminated, truncated)``."""
+    x, x_dot, theta, theta_dot = state.physics
+    force = jnp.where(action == 1, FORCE_MAG, -FORCE_MAG)
+    costheta, sintheta = jnp.cos(theta), jnp.sin(theta)
+    temp = (force + POLEMASS_LENGTH * theta_dot**2 * sintheta) / TOTAL_MASS
+    thetaacc = (GRAVITY * sintheta - costheta * temp) / (
+        LENGTH * (4.0 / 3.0 - MASSPOLE * costheta**2 / TOTAL_MASS))
+    xacc = temp - POLEMASS_LENGTH * thetaacc * costheta / TOTAL_MASS
+    x, x_dot, theta, theta_dot = (x + TAU * x_dot, x_dot + TAU * xacc,
+                                  theta + TAU * theta_dot, theta_dot + TAU * thetaacc)
+    physics = jnp.stack([x, x_dot, theta, theta_dot])
+    time = state.time + 1
+    terminated = (x < -X_THRESHOLD) | (x > X_THRESHOLD) | (theta < -THETA_THRESHOLD) | (
+        theta > THETA_THRESHOLD)
+    truncated = time >= MAX_EPISODE_STEPS
+    return physics, EnvState(physics, time), jnp.ones((), jnp.float32), terminated, truncated
+
+
 # ------------------------------------------------------------------ networks
 
 
@@ -172,7 +229,7 @@ class RunnerState(NamedTuple):
     v_params: Params
     pi_opt: optax.OptState
     v_opt: optax.OptState
-    env_state: Any
+    env_state: EnvState  # [E] per leaf
     obs: Array  # [E, obs_dim]
     key: Array
     step: Array  # env steps taken by this seed (all its envs)
@@ -184,11 +241,7 @@ class RunnerState(NamedTuple):
 
 def make_train(cfg: A2CConfig) -> Callable[[Array], dict[str, Array]]:
     """``train(key) -> outputs`` for one seed, to wrap in ``jax.jit(jax.vmap(...))``."""
-    import gymnax  # starts XLA's backend: see configure_xla
-
-    env, env_params = gymnax.make("CartPole-v1")
-    n_actions = env.action_space(env_params).n
-    obs_dim = env.observation_space(env_params).shape[0]
+    n_actions, obs_dim = N_ACTIONS, OBS_DIM
     act = {"tanh": jnp.tanh, "relu": jax.nn.relu}[cfg.activation]
     final_from = 0.9 * cfg.n_updates * cfg.batch
     rmsprop = {"decay": cfg.rmsprop_alpha, "eps": cfg.rmsprop_eps, "eps_in_sqrt": False}
@@ -206,26 +259,28 @@ def make_train(cfg: A2CConfig) -> Callable[[Array], dict[str, Array]]:
         key, k_pi, k_v, k_env = jax.random.split(key, 4)
         pi_params = init_mlp(k_pi, [obs_dim, *cfg.policy_hidden, n_actions], 0.01)
         v_params = init_mlp(k_v, [obs_dim, *cfg.value_hidden, 1], 1.0)
-        obs, env_state = jax.vmap(env.reset, in_axes=(0, None))(
-            jax.random.split(k_env, cfg.num_envs), env_params)
+        obs, env_state = jax.vmap(env_reset)(jax.random.split(k_env, cfg.num_envs))
         zeros = jnp.zeros(cfg.num_envs)
         runner = RunnerState(pi_params, v_params, pi_tx.init(pi_params), v_tx.init(v_params),
                              env_state, obs, key, jnp.zeros((), jnp.int32), zeros,
                              jnp.full(cfg.num_envs, jnp.nan), jnp.zeros(()), jnp.zeros(()))
 
-        # ---- one vectorized env step: act, step (gymnax auto-resets), episode book-keeping
-        def env_step(r: RunnerState, _: None) -> tuple[RunnerState, Transition]:
-            key, k_act, k_step = jax.random.split(r.key, 3)
+        # ---- one vectorized env step: act, step, auto-reset, episode book-keeping
+        def step_envs(r: RunnerState, _: None) -> tuple[RunnerState, Transition]:
+            key, k_act, k_reset = jax.random.split(r.key, 3)
             action = jax.random.categorical(k_act, policy(r.pi_params, r.obs))
-            obs, env_state, reward, terminated, truncated, info = jax.vmap(
-                env.step, in_axes=(0, 0, 0, None))(
-                jax.random.split(k_step, cfg.num_envs), r.env_state, action, env_params)
+            final_obs, env_state, reward, terminated, truncated = jax.vmap(env_step)(
+                r.env_state, action)
             done = terminated | truncated
+            reset_obs, reset_state = jax.vmap(env_reset)(
+                jax.random.split(k_reset, cfg.num_envs))
+            obs = jnp.where(done[:, None], reset_obs, final_obs)
+            env_state = EnvState(obs, jnp.where(done, reset_state.time, env_state.time))
             step = r.step + cfg.num_envs
             ep_ret = r.ep_ret + reward
             ended = jnp.where(done & (step > final_from), ep_ret, 0.0)
             transition = Transition(r.obs, action, reward, terminated, done, truncated,
-                                    info["final_observation"])
+                                    final_obs)
             r = r._replace(
                 env_state=env_state, obs=obs, key=key, step=step,
                 ep_ret=jnp.where(done, 0.0, ep_ret),
@@ -256,7 +311,7 @@ def make_train(cfg: A2CConfig) -> Callable[[Array], dict[str, Array]]:
 
         # ---- one update: rollout, targets, a policy step and a value step
         def update(r: RunnerState, _: None) -> tuple[RunnerState, Array]:
-            r, tr = jax.lax.scan(env_step, r, None, cfg.n_steps)
+            r, tr = jax.lax.scan(step_envs, r, None, cfg.n_steps)
             obs = tr.obs.reshape(cfg.batch, obs_dim)
             # V(s_0..s_{T-1}) with its VJP: the value gradient reuses this forward pass.
             values, value_vjp = jax.vjp(lambda p: value(p, obs), r.v_params)

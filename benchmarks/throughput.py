@@ -10,7 +10,7 @@ tanh networks, RMSprop). For each population size S:
 * study's trainer (one torch thread) trains S seeds for a number of env steps per seed
   calibrated to take about ``--seconds`` (after a short run that also warms it up);
 * the JAX A2C of benchmarks/_jax_a2c.py (``jax.jit(jax.vmap(train))`` over S seeds,
-  gymnax's CartPole-v1, XLA single-threaded) trains S seeds for the same number of steps
+  CartPole-v1 written in JAX, XLA single-threaded) trains S seeds for the same number of steps
   per seed. It is compiled once per S for that length (``lax.scan``'s length is static);
   the compile time is reported apart and left out of its rate;
 * SB3's A2C (one run, ``--sb3-steps``) gives the speed-up column.
@@ -130,12 +130,12 @@ def run_study(env_id: str, size: int, steps: int, device: str) -> tuple[float, l
 
 def jax_missing() -> list[str]:
     """The JAX A2C's packages that are not installed."""
-    return [m for m in ("jax", "gymnax", "optax") if importlib.util.find_spec(m) is None]
+    return [m for m in ("jax", "optax") if importlib.util.find_spec(m) is None]
 
 
 def pin_process(core: int | None) -> None:
     """Pin this process to ``core`` (if given) and ask XLA for a single-threaded CPU
-    runtime; must run before any torch or JAX computation, and before gymnax's import."""
+    runtime; must run before any torch or JAX computation."""
     if core is not None:
         os.sched_setaffinity(0, {core})
     flag = "--xla_cpu_multi_thread_eigen=false"  # as _jax_a2c.SINGLE_THREAD_XLA_FLAGS
@@ -314,7 +314,7 @@ def main() -> None:
         print(f"JAX A2C skipped: {summary['jax_skipped']}")
     else:
         summary["versions"].update(
-            {m: importlib.metadata.version(m) for m in ("jax", "jaxlib", "gymnax", "optax")})
+            {m: importlib.metadata.version(m) for m in ("jax", "jaxlib", "optax")})
 
     sizes = measure(args, jax_a2c)
     rows = [m.row(s, summary["floor_env_steps_per_s"], summary["sb3_steps_per_s"])
