@@ -50,10 +50,23 @@ def _product_rows(a, b, out):
     n_rows, n_inner = a.shape
     width = out.shape[1]
     out[:, :] = 0.0
+    k_full = n_inner // 4 * 4
     i = 0
     while i + 4 <= n_rows:
         o0, o1, o2, o3 = out[i], out[i + 1], out[i + 2], out[i + 3]
-        for k in range(n_inner):
+        for k in range(0, k_full, 4):  # four terms per load and store of an output
+            b0, b1, b2, b3 = b[k], b[k + 1], b[k + 2], b[k + 3]
+            x00, x01, x02, x03 = a[i, k], a[i, k + 1], a[i, k + 2], a[i, k + 3]
+            x10, x11, x12, x13 = a[i + 1, k], a[i + 1, k + 1], a[i + 1, k + 2], a[i + 1, k + 3]
+            x20, x21, x22, x23 = a[i + 2, k], a[i + 2, k + 1], a[i + 2, k + 2], a[i + 2, k + 3]
+            x30, x31, x32, x33 = a[i + 3, k], a[i + 3, k + 1], a[i + 3, k + 2], a[i + 3, k + 3]
+            for j in range(width):
+                v0, v1, v2, v3 = b0[j], b1[j], b2[j], b3[j]
+                o0[j] = o0[j] + x00 * v0 + x01 * v1 + x02 * v2 + x03 * v3
+                o1[j] = o1[j] + x10 * v0 + x11 * v1 + x12 * v2 + x13 * v3
+                o2[j] = o2[j] + x20 * v0 + x21 * v1 + x22 * v2 + x23 * v3
+                o3[j] = o3[j] + x30 * v0 + x31 * v1 + x32 * v2 + x33 * v3
+        for k in range(k_full, n_inner):
             x0, x1, x2, x3 = a[i, k], a[i + 1, k], a[i + 2, k], a[i + 3, k]
             bk = b[k]
             for j in range(width):
