@@ -23,7 +23,8 @@ another member's data, so bit-identity across populations holds as before.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import numba
 import numpy as np
@@ -32,7 +33,7 @@ import torch
 from study.trainer import kernels
 from study.trainer.kernels import JIT_OPTIONS, _tanh1
 
-__all__ = ["DOT4", "FMA", "MODES", "SEPARATE", "CompiledMLP", "torch_passes"]
+__all__ = ["DOT4", "FMA", "MODES", "SEPARATE", "CompiledMLP", "arrays", "torch_passes"]
 
 #: How a product sums its terms: in order with fused multiply-adds (FMA) or with separately
 #: rounded products (SEPARATE), or as four interleaved partial sums of rounded products
@@ -257,6 +258,15 @@ def torch_row_sum(x):
     return total
 
 
+def arrays(tensors: Iterable[torch.Tensor | np.ndarray]) -> Any:
+    """A network's stacked arrays as a numba typed list: one compiled version of the passes
+    serves every depth (a tuple's type would name its length)."""
+    out = numba.typed.List()
+    for t in tensors:
+        out.append(t.numpy() if isinstance(t, torch.Tensor) else t)
+    return out
+
+
 _ENABLED = [True]
 
 
@@ -373,7 +383,7 @@ class CompiledMLP:
         n, rows = x.shape[0], x.shape[1]
         hidden = np.zeros((n, self.n_layers - 1, rows, self.width), dtype=np.float32)
         out = torch.empty(n, rows, params[-1].shape[2])
-        mlp_forward(np.ascontiguousarray(x.numpy()), tuple(p.detach().numpy() for p in params),
+        mlp_forward(np.ascontiguousarray(x.numpy()), arrays(p.detach() for p in params),
                     modes, hidden, out.numpy())
         acts = [torch.from_numpy(hidden[:, i].reshape(n, -1)[:, : rows * p.shape[2]]
                                  .reshape(n, rows, p.shape[2]))
@@ -391,8 +401,7 @@ class CompiledMLP:
         grads = [torch.empty(p.shape) for p in params]
         mlp_backward(np.ascontiguousarray(grad_out.numpy()),
                      np.ascontiguousarray(inputs[0].numpy()), hidden,
-                     tuple(p.detach().numpy() for p in params), modes[0], modes[1],
-                     tuple(g.numpy() for g in grads))
+                     arrays(p.detach() for p in params), modes[0], modes[1], arrays(grads))
         # The output layer's bias gradient as nets.backward takes it (a width of 1 padded).
         g = grad_out
         if g.shape[-1] == 1:

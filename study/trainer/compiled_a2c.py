@@ -21,6 +21,7 @@ else keeps the trainer's own path.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numba
@@ -31,6 +32,7 @@ from study.schema import UPDATE_METRICS
 from study.trainer import kernels
 from study.trainer.compiled import (
     CompiledMLP,
+    arrays,
     backward_member,
     forward_member,
     torch_column_sums,
@@ -338,7 +340,7 @@ class CompiledA2C:
         return diverged_at
 
 
-def _scratch(pi: tuple[np.ndarray, ...], v: tuple[np.ndarray, ...], n_steps: int,
+def _scratch(pi: Sequence[np.ndarray], v: Sequence[np.ndarray], n_steps: int,
              n_envs: int, obs_dim: int) -> tuple[Any, ...]:
     """One member's buffers for :func:`run_updates` (reused member after member): the
     rollout's (observations then the last ones, policy activations, logits, actions,
@@ -346,7 +348,7 @@ def _scratch(pi: tuple[np.ndarray, ...], v: tuple[np.ndarray, ...], n_steps: int
     V(s_0 .. s_T), V(final obs), their activations) and both networks' gradients."""
     n = n_steps * n_envs
 
-    def width(params: tuple[np.ndarray, ...]) -> int:
+    def width(params: Sequence[np.ndarray]) -> int:
         return max(p.shape[2] for p in params[0:-2:2])
 
     n_pi, n_v = len(pi) // 2 - 1, len(v) // 2 - 1
@@ -360,18 +362,18 @@ def _scratch(pi: tuple[np.ndarray, ...], v: tuple[np.ndarray, ...], n_steps: int
     v_bufs = (np.empty((n_v, n + n_envs, width(v)), dtype=np.float32),
               np.empty(n + n_envs, dtype=np.float32), np.empty(n, dtype=np.float32),
               np.empty((n_v, n, width(v)), dtype=np.float32))
-    return (bufs, v_bufs, tuple(np.empty_like(p) for p in pi),
-            tuple(np.empty_like(p) for p in v))
+    return (bufs, v_bufs, arrays(np.empty_like(p) for p in pi),
+            arrays(np.empty_like(p) for p in v))
 
 
-def _arrays(params: list[torch.Tensor]) -> tuple[np.ndarray, ...]:
-    return tuple(p.detach().numpy() for p in params)
+def _arrays(params: list[torch.Tensor]) -> Any:
+    return arrays(p.detach() for p in params)
 
 
-def _state(state: list[list[torch.Tensor]]) -> tuple[tuple[np.ndarray, ...], ...]:
+def _state(state: list[list[torch.Tensor]]) -> tuple[Any, Any]:
     """An optimizer's state as (first state tuple, second state tuple): the first again
     where the rule has one (RMSprop)."""
-    per_kind = [tuple(st[i].numpy() for st in state) for i in range(len(state[0]))]
+    per_kind = [arrays(st[i] for st in state) for i in range(len(state[0]))]
     return (per_kind[0], per_kind[-1])
 
 
