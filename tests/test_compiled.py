@@ -26,13 +26,14 @@ def _network(widths: list[int], members: int, seed: int) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("widths", [[4, 64, 64, 2], [4, 64, 64, 1], [3, 32, 1],
                                     [8, 128, 64, 4], [6, 16, 24, 3], [2, 64, 1]])
-@pytest.mark.parametrize("rows", [4, 8, 40, 48])
-def test_compiled_passes_give_torch_bits(widths, rows):
+@pytest.mark.parametrize("rows", [4, 8, 40, 48, 400])
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+def test_compiled_passes_give_torch_bits(widths, rows, activation):
     params = _network(widths, 3, seed=rows)
-    compiled = CompiledMLP.for_network(params, "tanh")
+    compiled = CompiledMLP.for_network(params, activation)
     assert compiled is not None
     x = torch.randn(3, rows, widths[0], generator=torch.Generator().manual_seed(7))
-    out, inputs = forward_cached(x, params, "tanh")
+    out, inputs = forward_cached(x, params, activation)
     plan = compiled.forward_plan(rows)
     assert plan is not None and set(plan) <= set(MODES)  # these shapes all have one
     got, got_inputs = compiled.forward(x, params, plan)
@@ -40,9 +41,9 @@ def test_compiled_passes_give_torch_bits(widths, rows):
     assert all(torch.equal(a, b) for a, b in zip(got_inputs, inputs, strict=True))
 
     # A backward pass over the first rows of a longer cache (as the fused value step does).
-    n = rows if rows < 40 else rows - 8
+    n = rows if rows < 40 else rows - 8  # (fewer rows than the cache: the fused value step)
     g_out = torch.randn(3, n, widths[-1], generator=torch.Generator().manual_seed(8))
-    expected = backward(g_out, inputs, params, "tanh")
+    expected = backward(g_out, inputs, params, activation)
     back = compiled.backward_plan(n, rows)
     assert back is not None
     grads = compiled.backward(g_out, inputs, params, back)
@@ -51,7 +52,7 @@ def test_compiled_passes_give_torch_bits(widths, rows):
 
 def test_compiled_passes_serve_only_what_they_compute():
     tanh = _network([4, 64, 2], 2, seed=0)
-    assert CompiledMLP.for_network(tanh, "relu") is None  # tanh only
+    assert CompiledMLP.for_network(tanh, "gelu") is None  # tanh and relu only
     assert CompiledMLP.for_network(_network([4, 2], 2, 0), "tanh") is None  # no hidden layer
     assert CompiledMLP.for_network(_network([1, 8, 2], 2, 0), "tanh") is None  # 1-wide input
     assert CompiledMLP.for_network([p.double() for p in tanh], "tanh") is None
@@ -110,6 +111,7 @@ def _compare(env_id, members, steps):
                      "value_optimizer": "adam", "num_envs": 3, "n_steps": 7}),
     ("CartPole-v0", {"value_target": "mc", "gamma": 0.9, "lam": 0.95, "entropy_coef": 0.01,
                      "policy_hidden_sizes": [64, 32, 16]}),
+    ("CartPole-v1", {"activation": "relu", "n_steps": 50, "lam": 0.95}),  # seed 001's shape
 ])
 def test_the_compiled_loop_changes_no_bit(env_id, overrides):
     hp = cfg.resolve(overrides)

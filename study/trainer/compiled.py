@@ -33,13 +33,14 @@ import torch
 from study.trainer import kernels
 from study.trainer.kernels import JIT_OPTIONS, _tanh1
 
-__all__ = ["DOT4", "FMA", "MODES", "SEPARATE", "CompiledMLP", "arrays", "torch_passes"]
+__all__ = ["BLOCKED", "DOT4", "FMA", "MODES", "SEPARATE", "CompiledMLP", "arrays", "torch_passes"]
 
 #: How a product sums its terms: in order with fused multiply-adds (FMA) or with separately
 #: rounded products (SEPARATE), or as four interleaved partial sums of rounded products
-#: added pairwise at the end (DOT4: MKL's dot-product kernel, for a transposed operand).
-FMA, SEPARATE, DOT4 = 1, 0, 2
-MODES = (FMA, SEPARATE, DOT4)
+#: added pairwise at the end (DOT4: MKL's dot-product kernel, for a transposed operand);
+#: ``BLOCKED + mode``: the same within blocks of the inner dimension (long sums).
+FMA, SEPARATE, DOT4, BLOCKED = 1, 0, 2, 3
+MODES = (FMA, SEPARATE, DOT4, BLOCKED + FMA, BLOCKED + SEPARATE)
 
 
 @numba.njit(**JIT_OPTIONS, inline="always")
@@ -124,7 +125,18 @@ def _product_dot4(a, b, out):
 
 
 @numba.njit(**JIT_OPTIONS)
-def _product(a, b, out, mode):
+def _k_block(n_inner):
+    """The inner-dimension block of MKL's kernels (measured): the whole of up to 192 terms,
+    two halves of up to 384, else blocks of 192."""
+    if n_inner <= 192:
+        return n_inner
+    if n_inner <= 384:
+        return (n_inner + 1) // 2
+    return 192
+
+
+@numba.njit(**JIT_OPTIONS)
+def _product_in_order(a, b, out, mode):
     if mode == FMA:
         _product_fma(a, b, out)
     elif mode == SEPARATE:
@@ -133,14 +145,60 @@ def _product(a, b, out, mode):
         _product_dot4(a, b, out)
 
 
+@numba.njit(**JIT_OPTIONS)
+def _product(a, b, out, mode):
+    """``out = a @ b`` with ``mode``'s sums; the BLOCKED modes sum each block of
+    :func:`_k_block` inner terms from zero and add the blocks' sums in order."""
+    if mode < BLOCKED:
+        _product_in_order(a, b, out, mode)
+        return
+    n_inner = a.shape[1]
+    block = _k_block(n_inner)
+    _product_in_order(a[:, :block], b[:block], out, mode - BLOCKED)
+    if block == n_inner:
+        return
+    part = np.empty_like(out)
+    for k0 in range(block, n_inner, block):
+        k1 = min(k0 + block, n_inner)
+        _product_in_order(a[:, k0:k1], b[k0:k1], part, mode - BLOCKED)
+        for i in range(out.shape[0]):
+            for j in range(out.shape[1]):
+                out[i, j] += part[i, j]
+
+
+#: Activations (``CompiledMLP.activation``): none (the output layer), tanh, relu.
+NONE, TANH, RELU = 0, 1, 2
+ACTIVATIONS = {"tanh": TANH, "relu": RELU}
+
+
 @numba.njit(**JIT_OPTIONS, fastmath={"contract"})
-def _bias_tanh(out, bias, tanh):
-    """``out <- out + bias`` (then ``tanh``, with ``kernels.tanh_``'s arithmetic)."""
+def _bias_act(out, bias, act):
+    """``out <- act(out + bias)``: tanh with ``kernels.tanh_``'s arithmetic, relu as torch's
+    ``clamp_(min=0)`` (NaN stays NaN)."""
     for i in range(out.shape[0]):
         o = out[i]
         for j in range(o.shape[0]):
             v = o[j] + bias[j]
-            o[j] = _tanh1(v) if tanh else v
+            if act == TANH:
+                v = _tanh1(v)
+            elif act == RELU:
+                v = np.float32(0.0) if v < 0.0 else v
+            o[j] = v
+
+
+@numba.njit(**JIT_OPTIONS)
+def _act_backward(g, h, act, db):
+    """The gradient ``g`` ``[R, W]`` through the activation whose output is ``h``, in place,
+    and its row sums (the bias gradient) into ``db``, as the trainer computes them:
+    ``kernels.tanh_backward_`` for tanh, ``threshold_backward`` then torch's sum for relu."""
+    if act == TANH:
+        kernels.tanh_backward_rows(g, h, db)
+        return
+    for i in range(g.shape[0]):
+        for j in range(g.shape[1]):
+            if not h[i, j] > 0.0:
+                g[i, j] = 0.0
+    torch_column_sums(g, db)
 
 
 @numba.njit(**JIT_OPTIONS, inline="always")
@@ -152,26 +210,27 @@ def _layer(hidden, layer, width):
 
 
 @numba.njit(**JIT_OPTIONS)
-def forward_member(x, params, s, modes, hidden, row0, out):
-    """Member s's pass through a tanh MLP: ``x`` ``[R, D]``; ``params`` the tuple
-    ``(w0, b0, w1, b1, ...)`` of stacked weights ``[S, K, N]`` and biases ``[S, 1, N]``;
-    ``modes[l]`` layer l's product mode; the tanh activations of hidden layer l into rows
-    ``row0 : row0 + R`` of :func:`_layer` ``(hidden, l)``, the output into ``out`` ``[R, N]``."""
+def forward_member(x, params, s, modes, act, hidden, row0, out):
+    """Member s's pass through an MLP: ``x`` ``[R, D]``; ``params`` the list ``(w0, b0,
+    w1, b1, ...)`` of stacked weights ``[S, K, N]`` and biases ``[S, 1, N]``; ``modes[l]``
+    layer l's product mode; ``act`` the hidden layers' activation (:data:`ACTIVATIONS`);
+    hidden layer l's activations into rows ``row0 : row0 + R`` of :func:`_layer` ``(hidden,
+    l)``, the output into ``out`` ``[R, N]``."""
     n_layers = len(params) // 2
     h = x
     for layer in range(n_layers - 1):
         width = params[2 * layer].shape[2]
         dst = _layer(hidden, layer, width)[row0:row0 + x.shape[0]]
         _product(h, params[2 * layer][s], dst, modes[layer])
-        _bias_tanh(dst, params[2 * layer + 1][s, 0], True)
+        _bias_act(dst, params[2 * layer + 1][s, 0], act)
         h = dst
     _product(h, params[2 * n_layers - 2][s], out, modes[n_layers - 1])
-    _bias_tanh(out, params[2 * n_layers - 1][s, 0], False)
+    _bias_act(out, params[2 * n_layers - 1][s, 0], NONE)
 
 
 @numba.njit(**JIT_OPTIONS)
-def backward_member(g_out, x, hidden, params, s, w_modes, x_modes, grads):
-    """Member s's weight gradients, by the chain rule through a tanh MLP, into ``grads[k][s]``
+def backward_member(g_out, x, hidden, params, s, w_modes, x_modes, act, grads):
+    """Member s's weight gradients, by the chain rule through an MLP, into ``grads[k][s]``
     (the tuple ``(dw0, db0, ...)`` like ``params``), for every layer but the output layer's
     bias. ``g_out`` ``[R, N]``: the loss's gradient with respect to the output; ``x``
     ``[R', D]`` and ``hidden`` (as :func:`forward_member` fills it, R' rows): the pass's
@@ -192,69 +251,121 @@ def backward_member(g_out, x, hidden, params, s, w_modes, x_modes, grads):
             break
         g_down = np.empty((n_rows, n_in), dtype=np.float32)
         _product(g, np.ascontiguousarray(w.T), g_down, x_modes[layer])
-        kernels.tanh_backward_rows(g_down, h, grads[2 * layer - 1][s, 0])
+        _act_backward(g_down, h, act, grads[2 * layer - 1][s, 0])
         g = g_down
 
 
 @numba.njit(**JIT_OPTIONS)
-def mlp_forward(x, params, modes, hidden, out):
+def mlp_forward(x, params, modes, act, hidden, out):
     """:func:`forward_member` for every member: ``x`` ``[S, R, D]``, ``hidden``
     ``[S, L - 1, R, max width]``, ``out`` ``[S, R, N]``."""
     for s in range(x.shape[0]):
-        forward_member(x[s], params, s, modes, hidden[s], 0, out[s])
+        forward_member(x[s], params, s, modes, act, hidden[s], 0, out[s])
 
 
 @numba.njit(**JIT_OPTIONS)
-def mlp_backward(g_out, x, hidden, params, w_modes, x_modes, grads):
+def mlp_backward(g_out, x, hidden, params, w_modes, x_modes, act, grads):
     """:func:`backward_member` for every member (``g_out`` ``[S, R, N]``, ``x`` and
     ``hidden`` as :func:`mlp_forward` fills them)."""
     for s in range(g_out.shape[0]):
-        backward_member(g_out[s], x[s], hidden[s], params, s, w_modes, x_modes, grads)
+        backward_member(g_out[s], x[s], hidden[s], params, s, w_modes, x_modes, act, grads)
+
+
+# torch's sums (ATen's cpu/SumKernel.cpp), reproduced for the AVX2 kernels (vectors of 8):
+# a cascade of four accumulator levels that adds level l into level l + 1 every 16^l items.
+_LEVELS, _STEP_POWER, _VEC = 4, 4, 8
+
+
+@numba.njit(**JIT_OPTIONS)
+def _multi_row_sum(x, start, stride, size, n_cols, lanes, acc):
+    """``multi_row_sum``: ``acc[0, c, :]`` <- the sum over items i < ``size`` of the
+    ``lanes`` floats at ``x[start + (i * n_cols + c) * stride:]``, through the cascade
+    (``acc``: ``[4, n_cols, lanes]`` scratch)."""
+    acc[:] = 0.0
+    step = 1 << _STEP_POWER  # (more levels' worth only past 2^16 items)
+    mask = step - 1
+    i = 0
+    while i + step <= size:
+        for _ in range(step):
+            for c in range(n_cols):
+                base = start + (i * n_cols + c) * stride
+                for lane in range(lanes):
+                    acc[0, c, lane] += x[base + lane]
+            i += 1
+        for level in range(1, _LEVELS):
+            for c in range(n_cols):
+                for lane in range(lanes):
+                    acc[level, c, lane] += acc[level - 1, c, lane]
+                    acc[level - 1, c, lane] = 0.0
+            if i & (mask << (level * _STEP_POWER)) != 0:
+                break
+    while i < size:
+        for c in range(n_cols):
+            base = start + (i * n_cols + c) * stride
+            for lane in range(lanes):
+                acc[0, c, lane] += x[base + lane]
+        i += 1
+    for level in range(1, _LEVELS):
+        for c in range(n_cols):
+            for lane in range(lanes):
+                acc[0, c, lane] += acc[level, c, lane]
+
+
+@numba.njit(**JIT_OPTIONS)
+def _row_sum(x, start, stride, size, lanes, out):
+    """``row_sum``: the sum of ``size`` items of ``lanes`` floats (item i at ``x[start + i *
+    stride:]``) as four interleaved partial sums (:func:`_multi_row_sum` over groups of
+    four), the leftover items added to the first, then the four added in order."""
+    acc = np.empty((_LEVELS, 4, lanes), dtype=np.float32)
+    full = size // 4
+    _multi_row_sum(x, start, stride, full, 4, lanes, acc)
+    for i in range(full * 4, size):
+        for lane in range(lanes):
+            acc[0, 0, lane] += x[start + i * stride + lane]
+    for c in range(1, 4):
+        for lane in range(lanes):
+            acc[0, 0, lane] += acc[0, c, lane]
+    out[:] = acc[0, 0]
 
 
 @numba.njit(**JIT_OPTIONS)
 def torch_column_sums(g, out):
-    """``out[j] = sum_i g[i, j]`` as torch sums a middle dimension of up to 64 rows
-    (``g.sum(dim=1)`` of ``[S, R, N]``): four interleaved partial sums (rows i = m mod 4,
-    in order), the leftover rows added to the first, then the four added in order."""
-    n_rows = g.shape[0]
-    full = n_rows // 4 * 4
-    for j in range(g.shape[1]):
-        p0 = p1 = p2 = p3 = np.float32(0.0)
-        for i in range(0, full, 4):
-            p0 += g[i, j]
-            p1 += g[i + 1, j]
-            p2 += g[i + 2, j]
-            p3 += g[i + 3, j]
-        for i in range(full, n_rows):
-            p0 += g[i, j]
-        out[j] = ((p0 + p1) + p2) + p3
+    """``out[j] = sum_i g[i, j]`` as torch sums the middle dimension of ``[S, R, N]``
+    (``g``: C-contiguous ``[R, N]``): columns in groups of 32 by :func:`_multi_row_sum`
+    over the rows, the rest one by one by :func:`_row_sum`."""
+    n_rows, n_cols = g.shape
+    flat = g.reshape(-1)
+    one = np.empty(1, dtype=np.float32)
+    acc = np.empty((_LEVELS, 1, 4 * _VEC), dtype=np.float32)
+    j = 0
+    while j + 4 * _VEC <= n_cols:
+        _multi_row_sum(flat, j, n_cols, n_rows, 1, 4 * _VEC, acc)
+        out[j:j + 4 * _VEC] = acc[0, 0]
+        j += 4 * _VEC
+    while j < n_cols:
+        _row_sum(flat, j, n_cols, n_rows, 1, one)
+        out[j] = one[0]
+        j += 1
 
 
 @numba.njit(**JIT_OPTIONS)
 def torch_row_sum(x):
-    """``sum_i x[i]`` as torch sums a contiguous row of up to ~100 floats on AVX2 (``[S, n]
-    .sum(dim=1)``): vectors of 8 summed in four interleaved groups, the leftover vectors
-    added to the first, the groups added, then the tail elements in order, then the 8 lanes."""
+    """``sum_i x[i]`` as torch sums a contiguous row (``[S, n].sum(dim=1)``): vectors of 8
+    by :func:`_row_sum`, then the tail elements in order, then the 8 lanes (fewer than 8
+    elements: :func:`_row_sum` of the elements)."""
     n = x.shape[0]
-    n_vec = n // 8
-    parts = np.zeros((4, 8), dtype=np.float32)
-    full = n_vec // 4 * 4
-    for v in range(0, full, 4):
-        for m in range(4):
-            for lane in range(8):
-                parts[m, lane] += x[(v + m) * 8 + lane]
-    for v in range(full, n_vec):
-        for lane in range(8):
-            parts[0, lane] += x[v * 8 + lane]
-    for m in range(1, 4):
-        for lane in range(8):
-            parts[0, lane] += parts[m, lane]
+    n_vec = n // _VEC
+    lanes = np.zeros(_VEC, dtype=np.float32)
+    if n_vec == 0:
+        _row_sum(x, 0, 1, n, 1, lanes)
+        return lanes[0]
+    if n_vec:
+        _row_sum(x, 0, _VEC, n_vec, _VEC, lanes)
     total = np.float32(0.0)
-    for i in range(n_vec * 8, n):
+    for i in range(n_vec * _VEC, n):
         total += x[i]
-    for lane in range(8):
-        total += parts[0, lane]
+    for lane in range(_VEC):
+        total += lanes[lane]
     return total
 
 
@@ -282,24 +393,26 @@ def torch_passes() -> Iterator[None]:
 
 
 class CompiledMLP:
-    """One stacked tanh MLP's compiled passes, each with its product modes found by
-    comparing with torch's own (see the module docstring); a plan per number of rows."""
+    """One stacked MLP's compiled passes, each with its product modes found by comparing
+    with torch's own (see the module docstring); a plan per number of rows."""
 
-    def __init__(self, params: Sequence[torch.Tensor]) -> None:
+    def __init__(self, params: Sequence[torch.Tensor], activation: str = "tanh") -> None:
         self.shapes = [tuple(int(n) for n in p.shape[1:]) for p in params]
+        self.activation = activation
+        self.act = ACTIVATIONS[activation]
         self._forward: dict[int, np.ndarray | None] = {}
         self._backward: dict[tuple[int, int], tuple[np.ndarray, np.ndarray] | None] = {}
 
     @classmethod
     def for_network(cls, params: Sequence[torch.Tensor], activation: str
                     ) -> CompiledMLP | None:
-        """The compiled passes of a network they serve (tanh MLPs with a hidden layer and
-        inputs wider than 1, float32 on the CPU), else None."""
+        """The compiled passes of a network they serve (tanh or relu MLPs with a hidden
+        layer and inputs wider than 1, float32 on the CPU), else None."""
         p = params[0]
-        if (not _ENABLED[0] or activation != "tanh" or len(params) < 4 or p.dtype != torch.float32
-                or p.device.type != "cpu" or p.shape[1] < 2):
+        if (not _ENABLED[0] or activation not in ACTIVATIONS or len(params) < 4
+                or p.dtype != torch.float32 or p.device.type != "cpu" or p.shape[1] < 2):
             return None
-        return cls(params)
+        return cls(params, activation)
 
     @property
     def n_layers(self) -> int:
@@ -322,7 +435,7 @@ class CompiledMLP:
         from study.trainer.nets import forward_cached
 
         params, x = self._random(rows, 0)
-        out, inputs = forward_cached(x, params, "tanh")
+        out, inputs = forward_cached(x, params, self.activation)
         expected = [*inputs[1:], out]
         modes = np.full(self.n_layers, FMA, dtype=np.int64)
         for layer in range(self.n_layers):
@@ -350,10 +463,10 @@ class CompiledMLP:
         from study.trainer.nets import backward, forward_cached
 
         params, x = self._random(input_rows, 1)
-        _, inputs = forward_cached(x, params, "tanh")
+        _, inputs = forward_cached(x, params, self.activation)
         g_out = torch.randn(2, rows, self.shapes[-1][-1],
                             generator=torch.Generator().manual_seed(2))
-        expected = backward(g_out, inputs, params, "tanh")
+        expected = backward(g_out, inputs, params, self.activation)
         w_modes = np.full(self.n_layers, FMA, dtype=np.int64)
         x_modes = np.full(self.n_layers, FMA, dtype=np.int64)
         # Products in the order they feed each other: dW of the top layer, then the gradient
@@ -384,7 +497,7 @@ class CompiledMLP:
         hidden = np.zeros((n, self.n_layers - 1, rows, self.width), dtype=np.float32)
         out = torch.empty(n, rows, params[-1].shape[2])
         mlp_forward(np.ascontiguousarray(x.numpy()), arrays(p.detach() for p in params),
-                    modes, hidden, out.numpy())
+                    modes, self.act, hidden, out.numpy())
         acts = [torch.from_numpy(hidden[:, i].reshape(n, -1)[:, : rows * p.shape[2]]
                                  .reshape(n, rows, p.shape[2]))
                 for i, p in enumerate(params[0:-2:2])]
@@ -401,7 +514,8 @@ class CompiledMLP:
         grads = [torch.empty(p.shape) for p in params]
         mlp_backward(np.ascontiguousarray(grad_out.numpy()),
                      np.ascontiguousarray(inputs[0].numpy()), hidden,
-                     arrays(p.detach() for p in params), modes[0], modes[1], arrays(grads))
+                     arrays(p.detach() for p in params), modes[0], modes[1], self.act,
+                     arrays(grads))
         # The output layer's bias gradient as nets.backward takes it (a width of 1 padded).
         g = grad_out
         if g.shape[-1] == 1:

@@ -14,7 +14,7 @@ the kernel the trainer would call (study.trainer.kernels; the products and torch
 reproduced by study.trainer.compiled, their modes found by asking torch), in the same
 order. tests/test_compiled.py trains with and without it and compares every curve value,
 return and weight. It serves what it reproduces (:func:`accepts`): A2C with one minibatch
-and one value step, separate tanh MLPs, a discrete policy, no observation or reward
+and one value step, separate tanh or relu MLPs, a discrete policy, no observation or reward
 normalisation, on a compiled environment port (:data:`PORTS`: CartPole-v0 and v1); anything
 else keeps the trainer's own path.
 """
@@ -31,6 +31,7 @@ import torch
 from study.schema import UPDATE_METRICS
 from study.trainer import kernels
 from study.trainer.compiled import (
+    ACTIVATIONS,
     CompiledMLP,
     arrays,
     backward_member,
@@ -100,7 +101,7 @@ def _optimizer_step(kind, params, grads, state, k, t, lr, max_norm, loss_ok, rul
 
 
 @numba.njit(**JIT_OPTIONS)
-def _rollout(k, s, u, n_steps, env, port, obs, pi, pi_modes, bufs, book, gs0,
+def _rollout(k, s, u, n_steps, env, port, obs, pi, pi_modes, act, bufs, book, gs0,
              final_from):
     """Member s's rollout of update u: policy passes (activations kept for the gradient),
     actions, environment steps with autoreset, and the episodes' book-keeping."""
@@ -120,7 +121,7 @@ def _rollout(k, s, u, n_steps, env, port, obs, pi, pi_modes, bufs, book, gs0,
     for t in range(n_steps):
         rows = slice(t * n_envs, (t + 1) * n_envs)
         x_all[rows] = obs[s]
-        forward_member(x_all[rows], pi, k, pi_modes, pi_hidden, t * n_envs, logits[rows])
+        forward_member(x_all[rows], pi, k, pi_modes, act, pi_hidden, t * n_envs, logits[rows])
         kernels.sample_categorical(logits[rows].reshape(1, n_envs, logits.shape[1]),
                                    draws[t:t + 1], actions[t:t + 1])
         _env_step(port, state[:, s:s + 1], actions[t:t + 1], step_term, step_rew)
@@ -150,18 +151,18 @@ def _rollout(k, s, u, n_steps, env, port, obs, pi, pi_modes, bufs, book, gs0,
 
 
 @numba.njit(**JIT_OPTIONS)
-def _value_targets(k, hp, flags, v, v_modes, v_final_modes, bufs, v_bufs, adv, ret, ev):
+def _value_targets(k, hp, flags, v, v_modes, v_final_modes, act, bufs, v_bufs, adv, ret, ev):
     """V(s_0 .. s_T), V of truncations' final observations, GAE targets, advantage
     normalisation and explained variance (``kernels.rollout_targets_``, ``advantage_stats_``)."""
     x_all, _, _, _, final_obs, rewards, terminated, dones = bufs
     v_hidden, v_all, v_final, v_final_hidden = v_bufs
     n = adv.shape[1]
-    forward_member(x_all, v, k, v_modes, v_hidden, 0, v_all.reshape(-1, 1))
+    forward_member(x_all, v, k, v_modes, act, v_hidden, 0, v_all.reshape(-1, 1))
     truncated = False
     for i in range(dones.size):
         truncated |= dones.flat[i] and not terminated.flat[i]
     if truncated:  # (the trainer computes it for every row; only these are read)
-        forward_member(final_obs, v, k, v_final_modes, v_final_hidden, 0,
+        forward_member(final_obs, v, k, v_final_modes, act, v_final_hidden, 0,
                        v_final.reshape(-1, 1))
     alive = np.zeros(1, dtype=np.int64)
     kernels.rollout_targets_(v_all.reshape(1, -1), (v_final if truncated else v_all).reshape(1, -1),
@@ -171,7 +172,8 @@ def _value_targets(k, hp, flags, v, v_modes, v_final_modes, bufs, v_bufs, adv, r
 
 
 @numba.njit(**JIT_OPTIONS)
-def _policy_step(k, hp, pi, pi_modes, pi_opt, bufs, adv, rule_kind, rule, t, metrics, grads):
+def _policy_step(k, hp, pi, pi_modes, act, pi_opt, bufs, adv, rule_kind, rule, t, metrics,
+                 grads):
     """A2C's policy gradient (``kernels.categorical_policy_grad``, then the backward pass)
     and the clipped optimizer step; returns whether the member stays finite."""
     x_all, pi_hidden, logits, actions, _, _, _, _ = bufs
@@ -185,7 +187,7 @@ def _policy_step(k, hp, pi, pi_modes, pi_opt, bufs, adv, rule_kind, rule, t, met
         logits[:n].reshape(1, n, n_actions), actions.reshape(1, n), weights, coef, g_out)
     entropy = ent[0] / _F(n)
     loss = pg[0] - hp[k, 4] * entropy
-    backward_member(g_out[0], x_all, pi_hidden, pi, k, pi_modes[0], pi_modes[1], grads)
+    backward_member(g_out[0], x_all, pi_hidden, pi, k, pi_modes[0], pi_modes[1], act, grads)
     torch_column_sums(g_out[0], grads[len(grads) - 1][k, 0])
     norm, ok = _optimizer_step(rule_kind, pi, grads, pi_opt, k, t, hp[k, 0], hp[k, 2],
                                np.isfinite(loss), rule)
@@ -196,7 +198,7 @@ def _policy_step(k, hp, pi, pi_modes, pi_opt, bufs, adv, rule_kind, rule, t, met
 
 
 @numba.njit(**JIT_OPTIONS)
-def _value_step(k, hp, v, v_modes, v_opt, bufs, v_bufs, ret, rule_kind, rule, t, metrics,
+def _value_step(k, hp, v, v_modes, act, v_opt, bufs, v_bufs, ret, rule_kind, rule, t, metrics,
                 grads):
     """The value loss ``c_v (V(s) - R)^2`` of the fused value step (the V(s_0 .. s_T) pass
     is its forward pass), its backward pass and the clipped optimizer step."""
@@ -215,7 +217,7 @@ def _value_step(k, hp, v, v_modes, v_opt, bufs, v_bufs, ret, rule_kind, rule, t,
         g_out[i, 0] = coef * err[i]
     pad = np.zeros((n, 2), dtype=np.float32)  # the trainer pads a width of 1 to 2
     pad[:, 0] = g_out[:, 0]
-    backward_member(g_out, x_all, v_hidden, v, k, v_modes[0], v_modes[1], grads)
+    backward_member(g_out, x_all, v_hidden, v, k, v_modes[0], v_modes[1], act, grads)
     sums = np.empty(2, dtype=np.float32)
     torch_column_sums(pad, sums)
     grads[len(grads) - 1][k, 0, 0] = sums[0]
@@ -226,7 +228,7 @@ def _value_step(k, hp, v, v_modes, v_opt, bufs, v_bufs, ret, rule_kind, rule, t,
 
 
 @numba.njit(**JIT_OPTIONS)
-def run_updates(alive, n_updates, n_steps, gs0, final_from, hp, flags, env, port, obs, pi, v,
+def run_updates(alive, n_updates, n_steps, gs0, final_from, hp, flags, env, port, obs, pi, v, act,
                 plans, optimizers, book, windows, scratch, diverged_at):
     """``n_updates`` A2C updates of every learner (``alive[k]`` is learner k's member), one
     member after another. ``windows``: (metric sums ``[M, S]``, update counts ``[S]``);
@@ -244,15 +246,16 @@ def run_updates(alive, n_updates, n_steps, gs0, final_from, hp, flags, env, port
     for k in range(alive.shape[0]):
         s = alive[k]
         for u in range(n_updates):
-            _rollout(k, s, u, n_steps, env, port, obs, pi, pi_modes, bufs, book, gs0,
+            _rollout(k, s, u, n_steps, env, port, obs, pi, pi_modes, act, bufs, book, gs0,
                      final_from)
-            _value_targets(k, hp, flags, v, v_modes, v_final_modes, bufs, v_bufs, adv, ret, ev)
+            _value_targets(k, hp, flags, v, v_modes, v_final_modes, act, bufs, v_bufs, adv, ret,
+                           ev)
             metrics[:] = np.nan  # approx_kl and clip_fraction: PPO's
             pi_t[k] += 1
-            ok = _policy_step(k, hp, pi, pi_back, pi_state, bufs, adv, pi_kind, pi_rule,
+            ok = _policy_step(k, hp, pi, pi_back, act, pi_state, bufs, adv, pi_kind, pi_rule,
                               pi_t[k], metrics, pi_grads)
             v_t[k] += 1
-            ok &= _value_step(k, hp, v, v_back, v_state, bufs, v_bufs, ret, v_kind, v_rule,
+            ok &= _value_step(k, hp, v, v_back, act, v_state, bufs, v_bufs, ret, v_kind, v_rule,
                               v_t[k], metrics, v_grads)
             metrics[_EXPLAINED_VARIANCE] = ev[0]
             for m in range(metrics.shape[0]):
@@ -269,13 +272,13 @@ def accepts(trainer: _Trainer) -> bool:
     hp, agent, env = trainer.hp, trainer.agent, trainer.env
     return (hp.algorithm == "a2c" and hp.n_minibatches == 1 and hp.value_iters == 1
             and trainer.n_batch <= 1024 and trainer.discrete and agent.accelerated
-            and agent.activation == "tanh" and trainer.dev.type == "cpu"
+            and trainer.dev.type == "cpu"
             and getattr(env, "compiled_port", None) in PORTS
             and hp.policy_optimizer in _RULE_IDS and hp.value_optimizer in _RULE_IDS
             and not trainer.normalizer.active and not trainer.reward_norm.active
             and trainer.clip_reward is None and trainer.life_loss is None
-            and CompiledMLP.for_network(agent.pi, "tanh") is not None
-            and CompiledMLP.for_network(agent.v, "tanh") is not None)
+            and CompiledMLP.for_network(agent.pi, agent.activation) is not None
+            and CompiledMLP.for_network(agent.v, agent.activation) is not None)
 
 
 def _rule(name: str) -> tuple[int, np.ndarray]:
@@ -296,8 +299,8 @@ class CompiledA2C:
     @classmethod
     def build(cls, trainer: _Trainer) -> CompiledA2C | None:
         agent = trainer.agent
-        pi = CompiledMLP.for_network(agent.pi, "tanh")
-        v = CompiledMLP.for_network(agent.v, "tanh")
+        pi = CompiledMLP.for_network(agent.pi, agent.activation)
+        v = CompiledMLP.for_network(agent.v, agent.activation)
         assert pi is not None and v is not None  # accepts() checked it
         n, n_envs = trainer.n_batch, trainer.n_envs
         plans = (pi.forward_plan(n_envs), v.forward_plan(n + n_envs), v.forward_plan(n),
@@ -330,7 +333,8 @@ class CompiledA2C:
         run_updates(
             np.ascontiguousarray(tr.alive, dtype=np.int64), n_updates, tr.n_steps,
             tr.global_step, float(tr.final_from), hp, flags, env_arrays,
-            PORTS[str(env.compiled_port)], tr.obs, pi, v, self.plans, optimizers,
+            PORTS[str(env.compiled_port)], tr.obs, pi, v, ACTIVATIONS[tr.agent.activation],
+            self.plans, optimizers,
             (tr.ep_ret, tr.ep_len, tr.last_ret, w.ret_sum, w.len_sum, w.ep_count,
              w.final_sum, w.final_count), (metric_sum, w.updates),
             _scratch(pi, v, tr.n_steps, tr.n_envs, tr.obs.shape[2]), diverged_at)
