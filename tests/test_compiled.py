@@ -111,7 +111,10 @@ def _compare(env_id, members, steps):
                      "value_optimizer": "adam", "num_envs": 3, "n_steps": 7}),
     ("CartPole-v0", {"value_target": "mc", "gamma": 0.9, "lam": 0.95, "entropy_coef": 0.01,
                      "policy_hidden_sizes": [64, 32, 16]}),
-    ("CartPole-v1", {"activation": "relu", "n_steps": 50, "lam": 0.95}),  # seed 001's shape
+    ("CartPole-v1", {"activation": "relu", "n_steps": 50, "lam": 0.95}),  # 400-row updates
+    ("CartPole-v1", {"activation": "relu", "n_steps": 50, "policy_hidden_sizes": [128, 64],
+                     "value_hidden_sizes": [128, 128], "policy_optimizer": "adam",
+                     "value_max_grad_norm": float("inf"), "value_target": "mc"}),
 ])
 def test_the_compiled_loop_changes_no_bit(env_id, overrides):
     hp = cfg.resolve(overrides)
@@ -137,3 +140,16 @@ def test_a_member_that_diverges_in_the_compiled_loop_stops_as_in_the_trainer():
                         "value_max_grad_norm": 1e38})
     runs = _compare("CartPole-v1", [Member(steady, 0), Member(wild, 1), Member(steady, 2)], 3000)
     assert [r[0] for r in runs] == ["ok", "diverged", "ok"]
+
+
+def test_networks_the_loop_does_not_reproduce_keep_the_trainers_path(monkeypatch):
+    # A 256-unit layer's forward product is summed in MKL's blocks: the loop declines it.
+    hp = cfg.resolve({"value_hidden_sizes": [256, 64]})
+    members = [Member(hp, 0)]
+    calls = []
+    monkeypatch.setattr(compiled_a2c.CompiledA2C, "run", lambda self, n: calls.append(n))
+    runs = _runs("CartPole-v1", members, 1200)
+    with torch_passes():
+        reference = _runs("CartPole-v1", members, 1200)
+    assert not calls
+    assert _same(runs, reference)

@@ -146,15 +146,28 @@ def _product_in_order(a, b, out, mode):
 
 
 @numba.njit(**JIT_OPTIONS)
-def _product(a, b, out, mode):
-    """``out = a @ b`` with ``mode``'s sums; the BLOCKED modes sum each block of
-    :func:`_k_block` inner terms from zero and add the blocks' sums in order."""
+def _add_bias(out, bias):
+    for i in range(out.shape[0]):
+        for j in range(out.shape[1]):
+            out[i, j] += bias[j]
+
+
+@numba.njit(**JIT_OPTIONS)
+def _product(a, b, out, mode, bias):
+    """``out = a @ b (+ bias)`` with ``mode``'s sums, the bias (when not empty) added as
+    ``baddbmm`` adds it: after the sum, or in the BLOCKED modes (each block of
+    :func:`_k_block` inner terms summed from zero, the blocks' sums added in order) after
+    the first block."""
     if mode < BLOCKED:
         _product_in_order(a, b, out, mode)
+        if bias.size:
+            _add_bias(out, bias)
         return
     n_inner = a.shape[1]
     block = _k_block(n_inner)
     _product_in_order(a[:, :block], b[:block], out, mode - BLOCKED)
+    if bias.size:
+        _add_bias(out, bias)
     if block == n_inner:
         return
     part = np.empty_like(out)
@@ -166,22 +179,26 @@ def _product(a, b, out, mode):
                 out[i, j] += part[i, j]
 
 
+_NO_BIAS = np.zeros(0, dtype=np.float32)
+
 #: Activations (``CompiledMLP.activation``): none (the output layer), tanh, relu.
 NONE, TANH, RELU = 0, 1, 2
 ACTIVATIONS = {"tanh": TANH, "relu": RELU}
 
 
 @numba.njit(**JIT_OPTIONS, fastmath={"contract"})
-def _bias_act(out, bias, act):
-    """``out <- act(out + bias)``: tanh with ``kernels.tanh_``'s arithmetic, relu as torch's
+def _activate(out, act):
+    """``out <- act(out)``: tanh with ``kernels.tanh_``'s arithmetic, relu as torch's
     ``clamp_(min=0)`` (NaN stays NaN)."""
+    if act == NONE:
+        return
     for i in range(out.shape[0]):
         o = out[i]
         for j in range(o.shape[0]):
-            v = o[j] + bias[j]
+            v = o[j]
             if act == TANH:
                 v = _tanh1(v)
-            elif act == RELU:
+            else:
                 v = np.float32(0.0) if v < 0.0 else v
             o[j] = v
 
@@ -221,11 +238,11 @@ def forward_member(x, params, s, modes, act, hidden, row0, out):
     for layer in range(n_layers - 1):
         width = params[2 * layer].shape[2]
         dst = _layer(hidden, layer, width)[row0:row0 + x.shape[0]]
-        _product(h, params[2 * layer][s], dst, modes[layer])
-        _bias_act(dst, params[2 * layer + 1][s, 0], act)
+        _product(h, params[2 * layer][s], dst, modes[layer], params[2 * layer + 1][s, 0])
+        _activate(dst, act)
         h = dst
-    _product(h, params[2 * n_layers - 2][s], out, modes[n_layers - 1])
-    _bias_act(out, params[2 * n_layers - 1][s, 0], NONE)
+    _product(h, params[2 * n_layers - 2][s], out, modes[n_layers - 1],
+             params[2 * n_layers - 1][s, 0])
 
 
 @numba.njit(**JIT_OPTIONS)
@@ -246,11 +263,11 @@ def backward_member(g_out, x, hidden, params, s, w_modes, x_modes, act, grads):
         w = params[2 * layer][s]
         n_in = w.shape[0]
         h = x[:n_rows] if layer == 0 else _layer(hidden, layer - 1, n_in)[:n_rows]
-        _product(h.T, g, grads[2 * layer][s], w_modes[layer])
+        _product(h.T, g, grads[2 * layer][s], w_modes[layer], _NO_BIAS)
         if layer == 0:
             break
         g_down = np.empty((n_rows, n_in), dtype=np.float32)
-        _product(g, np.ascontiguousarray(w.T), g_down, x_modes[layer])
+        _product(g, np.ascontiguousarray(w.T), g_down, x_modes[layer], _NO_BIAS)
         _act_backward(g_down, h, act, grads[2 * layer - 1][s, 0])
         g = g_down
 
@@ -371,10 +388,17 @@ def torch_row_sum(x):
 
 def arrays(tensors: Iterable[torch.Tensor | np.ndarray]) -> Any:
     """A network's stacked arrays as a numba typed list: one compiled version of the passes
-    serves every depth (a tuple's type would name its length)."""
+    serves every depth (a tuple's type would name its length). Built in compiled code:
+    appending from Python costs about a millisecond an item."""
+    return _typed_list(tuple(t.numpy() if isinstance(t, torch.Tensor) else t
+                             for t in tensors))
+
+
+@numba.njit(**JIT_OPTIONS)
+def _typed_list(items):
     out = numba.typed.List()
-    for t in tensors:
-        out.append(t.numpy() if isinstance(t, torch.Tensor) else t)
+    for item in items:
+        out.append(item)
     return out
 
 
