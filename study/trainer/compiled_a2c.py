@@ -45,6 +45,7 @@ from study.trainer.envs.cartpole import FastPopulationEnv
 from study.trainer.kernels import JIT_OPTIONS
 from study.trainer.optim import RULES
 from study.trainer.rng import _GOLDEN, _INV_2_53, _M1, _M2
+from study.trainer.updates import CHUNK_ROWS
 
 if TYPE_CHECKING:
     from study.trainer.population import _Trainer
@@ -53,9 +54,10 @@ __all__ = ["CompiledA2C", "accepts"]
 
 _F = np.float32
 _RULE_IDS = {"rmsprop": 0, "adam": 1}
-#: Columns of the per-learner hyperparameter table the loop reads.
+#: Columns of the per-learner hyperparameter table the loop reads, and their indices.
 _HP = ("policy_lr", "value_lr", "max_grad_norm", "value_max_grad_norm", "entropy_coef",
        "value_coef", "gamma", "lam")
+_PI_LR, _V_LR, _PI_CLIP, _V_CLIP, _ENT_COEF, _V_COEF, _GAMMA, _LAM = range(len(_HP))
 # Where each update metric goes (study.schema.UPDATE_METRICS' order).
 _ENTROPY, _POLICY_LOSS, _VALUE_LOSS, _EXPLAINED_VARIANCE, _GRAD_NORM = (
     UPDATE_METRICS.index(name) for name in
@@ -166,9 +168,10 @@ def _value_targets(k, hp, flags, v, v_modes, v_final_modes, act, bufs, v_bufs, a
         forward_member(final_obs, v, k, v_final_modes, act, v_final_hidden, 0,
                        v_final.reshape(-1, 1))
     alive = np.zeros(1, dtype=np.int64)
-    kernels.rollout_targets_(v_all.reshape(1, -1), (v_final if truncated else v_all).reshape(1, -1),
-                             rewards, terminated, dones, alive, hp[k, 6:7], hp[k, 7:8],
-                             flags[k, 0:1], adv, ret)
+    bootstrap = v_final if truncated else v_all
+    kernels.rollout_targets_(v_all.reshape(1, -1), bootstrap.reshape(1, -1), rewards,
+                             terminated, dones, alive, hp[k, _GAMMA:_GAMMA + 1],
+                             hp[k, _LAM:_LAM + 1], flags[k, 0:1], adv, ret)
     kernels.advantage_stats_(adv, ret, v_all[:n].reshape(1, n), flags[k, 1:2], ev)
 
 
@@ -182,16 +185,16 @@ def _policy_step(k, hp, pi, pi_modes, act, pi_opt, bufs, adv, rule_kind, rule, t
     n_actions = logits.shape[1]
     weights = adv / _F(n)
     coef = np.empty(1, dtype=np.float32)
-    coef[0] = hp[k, 4] / _F(n)
+    coef[0] = hp[k, _ENT_COEF] / _F(n)
     g_out = np.empty((1, n, n_actions), dtype=np.float32)
     pg, ent = kernels.categorical_policy_grad(
         logits[:n].reshape(1, n, n_actions), actions.reshape(1, n), weights, coef, g_out)
     entropy = ent[0] / _F(n)
-    loss = pg[0] - hp[k, 4] * entropy
+    loss = pg[0] - hp[k, _ENT_COEF] * entropy
     backward_member(g_out[0], x_all, pi_hidden, pi, k, pi_modes[0], pi_modes[1], act, grads)
     torch_column_sums(g_out[0], grads[len(grads) - 1][k, 0])
-    norm, ok = _optimizer_step(rule_kind, pi, grads, pi_opt, k, t, hp[k, 0], hp[k, 2],
-                               np.isfinite(loss), rule)
+    norm, ok = _optimizer_step(rule_kind, pi, grads, pi_opt, k, t, hp[k, _PI_LR],
+                               hp[k, _PI_CLIP], np.isfinite(loss), rule)
     metrics[_POLICY_LOSS] = pg[0]
     metrics[_ENTROPY] = entropy
     metrics[_GRAD_NORM] = norm
@@ -212,7 +215,7 @@ def _value_step(k, hp, v, v_modes, act, v_opt, bufs, v_bufs, ret, rule_kind, rul
         err[i] = v_all[i] - ret[0, i]
         squares[i] = err[i] * err[i]
     v_loss = torch_row_sum(squares) / _F(n)
-    coef = _F(2.0 / n) * hp[k, 5]
+    coef = _F(2.0 / n) * hp[k, _V_COEF]
     g_out = np.empty((n, 1), dtype=np.float32)
     for i in range(n):
         g_out[i, 0] = coef * err[i]
@@ -222,8 +225,8 @@ def _value_step(k, hp, v, v_modes, act, v_opt, bufs, v_bufs, ret, rule_kind, rul
     sums = np.empty(2, dtype=np.float32)
     torch_column_sums(pad, sums)
     grads[len(grads) - 1][k, 0, 0] = sums[0]
-    _, ok = _optimizer_step(rule_kind, v, grads, v_opt, k, t, hp[k, 1], hp[k, 3],
-                            np.isfinite(hp[k, 5] * v_loss), rule)
+    _, ok = _optimizer_step(rule_kind, v, grads, v_opt, k, t, hp[k, _V_LR], hp[k, _V_CLIP],
+                            np.isfinite(hp[k, _V_COEF] * v_loss), rule)
     metrics[_VALUE_LOSS] = v_loss
     return ok
 
@@ -272,7 +275,7 @@ def accepts(trainer: _Trainer) -> bool:
     docstring); the plans it needs are checked when it is built."""
     hp, agent, env = trainer.hp, trainer.agent, trainer.env
     return (hp.algorithm == "a2c" and hp.n_minibatches == 1 and hp.value_iters == 1
-            and trainer.n_batch <= 1024 and trainer.discrete and agent.accelerated
+            and trainer.n_batch <= CHUNK_ROWS and trainer.discrete and agent.accelerated
             and trainer.dev.type == "cpu"
             and getattr(env, "compiled_port", None) in PORTS
             and hp.policy_optimizer in _RULE_IDS and hp.value_optimizer in _RULE_IDS
