@@ -153,3 +153,26 @@ def test_networks_the_loop_does_not_reproduce_keep_the_trainers_path(monkeypatch
         reference = _runs("CartPole-v1", members, 1200)
     assert not calls
     assert _same(runs, reference)
+
+
+def test_with_the_loop_a_member_trains_alike_alone_in_a_population_and_when_pruned():
+    hp = cfg.resolve({"num_envs": 4, "n_steps": 25})  # 100-row updates
+    alone = train_population("CartPole-v1", [Member(hp, 7)], 4000, log_every=500,
+                             eval_every=1000, eval_episodes=3)[0]
+    prune_at = 2000  # the population's first member is pruned there, the others go on
+
+    def on_log(step, row):
+        return np.array([step >= prune_at, False, False])
+
+    crowd = train_population("CartPole-v1", [Member(hp, 3), Member(hp, 7), Member(hp, 9)],
+                             4000, log_every=500, eval_every=1000, eval_episodes=3,
+                             on_log=on_log)
+    assert crowd[0].status == "pruned" and crowd[1].status == "ok"
+    assert _same((alone.final_return, alone.final_eval_return, alone.curve),
+                 (crowd[1].final_return, crowd[1].final_eval_return, crowd[1].curve))
+    with torch_passes():
+        reference = train_population("CartPole-v1", [Member(hp, 3), Member(hp, 7), Member(hp, 9)],
+                                     4000, log_every=500, eval_every=1000, eval_episodes=3,
+                                     on_log=on_log)
+    assert _same([(r.status, r.env_steps, r.curve) for r in crowd],
+                 [(r.status, r.env_steps, r.curve) for r in reference])

@@ -2,22 +2,23 @@
 
 The accelerated MLP path (study.trainer.nets: ``forward_cached``, ``backward``) computes each
 layer with torch's batched products and a few fused kernels, one operation over all members
-at a time. At small populations most of its time is spent starting those operations. Here a
-member's whole pass (every layer, its activations, its gradients) is one loop over that
-member's weights, and one call covers the population.
+at a time. Here a member's whole pass (every layer, its activations, its gradients) is one
+loop over that member's weights; study.trainer.compiled_a2c builds its A2C loop on them.
 
 Same bits, not merely close. torch's CPU products (MKL) sum every output element over the
-inner index in order, starting from zero, either with fused multiply-adds or with separately
-rounded products, depending on the kernel MKL picks for the shape (measured here: fused for
-most, separate for outputs narrower than 9 and for one-row products; neither for inner
-dimensions of 256 and more, which sum in blocks). So :class:`CompiledMLP` asks torch: for
-every product of a pass it runs torch's own pass (``forward_cached``/``backward``) on random
-data of this network's exact shapes and keeps the mode whose bits match. A pass with a
-product that neither mode matches is left to torch (:meth:`CompiledMLP.forward_plan` returns
-None). Activations are the same rational tanh as ``kernels.tanh_`` (``kernels._tanh1``), and
-hidden bias gradients come from ``kernels.tanh_backward_`` itself; the output layer's bias
-gradient stays a torch sum, as in ``nets.backward``. A member's arithmetic never looks at
-another member's data, so bit-identity across populations holds as before.
+inner index in order, starting from zero, in a way that depends on the kernel MKL picks for
+the shape (:data:`MODES`; measured here: fused multiply-adds for most, separately rounded
+products for outputs narrower than 9, a four-way interleaved dot product for a transposed
+operand, and blocks of 192 terms for longer sums; one- and two-row products match none).
+So :class:`CompiledMLP` asks torch: for every product of a pass it runs torch's own pass
+(``forward_cached``/``backward``) on random data of this network's exact shapes and keeps
+the mode whose bits match. A pass with a product that no mode matches is left to torch
+(:meth:`CompiledMLP.forward_plan` returns None). Activations are tanh (``kernels._tanh1``,
+the rational tanh of ``kernels.tanh_``) or relu; hidden bias gradients come from
+``kernels.tanh_backward_rows`` for tanh and from torch's own sum (:func:`torch_column_sums`,
+its cascade reproduced) for relu, as does the output layer's bias gradient in the loop. A
+member's arithmetic never looks at another member's data, so bit-identity across
+populations holds as before.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ import torch
 from study.trainer import kernels
 from study.trainer.kernels import JIT_OPTIONS, _tanh1
 
-__all__ = ["BLOCKED", "DOT4", "FMA", "MODES", "SEPARATE", "CompiledMLP", "arrays", "torch_passes"]
+__all__ = ["ACTIVATIONS", "BLOCKED", "DOT4", "FMA", "MODES", "SEPARATE", "CompiledMLP",
+           "arrays", "backward_member", "forward_member", "torch_column_sums", "torch_row_sum",
+           "torch_passes"]
 
 #: How a product sums its terms: in order with fused multiply-adds (FMA) or with separately
 #: rounded products (SEPARATE), or as four interleaved partial sums of rounded products
@@ -376,8 +379,7 @@ def torch_row_sum(x):
     if n_vec == 0:
         _row_sum(x, 0, 1, n, 1, lanes)
         return lanes[0]
-    if n_vec:
-        _row_sum(x, 0, _VEC, n_vec, _VEC, lanes)
+    _row_sum(x, 0, _VEC, n_vec, _VEC, lanes)
     total = np.float32(0.0)
     for i in range(n_vec * _VEC, n):
         total += x[i]
@@ -407,8 +409,8 @@ _ENABLED = [True]
 
 @contextlib.contextmanager
 def torch_passes() -> Iterator[None]:
-    """Within the block, networks built run their passes as torch products (no compiled
-    passes): what tests and benchmarks compare the compiled passes with."""
+    """Within the block, trainers built take the torch path (no compiled A2C loop, no
+    compiled passes): what tests and benchmarks compare the compiled ones with."""
     _ENABLED[0] = False
     try:
         yield
@@ -443,14 +445,16 @@ class CompiledMLP:
         return len(self.shapes) // 2
 
     def _random(self, rows: int, seed: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Random weights and inputs of this network's shapes, for four members: enough
+        numbers that a wrong mode cannot match by chance, even for a two-unit head."""
         g = torch.Generator().manual_seed(seed)
-        params = [torch.randn(2, *shape, generator=g) * (0.5 if i % 2 == 0 else 0.1)
+        params = [torch.randn(4, *shape, generator=g) * (0.5 if i % 2 == 0 else 0.1)
                   for i, shape in enumerate(self.shapes)]
-        return params, torch.randn(2, rows, self.shapes[0][0], generator=g)
+        return params, torch.randn(4, rows, self.shapes[0][0], generator=g)
 
     def forward_plan(self, rows: int) -> np.ndarray | None:
         """Product modes of a forward pass over ``rows`` rows per member (None: some layer
-        matches neither mode; leave that pass to torch)."""
+        matches no mode; leave that pass to torch)."""
         if rows not in self._forward:
             self._forward[rows] = self._find_forward_modes(rows)
         return self._forward[rows]
@@ -488,7 +492,7 @@ class CompiledMLP:
 
         params, x = self._random(input_rows, 1)
         _, inputs = forward_cached(x, params, self.activation)
-        g_out = torch.randn(2, rows, self.shapes[-1][-1],
+        g_out = torch.randn(4, rows, self.shapes[-1][-1],
                             generator=torch.Generator().manual_seed(2))
         expected = backward(g_out, inputs, params, self.activation)
         w_modes = np.full(self.n_layers, FMA, dtype=np.int64)

@@ -21,7 +21,10 @@ else keeps the trainer's own path.
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numba
@@ -45,15 +48,42 @@ from study.trainer.envs.cartpole import FastPopulationEnv
 from study.trainer.kernels import JIT_OPTIONS
 from study.trainer.optim import RULES
 from study.trainer.rng import _GOLDEN, _INV_2_53, _M1, _M2
-from study.trainer.updates import CHUNK_ROWS
+from study.trainer.updates import CHUNK_ROWS, AcceleratedMLPUpdate
 
 if TYPE_CHECKING:
     from study.trainer.population import _Trainer
 
 __all__ = ["CompiledA2C", "accepts"]
 
+
+def _drop_stale_cache() -> None:
+    """Numba checks a cached function against its own file only, while this loop and the
+    passes call functions of (and freeze constants from) other modules: when any of those
+    files changed since the cache was written, drop the cached loop and passes so that
+    they recompile, rather than run old code."""
+    here = Path(__file__).parent
+    sources = [here / name for name in ("compiled_a2c.py", "compiled.py", "kernels.py",
+                                        "rng.py", "updates.py", "envs/cartpole.py")]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in [*sources,
+                                                              here.parent / "schema.py"]))
+    cache = Path(os.environ.get("NUMBA_CACHE_DIR") or here / "__pycache__")
+    stamp = cache / "study-compiled.sources"
+    try:
+        if stamp.exists() and stamp.read_text() == digest.hexdigest():
+            return
+        for pattern in ("compiled.*.nb[ic]", "compiled_a2c.*.nb[ic]"):
+            for path in cache.rglob(pattern):
+                path.unlink(missing_ok=True)
+        cache.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(digest.hexdigest())
+    except OSError:  # a read-only install: numba keeps its cache elsewhere, per file
+        pass
+
+
+_drop_stale_cache()
+
 _F = np.float32
-_RULE_IDS = {"rmsprop": 0, "adam": 1}
+_RULE_IDS = {"rmsprop": 0, "adam": 1}  # the ``kind`` of _optimizer_step
 #: Columns of the per-learner hyperparameter table the loop reads, and their indices.
 _HP = ("policy_lr", "value_lr", "max_grad_norm", "value_max_grad_norm", "entropy_coef",
        "value_coef", "gamma", "lam")
@@ -76,7 +106,9 @@ def _uniform(key, counter):
 
 #: The compiled environment ports (``FastPopulationEnv.compiled_port``). A fixed list
 #: rather than functions passed in: numba caches a compiled function only when everything
-#: it calls is known when it compiles.
+#: it calls is known when it compiles. A port must never return a non-finite observation
+#: or reward (the loop does not note environment faults as the trainer does; CartPole's
+#: state stays bounded because its episodes end first).
 PORTS = {"cartpole": 0}
 
 
@@ -95,7 +127,7 @@ def _env_sample(port, u, state):
 @numba.njit(**JIT_OPTIONS)
 def _optimizer_step(kind, params, grads, state, k, t, lr, max_norm, loss_ok, rule):
     """One clipped step of learner k (``kind`` 0: RMSprop, 1: Adam; ``rule``: its
-    constants; ``state``: its one or two state tuples)."""
+    constants; ``state``: its one or two lists of state arrays)."""
     if kind == 0:
         return kernels.rmsprop_member(params, grads, state[0], k, lr, max_norm, loss_ok,
                                       rule[0], rule[1])
@@ -274,10 +306,11 @@ def accepts(trainer: _Trainer) -> bool:
     """Whether :class:`CompiledA2C` reproduces this trainer's updates (see the module
     docstring); the plans it needs are checked when it is built."""
     hp, agent, env = trainer.hp, trainer.agent, trainer.env
-    return (hp.algorithm == "a2c" and hp.n_minibatches == 1 and hp.value_iters == 1
+    return (isinstance(trainer.updater, AcceleratedMLPUpdate)
+            and hp.algorithm == "a2c" and hp.n_minibatches == 1 and hp.value_iters == 1
             and trainer.n_batch <= CHUNK_ROWS and trainer.discrete and agent.accelerated
             and trainer.dev.type == "cpu"
-            and getattr(env, "compiled_port", None) in PORTS
+            and _port(env) is not None
             and hp.policy_optimizer in _RULE_IDS and hp.value_optimizer in _RULE_IDS
             and not trainer.normalizer.active and not trainer.reward_norm.active
             and trainer.clip_reward is None and trainer.life_loss is None
@@ -285,9 +318,17 @@ def accepts(trainer: _Trainer) -> bool:
             and CompiledMLP.for_network(agent.v, agent.activation) is not None)
 
 
+def _port(env: object) -> int | None:
+    """The compiled port of this environment's own class (a subclass that changes the
+    dynamics does not inherit its parent's port)."""
+    name = type(env).__dict__.get("compiled_port")
+    return PORTS.get(name) if isinstance(name, str) else None
+
+
 def _rule(name: str) -> tuple[int, np.ndarray]:
+    """(``kind``, constants) of an update rule for :func:`_optimizer_step`."""
     rule: Any = RULES[name]
-    if name == "rmsprop":
+    if _RULE_IDS[name] == 0:
         return 0, np.array([rule.alpha, rule.eps, 0.0])
     return 1, np.array([rule.beta1, rule.beta2, rule.eps])
 
@@ -307,17 +348,20 @@ class CompiledA2C:
         v = CompiledMLP.for_network(agent.v, agent.activation)
         assert pi is not None and v is not None  # accepts() checked it
         n, n_envs = trainer.n_batch, trainer.n_envs
-        plans = (pi.forward_plan(n_envs), v.forward_plan(n + n_envs), v.forward_plan(n),
-                 pi.backward_plan(n, n), v.backward_plan(n, n + n_envs))
-        if any(p is None for p in plans) or not _sums_match(n, trainer.agent.act_dim):
+        pi_forward, v_forward, v_final = (pi.forward_plan(n_envs), v.forward_plan(n + n_envs),
+                                          v.forward_plan(n))
+        pi_back, v_back = pi.backward_plan(n, n), v.backward_plan(n, n + n_envs)
+        if (pi_forward is None or v_forward is None or v_final is None or pi_back is None
+                or v_back is None or not _sums_match(n, trainer.agent.act_dim)):
             return None
-        # A forward product over more than 192 inputs (MKL sums it in blocks) reproduces
-        # torch's bits in CompiledMLP's own passes but not inside this loop (seen with a
-        # 256-unit value layer: one ulp apart, cause not found yet); such networks keep the
-        # trainer's path.
-        if any(int(np.max(modes)) >= BLOCKED for modes in plans[:3] if modes is not None):
+        # A forward product summed in MKL's blocks (over more than 192 inputs: a layer that
+        # wide) reproduces torch's bits in CompiledMLP's own passes but not inside this loop
+        # (seen with a 256-unit value layer: one ulp apart; cause not found yet). Such
+        # networks keep the trainer's path.
+        forward: list[np.ndarray] = [pi_forward, v_forward, v_final]
+        if any(int(np.max(modes)) >= BLOCKED for modes in forward):
             return None
-        return cls(trainer, plans)
+        return cls(trainer, (pi_forward, v_forward, v_final, pi_back, v_back))
 
     def run(self, n_updates: int) -> np.ndarray:
         """``n_updates`` updates of every learner; returns, per learner, the update at which
@@ -343,7 +387,7 @@ class CompiledA2C:
         run_updates(
             np.ascontiguousarray(tr.alive, dtype=np.int64), n_updates, tr.n_steps,
             tr.global_step, float(tr.final_from), hp, flags, env_arrays,
-            PORTS[str(env.compiled_port)], tr.obs, pi, v, ACTIVATIONS[tr.agent.activation],
+            _port(env), tr.obs, pi, v, ACTIVATIONS[tr.agent.activation],
             self.plans, optimizers,
             (tr.ep_ret, tr.ep_len, tr.last_ret, w.ret_sum, w.len_sum, w.ep_count,
              w.final_sum, w.final_count), (metric_sum, w.updates),
@@ -385,7 +429,7 @@ def _arrays(params: list[torch.Tensor]) -> Any:
 
 
 def _state(state: list[list[torch.Tensor]]) -> tuple[Any, Any]:
-    """An optimizer's state as (first state tuple, second state tuple): the first again
+    """An optimizer's state as (first state list, second state list): the first again
     where the rule has one (RMSprop)."""
     per_kind = [arrays(st[i] for st in state) for i in range(len(state[0]))]
     return (per_kind[0], per_kind[-1])
@@ -394,12 +438,13 @@ def _state(state: list[list[torch.Tensor]]) -> tuple[Any, Any]:
 def _sums_match(n: int, n_actions: int) -> bool:
     """Whether torch's sums over this many rows are the ones the loop reproduces."""
     g = torch.Generator().manual_seed(3)
-    cols = torch.randn(2, n, max(2, n_actions), generator=g)
-    expected = cols.sum(dim=1).numpy()
-    out = np.empty(cols.shape[2], dtype=np.float32)
-    for s in range(2):
-        torch_column_sums(np.ascontiguousarray(cols[s].numpy()), out)
-        if not np.array_equal(out, expected[s]):
-            return False
+    for width in {2, n_actions}:  # the value head's padded width, the policy's
+        cols = torch.randn(2, n, width, generator=g)
+        expected = cols.sum(dim=1).numpy()
+        out = np.empty(width, dtype=np.float32)
+        for s in range(2):
+            torch_column_sums(np.ascontiguousarray(cols[s].numpy()), out)
+            if not np.array_equal(out, expected[s]):
+                return False
     rows = torch.randn(2, n, generator=g)
     return all(torch_row_sum(rows[s].numpy()) == rows.sum(dim=1)[s].item() for s in range(2))

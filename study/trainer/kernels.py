@@ -433,6 +433,4 @@ def cold_cache() -> bool:
     from pathlib import Path
 
     cache = Path(os.environ.get("NUMBA_CACHE_DIR") or Path(__file__).parent / "__pycache__")
-    # The compiled A2C loop (study.trainer.compiled_a2c) is the longest to compile.
-    return not all(any(cache.rglob(pattern))
-                   for pattern in ("kernels.*.nbi", "compiled_a2c.run_updates*.nbi"))
+    return not any(cache.rglob("kernels.*.nbi"))

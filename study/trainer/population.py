@@ -44,7 +44,6 @@ from study.schema import CURVE_COLUMNS
 from study.schema import UPDATE_METRICS as _UPDATE_METRICS
 from study.trainer import compiled_a2c, kernels
 from study.trainer.alloc import keep_freed_memory
-from study.trainer.compiled_a2c import CompiledA2C
 from study.trainer.envs import Step, make_population_env
 from study.trainer.envs.memory import check_fits
 from study.trainer.gae import gae_advantages
@@ -463,7 +462,8 @@ class _Trainer:
         self.global_step = 0
         self.save_policies = False
         # The same updates as one compiled loop, where it reproduces them (same bits).
-        self.compiled = CompiledA2C.build(self) if compiled_a2c.accepts(self) else None
+        self.compiled = (compiled_a2c.CompiledA2C.build(self) if compiled_a2c.accepts(self)
+                         else None)
 
     # ------------------------------------------------------------------- the loop
     def train(self, schedule: _Schedule, save_policies: bool,
@@ -502,6 +502,8 @@ class _Trainer:
         n = min(left, max(1, math.ceil((self.next_log - self.global_step) / self.n_batch)))
         start = self.global_step
         diverged_at = self.compiled.run(n)
+        if (diverged_at >= 0).all():  # every learner stopped: the trainer stops there too
+            n = int(diverged_at.max()) + 1
         self.global_step += n * self.n_batch
         if on_progress is not None:
             done = np.where(diverged_at >= 0, diverged_at + 1, n)
