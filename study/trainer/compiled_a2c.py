@@ -47,7 +47,7 @@ from study.trainer.envs import cartpole
 from study.trainer.envs.cartpole import FastPopulationEnv
 from study.trainer.kernels import JIT_OPTIONS
 from study.trainer.optim import RULES
-from study.trainer.rng import _GOLDEN, _INV_2_53, _M1, _M2
+from study.trainer.rng import uniform_draw
 from study.trainer.updates import CHUNK_ROWS, AcceleratedMLPUpdate
 
 if TYPE_CHECKING:
@@ -94,16 +94,6 @@ _ENTROPY, _POLICY_LOSS, _VALUE_LOSS, _EXPLAINED_VARIANCE, _GRAD_NORM = (
     ("entropy", "policy_loss", "value_loss", "explained_variance", "grad_norm"))
 
 
-@numba.njit(**JIT_OPTIONS)
-def _uniform(key, counter):
-    """Draw ``counter`` (1-based) of a counter-based stream (study.trainer.rng)."""
-    z = key + counter * _GOLDEN
-    z = (z ^ (z >> np.uint64(30))) * _M1
-    z = (z ^ (z >> np.uint64(27))) * _M2
-    z = z ^ (z >> np.uint64(31))
-    return np.float64(z >> np.uint64(11)) * _INV_2_53
-
-
 #: The compiled environment ports (``FastPopulationEnv.compiled_port``). A fixed list
 #: rather than functions passed in: numba caches a compiled function only when everything
 #: it calls is known when it compiles. A port must never return a non-finite observation
@@ -145,8 +135,9 @@ def _rollout(k, s, u, n_steps, env, port, obs, pi, pi_modes, act, bufs, book, gs
     ep_ret, ep_len, last_ret, ret_sum, len_sum, ep_count, final_sum, final_count = book
     n_envs, obs_dim = obs.shape[1], obs.shape[2]
     draws = np.empty((n_steps, n_envs))
-    for i in range(n_steps * n_envs):
-        draws[i // n_envs, i % n_envs] = _uniform(act_keys[s], act_counters[s] + np.uint64(i + 1))
+    for i in range(n_steps * n_envs):  # MemberStreams.uniform((T, E)) of this member
+        draws[i // n_envs, i % n_envs] = uniform_draw(act_keys[s],
+                                                      act_counters[s] + np.uint64(i + 1))
     act_counters[s] += np.uint64(n_steps * n_envs)
     step_term = np.empty((1, n_envs), dtype=np.bool_)
     step_trunc = np.empty((1, n_envs), dtype=np.bool_)
@@ -166,10 +157,10 @@ def _rollout(k, s, u, n_steps, env, port, obs, pi, pi_modes, act, bufs, book, gs
             step_trunc[0, e] = steps >= max_steps
             for c in range(obs_dim):
                 final_obs[t * n_envs + e, c] = np.float32(state[c, s, e])
-            if step_term[0, e] or step_trunc[0, e]:  # the env's next reset state
+            if step_term[0, e] or step_trunc[0, e]:  # its next reset state (as ResetDraws)
                 first = (resets[s, e] * np.uint64(n_envs) + np.uint64(e)) * np.uint64(n_draws)
                 for d in range(n_draws):
-                    u_reset[d] = _uniform(reset_keys[s], first + np.uint64(d + 1))
+                    u_reset[d] = uniform_draw(reset_keys[s], first + np.uint64(d + 1))
                 _env_sample(port, u_reset, fresh)
                 state[:, s, e] = fresh
                 resets[s, e] += np.uint64(1)

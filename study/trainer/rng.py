@@ -93,11 +93,18 @@ class MemberStreams:
 
 @numba.njit(cache=True, nogil=True)
 def _uniform_(keys: np.ndarray, counters: np.ndarray, out: np.ndarray) -> None:
-    """``out[s, i]`` = top 53 bits of ``mix64(key_s + (counter_s + i + 1) * GOLDEN)`` / 2^53."""
+    """``out[s, i]`` = :func:`uniform_draw` ``(keys[s], counters[s] + i + 1)``."""
     for s in range(out.shape[0]):
         for i in range(out.shape[1]):
-            z = keys[s] + (counters[s] + np.uint64(i + 1)) * _GOLDEN
-            z = (z ^ (z >> np.uint64(30))) * _M1
-            z = (z ^ (z >> np.uint64(27))) * _M2
-            z = z ^ (z >> np.uint64(31))
-            out[s, i] = np.float64(z >> np.uint64(11)) * _INV_2_53
+            out[s, i] = uniform_draw(keys[s], counters[s] + np.uint64(i + 1))
+
+
+@numba.njit(cache=True, nogil=True)
+def uniform_draw(key: np.uint64, counter: np.uint64) -> float:
+    """Draw number ``counter`` (1-based) of the stream ``key``, in [0, 1): the top 53 bits
+    of ``mix64(key + counter * GOLDEN)`` / 2^53 (compiled code's single draws)."""
+    z = key + counter * _GOLDEN
+    z = (z ^ (z >> np.uint64(30))) * _M1
+    z = (z ^ (z >> np.uint64(27))) * _M2
+    z = z ^ (z >> np.uint64(31))
+    return np.float64(z >> np.uint64(11)) * _INV_2_53
