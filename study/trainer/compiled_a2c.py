@@ -25,7 +25,7 @@ import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numba
 import numpy as np
@@ -94,6 +94,64 @@ _ENTROPY, _POLICY_LOSS, _VALUE_LOSS, _EXPLAINED_VARIANCE, _GRAD_NORM = (
     ("entropy", "policy_loss", "value_loss", "explained_variance", "grad_norm"))
 
 
+class EnvArrays(NamedTuple):
+    """The population environment's and the action streams' state the loop advances."""
+
+    state: np.ndarray  # [C, S, E] float64
+    elapsed: np.ndarray  # [S, E] steps since reset
+    resets: np.ndarray  # [S, E] uint64 number of each env's next reset
+    reset_keys: np.ndarray  # [S] uint64
+    n_draws: int  # uniforms per reset
+    max_steps: int  # time limit
+    act_keys: np.ndarray  # [S] uint64
+    act_counters: np.ndarray  # [S] uint64
+
+
+class Book(NamedTuple):
+    """Episode book-keeping (``kernels.record_step_``'s running sums), per member."""
+
+    ep_ret: np.ndarray
+    ep_len: np.ndarray
+    last_ret: np.ndarray
+    ret_sum: np.ndarray
+    len_sum: np.ndarray
+    ep_count: np.ndarray
+    final_sum: np.ndarray
+    final_count: np.ndarray
+
+
+class Rollout(NamedTuple):
+    """One member's rollout buffers (reused member after member)."""
+
+    x_all: np.ndarray  # [T * E + E, D] observations, then the ones after the rollout
+    pi_hidden: np.ndarray  # the policy's activations (compiled.forward_member's layout)
+    logits: np.ndarray  # [T * E, A]
+    actions: np.ndarray  # [T, E]
+    final_obs: np.ndarray  # [T * E, D] the observation each step ended in
+    rewards: np.ndarray  # [T, 1, E]
+    terminated: np.ndarray  # [T, 1, E]
+    dones: np.ndarray  # [T, 1, E]
+
+
+class Values(NamedTuple):
+    """One member's value-pass buffers."""
+
+    hidden: np.ndarray  # activations of V(s_0 .. s_T)'s pass
+    v_all: np.ndarray  # [T * E + E] V(s_0 .. s_T)
+    v_final: np.ndarray  # [T * E] V(final obs)
+    final_hidden: np.ndarray  # activations of that pass
+
+
+class Plans(NamedTuple):
+    """Product modes (compiled.CompiledMLP) of every pass of the loop."""
+
+    pi_forward: np.ndarray
+    v_forward: np.ndarray
+    v_final: np.ndarray
+    pi_backward: tuple[np.ndarray, np.ndarray]
+    v_backward: tuple[np.ndarray, np.ndarray]
+
+
 #: The compiled environment ports (``FastPopulationEnv.compiled_port``). A fixed list
 #: rather than functions passed in: numba caches a compiled function only when everything
 #: it calls is known when it compiles. A port must never return a non-finite observation
@@ -130,9 +188,10 @@ def _rollout(k, s, u, n_steps, env, port, obs, pi, pi_modes, act, bufs, book, gs
              final_from):
     """Member s's rollout of update u: policy passes (activations kept for the gradient),
     actions, environment steps with autoreset, and the episodes' book-keeping."""
-    state, elapsed, resets, reset_keys, n_draws, max_steps, act_keys, act_counters = env
-    x_all, pi_hidden, logits, actions, final_obs, rewards, terminated, dones = bufs
-    ep_ret, ep_len, last_ret, ret_sum, len_sum, ep_count, final_sum, final_count = book
+    state, elapsed, resets, reset_keys = env.state, env.elapsed, env.resets, env.reset_keys
+    act_keys, act_counters, n_draws = env.act_keys, env.act_counters, env.n_draws
+    x_all, pi_hidden, logits, actions = bufs.x_all, bufs.pi_hidden, bufs.logits, bufs.actions
+    final_obs = bufs.final_obs
     n_envs, obs_dim = obs.shape[1], obs.shape[2]
     draws = np.empty((n_steps, n_envs))
     for i in range(n_steps * n_envs):  # MemberStreams.uniform((T, E)) of this member
@@ -154,7 +213,7 @@ def _rollout(k, s, u, n_steps, env, port, obs, pi, pi_modes, act, bufs, book, gs
         for e in range(n_envs):
             steps = elapsed[s, e] + 1
             elapsed[s, e] = steps
-            step_trunc[0, e] = steps >= max_steps
+            step_trunc[0, e] = steps >= env.max_steps
             for c in range(obs_dim):
                 final_obs[t * n_envs + e, c] = np.float32(state[c, s, e])
             if step_term[0, e] or step_trunc[0, e]:  # its next reset state (as ResetDraws)
@@ -169,10 +228,10 @@ def _rollout(k, s, u, n_steps, env, port, obs, pi, pi_modes, act, bufs, book, gs
                 obs[s, e, c] = np.float32(state[c, s, e])
         final = np.float64(gs0 + (u * n_steps + t + 1) * n_envs) > final_from
         kernels.record_step_(
-            t, step_rew, step_term, step_trunc, rewards, terminated, dones,
-            ep_ret[s:s + 1], ep_len[s:s + 1], ret_sum[s:s + 1], len_sum[s:s + 1],
-            ep_count[s:s + 1], final_sum[s:s + 1], final_count[s:s + 1], final,
-            last_ret[s:s + 1])  # fmt: skip
+            t, step_rew, step_term, step_trunc, bufs.rewards, bufs.terminated, bufs.dones,
+            book.ep_ret[s:s + 1], book.ep_len[s:s + 1], book.ret_sum[s:s + 1],
+            book.len_sum[s:s + 1], book.ep_count[s:s + 1], book.final_sum[s:s + 1],
+            book.final_count[s:s + 1], final, book.last_ret[s:s + 1])  # fmt: skip
     x_all[n_steps * n_envs:] = obs[s]
 
 
@@ -180,8 +239,10 @@ def _rollout(k, s, u, n_steps, env, port, obs, pi, pi_modes, act, bufs, book, gs
 def _value_targets(k, hp, flags, v, v_modes, v_final_modes, act, bufs, v_bufs, adv, ret, ev):
     """V(s_0 .. s_T), V of truncations' final observations, GAE targets, advantage
     normalisation and explained variance (``kernels.rollout_targets_``, ``advantage_stats_``)."""
-    x_all, _, _, _, final_obs, rewards, terminated, dones = bufs
-    v_hidden, v_all, v_final, v_final_hidden = v_bufs
+    x_all, final_obs = bufs.x_all, bufs.final_obs
+    rewards, terminated, dones = bufs.rewards, bufs.terminated, bufs.dones
+    v_hidden, v_all, v_final, v_final_hidden = (v_bufs.hidden, v_bufs.v_all, v_bufs.v_final,
+                                                v_bufs.final_hidden)
     n = adv.shape[1]
     forward_member(x_all, v, k, v_modes, act, v_hidden, 0, v_all.reshape(-1, 1))
     truncated = False
@@ -203,7 +264,7 @@ def _policy_step(k, hp, pi, pi_modes, act, pi_opt, bufs, adv, rule_kind, rule, t
                  grads):
     """A2C's policy gradient (``kernels.categorical_policy_grad``, then the backward pass)
     and the clipped optimizer step; returns whether the member stays finite."""
-    x_all, pi_hidden, logits, actions, _, _, _, _ = bufs
+    x_all, pi_hidden, logits, actions = bufs.x_all, bufs.pi_hidden, bufs.logits, bufs.actions
     n = adv.shape[1]
     n_actions = logits.shape[1]
     weights = adv / _F(n)
@@ -229,8 +290,7 @@ def _value_step(k, hp, v, v_modes, act, v_opt, bufs, v_bufs, ret, rule_kind, rul
                 grads):
     """The value loss ``c_v (V(s) - R)^2`` of the fused value step (the V(s_0 .. s_T) pass
     is its forward pass), its backward pass and the clipped optimizer step."""
-    x_all = bufs[0]
-    v_hidden, v_all = v_bufs[0], v_bufs[1]
+    x_all, v_hidden, v_all = bufs.x_all, v_bufs.hidden, v_bufs.v_all
     n = ret.shape[1]
     err = np.empty(n, dtype=np.float32)
     squares = np.empty(n, dtype=np.float32)
@@ -261,7 +321,6 @@ def run_updates(alive, n_updates, n_steps, gs0, final_from, hp, flags, env, port
     member after another. ``windows``: (metric sums ``[M, S]``, update counts ``[S]``);
     ``scratch``: :func:`_scratch`'s buffers; ``diverged_at[k]`` is set to the update at which
     learner k went non-finite (it then stops), else left at -1."""
-    pi_modes, v_modes, v_final_modes, pi_back, v_back = plans
     pi_kind, pi_rule, pi_state, pi_t, v_kind, v_rule, v_state, v_t = optimizers
     metric_sum, updates = windows
     bufs, v_bufs, pi_grads, v_grads = scratch
@@ -273,16 +332,18 @@ def run_updates(alive, n_updates, n_steps, gs0, final_from, hp, flags, env, port
     for k in range(alive.shape[0]):
         s = alive[k]
         for u in range(n_updates):
-            _rollout(k, s, u, n_steps, env, port, obs, pi, pi_modes, act, bufs, book, gs0,
-                     final_from)
-            _value_targets(k, hp, flags, v, v_modes, v_final_modes, act, bufs, v_bufs, adv, ret,
-                           ev)
+            _rollout(k, s, u, n_steps, env, port, obs, pi, plans.pi_forward, act, bufs, book,
+                     gs0, final_from)
+            _value_targets(k, hp, flags, v, plans.v_forward, plans.v_final, act, bufs, v_bufs,
+                           adv, ret, ev)
             metrics[:] = np.nan  # approx_kl and clip_fraction: PPO's
             pi_t[k] += 1
-            ok = _policy_step(k, hp, pi, pi_back, act, pi_state, bufs, adv, pi_kind, pi_rule,
+            ok = _policy_step(k, hp, pi, plans.pi_backward, act, pi_state, bufs, adv, pi_kind,
+                              pi_rule,
                               pi_t[k], metrics, pi_grads)
             v_t[k] += 1
-            ok &= _value_step(k, hp, v, v_back, act, v_state, bufs, v_bufs, ret, v_kind, v_rule,
+            ok &= _value_step(k, hp, v, plans.v_backward, act, v_state, bufs, v_bufs, ret, v_kind,
+                              v_rule,
                               v_t[k], metrics, v_grads)
             metrics[_EXPLAINED_VARIANCE] = ev[0]
             for m in range(metrics.shape[0]):
@@ -328,7 +389,7 @@ class CompiledA2C:
     """The compiled loop for one trainer (:func:`accepts` it first); :meth:`build` returns
     None where some pass has no plan that reproduces torch's bits."""
 
-    def __init__(self, trainer: _Trainer, plans: tuple[Any, ...]) -> None:
+    def __init__(self, trainer: _Trainer, plans: Plans) -> None:
         self.trainer = trainer
         self.plans = plans
 
@@ -352,7 +413,7 @@ class CompiledA2C:
         forward: list[np.ndarray] = [pi_forward, v_forward, v_final]
         if any(int(np.max(modes)) >= BLOCKED for modes in forward):
             return None
-        return cls(trainer, (pi_forward, v_forward, v_final, pi_back, v_back))
+        return cls(trainer, Plans(pi_forward, v_forward, v_final, pi_back, v_back))
 
     def run(self, n_updates: int) -> np.ndarray:
         """``n_updates`` updates of every learner; returns, per learner, the update at which
@@ -362,8 +423,9 @@ class CompiledA2C:
         env = tr.env
         assert isinstance(env, FastPopulationEnv)  # accepts() checked its port
         resets = env.reset_numbers()
-        env_arrays = (env._state, env.elapsed_steps, resets, env.reset_keys, env.n_draws,
-                      env.max_episode_steps, tr.action_rng.keys, tr.action_rng.counters)
+        env_arrays = EnvArrays(env._state, env.elapsed_steps, resets, env.reset_keys,
+                               env.n_draws, env.max_episode_steps, tr.action_rng.keys,
+                               tr.action_rng.counters)
         hp = np.stack([tr.hps[name].numpy() for name in _HP], axis=1).astype(np.float32)
         flags = np.stack([tr.hps["mc"].numpy(), tr.hps["normalize_advantage"].numpy() > 0],
                          axis=1)
@@ -380,8 +442,8 @@ class CompiledA2C:
             tr.global_step, float(tr.final_from), hp, flags, env_arrays,
             _port(env), tr.obs, pi, v, ACTIVATIONS[tr.agent.activation],
             self.plans, optimizers,
-            (tr.ep_ret, tr.ep_len, tr.last_ret, w.ret_sum, w.len_sum, w.ep_count,
-             w.final_sum, w.final_count), (metric_sum, w.updates),
+            Book(tr.ep_ret, tr.ep_len, tr.last_ret, w.ret_sum, w.len_sum, w.ep_count,
+                 w.final_sum, w.final_count), (metric_sum, w.updates),
             _scratch(pi, v, tr.n_steps, tr.n_envs, tr.obs.shape[2]), diverged_at)
         for i, name in enumerate(UPDATE_METRICS):
             w.metric_sum[name][:] = metric_sum[i]
@@ -401,16 +463,17 @@ def _scratch(pi: Sequence[np.ndarray], v: Sequence[np.ndarray], n_steps: int,
         return max(p.shape[2] for p in params[0:-2:2])
 
     n_pi, n_v = len(pi) // 2 - 1, len(v) // 2 - 1
-    bufs = (np.empty((n + n_envs, obs_dim), dtype=np.float32),
-            np.empty((n_pi, n, width(pi)), dtype=np.float32),
-            np.empty((n, pi[-1].shape[2]), dtype=np.float32),
-            np.empty((n_steps, n_envs), dtype=np.int64),
-            np.zeros((n, obs_dim), dtype=np.float32),
-            np.empty((n_steps, 1, n_envs)), np.empty((n_steps, 1, n_envs), dtype=np.bool_),
-            np.empty((n_steps, 1, n_envs), dtype=np.bool_))
-    v_bufs = (np.empty((n_v, n + n_envs, width(v)), dtype=np.float32),
-              np.empty(n + n_envs, dtype=np.float32), np.empty(n, dtype=np.float32),
-              np.empty((n_v, n, width(v)), dtype=np.float32))
+    bufs = Rollout(np.empty((n + n_envs, obs_dim), dtype=np.float32),
+                   np.empty((n_pi, n, width(pi)), dtype=np.float32),
+                   np.empty((n, pi[-1].shape[2]), dtype=np.float32),
+                   np.empty((n_steps, n_envs), dtype=np.int64),
+                   np.zeros((n, obs_dim), dtype=np.float32),
+                   np.empty((n_steps, 1, n_envs)),
+                   np.empty((n_steps, 1, n_envs), dtype=np.bool_),
+                   np.empty((n_steps, 1, n_envs), dtype=np.bool_))
+    v_bufs = Values(np.empty((n_v, n + n_envs, width(v)), dtype=np.float32),
+                    np.empty(n + n_envs, dtype=np.float32), np.empty(n, dtype=np.float32),
+                    np.empty((n_v, n, width(v)), dtype=np.float32))
     return (bufs, v_bufs, arrays(np.empty_like(p) for p in pi),
             arrays(np.empty_like(p) for p in v))
 
