@@ -185,6 +185,15 @@ _ONE_THREAD = {name: "1" for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
                                       "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")}
 
 
+def _start_worker() -> None:
+    """A loky worker's start: it dies with its driver, and it ignores SIGINT. Ctrl-C in a
+    terminal reaches the whole process group and the driver alone decides what it does; a
+    worker inside a long compiled call (study.trainer.compiled_a2c) would otherwise print its
+    own KeyboardInterrupt when the call returns, after the driver's last line."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    procs.die_with_parent()
+
+
 class _Loky(Executor):
     """loky's reusable process pool of ``n_jobs`` workers."""
 
@@ -197,7 +206,7 @@ class _Loky(Executor):
         # Each worker starts its parent watchdog as it starts, not with its first chunk: a
         # driver killed while the pool is still starting must not leave idle workers behind.
         self._pool = get_reusable_executor(max_workers=n_jobs, timeout=60,
-                                           initializer=procs.die_with_parent, env=_ONE_THREAD)
+                                           initializer=_start_worker, env=_ONE_THREAD)
         self._futures: dict[cf.Future, Chunk] = {}
 
     def submit(self, chunk: Chunk, on_log: LogHook | None = None) -> None:
