@@ -60,6 +60,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from study.trainer.envs.cartpole import (
+    FORCE_MAG,
+    GRAVITY,
+    LENGTH,
+    MASSPOLE,
+    POLEMASS_LENGTH,
+    TAU,
+    THETA_THRESHOLD,
+    TOTAL_MASS,
+    X_THRESHOLD,
+)
+
 Array = jax.Array
 Params = list[tuple[Array, Array]]  # [(w [in, out], b [out]), ...] per layer
 
@@ -138,17 +150,7 @@ class A2CConfig:
 
 # ------------------------------------------------------------------ environment
 
-# gymnasium's CartPole-v1 (gymnasium/envs/classic_control/cartpole.py, "euler" integrator)
-GRAVITY = 9.8
-MASSCART = 1.0
-MASSPOLE = 0.1
-TOTAL_MASS = MASSPOLE + MASSCART
-LENGTH = 0.5  # half the pole's length
-POLEMASS_LENGTH = MASSPOLE * LENGTH
-FORCE_MAG = 10.0
-TAU = 0.02  # seconds between state updates
-THETA_THRESHOLD = 12 * 2 * math.pi / 360
-X_THRESHOLD = 2.4
+# gymnasium's CartPole-v1 constants ("euler" integrator), as study's own port has them.
 MAX_EPISODE_STEPS = 500  # CartPole-v1's TimeLimit
 OBS_DIM = 4
 N_ACTIONS = 2

@@ -297,6 +297,15 @@ _LEVELS, _STEP_POWER, _VEC = 4, 4, 8
 
 
 @numba.njit(**JIT_OPTIONS)
+def _add_item(x, start, stride, i, n_cols, lanes, acc):
+    """``acc[0, c, :] += x[start + (i * n_cols + c) * stride:][:lanes]`` for every column c."""
+    for c in range(n_cols):
+        base = start + (i * n_cols + c) * stride
+        for lane in range(lanes):
+            acc[0, c, lane] += x[base + lane]
+
+
+@numba.njit(**JIT_OPTIONS)
 def _multi_row_sum(x, start, stride, size, n_cols, lanes, acc):
     """``multi_row_sum``: ``acc[0, c, :]`` <- the sum over items i < ``size`` of the
     ``lanes`` floats at ``x[start + (i * n_cols + c) * stride:]``, through the cascade
@@ -307,10 +316,7 @@ def _multi_row_sum(x, start, stride, size, n_cols, lanes, acc):
     i = 0
     while i + step <= size:
         for _ in range(step):
-            for c in range(n_cols):
-                base = start + (i * n_cols + c) * stride
-                for lane in range(lanes):
-                    acc[0, c, lane] += x[base + lane]
+            _add_item(x, start, stride, i, n_cols, lanes, acc)
             i += 1
         for level in range(1, _LEVELS):
             for c in range(n_cols):
@@ -320,10 +326,7 @@ def _multi_row_sum(x, start, stride, size, n_cols, lanes, acc):
             if i & (mask << (level * _STEP_POWER)) != 0:
                 break
     while i < size:
-        for c in range(n_cols):
-            base = start + (i * n_cols + c) * stride
-            for lane in range(lanes):
-                acc[0, c, lane] += x[base + lane]
+        _add_item(x, start, stride, i, n_cols, lanes, acc)
         i += 1
     for level in range(1, _LEVELS):
         for c in range(n_cols):
