@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from study import config as cfg
-from study.trainer import compiled_a2c
+from study.trainer import compiled_a2c, compiled_value
 from study.trainer.compiled import MODES, CompiledMLP, torch_passes
 from study.trainer.envs.cartpole import CartPolePopulation
 from study.trainer.nets import backward, forward_cached
@@ -176,3 +176,80 @@ def test_with_the_loop_a_member_trains_alike_alone_in_a_population_and_when_prun
                                      on_log=on_log)
     assert _same([(r.status, r.env_steps, r.curve) for r in crowd],
                  [(r.status, r.env_steps, r.curve) for r in reference])
+
+
+# ---------------------------------------------------------------------- compiled value fitting
+_BLOG = {"num_envs": 8, "n_steps": 300, "gamma": 0.999, "lam": 0.99,
+         "policy_hidden_sizes": [64], "value_hidden_sizes": [64], "activation": "relu",
+         "policy_optimizer": "adam", "value_optimizer": "adam", "policy_lr": 0.01,
+         "value_lr": 0.1, "value_iters": 3, "value_target": "mc",
+         "normalize_advantage": True, "log_std_init": 0.5, "max_grad_norm": float("inf"),
+         "value_max_grad_norm": float("inf")}
+
+
+def _compare_value_fit(env_id, members, steps):
+    """Train with the compiled value steps (checking that they ran) and without; same bits."""
+    calls = []
+    real_run = compiled_value.CompiledValueFit.run
+
+    def counted(self, *args):
+        calls.append(1)
+        return real_run(self, *args)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(compiled_value.CompiledValueFit, "run", counted)
+        compiled = _runs(env_id, members, steps)
+    with torch_passes():
+        reference = _runs(env_id, members, steps)
+    assert calls, "the compiled value steps did not run"
+    assert _same(compiled, reference)
+    return compiled
+
+
+@pytest.mark.parametrize(("env_id", "overrides"), [
+    # seed 000's agent: 2,400-row batches (chunks of 1,024, 1,024 and 352 rows)
+    ("CartPoleSwingUp-v0", {}),
+    # tanh, RMSprop, clipped, c_v = 0.5; 2,664 rows: the last chunk's 616 rows end in a
+    # partial 16-row block
+    ("CartPoleSwingUp-v0", {"activation": "tanh", "value_hidden_sizes": [32], "n_steps": 333,
+                            "value_optimizer": "rmsprop", "value_max_grad_norm": 0.5,
+                            "value_coef": 0.5, "value_iters": 2}),
+    # 48 units: column blocks that repeat, torch's column sums past the 32-column groups,
+    # and other product modes; GAE targets on a discrete task
+    ("CartPole-v1", {"value_hidden_sizes": [48], "n_steps": 160, "value_target": "gae",
+                     "policy_hidden_sizes": [32]}),
+    # 40-row batches with five value steps each (SB3's shape, more value steps)
+    ("Pendulum-v1", {"num_envs": 4, "n_steps": 10, "value_iters": 5, "activation": "tanh",
+                     "value_hidden_sizes": [16]}),
+])
+def test_compiled_value_steps_change_no_bit(env_id, overrides):
+    hp = cfg.resolve({**_BLOG, **overrides})
+    steps = 3 * hp["num_envs"] * hp["n_steps"]
+    runs = _compare_value_fit(env_id, [Member(hp, s) for s in (0, 1)], steps)
+    assert all(r[0] == "ok" for r in runs)
+
+
+def test_a_member_whose_value_steps_diverge_stops_as_in_the_trainer():
+    steady = cfg.resolve({**_BLOG, "n_steps": 100})
+    wild = cfg.resolve({**_BLOG, "n_steps": 100, "value_lr": 1e38})
+    runs = _compare_value_fit("CartPoleSwingUp-v0",
+                              [Member(steady, 0), Member(wild, 1), Member(steady, 2)], 4000)
+    assert [r[0] for r in runs] == ["ok", "diverged", "ok"]
+
+
+def test_with_compiled_value_steps_a_member_trains_alike_alone_and_in_a_population():
+    hp = cfg.resolve({**_BLOG, "n_steps": 150})
+    alone = _runs("CartPoleSwingUp-v0", [Member(hp, 5)], 3600)[0]
+    crowd = _runs("CartPoleSwingUp-v0", [Member(hp, s) for s in (3, 5, 8)], 3600)
+    assert _same(alone, crowd[1])
+
+
+def test_value_networks_the_compiled_steps_do_not_serve_keep_the_trainers_path(monkeypatch):
+    calls = []
+    monkeypatch.setattr(compiled_value.CompiledValueFit, "run", lambda *a: calls.append(1))
+    for overrides in ({"value_hidden_sizes": [64, 64]},  # two hidden layers
+                      {"value_hidden_sizes": [40]},  # not a multiple of 16 units
+                      {"n_minibatches": 4}):  # shuffled minibatches
+        hp = cfg.resolve({**_BLOG, "n_steps": 50, **overrides})
+        _runs("CartPoleSwingUp-v0", [Member(hp, 0)], 800)
+    assert not calls

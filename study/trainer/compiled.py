@@ -103,28 +103,83 @@ def _product_separate(a, b, out):
     _product_rows(a, b, out)
 
 
+@numba.njit(**JIT_OPTIONS, inline="always")
+def _dot4(x, y, full, n_inner):
+    """``(p0 + p2) + (p1 + p3)`` for one output: ``p_m`` the sum over k = m mod 4 (in order)
+    of the rounded products ``x[k] y[k]``."""
+    p0 = p1 = p2 = p3 = np.float32(0.0)
+    for k in range(0, full, 4):
+        p0 += x[k] * y[k]
+        p1 += x[k + 1] * y[k + 1]
+        p2 += x[k + 2] * y[k + 2]
+        p3 += x[k + 3] * y[k + 3]
+    for k in range(full, n_inner):
+        if k % 4 == 0:
+            p0 += x[k] * y[k]
+        elif k % 4 == 1:
+            p1 += x[k] * y[k]
+        else:
+            p2 += x[k] * y[k]
+    return (p0 + p2) + (p1 + p3)
+
+
 @numba.njit(**JIT_OPTIONS)
 def _product_dot4(a, b, out):
     """``out[i, j] = (p0 + p2) + (p1 + p3)``, ``p_m`` the sum over k = m mod 4 (in order) of
-    the rounded products ``a[i, k] b[k, j]``."""
-    n_inner = a.shape[1]
+    the rounded products ``a[i, k] b[k, j]``. Over a contiguous copy of ``b``'s columns, two
+    rows at a time: each output's sum is a chain of dependent additions, and two
+    independent chains keep the adder busy."""
+    n_rows, n_inner = a.shape
     full = n_inner // 4 * 4
-    for i in range(a.shape[0]):
+    bt = np.ascontiguousarray(b.T)
+    i = 0
+    while i + 2 <= n_rows:
+        a0, a1 = a[i], a[i + 1]
         for j in range(out.shape[1]):
-            p0 = p1 = p2 = p3 = np.float32(0.0)
-            for k in range(0, full, 4):
-                p0 += a[i, k] * b[k, j]
-                p1 += a[i, k + 1] * b[k + 1, j]
-                p2 += a[i, k + 2] * b[k + 2, j]
-                p3 += a[i, k + 3] * b[k + 3, j]
-            for k in range(full, n_inner):
-                if k % 4 == 0:
-                    p0 += a[i, k] * b[k, j]
-                elif k % 4 == 1:
-                    p1 += a[i, k] * b[k, j]
-                else:
-                    p2 += a[i, k] * b[k, j]
-            out[i, j] = (p0 + p2) + (p1 + p3)
+            y = bt[j]
+            out[i, j] = _dot4(a0, y, full, n_inner)
+            out[i + 1, j] = _dot4(a1, y, full, n_inner)
+        i += 2
+    if i < n_rows:
+        for j in range(out.shape[1]):
+            out[i, j] = _dot4(a[i], bt[j], full, n_inner)
+
+
+@numba.njit(**JIT_OPTIONS, inline="always")
+def _product_columns(a, b, out):
+    """:func:`_product_rows` for a narrow ``out`` (fewer than :data:`_NARROW` columns) and an
+    ``a`` whose columns are contiguous (a transposed operand: a weight gradient ``h^T g``):
+    each output's sum runs over k in the same order, vectorized along a's columns instead of
+    along out's narrow rows."""
+    n_rows, n_inner = a.shape
+    width = out.shape[1]
+    acc = np.zeros((width, n_rows), dtype=np.float32)
+    for k in range(n_inner):
+        ak = a[:, k]
+        for j in range(width):
+            x = b[k, j]
+            acc_j = acc[j]
+            for i in range(n_rows):
+                acc_j[i] = acc_j[i] + ak[i] * x
+    for i in range(n_rows):
+        for j in range(width):
+            out[i, j] = acc[j, i]
+
+
+@numba.njit(**JIT_OPTIONS, fastmath={"contract"})
+def _product_columns_fma(a, b, out):
+    """:func:`_product_columns` with fused multiply-adds."""
+    _product_columns(a, b, out)
+
+
+@numba.njit(**JIT_OPTIONS)
+def _product_columns_separate(a, b, out):
+    """:func:`_product_columns` with every product rounded before it is added."""
+    _product_columns(a, b, out)
+
+
+#: Outputs narrower than this are summed along the other operand (:func:`_product_columns`).
+_NARROW = 8
 
 
 @numba.njit(**JIT_OPTIONS)
@@ -140,7 +195,12 @@ def _k_block(n_inner):
 
 @numba.njit(**JIT_OPTIONS)
 def _product_in_order(a, b, out, mode):
-    if mode == FMA:
+    if mode != DOT4 and out.shape[1] < _NARROW and a.strides[0] == a.itemsize:
+        if mode == FMA:
+            _product_columns_fma(a, b, out)
+        else:
+            _product_columns_separate(a, b, out)
+    elif mode == FMA:
         _product_fma(a, b, out)
     elif mode == SEPARATE:
         _product_separate(a, b, out)
@@ -352,18 +412,56 @@ def _row_sum(x, start, stride, size, lanes, out):
 
 
 @numba.njit(**JIT_OPTIONS)
+def _column_cascade(g, j0, lanes, out):
+    """:func:`_multi_row_sum` of columns ``j0 : j0 + lanes`` of ``g`` ``[R, N]`` (one item of
+    ``lanes`` floats per row) into ``out``. Each level a vector of its own and a run-time
+    number of lanes: the loops over lanes are then vectorized (a constant count gets them
+    unrolled into scalar code)."""
+    levels = np.zeros((_LEVELS, lanes), dtype=np.float32)
+    a0, a1, a2, a3 = levels[0], levels[1], levels[2], levels[3]
+    n_rows = g.shape[0]
+    step = 1 << _STEP_POWER
+    mask = step - 1
+    i = 0
+    while i + step <= n_rows:
+        for _ in range(step):
+            row = g[i, j0:j0 + lanes]
+            for lane in range(lanes):
+                a0[lane] += row[lane]
+            i += 1
+        for lane in range(lanes):
+            a1[lane] += a0[lane]
+            a0[lane] = 0.0
+        if i & (mask << _STEP_POWER) != 0:
+            continue
+        for lane in range(lanes):
+            a2[lane] += a1[lane]
+            a1[lane] = 0.0
+        if i & (mask << 2 * _STEP_POWER) != 0:
+            continue
+        for lane in range(lanes):
+            a3[lane] += a2[lane]
+            a2[lane] = 0.0
+    while i < n_rows:
+        row = g[i, j0:j0 + lanes]
+        for lane in range(lanes):
+            a0[lane] += row[lane]
+        i += 1
+    for lane in range(lanes):
+        out[lane] = ((a0[lane] + a1[lane]) + a2[lane]) + a3[lane]
+
+
+@numba.njit(**JIT_OPTIONS)
 def torch_column_sums(g, out):
     """``out[j] = sum_i g[i, j]`` as torch sums the middle dimension of ``[S, R, N]``
     (``g``: C-contiguous ``[R, N]``): columns in groups of 32 by :func:`_multi_row_sum`
-    over the rows, the rest one by one by :func:`_row_sum`."""
+    over the rows (:func:`_column_cascade`), the rest one by one by :func:`_row_sum`."""
     n_rows, n_cols = g.shape
     flat = g.reshape(-1)
     one = np.empty(1, dtype=np.float32)
-    acc = np.empty((_LEVELS, 1, 4 * _VEC), dtype=np.float32)
     j = 0
     while j + 4 * _VEC <= n_cols:
-        _multi_row_sum(flat, j, n_cols, n_rows, 1, 4 * _VEC, acc)
-        out[j:j + 4 * _VEC] = acc[0, 0]
+        _column_cascade(g, j, 4 * _VEC, out[j:j + 4 * _VEC])
         j += 4 * _VEC
     while j < n_cols:
         _row_sum(flat, j, n_cols, n_rows, 1, one)

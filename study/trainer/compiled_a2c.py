@@ -62,8 +62,9 @@ def _drop_stale_cache() -> None:
     files changed since the cache was written, drop the cached loop and passes so that
     they recompile, rather than run old code."""
     here = Path(__file__).parent
-    sources = [here / name for name in ("compiled_a2c.py", "compiled.py", "kernels.py",
-                                        "rng.py", "updates.py", "envs/cartpole.py")]
+    sources = [here / name for name in ("compiled_a2c.py", "compiled_value.py", "compiled.py",
+                                        "kernels.py", "rng.py", "updates.py",
+                                        "envs/cartpole.py")]
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in [*sources,
                                                               here.parent / "schema.py"]))
     cache = Path(os.environ.get("NUMBA_CACHE_DIR") or here / "__pycache__")
@@ -71,7 +72,8 @@ def _drop_stale_cache() -> None:
     try:
         if stamp.exists() and stamp.read_text() == digest.hexdigest():
             return
-        for pattern in ("compiled.*.nb[ic]", "compiled_a2c.*.nb[ic]"):
+        for pattern in ("compiled.*.nb[ic]", "compiled_a2c.*.nb[ic]",
+                        "compiled_value.*.nb[ic]"):
             for path in cache.rglob(pattern):
                 path.unlink(missing_ok=True)
         cache.mkdir(parents=True, exist_ok=True)

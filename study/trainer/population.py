@@ -42,7 +42,7 @@ from study import config as cfg
 from study.hyperparameters import Hyperparameters, Structure
 from study.schema import CURVE_COLUMNS
 from study.schema import UPDATE_METRICS as _UPDATE_METRICS
-from study.trainer import compiled_a2c, kernels
+from study.trainer import compiled_a2c, compiled_value, kernels
 from study.trainer.alloc import keep_freed_memory
 from study.trainer.envs import Step, make_population_env
 from study.trainer.envs.memory import check_fits
@@ -464,6 +464,9 @@ class _Trainer:
         # The same updates as one compiled loop, where it reproduces them (same bits).
         self.compiled = (compiled_a2c.CompiledA2C.build(self) if compiled_a2c.accepts(self)
                          else None)
+        # Full-batch value steps as one compiled call per update, where it reproduces them.
+        self.value_fit = (compiled_value.CompiledValueFit.build(self)
+                          if self.compiled is None and compiled_value.accepts(self) else None)
 
     # ------------------------------------------------------------------- the loop
     def train(self, schedule: _Schedule, save_policies: bool,
@@ -660,7 +663,12 @@ class _Trainer:
             stats["grad_norm"] += norm / len(spans)
             if self.agent.share_trunk:
                 stats["value_loss"] += terms["v"] / len(spans)
-        for _ in range(0 if self.agent.share_trunk else self.hp.value_iters):
+        if self.value_fit is not None:  # the same steps as the loop below, compiled
+            stats["value_loss"], finite = self.value_fit.run(
+                batch.obs, batch.returns, hps["value_coef"], hps["value_lr"],
+                hps["value_max_grad_norm"])
+            diverged |= ~finite
+        for _ in range(0 if self.agent.share_trunk or self.value_fit else self.hp.value_iters):
             shuffled = self.shuffled(batch, self.permutation(len(spans)))
             v_loss_sum = torch.zeros(n_alive, device=self.dev)
             for lo, hi in spans:
