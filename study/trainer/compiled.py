@@ -33,6 +33,7 @@ import torch
 
 from study.trainer import kernels
 from study.trainer.kernels import JIT_OPTIONS, _tanh1
+from study.trainer.simd import vadd, vload4_rows, vload4_tiled, vmul, vsplat, vstore
 
 __all__ = ["ACTIVATIONS", "BLOCKED", "DOT4", "FMA", "MODES", "SEPARATE", "CompiledMLP",
            "arrays", "backward_member", "forward_member", "torch_column_sums", "torch_row_sum",
@@ -126,23 +127,32 @@ def _dot4(x, y, full, n_inner):
 @numba.njit(**JIT_OPTIONS)
 def _product_dot4(a, b, out):
     """``out[i, j] = (p0 + p2) + (p1 + p3)``, ``p_m`` the sum over k = m mod 4 (in order) of
-    the rounded products ``a[i, k] b[k, j]``. Over a contiguous copy of ``b``'s columns, two
-    rows at a time: each output's sum is a chain of dependent additions, and two
-    independent chains keep the adder busy."""
+    the rounded products ``a[i, k] b[k, j]``. With a multiple of 4 terms, four rows' partial
+    sums are one register vector (lane 4r + m: row r's ``p_m``) over a contiguous copy of
+    ``b``'s columns; the rows left over, and other lengths, one output at a time."""
     n_rows, n_inner = a.shape
     full = n_inner // 4 * 4
     bt = np.ascontiguousarray(b.T)
     i = 0
-    while i + 2 <= n_rows:
-        a0, a1 = a[i], a[i + 1]
-        for j in range(out.shape[1]):
-            y = bt[j]
-            out[i, j] = _dot4(a0, y, full, n_inner)
-            out[i + 1, j] = _dot4(a1, y, full, n_inner)
-        i += 2
-    if i < n_rows:
+    if full == n_inner:
+        lanes = np.empty(16, dtype=np.float32)
+        zero = vsplat(0.0)
+        while i + 4 <= n_rows:
+            a0, a1, a2, a3 = a[i], a[i + 1], a[i + 2], a[i + 3]
+            for j in range(out.shape[1]):
+                y = bt[j]
+                p = zero
+                for k in range(0, n_inner, 4):
+                    p = vadd(p, vmul(vload4_rows(a0, a1, a2, a3, k), vload4_tiled(y, k)))
+                vstore(lanes, 0, p)
+                for r in range(4):
+                    q = lanes[4 * r:4 * r + 4]
+                    out[i + r, j] = (q[0] + q[2]) + (q[1] + q[3])
+            i += 4
+    while i < n_rows:
         for j in range(out.shape[1]):
             out[i, j] = _dot4(a[i], bt[j], full, n_inner)
+        i += 1
 
 
 @numba.njit(**JIT_OPTIONS, inline="always")

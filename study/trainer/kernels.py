@@ -21,6 +21,8 @@ from typing import Any
 import numba
 import numpy as np
 
+from study.trainer.simd import vadd, vdiv, vload, vmul, vsplat, vsqrt, vstore, vsub
+
 JIT_OPTIONS: dict[str, Any] = {"cache": True, "nogil": True, "error_model": "numpy"}
 _JIT = JIT_OPTIONS
 _F = np.float32
@@ -111,18 +113,33 @@ def tanh_backward_rows(g: np.ndarray, y: np.ndarray, db: np.ndarray) -> None:
 
 @numba.njit(**_JIT)
 def _sum_squares(x: np.ndarray) -> np.float32:
-    """``sum_j x_j^2`` of a 1-D array, in ``_LANES`` fixed partial sums (then in order)."""
-    acc = np.zeros(_LANES, dtype=np.float32)
+    """``sum_j x_j^2`` of a 1-D array, in ``_LANES`` fixed partial sums (a register vector;
+    the tail into the first), then the partial sums in order."""
     n_full = x.size - x.size % _LANES
+    acc = vsplat(0.0)
     for j in range(0, n_full, _LANES):
-        for k in range(_LANES):
-            acc[k] += x[j + k] * x[j + k]
+        v = vload(x, j)
+        acc = vadd(acc, vmul(v, v))
+    lanes = np.empty(_LANES, dtype=np.float32)
+    vstore(lanes, 0, acc)
     for j in range(n_full, x.size):
-        acc[0] += x[j] * x[j]
+        lanes[0] += x[j] * x[j]
     total = _F(0.0)
     for k in range(_LANES):
-        total += acc[k]
+        total += lanes[k]
     return total
+
+
+@numba.njit(**_JIT, inline="always")
+def _any_non_finite(check) -> bool:
+    """Whether a lane of ``check`` (a sum of ``p - p`` terms: 0, or NaN once a term was
+    infinite or NaN) is not 0."""
+    lanes = np.empty(_LANES, dtype=np.float32)
+    vstore(lanes, 0, check)
+    for k in range(_LANES):
+        if lanes[k] != _F(0.0):
+            return True
+    return False
 
 
 @numba.njit(**_JIT)
@@ -164,11 +181,22 @@ def rmsprop_member(params, grads, sq_avgs, s, lr, max_norm, loss_ok, alpha, eps)
     if not (loss_ok and np.isfinite(norm)):
         return norm, False
     bad = 0
+    a_v, b_v, e_v, lr_v, c_v = vsplat(a), vsplat(one_minus_a), vsplat(e), vsplat(lr), vsplat(coef)
     for k in range(len(params)):
         p = params[k][s].reshape(-1)
         g = grads[k][s].reshape(-1)
         v = sq_avgs[k][s].reshape(-1)
-        for j in range(p.size):
+        n_full = p.size - p.size % _LANES
+        check = vsplat(0.0)
+        for j in range(0, n_full, _LANES):  # 16 elements at a time, each as below
+            gj = vmul(vload(g, j), c_v)
+            vj = vadd(vmul(a_v, vload(v, j)), vmul(b_v, vmul(gj, gj)))
+            vstore(v, j, vj)
+            pj = vsub(vload(p, j), vdiv(vmul(lr_v, gj), vadd(vsqrt(vj), e_v)))
+            vstore(p, j, pj)
+            check = vadd(check, vsub(pj, pj))
+        bad |= np.int32(_any_non_finite(check))
+        for j in range(n_full, p.size):
             gj = g[j] * coef
             vj = a * v[j] + one_minus_a * (gj * gj)
             v[j] = vj
@@ -209,12 +237,26 @@ def adam_member(params, grads, exp_avgs, exp_avg_sqs, s, t, lr, max_norm, loss_o
     bc2_sqrt = _F(np.sqrt(1.0 - beta2 ** t))
     step = lr / bc1
     bad = 0
+    b1_v, b2_v, e_v, step_v, c_v = vsplat(b1), vsplat(b2), vsplat(e), vsplat(step), vsplat(coef)
+    nb1_v, nb2_v, bc2_v = vsplat(_F(1.0) - b1), vsplat(_F(1.0) - b2), vsplat(bc2_sqrt)
     for k in range(len(params)):
         p = params[k][s].reshape(-1)
         g = grads[k][s].reshape(-1)
         m = exp_avgs[k][s].reshape(-1)
         v = exp_avg_sqs[k][s].reshape(-1)
-        for j in range(p.size):
+        n_full = p.size - p.size % _LANES
+        check = vsplat(0.0)
+        for j in range(0, n_full, _LANES):  # 16 elements at a time, each as below
+            gj = vmul(vload(g, j), c_v)
+            mj = vadd(vmul(b1_v, vload(m, j)), vmul(nb1_v, gj))
+            vj = vadd(vmul(b2_v, vload(v, j)), vmul(nb2_v, vmul(gj, gj)))
+            vstore(m, j, mj)
+            vstore(v, j, vj)
+            pj = vsub(vload(p, j), vdiv(vmul(step_v, mj), vadd(vdiv(vsqrt(vj), bc2_v), e_v)))
+            vstore(p, j, pj)
+            check = vadd(check, vsub(pj, pj))
+        bad |= np.int32(_any_non_finite(check))
+        for j in range(n_full, p.size):
             gj = g[j] * coef
             mj = b1 * m[j] + (_F(1.0) - b1) * gj
             vj = b2 * v[j] + (_F(1.0) - b2) * (gj * gj)

@@ -19,8 +19,9 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic, models, register_model
 
-__all__ = ["LANES", "f32x16", "vadd", "vfma", "vload", "vmul", "vsplat", "vstore", "vsub",
-           "vdiv", "vwhere_eq", "vwhere_gt", "vwhere_le", "vwhere_lt"]
+__all__ = ["LANES", "f32x16", "vadd", "vdiv", "vfma", "vload", "vload4_rows", "vload4_tiled",
+           "vmul", "vsplat", "vsqrt", "vstore", "vsub", "vwhere_eq", "vwhere_gt", "vwhere_le",
+           "vwhere_lt"]
 
 LANES = 16
 _VEC = ir.VectorType(ir.FloatType(), LANES)
@@ -66,6 +67,40 @@ def vload(typingctx: Any, arr: Any, idx: Any) -> Any:
     return f32x16(arr, idx), codegen
 
 
+_QUAD = ir.VectorType(ir.FloatType(), 4)
+
+
+def _quad(context: Any, builder: Any, arrty: Any, arr: Any, idx: Any) -> Any:
+    ary = context.make_array(arrty)(context, builder, arr)
+    ptr = cgutils.get_item_pointer(context, builder, arrty, ary, [idx], wraparound=False)
+    return builder.load(builder.bitcast(ptr, _QUAD.as_pointer()), align=4)
+
+
+def _mask(lanes: list[int]) -> Any:
+    return ir.Constant(ir.VectorType(ir.IntType(32), len(lanes)), lanes)
+
+
+@intrinsic
+def vload4_rows(typingctx: Any, a0: Any, a1: Any, a2: Any, a3: Any, idx: Any) -> Any:
+    """``a_i[idx : idx + 4]`` of four 1-D arrays, side by side (lanes 4i .. 4i + 3)."""
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        q = [_quad(context, builder, sig.args[i], args[i], args[4]) for i in range(4)]
+        low = builder.shuffle_vector(q[0], q[1], _mask(list(range(8))))
+        high = builder.shuffle_vector(q[2], q[3], _mask(list(range(8))))
+        return builder.shuffle_vector(low, high, _mask(list(range(16))))
+    return f32x16(a0, a1, a2, a3, idx), codegen
+
+
+@intrinsic
+def vload4_tiled(typingctx: Any, arr: Any, idx: Any) -> Any:
+    """``arr[idx : idx + 4]`` four times over (lanes 4i + m hold ``arr[idx + m]``)."""
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        q = _quad(context, builder, sig.args[0], args[0], args[1])
+        return builder.shuffle_vector(q, ir.Constant(_QUAD, ir.Undefined),
+                                      _mask([m for _ in range(4) for m in range(4)]))
+    return f32x16(arr, idx), codegen
+
+
 @intrinsic
 def vstore(typingctx: Any, arr: Any, idx: Any, v: Any) -> Any:
     """``arr[idx : idx + 16] = v``."""
@@ -92,6 +127,16 @@ def vfma(typingctx: Any, a: Any, b: Any, c: Any) -> Any:
             builder.module, ir.FunctionType(_VEC, [_VEC, _VEC, _VEC]), "llvm.fma.v16f32")
         return builder.call(fn, args)
     return f32x16(a, b, c), codegen
+
+
+@intrinsic
+def vsqrt(typingctx: Any, a: Any) -> Any:
+    """The square root of every lane, correctly rounded (``llvm.sqrt``, as ``np.sqrt``)."""
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_VEC, [_VEC]), "llvm.sqrt.v16f32")
+        return builder.call(fn, args)
+    return f32x16(a), codegen
 
 
 def _binary(op: str) -> Any:
