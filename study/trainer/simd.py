@@ -17,13 +17,17 @@ from typing import Any
 
 from llvmlite import ir
 from numba.core import cgutils, types
-from numba.extending import intrinsic, models, register_model
+from numba.extending import intrinsic as _numba_intrinsic
+from numba.extending import models, register_model
 
 __all__ = ["LANES", "f32x16", "vadd", "vdiv", "vfma", "vload", "vload4_rows", "vload4_tiled",
            "vmul", "vsplat", "vsqrt", "vstore", "vsub", "vwhere_eq", "vwhere_gt", "vwhere_le",
            "vwhere_lt"]
 
 LANES = 16
+# Typed as Any: the intrinsics' Python signatures (typing context first) are numba's, not
+# the ones compiled code calls.
+intrinsic: Any = _numba_intrinsic
 _VEC = ir.VectorType(ir.FloatType(), LANES)
 
 
