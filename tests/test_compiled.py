@@ -85,21 +85,22 @@ def _same(a, b):
     return a == b or (a != a and b != b)
 
 
-def _compare(env_id, members, steps):
-    """Train with the compiled loop (checking that it ran) and without it; the same bits."""
+def _compare(env_id, members, steps, compiled_path=compiled_a2c.CompiledA2C):
+    """Train with a compiled path (the A2C loop, or the value steps; checking that it ran)
+    and without it; the same bits."""
     calls = []
-    real_run = compiled_a2c.CompiledA2C.run
+    real_run = compiled_path.run
 
-    def counted(self, n_updates):
-        calls.append(n_updates)
-        return real_run(self, n_updates)
+    def counted(self, *args):
+        calls.append(1)
+        return real_run(self, *args)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(compiled_a2c.CompiledA2C, "run", counted)
+        mp.setattr(compiled_path, "run", counted)
         compiled = _runs(env_id, members, steps)
     with torch_passes():
         reference = _runs(env_id, members, steps)
-    assert calls, "the compiled loop did not run"
+    assert calls, f"{compiled_path.__name__} did not run"
     assert _same(compiled, reference)
     return compiled
 
@@ -188,22 +189,7 @@ _BLOG = {"num_envs": 8, "n_steps": 300, "gamma": 0.999, "lam": 0.99,
 
 
 def _compare_value_fit(env_id, members, steps):
-    """Train with the compiled value steps (checking that they ran) and without; same bits."""
-    calls = []
-    real_run = compiled_value.CompiledValueFit.run
-
-    def counted(self, *args):
-        calls.append(1)
-        return real_run(self, *args)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(compiled_value.CompiledValueFit, "run", counted)
-        compiled = _runs(env_id, members, steps)
-    with torch_passes():
-        reference = _runs(env_id, members, steps)
-    assert calls, "the compiled value steps did not run"
-    assert _same(compiled, reference)
-    return compiled
+    return _compare(env_id, members, steps, compiled_value.CompiledValueFit)
 
 
 @pytest.mark.parametrize(("env_id", "overrides"), [
