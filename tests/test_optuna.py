@@ -758,3 +758,35 @@ def test_hyperband_pruner_is_sized_from_the_budget(tmp_path):
     path = _sweep(tmp_path / "s.toml", optuna_extra='pruner = "hyperband"')
     assert main([str(path), "--out", str(tmp_path / "out"), "--quiet"]) == 0
     _check_store_agrees(tmp_path / "out", 6, [11, 12])
+
+
+def test_a_stop_while_the_study_lock_is_taken_leaves_it_free(tmp_path, monkeypatch):
+    # A SIGTERM that lands inside the lock's __enter__ (after its thread lock, during the
+    # flock) skipped __exit__ and left the lock held: the stopping driver then hung on its
+    # last write of the trials (a CI run of test_sigterm_stops_the_driver_like_ctrl_c).
+    import fcntl
+    import threading
+
+    from study.sweeps.optuna import _FileLock
+
+    lock = _FileLock(tmp_path / "study.lock")
+    real_flock = fcntl.flock
+
+    def stopped(fd: int, op: int) -> None:
+        real_flock(fd, op)
+        raise KeyboardInterrupt  # as the SIGTERM handler raises it
+
+    monkeypatch.setattr(fcntl, "flock", stopped)
+    with pytest.raises(KeyboardInterrupt), lock:
+        pass
+    monkeypatch.setattr(fcntl, "flock", real_flock)
+    taken = threading.Event()
+
+    def take() -> None:
+        with lock:
+            taken.set()
+
+    worker = threading.Thread(target=take, daemon=True)
+    worker.start()
+    worker.join(timeout=10)
+    assert taken.is_set(), "the lock stayed held after the interrupted __enter__"

@@ -268,8 +268,17 @@ class _FileLock:
         import fcntl
 
         self._thread.acquire()
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except BaseException:
+            # A Ctrl-C or SIGTERM inside __enter__ skips __exit__: release here, or the
+            # driver's next use of the lock (storing the trials as it stops) waits forever.
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+            self._thread.release()
+            raise
 
     def __exit__(self, *exc: object) -> None:
         import fcntl
@@ -302,11 +311,18 @@ class _SqlLock:
         import sqlalchemy as sa
 
         self._thread.acquire()
-        self._conn = self._engine.connect()
-        if self._postgres:
-            self._conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": self._key})
-        else:
-            self._conn.execute(sa.text("SELECT GET_LOCK(:n, -1)"), {"n": self._name})
+        try:
+            self._conn = self._engine.connect()
+            if self._postgres:
+                self._conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": self._key})
+            else:
+                self._conn.execute(sa.text("SELECT GET_LOCK(:n, -1)"), {"n": self._name})
+        except BaseException:  # as _FileLock: nothing left held (closing drops the lock)
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+            self._thread.release()
+            raise
 
     def __exit__(self, *exc: object) -> None:
         import sqlalchemy as sa
