@@ -59,11 +59,12 @@ __all__ = ["CompiledA2C", "accepts"]
 def _drop_stale_cache() -> None:
     """Numba checks a cached function against its own file only, while this loop and the
     passes call functions of (and freeze constants from) other modules: when any of those
-    files changed since the cache was written, drop the cached loop and passes so that
-    they recompile, rather than run old code."""
+    files changed since the cache was written, drop the cached loop, passes, value steps and
+    kernels (which build on study.trainer.simd) so that they recompile, rather than run old
+    code."""
     here = Path(__file__).parent
     sources = [here / name for name in ("compiled_a2c.py", "compiled_value.py", "compiled.py",
-                                        "kernels.py", "rng.py", "updates.py",
+                                        "kernels.py", "simd.py", "rng.py", "updates.py",
                                         "envs/cartpole.py")]
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in [*sources,
                                                               here.parent / "schema.py"]))
@@ -73,7 +74,7 @@ def _drop_stale_cache() -> None:
         if stamp.exists() and stamp.read_text() == digest.hexdigest():
             return
         for pattern in ("compiled.*.nb[ic]", "compiled_a2c.*.nb[ic]",
-                        "compiled_value.*.nb[ic]"):
+                        "compiled_value.*.nb[ic]", "kernels.*.nb[ic]"):
             for path in cache.rglob(pattern):
                 path.unlink(missing_ok=True)
         cache.mkdir(parents=True, exist_ok=True)
