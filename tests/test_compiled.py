@@ -239,3 +239,33 @@ def test_value_networks_the_compiled_steps_do_not_serve_keep_the_trainers_path(m
         hp = cfg.resolve({**_BLOG, "n_steps": 50, **overrides})
         _runs("CartPoleSwingUp-v0", [Member(hp, 0)], 800)
     assert not calls
+
+
+def _dot4_reference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """DOT4's order in plain float32 steps: four partial sums over k mod 4, then
+    (p0 + p2) + (p1 + p3)."""
+    out = np.empty((a.shape[0], b.shape[1]), dtype=np.float32)
+    for i in range(a.shape[0]):
+        for j in range(b.shape[1]):
+            p = [np.float32(0.0)] * 4
+            for k in range(a.shape[1]):
+                p[k % 4] = np.float32(p[k % 4] + np.float32(a[i, k] * b[k, j]))
+            out[i, j] = (p[0] + p[2]) + (p[1] + p[3])
+    return out
+
+
+@pytest.mark.parametrize(("rows", "inner", "cols", "transposed"), [
+    (48, 64, 1, False), (8, 64, 2, False), (7, 12, 3, False),  # four rows to a vector, rest
+    (9, 10, 2, False),  # a length that is not a multiple of 4
+    (64, 40, 8, True),  # a transposed operand (strided rows): one output at a time
+])
+def test_the_dot4_product_keeps_its_order_on_every_path(rows, inner, cols, transposed):
+    from study.trainer.compiled import _product_dot4
+
+    g = np.random.default_rng(rows)
+    a = g.standard_normal((inner, rows) if transposed else (rows, inner)).astype(np.float32)
+    a = a.T if transposed else a
+    b = g.standard_normal((inner, cols)).astype(np.float32)
+    out = np.empty((rows, cols), dtype=np.float32)
+    _product_dot4(a, b, out)
+    assert np.array_equal(out, _dot4_reference(a, b))

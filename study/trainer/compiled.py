@@ -127,14 +127,15 @@ def _dot4(x, y, full, n_inner):
 @numba.njit(**JIT_OPTIONS)
 def _product_dot4(a, b, out):
     """``out[i, j] = (p0 + p2) + (p1 + p3)``, ``p_m`` the sum over k = m mod 4 (in order) of
-    the rounded products ``a[i, k] b[k, j]``. With a multiple of 4 terms, four rows' partial
-    sums are one register vector (lane 4r + m: row r's ``p_m``) over a contiguous copy of
-    ``b``'s columns; the rows left over, and other lengths, one output at a time."""
+    the rounded products ``a[i, k] b[k, j]``. With a multiple of 4 terms and contiguous
+    rows of ``a``, four rows' partial sums are one register vector (lane 4r + m: row r's
+    ``p_m``) over a contiguous copy of ``b``'s columns; the rows left over, and other
+    shapes, one output at a time."""
     n_rows, n_inner = a.shape
     full = n_inner // 4 * 4
     bt = np.ascontiguousarray(b.T)
     i = 0
-    if full == n_inner:
+    if full == n_inner and (n_inner == 1 or a.strides[1] == a.itemsize):
         lanes = np.empty(16, dtype=np.float32)
         zero = vsplat(0.0)
         while i + 4 <= n_rows:
