@@ -42,8 +42,8 @@ from study.trainer.compiled import (
     FMA,
     SEPARATE,
     CompiledMLP,
-    _dot4,
     _k_block,
+    _product,
     arrays,
     torch_column_sums,
     torch_row_sum,
@@ -213,38 +213,6 @@ def _values_by_rows(xt, w, b, fused, act, w2, b2, head, out):
         vstore(out, r0, vadd(v, vsplat(b2)))
 
 
-@numba.njit(**JIT_OPTIONS, inline="always")
-def _head_chain(h_t, w, out):
-    """``out[r] = sum_j h_t[j, r] w[j]``, j in order from zero."""
-    for r in range(out.shape[0]):
-        out[r] = 0.0
-    for j in range(h_t.shape[0]):
-        for r in range(out.shape[0]):
-            out[r] = out[r] + h_t[j, r] * w[j]
-
-
-@numba.njit(**JIT_OPTIONS, fastmath={"contract"})
-def _head_fma(h_t, w, out):
-    _head_chain(h_t, w, out)
-
-
-@numba.njit(**JIT_OPTIONS)
-def _head_scalar(h, w, b, mode, out):
-    """V of a few rows from their hidden activations ``h`` ``[R, H]`` (the rows
-    :func:`_values_by_rows` leaves), with the head's mode."""
-    h_t = np.ascontiguousarray(h.T)
-    if mode == FMA:
-        _head_fma(h_t, w, out)
-    elif mode == SEPARATE:
-        _head_chain(h_t, w, out)
-    else:
-        n_inner = h_t.shape[0]
-        for r in range(out.shape[0]):
-            out[r] = _dot4(h[r], w, n_inner // 4 * 4, n_inner)
-    for r in range(out.shape[0]):
-        out[r] = out[r] + b
-
-
 # ------------------------------------------------------------------ backward
 @numba.njit(**JIT_OPTIONS)
 def _head_gradient(h, g, mode, out):
@@ -397,8 +365,10 @@ def _chunk_gradients(x, xt, ret, n_total, coef, v, k, act, plan, bufs, grads):
     _hidden_rows(x, w1, b1, fused, act, h)
     _values_by_rows(xt, w1, b1, fused, act, w2, b2, plan[_HEAD], values)
     done = n - n % LANES
-    if done < n:
-        _head_scalar(h[done:], w2, b2, plan[_HEAD], values[done:])
+    if done < n:  # the rows left over: compiled's own product of the head
+        tail = np.empty((n - done, 1), dtype=np.float32)
+        _product(h[done:], v[2][k], tail, plan[_HEAD], v[3][k, 0])
+        values[done:] = tail[:, 0]
     for r in range(n):
         e = values[r] - ret[r]
         squares[r] = e * e

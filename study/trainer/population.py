@@ -663,23 +663,24 @@ class _Trainer:
             stats["grad_norm"] += norm / len(spans)
             if self.agent.share_trunk:
                 stats["value_loss"] += terms["v"] / len(spans)
-        if self.value_fit is not None:  # the same steps as the loop below, compiled
+        if self.value_fit is not None:  # the loop below as one compiled call (same bits)
             stats["value_loss"], finite = self.value_fit.run(
                 batch.obs, batch.returns, hps["value_coef"], hps["value_lr"],
                 hps["value_max_grad_norm"])
             diverged |= ~finite
-        for _ in range(0 if self.agent.share_trunk or self.value_fit else self.hp.value_iters):
-            shuffled = self.shuffled(batch, self.permutation(len(spans)))
-            v_loss_sum = torch.zeros(n_alive, device=self.dev)
-            for lo, hi in spans:
-                terms, grads = self.updater.value_gradients(
-                    self.minibatch(shuffled, lo, hi), hps["value_coef"])
-                _, finite = self.v_opt.step(self.agent.value_params(), grads, hps["value_lr"],
-                                            hps["value_max_grad_norm"],
-                                            torch.isfinite(terms["loss"]))
-                diverged |= ~finite
-                v_loss_sum += terms["v"]
-            stats["value_loss"] = v_loss_sum / len(spans)
+        else:
+            for _ in range(0 if self.agent.share_trunk else self.hp.value_iters):
+                shuffled = self.shuffled(batch, self.permutation(len(spans)))
+                v_loss_sum = torch.zeros(n_alive, device=self.dev)
+                for lo, hi in spans:
+                    terms, grads = self.updater.value_gradients(
+                        self.minibatch(shuffled, lo, hi), hps["value_coef"])
+                    _, finite = self.v_opt.step(self.agent.value_params(), grads,
+                                                hps["value_lr"], hps["value_max_grad_norm"],
+                                                torch.isfinite(terms["loss"]))
+                    diverged |= ~finite
+                    v_loss_sum += terms["v"]
+                stats["value_loss"] = v_loss_sum / len(spans)
         stats["explained_variance"] = batch.explained_variance
         stats["approx_kl"] = stats["clip_fraction"] = torch.full_like(stats["entropy"], math.nan)
         return stats, diverged
