@@ -40,8 +40,9 @@ def test_compiled_passes_give_torch_bits(widths, rows, activation):
     assert torch.equal(got, out)
     assert all(torch.equal(a, b) for a, b in zip(got_inputs, inputs, strict=True))
 
-    # A backward pass over the first rows of a longer cache (as the fused value step does).
-    n = rows if rows < 40 else rows - 8  # (fewer rows than the cache: the fused value step)
+    # A backward pass over the first rows of a longer cache (as the fused value step does;
+    # 9 and 39 rows: tiles of four rows with the last clamped).
+    n = {4: 4, 8: 8, 40: 32, 48: 39, 400: 9}[rows]
     g_out = torch.randn(3, n, widths[-1], generator=torch.Generator().manual_seed(8))
     expected = backward(g_out, inputs, params, activation)
     back = compiled.backward_plan(n, rows)
@@ -269,3 +270,39 @@ def test_the_dot4_product_keeps_its_order_on_every_path(rows, inner, cols, trans
     out = np.empty((rows, cols), dtype=np.float32)
     _product_dot4(a, b, out)
     assert np.array_equal(out, _dot4_reference(a, b))
+
+
+@pytest.mark.parametrize(("rows", "inner", "cols"), [
+    (8, 64, 64), (9, 7, 16), (5, 64, 100), (13, 3, 200), (1, 4, 24)])  # clamped rows, columns
+def test_the_register_tiles_sum_in_order(rows, inner, cols):
+    """The tiles (four rows by 64 columns in registers) give the bits of the scalar
+    products: every term in order from k = 0, fused or rounded."""
+    from study.trainer.compiled import (
+        _product_fma,
+        _product_separate,
+        _tiles_fma,
+        _tiles_separate,
+    )
+
+    g = np.random.default_rng(rows * cols)
+    a = g.standard_normal((rows, inner)).astype(np.float32)
+    b = g.standard_normal((inner, cols)).astype(np.float32)
+    expected = np.zeros((rows, cols), dtype=np.float32)
+    for k in range(inner):  # rounded products added in order
+        expected = expected + np.outer(a[:, k], b[k]).astype(np.float32)
+    for tiles, scalar in ((_tiles_separate, _product_separate), (_tiles_fma, _product_fma)):
+        got, want = np.empty_like(expected), np.empty_like(expected)
+        tiles(a, b, got)
+        scalar(a, b, want)
+        assert np.array_equal(got, want)
+    _tiles_separate(a, b, got := np.empty_like(expected))
+    assert np.array_equal(got, expected)
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (128, 32), (16, 48), (64, 2), (20, 16)])
+def test_transposed_copies_are_exact(shape):
+    from study.trainer.compiled import _transposed
+
+    w = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    t = _transposed(w)
+    assert t.flags.c_contiguous and np.array_equal(t, w.T)

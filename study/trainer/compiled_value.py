@@ -44,6 +44,8 @@ from study.trainer.compiled import (
     CompiledMLP,
     _k_block,
     _product,
+    _term,
+    _tile,
     arrays,
     torch_column_sums,
     torch_row_sum,
@@ -95,20 +97,6 @@ _SUMS_IN_ORDER = (FMA, SEPARATE, BLOCKED + FMA, BLOCKED + SEPARATE)
 
 
 # ------------------------------------------------------------------ vector helpers
-@numba.njit(**JIT_OPTIONS, inline="always")
-def _tile(j, width):
-    """The four 16-lane column blocks from ``j`` (blocks past the last repeat it: they
-    compute the same numbers again and store them to the same place)."""
-    last = width - LANES
-    return (j, min(j + LANES, last), min(j + 2 * LANES, last), min(j + 3 * LANES, last))
-
-
-@numba.njit(**JIT_OPTIONS, inline="always")
-def _term(acc, a, b, fused):
-    """``acc + a b``: one rounding (fused) or two."""
-    return vfma(a, b, acc) if fused else vadd(acc, vmul(a, b))
-
-
 @numba.njit(**JIT_OPTIONS, inline="always")
 def _vtanh(v):
     """``kernels._tanh1`` in every lane (the same operations, so the same bits)."""

@@ -24,9 +24,9 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic as _numba_intrinsic
 from numba.extending import models, register_model
 
-__all__ = ["LANES", "f32x16", "vadd", "vdiv", "vfma", "vload", "vload4_rows", "vload4_tiled",
-           "vmul", "vsplat", "vsqrt", "vstore", "vsub", "vwhere_eq", "vwhere_gt", "vwhere_le",
-           "vwhere_lt"]
+__all__ = ["LANES", "f32x16", "transpose16", "vadd", "vdiv", "vfma", "vload", "vload4_rows",
+           "vload4_tiled", "vmul", "vsplat", "vsqrt", "vstore", "vsub", "vwhere_eq", "vwhere_gt",
+           "vwhere_le", "vwhere_lt"]
 
 LANES = 16
 # Typed as Any: the intrinsics' Python signatures (typing context first) are numba's, not
@@ -185,3 +185,44 @@ vwhere_gt = _where(">")
 vwhere_gt.__doc__ = "``x`` where ``a > b``, else ``y``, lane by lane (NaN: ``y``)."
 vwhere_eq = _where("==")
 vwhere_eq.__doc__ = "``x`` where ``a == b``, else ``y``, lane by lane (NaN: ``y``)."
+
+
+def _swap_bit(rows: list[Any], bit: int, builder: Any) -> list[Any]:
+    """Swap bit ``bit`` of the row index with the same bit of the lane index: rows i and
+    i | bit exchange the lanes where their own bit differs from the lane's."""
+    low = _mask([c if not c & bit else LANES + (c ^ bit) for c in range(LANES)])
+    high = _mask([c ^ bit if not c & bit else LANES + c for c in range(LANES)])
+    out = list(rows)
+    for i in range(LANES):
+        if not i & bit:
+            out[i] = builder.shuffle_vector(rows[i], rows[i | bit], low)
+            out[i | bit] = builder.shuffle_vector(rows[i], rows[i | bit], high)
+    return out
+
+
+@intrinsic
+def transpose16(typingctx: Any, src: Any, dst: Any, r0: Any, c0: Any) -> Any:
+    """``dst[c0 + i, r0 + j] = src[r0 + j, c0 + i]`` for i, j < 16: a 16 x 16 block of a 2-D
+    array with contiguous rows, transposed in registers (16 row loads, the four swaps of
+    bits between row and lane, 16 row stores) into another."""
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        src_ty, dst_ty = sig.args[0], sig.args[1]
+        src_a = context.make_array(src_ty)(context, builder, args[0])
+        dst_a = context.make_array(dst_ty)(context, builder, args[1])
+        r0 = context.cast(builder, args[2], sig.args[2], types.intp)
+        c0 = context.cast(builder, args[3], sig.args[3], types.intp)
+
+        def row(ty: Any, ary: Any, i: Any, j: Any) -> Any:
+            ptr = cgutils.get_item_pointer(context, builder, ty, ary, [i, j], wraparound=False)
+            return builder.bitcast(ptr, _VEC.as_pointer())
+
+        def plus(x: Any, k: int) -> Any:
+            return builder.add(x, ir.Constant(x.type, k))
+
+        rows = [builder.load(row(src_ty, src_a, plus(r0, j), c0), align=4) for j in range(LANES)]
+        for bit in (1, 2, 4, 8):
+            rows = _swap_bit(rows, bit, builder)
+        for i in range(LANES):
+            builder.store(rows[i], row(dst_ty, dst_a, plus(c0, i), r0), align=4)
+        return context.get_dummy_value()
+    return types.void(src, dst, r0, c0), codegen
