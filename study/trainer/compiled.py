@@ -19,6 +19,12 @@ the rational tanh of ``kernels.tanh_``) or relu; hidden bias gradients come from
 its cascade reproduced) for relu, as does the output layer's bias gradient in the loop. A
 member's arithmetic never looks at another member's data, so bit-identity across
 populations holds as before.
+
+Fast where it can be: a product at least 16 outputs wide keeps a tile of four rows by 64
+columns of sums in registers (study.trainer.simd) over the whole inner loop, adding the
+terms in the same order (about 105 GFLOP/s on 64-wide layers, against 66-80 with a load
+and a store of each sum every four terms); the weights' transposes for the backward pass
+are copied in 16 x 16 blocks transposed in registers.
 """
 
 from __future__ import annotations
