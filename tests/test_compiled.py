@@ -304,5 +304,6 @@ def test_transposed_copies_are_exact(shape):
     from study.trainer.compiled import _transposed
 
     w = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    t = _transposed(w)
-    assert t.flags.c_contiguous and np.array_equal(t, w.T)
+    for src in (w, np.repeat(w, 2, axis=1)[:, ::2]):  # contiguous rows, then strided ones
+        t = _transposed(src)
+        assert t.flags.c_contiguous and np.array_equal(t, w.T)

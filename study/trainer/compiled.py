@@ -450,11 +450,11 @@ def backward_member(g_out, x, hidden, params, s, w_modes, x_modes, act, grads):
 
 @numba.njit(**JIT_OPTIONS)
 def _transposed(w):
-    """A C-contiguous copy of ``w.T`` (``w`` float32 with contiguous rows): in 16 x 16
-    blocks transposed in registers where both sides are multiples of 16 (3.5 times as fast
-    as an element at a time on 64 x 64)."""
+    """A C-contiguous copy of ``w.T`` (float32): in 16 x 16 blocks transposed in registers
+    where both sides are multiples of 16 and w's rows are contiguous (3.5 times as fast as
+    an element at a time on 64 x 64)."""
     n, m = w.shape
-    if n % LANES or m % LANES:
+    if n % LANES or m % LANES or w.strides[1] != w.itemsize:
         return np.ascontiguousarray(w.T)
     out = np.empty((m, n), dtype=np.float32)
     for r0 in range(0, n, LANES):
