@@ -307,3 +307,60 @@ def test_transposed_copies_are_exact(shape):
     for src in (w, np.repeat(w, 2, axis=1)[:, ::2]):  # contiguous rows, then strided ones
         t = _transposed(src)
         assert t.flags.c_contiguous and np.array_equal(t, w.T)
+
+
+@pytest.mark.parametrize(("rows", "inner", "cols"), [
+    (64, 40, 2), (64, 40, 1), (20, 7, 3), (100, 1, 5), (9, 40, 2)])  # clamped; < 16 rows
+def test_narrow_products_sum_in_order_along_the_long_side(rows, inner, cols):
+    """A weight gradient ``h^T g`` with a narrow ``g`` (a head's): 64 of h's units by two
+    columns of sums in registers give every sum's terms in order, fused or rounded."""
+    from study.trainer.compiled import _product_columns_fma, _product_columns_separate
+
+    g = np.random.default_rng(rows * cols + inner)
+    h = g.standard_normal((inner, rows)).astype(np.float32)
+    b = g.standard_normal((inner, cols)).astype(np.float32)
+    rounded = np.zeros((rows, cols), dtype=np.float32)
+    fused = np.zeros((rows, cols), dtype=np.float64)
+    for k in range(inner):
+        rounded = rounded + np.outer(h[k], b[k]).astype(np.float32)
+        # a fused multiply-add rounds once: exact in float64 for float32 operands
+        fused = (fused + np.outer(h[k].astype(np.float64), b[k])).astype(np.float32)
+    for product, want in ((_product_columns_separate, rounded), (_product_columns_fma, fused)):
+        out = np.empty((rows, cols), dtype=np.float32)
+        product(h.T, b, out)
+        assert np.array_equal(out, want)
+
+
+@pytest.mark.parametrize(("rows", "width"), [(40, 64), (9, 80), (5, 21), (3, 7), (48, 128)])
+def test_the_tanh_gradient_keeps_each_bias_sum_in_row_order(rows, width):
+    """kernels.tanh_backward_rows in registers (64 then 16 columns) and one column at a
+    time: ``g (1 - y^2)`` rounded step by step, its column sums over rows in order."""
+    from study.trainer.kernels import tanh_backward_rows
+
+    r = np.random.default_rng(rows + width)
+    g = r.standard_normal((rows, width)).astype(np.float32)
+    y = np.tanh(r.standard_normal((rows + 2, width))).astype(np.float32)  # more rows: ignored
+    one = np.float32(1.0)
+    want = g * (one - y[:rows] * y[:rows])
+    sums = np.zeros(width, dtype=np.float32)
+    for i in range(rows):
+        sums = sums + want[i]
+    for y_rows in (y, np.repeat(y, 2, axis=1)[:, ::2]):  # contiguous rows, then strided ones
+        got, db = g.copy(), np.empty(width, dtype=np.float32)
+        tanh_backward_rows(got, y_rows, db)
+        assert np.array_equal(got, want) and np.array_equal(db, sums)
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+def test_the_bias_added_in_the_activation_pass_rounds_as_a_pass_of_its_own(activation):
+    from study.trainer.compiled import _NO_BIAS, ACTIVATIONS, _activate, _add_bias
+
+    r = np.random.default_rng(1)
+    out = r.standard_normal((9, 70)).astype(np.float32)
+    bias = r.standard_normal(70).astype(np.float32)
+    fused, separate = out.copy(), out.copy()
+    _activate(fused, ACTIVATIONS[activation], bias)
+    _add_bias(separate, bias)
+    _activate(separate, ACTIVATIONS[activation], _NO_BIAS)
+    assert np.array_equal(fused, separate)
+    assert not np.array_equal(fused, out)

@@ -44,6 +44,7 @@ from study.trainer.simd import (
     transpose16,
     vadd,
     vfma,
+    vlane,
     vload,
     vload4_rows,
     vload4_tiled,
@@ -51,6 +52,7 @@ from study.trainer.simd import (
     vsplat,
     vstore,
 )
+from study.trainer.views import view
 
 __all__ = ["ACTIVATIONS", "BLOCKED", "DOT4", "FMA", "MODES", "SEPARATE", "CompiledMLP",
            "arrays", "backward_member", "forward_member", "torch_column_sums", "torch_row_sum",
@@ -240,7 +242,6 @@ def _product_dot4(a, b, out):
     bt = np.ascontiguousarray(b.T)
     i = 0
     if full == n_inner and (n_inner == 1 or a.strides[1] == a.itemsize):
-        lanes = np.empty(16, dtype=np.float32)
         zero = vsplat(0.0)
         while i + 4 <= n_rows:
             a0, a1, a2, a3 = a[i], a[i + 1], a[i + 2], a[i + 3]
@@ -249,10 +250,9 @@ def _product_dot4(a, b, out):
                 p = zero
                 for k in range(0, n_inner, 4):
                     p = vadd(p, vmul(vload4_rows(a0, a1, a2, a3, k), vload4_tiled(y, k)))
-                vstore(lanes, 0, p)
                 for r in range(4):
-                    q = lanes[4 * r:4 * r + 4]
-                    out[i + r, j] = (q[0] + q[2]) + (q[1] + q[3])
+                    out[i + r, j] = ((vlane(p, 4 * r) + vlane(p, 4 * r + 2))
+                                     + (vlane(p, 4 * r + 1) + vlane(p, 4 * r + 3)))
             i += 4
     while i < n_rows:
         for j in range(out.shape[1]):
@@ -261,36 +261,63 @@ def _product_dot4(a, b, out):
 
 
 @numba.njit(**JIT_OPTIONS, inline="always")
-def _product_columns(a, b, out):
+def _product_columns(a, b, out, fused):
     """:func:`_product_rows` for a narrow ``out`` (fewer than :data:`_NARROW` columns) and an
     ``a`` whose columns are contiguous (a transposed operand: a weight gradient ``h^T g``):
     each output's sum runs over k in the same order, vectorized along a's columns instead of
-    along out's narrow rows."""
+    along out's narrow rows: 64 of a's rows by two columns of sums in registers over all of
+    k (rows and columns past the last clamped to it), where a has at least 16 rows."""
     n_rows, n_inner = a.shape
     width = out.shape[1]
-    acc = np.zeros((width, n_rows), dtype=np.float32)
-    for k in range(n_inner):
-        ak = a[:, k]
-        for j in range(width):
-            x = b[k, j]
-            acc_j = acc[j]
-            for i in range(n_rows):
-                acc_j[i] = acc_j[i] + ak[i] * x
+    acc = np.empty((width, n_rows), dtype=np.float32)
+    if n_rows < LANES:
+        acc[:, :] = 0.0
+        for k in range(n_inner):
+            ak = a[:, k]
+            for j in range(width):
+                x = b[k, j]
+                acc_j = acc[j]
+                for i in range(n_rows):
+                    acc_j[i] = acc_j[i] + ak[i] * x
+    else:
+        for i in range(0, n_rows, 4 * LANES):
+            c0, c1, c2, c3 = _tile(i, n_rows)
+            for j in range(0, width, 2):
+                _columns_tile(a, b, acc, c0, c1, c2, c3, j, min(j + 1, width - 1), fused)
     for i in range(n_rows):
         for j in range(width):
             out[i, j] = acc[j, i]
 
 
+@numba.njit(**JIT_OPTIONS, inline="always")
+def _columns_tile(a, b, acc, c0, c1, c2, c3, j0, j1, fused):
+    """``acc[j, c : c + 16] = sum_k a[c : c + 16, k] b[k, j]`` (k in order from zero) for the
+    column blocks c0 .. c3 and the columns j0, j1, the sums in registers (fused or
+    rounded multiply-adds)."""
+    zero = vsplat(0.0)
+    s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = zero
+    for k in range(a.shape[1]):
+        col = a[:, k]
+        y0, y1, y2, y3 = vload(col, c0), vload(col, c1), vload(col, c2), vload(col, c3)
+        x0, x1 = vsplat(b[k, j0]), vsplat(b[k, j1])
+        s00, s01 = _term(s00, y0, x0, fused), _term(s01, y1, x0, fused)
+        s02, s03 = _term(s02, y2, x0, fused), _term(s03, y3, x0, fused)
+        s10, s11 = _term(s10, y0, x1, fused), _term(s11, y1, x1, fused)
+        s12, s13 = _term(s12, y2, x1, fused), _term(s13, y3, x1, fused)
+    _store_tile(acc[j0], (c0, c1, c2, c3), s00, s01, s02, s03)
+    _store_tile(acc[j1], (c0, c1, c2, c3), s10, s11, s12, s13)
+
+
 @numba.njit(**JIT_OPTIONS, fastmath={"contract"})
 def _product_columns_fma(a, b, out):
     """:func:`_product_columns` with fused multiply-adds."""
-    _product_columns(a, b, out)
+    _product_columns(a, b, out, True)
 
 
 @numba.njit(**JIT_OPTIONS)
 def _product_columns_separate(a, b, out):
     """:func:`_product_columns` with every product rounded before it is added."""
-    _product_columns(a, b, out)
+    _product_columns(a, b, out, False)
 
 
 #: Outputs narrower than this are summed along the other operand (:func:`_product_columns`).
@@ -363,20 +390,29 @@ def _product(a, b, out, mode, bias):
 
 
 @numba.njit(**JIT_OPTIONS, fastmath={"contract"})
-def _activate(out, act):
-    """``out <- act(out)``: tanh with ``kernels.tanh_``'s arithmetic, relu as torch's
-    ``clamp_(min=0)`` (NaN stays NaN)."""
+def _activate(out, act, bias):
+    """``out <- act(out + bias)``: the bias (when not empty) added as :func:`_add_bias` adds
+    it, in the same pass; tanh with ``kernels.tanh_``'s arithmetic, relu as torch's
+    ``clamp_(min=0)`` (NaN stays NaN). (An add is not contracted with what follows it.)"""
     if act == NONE:
+        if bias.size:
+            _add_bias(out, bias)
         return
     for i in range(out.shape[0]):
         o = out[i]
-        for j in range(o.shape[0]):
-            v = o[j]
-            if act == TANH:
-                v = _tanh1(v)
-            else:
-                v = np.float32(0.0) if v < 0.0 else v
-            o[j] = v
+        if bias.size:
+            for j in range(o.shape[0]):
+                o[j] = _activate1(o[j] + bias[j], act)
+        else:
+            for j in range(o.shape[0]):
+                o[j] = _activate1(o[j], act)
+
+
+@numba.njit(**JIT_OPTIONS, inline="always")
+def _activate1(v, act):
+    if act == TANH:
+        return _tanh1(v)
+    return np.float32(0.0) if v < 0.0 else v
 
 
 @numba.njit(**JIT_OPTIONS)
@@ -399,7 +435,7 @@ def _layer(hidden, layer, width):
     """Hidden layer ``layer``'s activations, ``[R, width]`` contiguous (``hidden``:
     ``[L - 1, R, max width]``, each layer's block at the start of its plane)."""
     rows = hidden.shape[1]
-    return hidden[layer].reshape(-1)[: rows * width].reshape(rows, width)
+    return view(hidden[layer], (rows, width))
 
 
 @numba.njit(**JIT_OPTIONS)
@@ -414,8 +450,13 @@ def forward_member(x, params, s, modes, act, hidden, row0, out):
     for layer in range(n_layers - 1):
         width = params[2 * layer].shape[2]
         dst = _layer(hidden, layer, width)[row0:row0 + x.shape[0]]
-        _product(h, params[2 * layer][s], dst, modes[layer], params[2 * layer + 1][s, 0])
-        _activate(dst, act)
+        bias = params[2 * layer + 1][s, 0]
+        if modes[layer] < BLOCKED:  # the bias added in the activation's pass
+            _product(h, params[2 * layer][s], dst, modes[layer], _NO_BIAS)
+            _activate(dst, act, bias)
+        else:
+            _product(h, params[2 * layer][s], dst, modes[layer], bias)
+            _activate(dst, act, _NO_BIAS)
         h = dst
     _product(h, params[2 * n_layers - 2][s], out, modes[n_layers - 1],
              params[2 * n_layers - 1][s, 0])

@@ -49,6 +49,7 @@ from study.trainer.kernels import JIT_OPTIONS
 from study.trainer.optim import RULES
 from study.trainer.rng import uniform_draw
 from study.trainer.updates import CHUNK_ROWS, AcceleratedMLPUpdate
+from study.trainer.views import borrowed, borrowed_list, view
 
 if TYPE_CHECKING:
     from study.trainer.population import _Trainer
@@ -64,8 +65,8 @@ def _drop_stale_cache() -> None:
     code."""
     here = Path(__file__).parent
     sources = [here / name for name in ("compiled_a2c.py", "compiled_value.py", "compiled.py",
-                                        "kernels.py", "simd.py", "rng.py", "updates.py",
-                                        "envs/cartpole.py")]
+                                        "kernels.py", "simd.py", "views.py", "rng.py",
+                                        "updates.py", "envs/cartpole.py")]
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in [*sources,
                                                               here.parent / "schema.py"]))
     cache = Path(os.environ.get("NUMBA_CACHE_DIR") or here / "__pycache__")
@@ -210,7 +211,7 @@ def _rollout(k, s, u, n_steps, env, port, obs, pi, pi_modes, act, bufs, book, gs
         rows = slice(t * n_envs, (t + 1) * n_envs)
         x_all[rows] = obs[s]
         forward_member(x_all[rows], pi, k, pi_modes, act, pi_hidden, t * n_envs, logits[rows])
-        kernels.sample_categorical(logits[rows].reshape(1, n_envs, logits.shape[1]),
+        kernels.sample_categorical(view(logits[rows], (1, n_envs, logits.shape[1])),
                                    draws[t:t + 1], actions[t:t + 1])
         _env_step(port, state[:, s:s + 1], actions[t:t + 1], step_term, step_rew)
         for e in range(n_envs):
@@ -247,19 +248,19 @@ def _value_targets(k, hp, flags, v, v_modes, v_final_modes, act, bufs, v_bufs, a
     v_hidden, v_all, v_final, v_final_hidden = (v_bufs.hidden, v_bufs.v_all, v_bufs.v_final,
                                                 v_bufs.final_hidden)
     n = adv.shape[1]
-    forward_member(x_all, v, k, v_modes, act, v_hidden, 0, v_all.reshape(-1, 1))
+    forward_member(x_all, v, k, v_modes, act, v_hidden, 0, view(v_all, (v_all.size, 1)))
     truncated = False
     for i in range(dones.size):
         truncated |= dones.flat[i] and not terminated.flat[i]
     if truncated:  # (the trainer computes it for every row; only these are read)
         forward_member(final_obs, v, k, v_final_modes, act, v_final_hidden, 0,
-                       v_final.reshape(-1, 1))
+                       view(v_final, (v_final.size, 1)))
     alive = np.zeros(1, dtype=np.int64)
     bootstrap = v_final if truncated else v_all
-    kernels.rollout_targets_(v_all.reshape(1, -1), bootstrap.reshape(1, -1), rewards,
-                             terminated, dones, alive, hp[k, _GAMMA:_GAMMA + 1],
+    kernels.rollout_targets_(view(v_all, (1, v_all.size)), view(bootstrap, (1, bootstrap.size)),
+                             rewards, terminated, dones, alive, hp[k, _GAMMA:_GAMMA + 1],
                              hp[k, _LAM:_LAM + 1], flags[k, 0:1], adv, ret)
-    kernels.advantage_stats_(adv, ret, v_all[:n].reshape(1, n), flags[k, 1:2], ev)
+    kernels.advantage_stats_(adv, ret, view(v_all, (1, n)), flags[k, 1:2], ev)
 
 
 @numba.njit(**JIT_OPTIONS)
@@ -275,7 +276,7 @@ def _policy_step(k, hp, pi, pi_modes, act, pi_opt, bufs, adv, rule_kind, rule, t
     coef[0] = hp[k, _ENT_COEF] / _F(n)
     g_out = np.empty((1, n, n_actions), dtype=np.float32)
     pg, ent = kernels.categorical_policy_grad(
-        logits[:n].reshape(1, n, n_actions), actions.reshape(1, n), weights, coef, g_out)
+        view(logits, (1, n, n_actions)), view(actions, (1, n)), weights, coef, g_out)
     entropy = ent[0] / _F(n)
     loss = pg[0] - hp[k, _ENT_COEF] * entropy
     backward_member(g_out[0], x_all, pi_hidden, pi, k, pi_modes[0], pi_modes[1], act, grads)
@@ -324,9 +325,16 @@ def run_updates(alive, n_updates, n_steps, gs0, final_from, hp, flags, env, port
     member after another. ``windows``: (metric sums ``[M, S]``, update counts ``[S]``);
     ``scratch``: :func:`_scratch`'s buffers; ``diverged_at[k]`` is set to the update at which
     learner k went non-finite (it then stops), else left at -1."""
-    pi_kind, pi_rule, pi_state, pi_t, v_kind, v_rule, v_state, v_t = optimizers
-    metric_sum, updates = windows
-    bufs, v_bufs, pi_grads, v_grads = scratch
+    # Every array from here on borrowed (study.trainer.views): the caller keeps them alive.
+    pi_kind, pi_rule, pi_state, pi_t, v_kind, v_rule, v_state, v_t = borrowed(optimizers)
+    pi_state = (borrowed_list(pi_state[0]), borrowed_list(pi_state[1]))
+    v_state = (borrowed_list(v_state[0]), borrowed_list(v_state[1]))
+    metric_sum, updates = borrowed(windows)
+    bufs, v_bufs = borrowed(scratch[0]), borrowed(scratch[1])
+    pi_grads, v_grads = borrowed_list(scratch[2]), borrowed_list(scratch[3])
+    pi, v = borrowed_list(pi), borrowed_list(v)
+    alive, hp, flags, env, obs, plans, book, diverged_at = borrowed(
+        (alive, hp, flags, env, obs, plans, book, diverged_at))
     n = n_steps * obs.shape[1]
     adv = np.empty((1, n), dtype=np.float32)
     ret = np.empty((1, n), dtype=np.float32)

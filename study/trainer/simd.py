@@ -24,9 +24,9 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic as _numba_intrinsic
 from numba.extending import models, register_model
 
-__all__ = ["LANES", "f32x16", "transpose16", "vadd", "vdiv", "vfma", "vload", "vload4_rows",
-           "vload4_tiled", "vmul", "vsplat", "vsqrt", "vstore", "vsub", "vwhere_eq", "vwhere_gt",
-           "vwhere_le", "vwhere_lt"]
+__all__ = ["LANES", "f32x16", "transpose16", "vadd", "vdiv", "vfma", "vlane", "vload",
+           "vload4_rows", "vload4_tiled", "vmul", "vsplat", "vsqrt", "vstore", "vsub", "vwhere_eq",
+           "vwhere_gt", "vwhere_le", "vwhere_lt"]
 
 LANES = 16
 # Typed as Any: the intrinsics' Python signatures (typing context first) are numba's, not
@@ -226,3 +226,12 @@ def transpose16(typingctx: Any, src: Any, dst: Any, r0: Any, c0: Any) -> Any:
             builder.store(rows[i], row(dst_ty, dst_a, plus(c0, i), r0), align=4)
         return context.get_dummy_value()
     return types.void(src, dst, r0, c0), codegen
+
+
+@intrinsic
+def vlane(typingctx: Any, v: Any, i: Any) -> Any:
+    """Lane ``i`` of ``v`` (a float32), read from the register."""
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        index = context.cast(builder, args[1], sig.args[1], types.int32)
+        return builder.extract_element(args[0], index)
+    return types.float32(v, i), codegen
