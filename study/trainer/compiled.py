@@ -55,8 +55,8 @@ from study.trainer.simd import (
 from study.trainer.views import view
 
 __all__ = ["ACTIVATIONS", "BLOCKED", "DOT4", "FMA", "MODES", "SEPARATE", "CompiledMLP",
-           "arrays", "backward_member", "forward_member", "torch_column_sums", "torch_row_sum",
-           "torch_passes"]
+           "arrays", "backward_member", "backward_work", "forward_member", "torch_column_sums",
+           "torch_row_sum", "torch_passes"]
 
 #: How a product sums its terms: in order with fused multiply-adds (FMA) or with separately
 #: rounded products (SEPARATE), or as four interleaved partial sums of rounded products
@@ -463,7 +463,7 @@ def forward_member(x, params, s, modes, act, hidden, row0, out):
 
 
 @numba.njit(**JIT_OPTIONS)
-def backward_member(g_out, x, hidden, params, s, w_modes, x_modes, act, grads):
+def backward_member(g_out, x, hidden, params, s, w_modes, x_modes, act, grads, work):
     """Member s's weight gradients, by the chain rule through an MLP, into ``grads[k][s]``
     (the tuple ``(dw0, db0, ...)`` like ``params``), for every layer but the output layer's
     bias. ``g_out`` ``[R, N]``: the loss's gradient with respect to the output; ``x``
@@ -472,6 +472,7 @@ def backward_member(g_out, x, hidden, params, s, w_modes, x_modes, act, grads):
     ``h^T g`` is summed over rows in order with ``w_modes[l]``; the gradient passed down,
     ``g w^T``, over outputs in order with ``x_modes[l]``, then through the tanh as
     ``kernels.tanh_backward_`` does (which also gives the bias gradient of the layer below).
+    ``work``: :func:`backward_work`'s buffers (reused, rather than allocated per layer).
     """
     n_layers = len(params) // 2
     n_rows = g_out.shape[0]
@@ -483,25 +484,37 @@ def backward_member(g_out, x, hidden, params, s, w_modes, x_modes, act, grads):
         _product(h.T, g, grads[2 * layer][s], w_modes[layer], _NO_BIAS)
         if layer == 0:
             break
-        g_down = np.empty((n_rows, n_in), dtype=np.float32)
-        _product(g, _transposed(w), g_down, x_modes[layer], _NO_BIAS)
+        w_t = view(work[2], (w.shape[1], n_in))
+        _transpose_into(w, w_t)
+        g_down = view(work[layer % 2], (n_rows, n_in))  # (not the buffer g is in)
+        _product(g, w_t, g_down, x_modes[layer], _NO_BIAS)
         _act_backward(g_down, h, act, grads[2 * layer - 1][s, 0])
         g = g_down
 
 
+def backward_work(params: Sequence[Any], rows: int) -> tuple[np.ndarray, ...]:
+    """:func:`backward_member`'s buffers for up to ``rows`` rows of a network with these
+    parameters (arrays or tensors): two for the gradients passed down (one layer's, the
+    next's) and one for a transposed weight."""
+    width = max(max(p.shape[1:]) for p in params[0::2])
+    return (np.empty(rows * width, dtype=np.float32), np.empty(rows * width, dtype=np.float32),
+            np.empty(width * width, dtype=np.float32))
+
+
 @numba.njit(**JIT_OPTIONS)
-def _transposed(w):
-    """A C-contiguous copy of ``w.T`` (float32): in 16 x 16 blocks transposed in registers
+def _transpose_into(w, out):
+    """``out[:, :] = w.T`` (``out`` C-contiguous): in 16 x 16 blocks transposed in registers
     where both sides are multiples of 16 and w's rows are contiguous (3.5 times as fast as
     an element at a time on 64 x 64)."""
     n, m = w.shape
     if n % LANES or m % LANES or w.strides[1] != w.itemsize:
-        return np.ascontiguousarray(w.T)
-    out = np.empty((m, n), dtype=np.float32)
+        for i in range(n):
+            for j in range(m):
+                out[j, i] = w[i, j]
+        return
     for r0 in range(0, n, LANES):
         for c0 in range(0, m, LANES):
             transpose16(w, out, r0, c0)
-    return out
 
 
 @numba.njit(**JIT_OPTIONS)
@@ -513,11 +526,12 @@ def mlp_forward(x, params, modes, act, hidden, out):
 
 
 @numba.njit(**JIT_OPTIONS)
-def mlp_backward(g_out, x, hidden, params, w_modes, x_modes, act, grads):
+def mlp_backward(g_out, x, hidden, params, w_modes, x_modes, act, grads, work):
     """:func:`backward_member` for every member (``g_out`` ``[S, R, N]``, ``x`` and
-    ``hidden`` as :func:`mlp_forward` fills them)."""
+    ``hidden`` as :func:`mlp_forward` fills them; ``work``: :func:`backward_work`'s)."""
     for s in range(g_out.shape[0]):
-        backward_member(g_out[s], x[s], hidden[s], params, s, w_modes, x_modes, act, grads)
+        backward_member(g_out[s], x[s], hidden[s], params, s, w_modes, x_modes, act, grads,
+                        work)
 
 
 # torch's sums (ATen's cpu/SumKernel.cpp), reproduced for the AVX2 kernels (vectors of 8):
@@ -813,7 +827,7 @@ class CompiledMLP:
         mlp_backward(np.ascontiguousarray(grad_out.numpy()),
                      np.ascontiguousarray(inputs[0].numpy()), hidden,
                      arrays(p.detach() for p in params), modes[0], modes[1], self.act,
-                     arrays(grads))
+                     arrays(grads), backward_work(params, grad_out.shape[1]))
         # The output layer's bias gradient as nets.backward takes it (a width of 1 padded).
         g = grad_out
         if g.shape[-1] == 1:

@@ -39,6 +39,7 @@ from study.trainer.compiled import (
     CompiledMLP,
     arrays,
     backward_member,
+    backward_work,
     forward_member,
     torch_column_sums,
     torch_row_sum,
@@ -135,6 +136,10 @@ class Rollout(NamedTuple):
     rewards: np.ndarray  # [T, 1, E]
     terminated: np.ndarray  # [T, 1, E]
     dones: np.ndarray  # [T, 1, E]
+    draws: np.ndarray  # [T, E] the action draws
+    step: tuple[np.ndarray, np.ndarray, np.ndarray]  # [1, E] a step's terminations,
+    #   truncations and rewards
+    reset: tuple[np.ndarray, np.ndarray]  # a reset's uniforms, its state [C]
 
 
 class Values(NamedTuple):
@@ -197,16 +202,13 @@ def _rollout(k, s, u, n_steps, env, port, obs, pi, pi_modes, act, bufs, book, gs
     x_all, pi_hidden, logits, actions = bufs.x_all, bufs.pi_hidden, bufs.logits, bufs.actions
     final_obs = bufs.final_obs
     n_envs, obs_dim = obs.shape[1], obs.shape[2]
-    draws = np.empty((n_steps, n_envs))
+    draws = bufs.draws
     for i in range(n_steps * n_envs):  # MemberStreams.uniform((T, E)) of this member
         draws[i // n_envs, i % n_envs] = uniform_draw(act_keys[s],
                                                       act_counters[s] + np.uint64(i + 1))
     act_counters[s] += np.uint64(n_steps * n_envs)
-    step_term = np.empty((1, n_envs), dtype=np.bool_)
-    step_trunc = np.empty((1, n_envs), dtype=np.bool_)
-    step_rew = np.empty((1, n_envs))
-    u_reset = np.empty(n_draws)
-    fresh = np.empty(state.shape[0])
+    step_term, step_trunc, step_rew = bufs.step
+    u_reset, fresh = bufs.reset
     for t in range(n_steps):
         rows = slice(t * n_envs, (t + 1) * n_envs)
         x_all[rows] = obs[s]
@@ -265,7 +267,7 @@ def _value_targets(k, hp, flags, v, v_modes, v_final_modes, act, bufs, v_bufs, a
 
 @numba.njit(**JIT_OPTIONS)
 def _policy_step(k, hp, pi, pi_modes, act, pi_opt, bufs, adv, rule_kind, rule, t, metrics,
-                 grads):
+                 grads, work):
     """A2C's policy gradient (``kernels.categorical_policy_grad``, then the backward pass)
     and the clipped optimizer step; returns whether the member stays finite."""
     x_all, pi_hidden, logits, actions = bufs.x_all, bufs.pi_hidden, bufs.logits, bufs.actions
@@ -279,7 +281,8 @@ def _policy_step(k, hp, pi, pi_modes, act, pi_opt, bufs, adv, rule_kind, rule, t
         view(logits, (1, n, n_actions)), view(actions, (1, n)), weights, coef, g_out)
     entropy = ent[0] / _F(n)
     loss = pg[0] - hp[k, _ENT_COEF] * entropy
-    backward_member(g_out[0], x_all, pi_hidden, pi, k, pi_modes[0], pi_modes[1], act, grads)
+    backward_member(g_out[0], x_all, pi_hidden, pi, k, pi_modes[0], pi_modes[1], act, grads,
+                    work)
     torch_column_sums(g_out[0], grads[len(grads) - 1][k, 0])
     norm, ok = _optimizer_step(rule_kind, pi, grads, pi_opt, k, t, hp[k, _PI_LR],
                                hp[k, _PI_CLIP], np.isfinite(loss), rule)
@@ -291,7 +294,7 @@ def _policy_step(k, hp, pi, pi_modes, act, pi_opt, bufs, adv, rule_kind, rule, t
 
 @numba.njit(**JIT_OPTIONS)
 def _value_step(k, hp, v, v_modes, act, v_opt, bufs, v_bufs, ret, rule_kind, rule, t, metrics,
-                grads):
+                grads, work):
     """The value loss ``c_v (V(s) - R)^2`` of the fused value step (the V(s_0 .. s_T) pass
     is its forward pass), its backward pass and the clipped optimizer step."""
     x_all, v_hidden, v_all = bufs.x_all, v_bufs.hidden, v_bufs.v_all
@@ -308,7 +311,7 @@ def _value_step(k, hp, v, v_modes, act, v_opt, bufs, v_bufs, ret, rule_kind, rul
         g_out[i, 0] = coef * err[i]
     pad = np.zeros((n, 2), dtype=np.float32)  # the trainer pads a width of 1 to 2
     pad[:, 0] = g_out[:, 0]
-    backward_member(g_out, x_all, v_hidden, v, k, v_modes[0], v_modes[1], act, grads)
+    backward_member(g_out, x_all, v_hidden, v, k, v_modes[0], v_modes[1], act, grads, work)
     sums = np.empty(2, dtype=np.float32)
     torch_column_sums(pad, sums)
     grads[len(grads) - 1][k, 0, 0] = sums[0]
@@ -332,6 +335,7 @@ def run_updates(alive, n_updates, n_steps, gs0, final_from, hp, flags, env, port
     metric_sum, updates = borrowed(windows)
     bufs, v_bufs = borrowed(scratch[0]), borrowed(scratch[1])
     pi_grads, v_grads = borrowed_list(scratch[2]), borrowed_list(scratch[3])
+    work = borrowed(scratch[4])
     pi, v = borrowed_list(pi), borrowed_list(v)
     alive, hp, flags, env, obs, plans, book, diverged_at = borrowed(
         (alive, hp, flags, env, obs, plans, book, diverged_at))
@@ -351,11 +355,11 @@ def run_updates(alive, n_updates, n_steps, gs0, final_from, hp, flags, env, port
             pi_t[k] += 1
             ok = _policy_step(k, hp, pi, plans.pi_backward, act, pi_state, bufs, adv, pi_kind,
                               pi_rule,
-                              pi_t[k], metrics, pi_grads)
+                              pi_t[k], metrics, pi_grads, work)
             v_t[k] += 1
             ok &= _value_step(k, hp, v, plans.v_backward, act, v_state, bufs, v_bufs, ret, v_kind,
                               v_rule,
-                              v_t[k], metrics, v_grads)
+                              v_t[k], metrics, v_grads, work)
             metrics[_EXPLAINED_VARIANCE] = ev[0]
             for m in range(metrics.shape[0]):
                 metric_sum[m, s] += np.float64(metrics[m])
@@ -455,7 +459,7 @@ class CompiledA2C:
             self.plans, optimizers,
             Book(tr.ep_ret, tr.ep_len, tr.last_ret, w.ret_sum, w.len_sum, w.ep_count,
                  w.final_sum, w.final_count), (metric_sum, w.updates),
-            _scratch(pi, v, tr.n_steps, tr.n_envs, tr.obs.shape[2]), diverged_at)
+            _scratch(pi, v, tr.n_steps, tr.n_envs, env), diverged_at)
         for i, name in enumerate(UPDATE_METRICS):
             w.metric_sum[name][:] = metric_sum[i]
         env.set_reset_numbers(resets)  # the environments continue from here in Python too
@@ -463,12 +467,14 @@ class CompiledA2C:
 
 
 def _scratch(pi: Sequence[np.ndarray], v: Sequence[np.ndarray], n_steps: int,
-             n_envs: int, obs_dim: int) -> tuple[Any, ...]:
+             n_envs: int, env: FastPopulationEnv) -> tuple[Any, ...]:
     """One member's buffers for :func:`run_updates` (reused member after member): the
     rollout's (observations then the last ones, policy activations, logits, actions,
-    final observations, rewards, terminations, ends), the value pass's (activations,
-    V(s_0 .. s_T), V(final obs), their activations) and both networks' gradients."""
+    final observations, rewards, terminations, ends, a step's and a reset's), the value
+    pass's (activations, V(s_0 .. s_T), V(final obs), their activations), both networks'
+    gradients and the backward passes' buffers."""
     n = n_steps * n_envs
+    obs_dim = env.obs_dim
 
     def width(params: Sequence[np.ndarray]) -> int:
         return max(p.shape[2] for p in params[0:-2:2])
@@ -481,12 +487,16 @@ def _scratch(pi: Sequence[np.ndarray], v: Sequence[np.ndarray], n_steps: int,
                    np.zeros((n, obs_dim), dtype=np.float32),
                    np.empty((n_steps, 1, n_envs)),
                    np.empty((n_steps, 1, n_envs), dtype=np.bool_),
-                   np.empty((n_steps, 1, n_envs), dtype=np.bool_))
+                   np.empty((n_steps, 1, n_envs), dtype=np.bool_),
+                   np.empty((n_steps, n_envs)),
+                   (np.empty((1, n_envs), dtype=np.bool_), np.empty((1, n_envs), dtype=np.bool_),
+                    np.empty((1, n_envs))),
+                   (np.empty(env.n_draws), np.empty(env._state.shape[0])))
     v_bufs = Values(np.empty((n_v, n + n_envs, width(v)), dtype=np.float32),
                     np.empty(n + n_envs, dtype=np.float32), np.empty(n, dtype=np.float32),
                     np.empty((n_v, n, width(v)), dtype=np.float32))
     return (bufs, v_bufs, arrays(np.empty_like(p) for p in pi),
-            arrays(np.empty_like(p) for p in v))
+            arrays(np.empty_like(p) for p in v), backward_work([*pi, *v], n))
 
 
 def _arrays(params: list[torch.Tensor]) -> Any:
