@@ -407,6 +407,7 @@ class CompiledA2C:
     def __init__(self, trainer: _Trainer, plans: Plans) -> None:
         self.trainer = trainer
         self.plans = plans
+        self._scratch: tuple[Any, ...] | None = None  # built on the first run, then reused
 
     @classmethod
     def build(cls, trainer: _Trainer) -> CompiledA2C | None:
@@ -459,14 +460,23 @@ class CompiledA2C:
             self.plans, optimizers,
             Book(tr.ep_ret, tr.ep_len, tr.last_ret, w.ret_sum, w.len_sum, w.ep_count,
                  w.final_sum, w.final_count), (metric_sum, w.updates),
-            _scratch(pi, v, tr.n_steps, tr.n_envs, env), diverged_at)
+            self._buffers(), diverged_at)
         for i, name in enumerate(UPDATE_METRICS):
             w.metric_sum[name][:] = metric_sum[i]
         env.set_reset_numbers(resets)  # the environments continue from here in Python too
         return diverged_at
 
+    def _buffers(self) -> tuple[Any, ...]:
+        """:func:`_scratch`'s buffers, the same on every run (a log window at S = 1 is a
+        few milliseconds: building them again each time cost a sixth of it)."""
+        if self._scratch is None:
+            tr = self.trainer
+            assert isinstance(tr.env, FastPopulationEnv)
+            self._scratch = _scratch(tr.agent.pi, tr.agent.v, tr.n_steps, tr.n_envs, tr.env)
+        return self._scratch
 
-def _scratch(pi: Sequence[np.ndarray], v: Sequence[np.ndarray], n_steps: int,
+
+def _scratch(pi: Sequence[torch.Tensor], v: Sequence[torch.Tensor], n_steps: int,
              n_envs: int, env: FastPopulationEnv) -> tuple[Any, ...]:
     """One member's buffers for :func:`run_updates` (reused member after member): the
     rollout's (observations then the last ones, policy activations, logits, actions,
@@ -476,7 +486,7 @@ def _scratch(pi: Sequence[np.ndarray], v: Sequence[np.ndarray], n_steps: int,
     n = n_steps * n_envs
     obs_dim = env.obs_dim
 
-    def width(params: Sequence[np.ndarray]) -> int:
+    def width(params: Sequence[torch.Tensor]) -> int:
         return max(p.shape[2] for p in params[0:-2:2])
 
     n_pi, n_v = len(pi) // 2 - 1, len(v) // 2 - 1
@@ -495,8 +505,8 @@ def _scratch(pi: Sequence[np.ndarray], v: Sequence[np.ndarray], n_steps: int,
     v_bufs = Values(np.empty((n_v, n + n_envs, width(v)), dtype=np.float32),
                     np.empty(n + n_envs, dtype=np.float32), np.empty(n, dtype=np.float32),
                     np.empty((n_v, n, width(v)), dtype=np.float32))
-    return (bufs, v_bufs, arrays(np.empty_like(p) for p in pi),
-            arrays(np.empty_like(p) for p in v), backward_work([*pi, *v], n))
+    return (bufs, v_bufs, arrays(np.empty(p.shape, dtype=np.float32) for p in pi),
+            arrays(np.empty(p.shape, dtype=np.float32) for p in v), backward_work([*pi, *v], n))
 
 
 def _arrays(params: list[torch.Tensor]) -> Any:
