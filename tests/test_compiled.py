@@ -324,7 +324,8 @@ def test_narrow_products_sum_in_order_along_the_long_side(rows, inner, cols):
     fused = np.zeros((rows, cols), dtype=np.float64)
     for k in range(inner):
         rounded = rounded + np.outer(h[k], b[k]).astype(np.float32)
-        # a fused multiply-add rounds once: exact in float64 for float32 operands
+        # a fused multiply-add rounds once; here the product is exact in float64 and the
+        # sum rounds twice (to float64, then float32), the same for these inputs
         fused = (fused + np.outer(h[k].astype(np.float64), b[k])).astype(np.float32)
     for product, want in ((_product_columns_separate, rounded), (_product_columns_fma, fused)):
         out = np.empty((rows, cols), dtype=np.float32)

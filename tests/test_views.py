@@ -34,16 +34,32 @@ def test_borrowed_arrays_are_the_same_memory():
 
 @numba.njit
 def _views(a):
-    return view(a, (2, 8)).copy(), view(a[1], 12).copy(), view(a, (2, 2, 2)).copy(), flat(a)
+    return view(a, (2, 8)).copy(), view(a[1:], 12).copy(), view(a, (2, 2, 2)).copy(), flat(a)
 
 
 def test_view_reshapes_the_leading_elements_of_a_contiguous_array():
     a = np.arange(32, dtype=np.float32).reshape(4, 8)
     two, row, cube, whole = _views(a)
     assert np.array_equal(two, a.reshape(-1)[:16].reshape(2, 8))
-    assert np.array_equal(row, a.reshape(-1)[8:20])  # from row 1 on, past its end
+    assert np.array_equal(row, a.reshape(-1)[8:20])  # from row 1 on, into row 2
     assert np.array_equal(cube, a.reshape(-1)[:8].reshape(2, 2, 2))
     assert np.array_equal(whole, a.reshape(-1)) and np.shares_memory(whole, a)
+
+
+@numba.njit
+def _view_of_a_local(n):
+    return view(np.arange(n, dtype=np.float32) * np.float32(2), (2, n // 2))
+
+
+@numba.njit
+def _too_large(a):
+    return view(a, (3, a.shape[1]))
+
+
+def test_a_view_keeps_its_array_alive_and_stays_inside_it():
+    assert np.array_equal(_view_of_a_local(8), (np.arange(8) * 2).reshape(2, 4))
+    with pytest.raises(ValueError, match="larger than its array"):
+        _too_large(np.zeros((2, 4), dtype=np.float32))
 
 
 def test_view_takes_only_contiguous_arrays():

@@ -270,7 +270,7 @@ def _product_columns(a, b, out, fused):
     n_rows, n_inner = a.shape
     width = out.shape[1]
     acc = np.empty((width, n_rows), dtype=np.float32)
-    if n_rows < LANES:
+    if n_rows < LANES or a.itemsize != 4 or b.itemsize != 4:  # (the vectors are float32)
         acc[:, :] = 0.0
         for k in range(n_inner):
             ak = a[:, k]

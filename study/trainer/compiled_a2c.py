@@ -468,7 +468,8 @@ class CompiledA2C:
 
     def _buffers(self) -> tuple[Any, ...]:
         """:func:`_scratch`'s buffers, the same on every run (a log window at S = 1 is a
-        few milliseconds: building them again each time cost a sixth of it)."""
+        few milliseconds: building them again each time cost a sixth of it). One run of a
+        trainer at a time, as the trainer runs them."""
         if self._scratch is None:
             tr = self.trainer
             assert isinstance(tr.env, FastPopulationEnv)

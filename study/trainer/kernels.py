@@ -105,7 +105,8 @@ def tanh_backward_rows(g: np.ndarray, y: np.ndarray, db: np.ndarray) -> None:
     With contiguous rows, the sums of 64 (then 16) columns stay in registers over all rows
     (the same terms in the same order as one column at a time)."""
     j = 0
-    if g.strides[1] == g.itemsize and y.strides[1] == y.itemsize and db.strides[0] == db.itemsize:
+    if (g.itemsize == 4 and y.itemsize == 4 and db.itemsize == 4  # float32 (the vectors')
+            and g.strides[1] == 4 and y.strides[1] == 4 and db.strides[0] == 4):
         while j + 4 * _LANES <= g.shape[1]:
             _tanh_backward_block(g, y, db, j)
             j += 4 * _LANES

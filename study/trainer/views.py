@@ -60,7 +60,8 @@ def borrowed(typingctx: Any, value: Any) -> Any:
 
 @numba.njit(**_JIT)
 def borrowed_list(arrays: Any) -> Any:
-    """A new typed list of ``arrays``' items, :func:`borrowed`."""
+    """A new typed list of ``arrays``' items, :func:`borrowed`. For compiled code only:
+    returned to Python, its arrays would outlive nothing that keeps their memory."""
     out = numba.typed.List()
     for a in arrays:
         out.append(borrowed(a))
@@ -71,7 +72,7 @@ def borrowed_list(arrays: Any) -> Any:
 def view(typingctx: Any, arr: Any, shape: Any) -> Any:
     """The first ``prod(shape)`` elements of a C-contiguous array as a C-contiguous array of
     ``shape`` (an int or a tuple of ints), sharing its memory and owner (``arr.reshape``
-    where that is the same size; nothing checks that it is not larger)."""
+    where that is the same size). A shape larger than the array raises ValueError."""
     if not isinstance(arr, types.Array) or arr.layout != "C":
         raise errors.TypingError(f"view() takes a C-contiguous array, not {arr}")
     dims = list(cast(Any, shape)) if isinstance(shape, types.BaseTuple) else [shape]
@@ -89,6 +90,10 @@ def view(typingctx: Any, arr: Any, shape: Any) -> Any:
         for size in reversed(sizes):
             strides.insert(0, stride)
             stride = builder.mul(stride, size)
+        nbytes = builder.mul(src.nitems, src.itemsize)
+        with builder.if_then(builder.icmp_signed(">", stride, nbytes), likely=False):
+            context.call_conv.return_user_exc(builder, ValueError,
+                                              ("view() larger than its array",))
         out = context.make_array(out_type)(context, builder)
         context.populate_array(out, data=src.data, shape=sizes, strides=strides,
                                itemsize=src.itemsize, meminfo=src.meminfo, parent=src.parent)
