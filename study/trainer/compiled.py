@@ -144,6 +144,14 @@ def _term(acc, x, y, fused):
 
 
 @numba.njit(**JIT_OPTIONS, inline="always")
+def _terms4(s0, s1, s2, s3, x, y0, y1, y2, y3, fused):
+    """Four sums' next terms, the scalar ``x`` times four vectors (:func:`_term` each)."""
+    xv = vsplat(x)
+    return (_term(s0, xv, y0, fused), _term(s1, xv, y1, fused), _term(s2, xv, y2, fused),
+            _term(s3, xv, y3, fused))
+
+
+@numba.njit(**JIT_OPTIONS, inline="always")
 def _product_tiles(a, b, out, fused):
     """:func:`_product_rows` for an ``out`` at least 16 wide whose rows, and b's, are
     contiguous: tiles of four rows by 64 columns whose sums stay in registers over the whole
@@ -163,18 +171,10 @@ def _product_tiles(a, b, out, fused):
             for k in range(n_inner):
                 bk = b[k]
                 y0, y1, y2, y3 = vload(bk, c0), vload(bk, c1), vload(bk, c2), vload(bk, c3)
-                x = vsplat(a[r, k])
-                s00, s01 = _term(s00, x, y0, fused), _term(s01, x, y1, fused)
-                s02, s03 = _term(s02, x, y2, fused), _term(s03, x, y3, fused)
-                x = vsplat(a[r1, k])
-                s10, s11 = _term(s10, x, y0, fused), _term(s11, x, y1, fused)
-                s12, s13 = _term(s12, x, y2, fused), _term(s13, x, y3, fused)
-                x = vsplat(a[r2, k])
-                s20, s21 = _term(s20, x, y0, fused), _term(s21, x, y1, fused)
-                s22, s23 = _term(s22, x, y2, fused), _term(s23, x, y3, fused)
-                x = vsplat(a[r3, k])
-                s30, s31 = _term(s30, x, y0, fused), _term(s31, x, y1, fused)
-                s32, s33 = _term(s32, x, y2, fused), _term(s33, x, y3, fused)
+                s00, s01, s02, s03 = _terms4(s00, s01, s02, s03, a[r, k], y0, y1, y2, y3, fused)
+                s10, s11, s12, s13 = _terms4(s10, s11, s12, s13, a[r1, k], y0, y1, y2, y3, fused)
+                s20, s21, s22, s23 = _terms4(s20, s21, s22, s23, a[r2, k], y0, y1, y2, y3, fused)
+                s30, s31, s32, s33 = _terms4(s30, s31, s32, s33, a[r3, k], y0, y1, y2, y3, fused)
             cols = (c0, c1, c2, c3)
             _store_tile(out[r], cols, s00, s01, s02, s03)
             _store_tile(out[r1], cols, s10, s11, s12, s13)
@@ -299,11 +299,8 @@ def _columns_tile(a, b, acc, c0, c1, c2, c3, j0, j1, fused):
     for k in range(a.shape[1]):
         col = a[:, k]
         y0, y1, y2, y3 = vload(col, c0), vload(col, c1), vload(col, c2), vload(col, c3)
-        x0, x1 = vsplat(b[k, j0]), vsplat(b[k, j1])
-        s00, s01 = _term(s00, y0, x0, fused), _term(s01, y1, x0, fused)
-        s02, s03 = _term(s02, y2, x0, fused), _term(s03, y3, x0, fused)
-        s10, s11 = _term(s10, y0, x1, fused), _term(s11, y1, x1, fused)
-        s12, s13 = _term(s12, y2, x1, fused), _term(s13, y3, x1, fused)
+        s00, s01, s02, s03 = _terms4(s00, s01, s02, s03, b[k, j0], y0, y1, y2, y3, fused)
+        s10, s11, s12, s13 = _terms4(s10, s11, s12, s13, b[k, j1], y0, y1, y2, y3, fused)
     _store_tile(acc[j0], (c0, c1, c2, c3), s00, s01, s02, s03)
     _store_tile(acc[j1], (c0, c1, c2, c3), s10, s11, s12, s13)
 
