@@ -23,7 +23,7 @@ __version__ = "0.1.0"
 #: The trainer's numerics, bumped by every change that alters any trained value (another
 #: matmul form, chunk size or formula). Stores record it, and resuming a store trained
 #: with other numerics is refused: its runs would not match the ones trained now.
-NUMERICS = 3
+NUMERICS = 4
 
 #: public name -> (module, attribute), loaded on first use (PEP 562)
 _LAZY = {

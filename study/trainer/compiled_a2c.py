@@ -21,10 +21,7 @@ else keeps the trainer's own path.
 
 from __future__ import annotations
 
-import hashlib
-import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numba
@@ -47,6 +44,7 @@ from study.trainer.compiled import (
 from study.trainer.envs import cartpole
 from study.trainer.envs.cartpole import FastPopulationEnv
 from study.trainer.kernels import JIT_OPTIONS
+from study.trainer.numba_cache import drop_stale_cache
 from study.trainer.optim import RULES
 from study.trainer.rng import uniform_draw
 from study.trainer.updates import CHUNK_ROWS, AcceleratedMLPUpdate
@@ -58,34 +56,7 @@ if TYPE_CHECKING:
 __all__ = ["CompiledA2C", "accepts"]
 
 
-def _drop_stale_cache() -> None:
-    """Numba checks a cached function against its own file only, while this loop and the
-    passes call functions of (and freeze constants from) other modules: when any of those
-    files changed since the cache was written, drop the cached loop, passes, value steps and
-    kernels (which build on study.trainer.simd) so that they recompile, rather than run old
-    code."""
-    here = Path(__file__).parent
-    sources = [here / name for name in ("compiled_a2c.py", "compiled_value.py", "compiled.py",
-                                        "kernels.py", "simd.py", "views.py", "rng.py",
-                                        "updates.py", "envs/cartpole.py")]
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in [*sources,
-                                                              here.parent / "schema.py"]))
-    cache = Path(os.environ.get("NUMBA_CACHE_DIR") or here / "__pycache__")
-    stamp = cache / "study-compiled.sources"
-    try:
-        if stamp.exists() and stamp.read_text() == digest.hexdigest():
-            return
-        for pattern in ("compiled.*.nb[ic]", "compiled_a2c.*.nb[ic]",
-                        "compiled_value.*.nb[ic]", "kernels.*.nb[ic]"):
-            for path in cache.rglob(pattern):
-                path.unlink(missing_ok=True)
-        cache.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(digest.hexdigest())
-    except OSError:  # a read-only install: numba keeps its cache elsewhere, per file
-        pass
-
-
-_drop_stale_cache()
+drop_stale_cache()
 
 _F = np.float32
 _RULE_IDS = {"rmsprop": 0, "adam": 1}  # the ``kind`` of _optimizer_step

@@ -43,7 +43,8 @@ from study.trainer.nets import (
     mlp,
 )
 
-__all__ = ["GROUPS", "ActorCritic", "check_network", "feature_size", "reference_path"]
+__all__ = ["GROUPS", "ActorCritic", "accelerations_enabled", "check_network", "feature_size",
+           "reference_path"]
 
 _LOG_2PI = math.log(2.0 * math.pi)
 #: Weight groups in the order of :meth:`ActorCritic.all_params` (when present).
@@ -68,6 +69,11 @@ def reference_path() -> Iterator[None]:
         yield
     finally:
         _ACCELERATE[0] = True
+
+
+def accelerations_enabled() -> bool:
+    """False inside :func:`reference_path`: networks built there take no acceleration."""
+    return _ACCELERATE[0]
 
 
 def is_image(obs_space: gym.spaces.Box) -> bool:

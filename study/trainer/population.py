@@ -43,6 +43,7 @@ from study.hyperparameters import Hyperparameters, Structure
 from study.schema import CURVE_COLUMNS
 from study.schema import UPDATE_METRICS as _UPDATE_METRICS
 from study.trainer import compiled_a2c, compiled_value, kernels
+from study.trainer import compiled_cnn as _compiled_cnn  # noqa: F401  (registers its update)
 from study.trainer.alloc import keep_freed_memory
 from study.trainer.envs import Step, make_population_env
 from study.trainer.envs.memory import check_fits
@@ -610,7 +611,7 @@ class _Trainer:
             if trunc.any():
                 # Time-limit truncation bootstraps from V(final obs), not V(reset obs). Only
                 # whether this pass runs depends on the population, never its per-member values.
-                v_final = self.agent.values(rows(ro.final_obs))
+                v_final = self.updater.values(rows(ro.final_obs))
             adv, returns = _rollout_targets(v_all, v_final, ro.rewards, ro.terminated, ro.dones,
                                             self.alive, self.hps, trunc)
             # PPO normalises advantages per minibatch (study.trainer.updates), A2C per rollout.

@@ -11,7 +11,7 @@ with them gives the same bits as its scalar version, just faster. Loads and stor
 C-contiguous 1-D array and the index of the first of 16 lanes; nothing checks bounds. LLVM
 maps a vector to the machine's registers (one AVX-512 register, two AVX2 ones, four SSE
 ones); lanes never mix, so the bits are the same on each. numba checks a cached kernel
-against its own file only, so ``compiled_a2c._drop_stale_cache`` drops the caches of the
+against its own file only, so ``numba_cache.drop_stale_cache`` drops the caches of the
 kernels built on these when this file changes.
 """
 

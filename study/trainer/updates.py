@@ -174,6 +174,11 @@ class AutogradUpdate:
         return self.agent.policy_out(x)
 
     @torch.no_grad()
+    def values(self, obs: torch.Tensor) -> torch.Tensor:
+        """V ``[S, B]`` of observations ``[S, B, ...]`` (the bootstrap of truncations)."""
+        return self.agent.values(obs)
+
+    @torch.no_grad()
     def state_values(self, obs: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         """V(s_0 .. s_T) ``[S, (T + 1) * E]`` of the rollout's observations ``obs``
         ``[S, T * E, ...]`` followed by the observations after it, ``last``."""

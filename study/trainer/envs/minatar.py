@@ -88,21 +88,28 @@ class MinAtarPopulation:
         if not self._seeded:
             raise RuntimeError("call reset() before step()")
         n = len(self.games)
-        acts = self.action_set[np.asarray(actions).reshape(n)]
-        reward = np.zeros(n)
-        done = np.zeros(n, dtype=bool)
-        final = np.empty_like(self._state)
-        for i, g in enumerate(self.games):
-            r, d = g.act(int(acts[i]))
-            reward[i], done[i] = float(r), bool(d)
-            final[i] = g.state()
+        acts = self.action_set[np.asarray(actions).reshape(n)].tolist()
+        states = self._state
+        ends = []  # (game, the state its episode ended in)
+        rewards, done = [], np.zeros(n, dtype=bool)
+        for i, g in enumerate(self.games):  # (the loop that costs: a few Python calls a game)
+            r, d = g.act(acts[i])
+            rewards.append(r)
+            state = g.env.state()
             if d:
+                done[i] = True
+                ends.append((i, state))
                 g.reset()
-                self._state[i] = g.state()
-            else:
-                self._state[i] = final[i]
+                state = g.env.state()
+            states[i] = state
+        final = states
+        if ends:
+            final = states.copy()
+            for i, state in ends:
+                final[i] = state
         shape = (self.n_members, self.n_envs)
-        return Step(obs=self._obs(self._state), reward=reward.reshape(shape),
+        return Step(obs=self._obs(states),
+                    reward=np.asarray(rewards, dtype=np.float64).reshape(shape),
                     terminated=done.reshape(shape), truncated=np.zeros(shape, dtype=bool),
                     final_obs=self._obs(final))
 

@@ -1,0 +1,186 @@
+"""The compiled MinAtar network (study.trainer.compiled_cnn) against the autograd reference:
+passes, gradients and a few optimizer steps close to it; which networks it serves; and a
+member's bits the same alone, inside a population and on a re-run."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from study import config as cfg
+from study.hyperparameters import Structure
+from study.trainer.compiled_cnn import CompiledCNNUpdate
+from study.trainer.networks import ActorCritic, reference_path
+from study.trainer.optim import MemberOptimizer
+from study.trainer.updates import AutogradUpdate, Minibatch, make_update
+
+torch.set_num_threads(1)
+
+T, E = 5, 8
+N = T * E
+#: MinAtar-like observations: binary planes (and, below, small integers).
+SPACE = gym.spaces.Box(0, 1, (4, 10, 10), dtype=np.uint8)
+
+
+def _agent(overrides: dict | None = None, space: gym.spaces.Box = SPACE, n_actions: int = 3,
+           seeds: tuple[int, ...] = (0, 1, 2), shake: float = 0.05) -> ActorCritic:
+    """A MinAtar-CNN actor-critic whose weights are moved off their initial values (biases
+    non-zero, so some ReLUs are off and some on everywhere)."""
+    hp = cfg.resolve({"encoder": "minatar_cnn", "share_trunk": True, "policy_hidden_sizes": [],
+                      "value_hidden_sizes": [], **(overrides or {})})
+    agent = ActorCritic(Structure.of(hp), list(seeds), space, gym.spaces.Discrete(n_actions),
+                        torch.zeros(len(seeds)), torch.device("cpu"))
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in agent.all_params():
+            p.add_(shake * torch.randn(p.shape, generator=gen))
+    return agent
+
+
+def _rollout(n_members: int, space: gym.spaces.Box = SPACE, high: int = 1,
+             density: float = 0.15, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Observations of T steps ``[T, S, E, C, H, W]`` and the ones after them."""
+    rng = np.random.default_rng(seed)
+    shape = (T, n_members, E, *space.shape)
+    obs = rng.integers(1, high + 1, shape) * (rng.random(shape) < density)
+    last = obs[-1, :, ::-1].copy()
+    return torch.from_numpy(obs.astype(np.uint8)), torch.from_numpy(last.astype(np.uint8))
+
+
+def _passes(update: AutogradUpdate, obs: torch.Tensor, last: torch.Tensor
+            ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    n_members = obs.shape[1]
+    update.begin_rollout(n_members, T, E)
+    outs = [update.rollout_pass(obs[t], t).clone() for t in range(T)]
+    rows = obs.transpose(0, 1).reshape(n_members, N, *obs.shape[3:])
+    return outs, update.state_values(rows, last).clone()
+
+
+def _minibatch(obs: torch.Tensor, seed: int = 1) -> Minibatch:
+    n_members = obs.shape[1]
+    gen = torch.Generator().manual_seed(seed)
+    rows = obs.transpose(0, 1).reshape(n_members, N, *obs.shape[3:])
+    return Minibatch(rows, torch.randint(0, 3, (n_members, N), generator=gen),
+                     torch.randn(n_members, N, generator=gen),
+                     torch.randn(n_members, N, generator=gen), True)
+
+
+def test_it_serves_the_minatar_network_and_only_where_it_reproduces_it():
+    hp = Structure.of(cfg.resolve({}, env="MinAtar/Breakout-v1")) if _has("minatar") else None
+    agent = _agent()
+    structure = Structure.of(cfg.resolve({"encoder": "minatar_cnn", "share_trunk": True,
+                                          "policy_hidden_sizes": [], "value_hidden_sizes": []}))
+    assert isinstance(make_update(agent, structure), CompiledCNNUpdate)
+    if hp is not None:  # MinAtar's own defaults pick it
+        assert hp.encoder == "minatar_cnn" and hp.share_trunk
+    with reference_path():
+        assert type(make_update(_agent(), structure)) is AutogradUpdate
+    for overrides in ({"share_trunk": False}, {"algorithm": "ppo"}, {"n_minibatches": 2},
+                      {"policy_hidden_sizes": [32], "value_hidden_sizes": [32]}):
+        other = Structure.of(cfg.resolve({"encoder": "minatar_cnn", "share_trunk": True,
+                                          "policy_hidden_sizes": [],
+                                          "value_hidden_sizes": [], **overrides}))
+        assert not isinstance(make_update(_agent(overrides), other), CompiledCNNUpdate), overrides
+
+
+def _has(module: str) -> bool:
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("high", [1, 7])  # binary planes; small integers, scaled by 1/7
+def test_passes_and_gradients_are_autograds(high):
+    space = gym.spaces.Box(0, high, (4, 10, 10), dtype=np.uint8)
+    agent = _agent(space=space)
+    fast, ref = CompiledCNNUpdate(agent, None), AutogradUpdate(agent, None)  # type: ignore[arg-type]
+    obs, last = _rollout(3, space, high=high)
+    outs, values = _passes(fast, obs, last)
+    ref_outs, ref_values = _passes(ref, obs, last)
+    for a, b in zip(outs, ref_outs, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-6)
+    np.testing.assert_allclose(values, ref_values, rtol=1e-5, atol=2e-6)
+    mb = _minibatch(obs)
+    coefs = torch.tensor([0.01, 0.0, 0.05]), torch.tensor([0.5, 1.0, 0.25])
+    terms, grads = fast.policy_gradients(mb, *coefs)
+    ref_terms, ref_grads = ref.policy_gradients(mb, *coefs)
+    assert set(terms) == set(ref_terms)
+    for k in terms:
+        np.testing.assert_allclose(terms[k], ref_terms[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    for p, g, r in zip(agent.policy_params(), grads, ref_grads, strict=True):
+        assert g.shape == p.shape
+        scale = float(r.abs().max())
+        assert scale > 0
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_a_few_updates_stay_close_to_autograds():
+    """Five RMSprop steps of three members from the same weights on the same rollouts:
+    the weights stay within float32 noise of the reference's."""
+    agents = [_agent(), _agent()]
+    updates = [CompiledCNNUpdate(agents[0], None), AutogradUpdate(agents[1], None)]  # type: ignore[arg-type]
+    opts = [MemberOptimizer("rmsprop", a.policy_params()) for a in agents]
+    lr, clip = torch.full((3,), 1e-3), torch.full((3,), 0.5)
+    coefs = torch.full((3,), 0.01), torch.full((3,), 0.5)
+    for step in range(5):
+        obs, last = _rollout(3, seed=step)
+        for agent, update, opt in zip(agents, updates, opts, strict=True):
+            _passes(update, obs, last)
+            terms, grads = update.policy_gradients(_minibatch(obs, seed=step), *coefs)
+            opt.step(agent.policy_params(), grads, lr, clip, torch.isfinite(terms["loss"]))
+    moved = False
+    for a, b in zip(agents[0].policy_params(), agents[1].policy_params(), strict=True):
+        np.testing.assert_allclose(a.detach(), b.detach(), rtol=1e-4, atol=2e-6)
+        moved |= not torch.equal(a, b)
+    assert moved  # (the paths are not the same arithmetic: the test compares two things)
+
+
+def test_a_member_is_the_same_alone_and_inside_any_population():
+    """Member s's passes and gradients depend on its own weights and rows only."""
+    seeds = (4, 5, 6)
+    together = _agent(seeds=seeds)
+    obs, last = _rollout(3)
+    update = CompiledCNNUpdate(together, None)  # type: ignore[arg-type]
+    outs, values = _passes(update, obs, last)
+    _, grads = update.policy_gradients(_minibatch(obs), torch.full((3,), 0.01),
+                                       torch.full((3,), 0.5))
+    grads = [g.clone() for g in grads]
+    for i in (2, 0):
+        alone = _agent(seeds=(seeds[i],))
+        with torch.no_grad():  # the same weights as member i of the population
+            for p, q in zip(alone.all_params(), together.all_params(), strict=True):
+                p.copy_(q[i:i + 1])
+        single = CompiledCNNUpdate(alone, None)  # type: ignore[arg-type]
+        one_outs, one_values = _passes(single, obs[:, i:i + 1], last[i:i + 1])
+        mb = _minibatch(obs)
+        mb_one = Minibatch(mb.obs[i:i + 1], mb.actions[i:i + 1], mb.adv[i:i + 1],
+                           mb.returns[i:i + 1], True)
+        _, one_grads = single.policy_gradients(mb_one, torch.full((1,), 0.01),
+                                               torch.full((1,), 0.5))
+        for a, b in zip(outs, one_outs, strict=True):
+            assert torch.equal(a[i:i + 1], b)
+        assert torch.equal(values[i:i + 1], one_values)
+        for g, g1 in zip(grads, one_grads, strict=True):
+            assert torch.equal(g[i:i + 1], g1)
+
+
+def test_minatar_training_is_bit_identical_on_the_compiled_path():
+    pytest.importorskip("minatar")
+    from study.trainer.population import CURVE_COLUMNS, Member, train_population
+
+    hp = cfg.resolve({"policy_lr": 3e-3}, env="MinAtar/Breakout-v1")
+    kw = dict(total_steps=640, log_every=320)
+    together = train_population("MinAtar/Breakout-v1", [Member(hp, s) for s in (3, 4)], **kw)
+    again = train_population("MinAtar/Breakout-v1", [Member(hp, 4)], **kw)[0]
+    for k in CURVE_COLUMNS:
+        np.testing.assert_array_equal(together[1].curve[k], again.curve[k], err_msg=k)
+    with reference_path():
+        ref = train_population("MinAtar/Breakout-v1", [Member(hp, 4)], **kw)[0]
+    # The reference learns from the same first rollout: the first window's losses agree
+    # closely (later ones drift apart as soon as one sampled action differs).
+    for k in ("policy_loss", "value_loss", "entropy"):
+        np.testing.assert_allclose(again.curve[k][0], ref.curve[k][0], rtol=1e-3, err_msg=k)
