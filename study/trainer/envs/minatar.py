@@ -6,7 +6,9 @@ which cost several times the game's own step. :class:`MinAtarPopulation` holds t
 ``minatar.Environment`` objects, seeds them the same way (the member's 32-bit instance
 seeds, once, at the first reset), maps actions through the same action set and transposes
 all observations at once: the same games, bit for bit (tests/test_networks.py compares it
-with the generic path).
+with the generic path). Breakout, after its games are seeded and reset, runs compiled
+(study.trainer.envs.minatar_breakout: the same game and random numbers, tested against the
+package).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 
 from study.trainer.envs.base import Step
 from study.trainer.envs.generic import instance_seed
+from study.trainer.envs.minatar_breakout import BreakoutGames
 from study.trainer.rng import STREAM_RESET
 
 __all__ = ["GAMES", "MinAtarPopulation", "minatar_spaces"]
@@ -60,6 +63,7 @@ class MinAtarPopulation:
     def __init__(self, env_id: str, seeds: Sequence[int], num_envs: int,
                  stream: int = STREAM_RESET) -> None:
         game, minimal = _game(env_id)
+        self.game = game
         self.n_members, self.n_envs = len(seeds), int(num_envs)
         self.games = [_environment(game) for _ in range(self.n_members * self.n_envs)]
         first = self.games[0]
@@ -68,6 +72,7 @@ class MinAtarPopulation:
         self.observation_space, self.action_space = minatar_spaces(env_id)
         self._seeds = [instance_seed(s, e, stream, 32) for s in seeds for e in range(num_envs)]
         self._seeded = False
+        self._compiled: BreakoutGames | None = None
         h, w, c = first.state_shape()
         self._state = np.zeros((len(self.games), h, w, c), dtype=bool)
 
@@ -76,18 +81,32 @@ class MinAtarPopulation:
         return chw.reshape(self.n_members, self.n_envs, *chw.shape[1:])
 
     def reset(self) -> np.ndarray:
+        if self._compiled is not None:
+            return self._obs_chw(self._compiled.reset())
         for i, g in enumerate(self.games):
             if not self._seeded:  # seeded once: afterwards each game continues its RNG
                 g.seed(self._seeds[i])
             g.reset()
             self._state[i] = g.state()
         self._seeded = True
+        if self.game == "breakout":
+            self._compiled = BreakoutGames(self.games)
         return self._obs(self._state)
+
+    def _obs_chw(self, obs: np.ndarray) -> np.ndarray:
+        return obs.reshape(self.n_members, self.n_envs, *obs.shape[1:])
 
     def step(self, actions: np.ndarray) -> Step:
         if not self._seeded:
             raise RuntimeError("call reset() before step()")
         n = len(self.games)
+        shape = (self.n_members, self.n_envs)
+        if self._compiled is not None:
+            obs, final, reward, done = self._compiled.step(
+                self.action_set[np.asarray(actions).reshape(n)])
+            return Step(obs=self._obs_chw(obs), reward=reward.reshape(shape),
+                        terminated=done.reshape(shape), truncated=np.zeros(shape, dtype=bool),
+                        final_obs=self._obs_chw(final))
         acts = self.action_set[np.asarray(actions).reshape(n)].tolist()
         states = self._state
         ends = []  # (game, the state its episode ended in)
@@ -107,7 +126,6 @@ class MinAtarPopulation:
             final = states.copy()
             for i, state in ends:
                 final[i] = state
-        shape = (self.n_members, self.n_envs)
         return Step(obs=self._obs(states),
                     reward=np.asarray(rewards, dtype=np.float64).reshape(shape),
                     terminated=done.reshape(shape), truncated=np.zeros(shape, dtype=bool),
