@@ -184,3 +184,36 @@ def test_minatar_training_is_bit_identical_on_the_compiled_path():
     # closely (later ones drift apart as soon as one sampled action differs).
     for k in ("policy_loss", "value_loss", "entropy"):
         np.testing.assert_allclose(again.curve[k][0], ref.curve[k][0], rtol=1e-3, err_msg=k)
+
+
+def test_the_fused_rmsprop_step_is_the_optimizers_step():
+    """policy_step takes each member's RMSprop step inside the backward loop: the same
+    weights, optimizer state, norms and finiteness as the gradients and then
+    MemberOptimizer.step, bit for bit (a member with a non-finite loss takes no step)."""
+    obs, last = _rollout(3)
+    hps = {"entropy_coef": torch.tensor([0.01, 0.02, 0.0]),
+           "value_coef": torch.tensor([0.5, 0.5, 1.0]),
+           "policy_lr": torch.tensor([1e-3, 3e-3, 1e-2]),
+           "max_grad_norm": torch.tensor([0.5, 0.05, 10.0])}
+    results = []
+    for fused in (True, False):
+        agent = _agent()
+        update = CompiledCNNUpdate(agent, None)  # type: ignore[arg-type]
+        opt = MemberOptimizer("rmsprop", agent.policy_params())
+        for step in range(3):
+            _passes(update, obs, last)
+            mb = _minibatch(obs, seed=step)
+            if step == 2:
+                mb.adv[1, 0] = float("nan")  # member 1's loss is not finite: no step
+            if fused:
+                terms, norm, ok = update.policy_step(mb, hps, opt)
+            else:
+                terms, norm, ok = AutogradUpdate.policy_step(update, mb, hps, opt)
+        results.append(([p.detach().clone() for p in agent.policy_params()],
+                        [st[0].clone() for st in opt.state], norm, ok, opt.t.copy()))
+    (p1, s1, n1, ok1, t1), (p2, s2, n2, ok2, t2) = results
+    assert ok1.tolist() == ok2.tolist() == [True, False, True]
+    torch.testing.assert_close(n1, n2, rtol=0, atol=0, equal_nan=True)  # (member 1's: NaN)
+    assert (t1 == t2).all()
+    for a, b in [*zip(p1, p2, strict=True), *zip(s1, s2, strict=True)]:
+        assert torch.equal(a, b)

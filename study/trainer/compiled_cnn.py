@@ -31,6 +31,7 @@ in any population and on every re-run (tested).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numba
@@ -43,6 +44,7 @@ from study.trainer.compiled import _tiles_fma, _transpose_into
 from study.trainer.kernels import JIT_OPTIONS
 from study.trainer.networks import ActorCritic, accelerations_enabled
 from study.trainer.numba_cache import drop_stale_cache
+from study.trainer.optim import MemberOptimizer
 from study.trainer.simd import LANES, vfma, vlane, vload, vsplat, vstore, vwhere_le
 from study.trainer.updates import AutogradUpdate, Minibatch, Terms, register_acceleration
 from study.trainer.views import view
@@ -52,6 +54,18 @@ __all__ = ["CompiledCNNUpdate", "accepts"]
 drop_stale_cache()
 
 _F = np.float32
+#: ``backward``'s ``step`` after its arrays when it takes none.
+_NO_STEP = (np.zeros(0, _F), np.zeros(0, _F), np.zeros(0, np.bool_), 0.0, 0.0,
+            np.zeros(0, _F), np.zeros(0, np.bool_))
+
+
+def _f32(t: torch.Tensor) -> np.ndarray:
+    return t.detach().numpy().astype(_F)
+
+
+def _as3(arrays: Any) -> tuple[np.ndarray, ...]:
+    """``[S, a, b]`` views (optim's layout for its kernels: ``[S, 1, n]`` unless 3-D)."""
+    return tuple(a if a.ndim == 3 else a.reshape(a.shape[0], 1, -1) for a in arrays)
 
 
 # ----------------------------------------------------------------------- convolution
@@ -292,15 +306,20 @@ def forward(x, scale, params, h1, h2, logits, values, row0, scratch):
 
 
 @numba.njit(**JIT_OPTIONS)
-def backward(x, scale, params, h1, h2, g_logits, g_values, grads, work):
+def backward(x, scale, params, h1, h2, g_logits, g_values, grads, work, step):
     """Gradients of every member's loss with respect to its parameters (``grads``, in
     ``params``' order and shapes), from the loss's gradients with respect to the logits
     ``[S, N, A]`` and the values ``[S, N]``, and the forward pass's ``h1``, ``h2`` of the
     same rows ``x``. ``work``: (dense weight transposed ``[U, F]``, ``g_h2`` ``[N, U]``,
     ``g_h1`` ``[N, F]``, taps' gradient ``[C k k, O]``, positions' gradients ``[N, P O]``,
     policy head and its gradient transposed ``[A, U]`` each, value head and its gradient
-    ``[U]`` each, images ``[N, C H W]``, :func:`_offsets`)."""
+    ``[U]`` each, images ``[N, C H W]``, :func:`_offsets`). ``step``: (whether to take
+    each member's RMSprop step right after its gradients; the parameters, gradients and
+    optimizer state as ``[S, a, b]`` views, as ``MemberOptimizer`` passes them; learning
+    rates, clipping norms, finite losses, alpha, eps; the pre-clip norms and finiteness
+    it returns per member)."""
     wc, bc, wf, bf, w_pi, b_pi, w_v, b_v = params
+    fused, p3, g3, sq3, lr, max_norm, loss_ok, alpha, eps, norms, finite = step
     dwc, dbc, dwf, dbf, dw_pi, db_pi, dw_v, db_v = grads
     wf_t, g2, g1, dtaps, gz, w_pi_t, dw_pi_t, w_v1, dw_v1, xf, at, tap_at = work
     n_o, k, n_c = wc.shape[1], wc.shape[3], wc.shape[2]
@@ -343,6 +362,9 @@ def backward(x, scale, params, h1, h2, g_logits, g_values, grads, work):
                 for dy in range(k):
                     for dx in range(k):
                         dwc[s, o, c, dy, dx] = dtaps[(c * k + dy) * k + dx, o]
+        if fused:
+            norms[s], finite[s] = kernels.rmsprop_member(p3, g3, sq3, s, lr[s], max_norm[s],
+                                                         loss_ok[s], alpha, eps)
 
 
 # ----------------------------------------------------------------------- the update
@@ -423,26 +445,61 @@ class CompiledCNNUpdate(AutogradUpdate):
                          value_coef: torch.Tensor) -> tuple[Terms, list[torch.Tensor]]:
         if not mb.full:
             return super().policy_gradients(mb, entropy_coef, value_coef)
-        h1, h2, logits, v = self._cache
+        terms, g_logits, g_values = self._losses(mb, entropy_coef, value_coef)
+        params = self._params()
+        grads = self._grads(params)
+        p3, g3 = _as3(params), _as3(grads)
+        self._backward(mb, params, g_logits, g_values, grads, (False, p3, g3, p3, *_NO_STEP))
+        return terms, [torch.from_numpy(g) for g in grads]
+
+    def policy_step(self, mb: Minibatch, hps: Mapping[str, torch.Tensor],
+                    optimizer: MemberOptimizer) -> tuple[Terms, torch.Tensor, torch.Tensor]:
+        """With RMSprop, each member's clipped step right after its gradients (the
+        kernel ``MemberOptimizer.step`` runs, ``kernels.rmsprop_member``; the same bits),
+        while they are still in cache."""
+        if not mb.full or optimizer.kind != "rmsprop":
+            return super().policy_step(mb, hps, optimizer)
+        terms, g_logits, g_values = self._losses(mb, hps["entropy_coef"], hps["value_coef"])
+        params = self._params()
+        grads = self._grads(params)
+        rule: Any = optimizer.rule
+        norms = np.zeros(len(params[0]), dtype=_F)
+        finite = np.zeros(len(params[0]), dtype=np.bool_)
+        optimizer.t += 1  # (as MemberOptimizer.step: every member takes part)
+        step = (True, _as3(params), _as3(grads),
+                _as3(st[0].detach().numpy() for st in optimizer.state),
+                _f32(hps["policy_lr"]), _f32(hps["max_grad_norm"]),
+                torch.isfinite(terms["loss"]).numpy(), rule.alpha, rule.eps, norms, finite)
+        self._backward(mb, params, g_logits, g_values, grads, step)
+        return terms, torch.from_numpy(norms), torch.from_numpy(finite)
+
+    def _losses(self, mb: Minibatch, entropy_coef: torch.Tensor, value_coef: torch.Tensor
+                ) -> tuple[Terms, np.ndarray, np.ndarray]:
+        """The loss terms (per-member means) and the loss's gradients with respect to the
+        rollout's logits and values."""
+        _, _, logits, v = self._cache
         n = mb.n_rows
         g_logits = np.empty_like(logits)
         adv = mb.adv.numpy().astype(_F, copy=False)
-        ent_c = entropy_coef.numpy().astype(_F)
+        ent_c = _f32(entropy_coef)
         pg, ent = kernels.categorical_policy_grad(
             logits, np.ascontiguousarray(mb.actions.numpy()).astype(np.int64, copy=False),
             adv / _F(n), ent_c / _F(n), g_logits)
         err = v - mb.returns.numpy()
         v_loss = (err * err).sum(axis=1) / _F(n)
-        v_c = value_coef.numpy().astype(_F)
+        v_c = _f32(value_coef)
         g_values = ((_F(2.0 / n) * v_c)[:, None] * err).astype(_F)
-        params = self._params()
-        grads = self._grads(params)
-        backward(np.ascontiguousarray(mb.obs.numpy()), self.scale, params, h1, h2,
-                 g_logits, g_values, grads, (*self._work(n), *self._offsets))
         ent = ent / _F(n)
         terms = {"pg": pg, "ent": ent, "v": v_loss, "loss": pg - ent_c * ent + v_c * v_loss}
         return ({k: torch.from_numpy(np.asarray(t, dtype=_F)) for k, t in terms.items()},
-                [torch.from_numpy(g) for g in grads])
+                g_logits, g_values)
+
+    def _backward(self, mb: Minibatch, params: tuple[np.ndarray, ...], g_logits: np.ndarray,
+                  g_values: np.ndarray, grads: tuple[np.ndarray, ...],
+                  step: tuple[Any, ...]) -> None:
+        h1, h2, _, _ = self._cache
+        backward(np.ascontiguousarray(mb.obs.numpy()), self.scale, params, h1, h2, g_logits,
+                 g_values, grads, (*self._work(mb.n_rows), *self._offsets), step)
 
     def _work(self, n: int) -> tuple[Any, ...]:
         """:func:`backward`'s buffers (kept: a fresh half-megabyte per member and update

@@ -654,10 +654,8 @@ class _Trainer:
         diverged = torch.zeros(n_alive, dtype=torch.bool, device=self.dev)
         shuffled = self.shuffled(batch, self.permutation(len(spans)))
         for lo, hi in spans:
-            terms, grads = self.updater.policy_gradients(
-                self.minibatch(shuffled, lo, hi), hps["entropy_coef"], hps["value_coef"])
-            norm, finite = self.pi_opt.step(self.agent.policy_params(), grads, hps["policy_lr"],
-                                            hps["max_grad_norm"], torch.isfinite(terms["loss"]))
+            terms, norm, finite = self.updater.policy_step(self.minibatch(shuffled, lo, hi),
+                                                           hps, self.pi_opt)
             diverged |= ~finite
             stats["policy_loss"] += terms["pg"] / len(spans)
             stats["entropy"] += terms["ent"] / len(spans)

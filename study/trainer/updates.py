@@ -4,7 +4,9 @@ The trainer (study.trainer.population) asks an *update* object for four things, 
 every update: the policy outputs of each rollout step (:meth:`AutogradUpdate.rollout_pass`),
 the state values V(s_0 .. s_T) of the rollout (:meth:`~AutogradUpdate.state_values`), and
 the gradients of the policy and value losses over a minibatch
-(:meth:`~AutogradUpdate.policy_gradients`, :meth:`~AutogradUpdate.value_gradients`).
+(:meth:`~AutogradUpdate.policy_gradients`, :meth:`~AutogradUpdate.value_gradients`; A2C's
+policy step through :meth:`~AutogradUpdate.policy_step`, which an acceleration may fuse
+with the optimizer's step).
 
 :class:`AutogradUpdate` is the reference: autograd over the stacked weights, for any
 network and loss. An acceleration computes the same quantities faster for the networks it
@@ -30,6 +32,7 @@ import torch
 from study.hyperparameters import Structure
 from study.trainer.nets import Prepared, backward, forward_cached
 from study.trainer.networks import ActorCritic
+from study.trainer.optim import MemberOptimizer
 
 __all__ = ["CHUNK_ROWS", "AcceleratedMLPUpdate", "AutogradUpdate", "Minibatch",
            "clipped_value_error", "make_update", "ppo_surrogate", "register_acceleration"]
@@ -193,6 +196,16 @@ class AutogradUpdate:
         return self._policy_loss(
             mb, lambda logp, a, b: {"pg": -(logp * mb.adv[:, a:b]).sum(dim=1)},
             lambda values, a, b: (values - mb.returns[:, a:b]) ** 2, entropy_coef, value_coef)
+
+    def policy_step(self, mb: Minibatch, hps: Mapping[str, torch.Tensor],
+                    optimizer: MemberOptimizer) -> tuple[Terms, torch.Tensor, torch.Tensor]:
+        """:meth:`policy_gradients` and the optimizer's clipped step with them; returns the
+        terms, the pre-clip gradient norms and whether each member stepped to finite
+        weights (an acceleration may fuse the two, member by member)."""
+        terms, grads = self.policy_gradients(mb, hps["entropy_coef"], hps["value_coef"])
+        norm, finite = optimizer.step(self.agent.policy_params(), grads, hps["policy_lr"],
+                                      hps["max_grad_norm"], torch.isfinite(terms["loss"]))
+        return terms, norm, finite
 
     def value_gradients(self, mb: Minibatch, value_coef: torch.Tensor
                         ) -> tuple[Terms, list[torch.Tensor]]:
