@@ -158,8 +158,9 @@ def main() -> None:
             if not args.no_sb3:
                 sb3.append(_sb3(env_id, max(steps // 2, 2_000))["steps_per_s"])
         base = statistics.median(sb3) if sb3 else float("nan")
-        # forward in the rollout, forward + backward (2x) in the update: about 4 passes
-        flops = 4 * _network_flops(env_id)
+        # A2C's network work per env step: one forward pass (the rollout's, which the
+        # update can reuse) and a backward pass of about twice its multiply-adds.
+        flops = 3 * _network_flops(env_id)
         for s in sizes:
             med = statistics.median(per[s])
             rows.append({"env": env_id, "S": s, "ours": med, "runs": per[s], "sb3": base,

@@ -314,8 +314,9 @@ def backward(x, scale, params, h1, h2, g_logits, g_values, grads, work, step):
     ``g_h1`` ``[N, F]``, taps' gradient ``[C k k, O]``, positions' gradients ``[N, P O]``,
     policy head and its gradient transposed ``[A, U]`` each, value head and its gradient
     ``[U]`` each, images ``[N, C H W]``, :func:`_offsets`). ``step``: (whether to take
-    each member's RMSprop step right after its gradients; the parameters, gradients and
-    optimizer state as ``[S, a, b]`` views, as ``MemberOptimizer`` passes them; learning
+    each member's RMSprop step right after its gradients, which then go to index 0 of
+    ``grads``, one member's room; the parameters, gradients and optimizer state as
+    ``[S, a, b]`` views, as ``MemberOptimizer`` passes them; learning
     rates, clipping norms, finite losses, alpha, eps; the pre-clip norms and finiteness
     it returns per member)."""
     wc, bc, wf, bf, w_pi, b_pi, w_v, b_v = params
@@ -327,25 +328,26 @@ def backward(x, scale, params, h1, h2, g_logits, g_values, grads, work, step):
     n_pos = at.shape[0]
     g2, g1, gz, xf = g2[:n_rows], g1[:n_rows], gz[:n_rows], xf[:n_rows]
     for s in range(x.shape[0]):
+        gs = 0 if fused else s  # (fused: one member's gradients at a time)
         hs = h1[s, :n_rows]
         _transpose_into(w_pi[s], w_pi_t)
         w_v1[:] = w_v[s, :, 0]
-        db_v[s, 0, 0] = _heads_backward(h2[s, :n_rows], g_logits[s], g_values[s], w_pi_t, w_v1,
-                                        dw_pi_t, dw_v1, db_pi[s, 0], g2)
-        _transpose_into(dw_pi_t, dw_pi[s])
-        dw_v[s, :, 0] = dw_v1
+        db_v[gs, 0, 0] = _heads_backward(h2[s, :n_rows], g_logits[s], g_values[s], w_pi_t, w_v1,
+                                        dw_pi_t, dw_v1, db_pi[gs, 0], g2)
+        _transpose_into(dw_pi_t, dw_pi[gs])
+        dw_v[gs, :, 0] = dw_v1
         # The dense layer: bias, weights (h1^T g2), input (g2 W^T).
-        db = dbf[s, 0]
+        db = dbf[gs, 0]
         db[:] = 0.0
         for r in range(n_rows):
             for j in range(db.shape[0]):
                 db[j] += g2[r, j]
-        _tiles_fma(hs.T, g2, dwf[s])
+        _tiles_fma(hs.T, g2, dwf[gs])
         _transpose_into(wf[s], wf_t)
         _tiles_fma(g2, wf_t, g1)
         # The convolution: the ReLU's mask, positions' gradients (channels last), bias,
         # kernel.
-        dbc[s, :] = 0.0
+        dbc[gs, :] = 0.0
         for r in range(n_rows):
             g, h = g1[r], hs[r]
             for i in range(g.shape[0]):
@@ -354,17 +356,17 @@ def backward(x, scale, params, h1, h2, g_logits, g_values, grads, work, step):
             _blocks_t(view(g, (n_o, n_pos)), view(gz[r], (n_pos, n_o)))
             for p in range(n_pos):
                 for o in range(n_o):
-                    dbc[s, o] += gz[r, p * n_o + o]
+                    dbc[gs, o] += gz[r, p * n_o + o]
         _as_float(x[s], scale, xf)
         _conv_weight_grad(xf, at, tap_at, gz, dtaps)
         for o in range(n_o):
             for c in range(n_c):
                 for dy in range(k):
                     for dx in range(k):
-                        dwc[s, o, c, dy, dx] = dtaps[(c * k + dy) * k + dx, o]
+                        dwc[gs, o, c, dy, dx] = dtaps[(c * k + dy) * k + dx, o]
         if fused:
-            norms[s], finite[s] = kernels.rmsprop_member(p3, g3, sq3, s, lr[s], max_norm[s],
-                                                         loss_ok[s], alpha, eps)
+            norms[s], finite[s] = kernels.rmsprop_member_from(
+                p3, g3, gs, sq3, s, lr[s], max_norm[s], loss_ok[s], alpha, eps)
 
 
 # ----------------------------------------------------------------------- the update
@@ -400,6 +402,7 @@ class CompiledCNNUpdate(AutogradUpdate):
         self._images: dict[int, np.ndarray] = {}
         self._buffers: tuple[np.ndarray, ...] | None = None
         self._grad_arrays: tuple[np.ndarray, ...] | None = None
+        self._member_bufs: tuple[np.ndarray, ...] | None = None
 
     def _floats(self, n_rows: int) -> np.ndarray:
         """A buffer for ``n_rows`` images as float32."""
@@ -461,7 +464,7 @@ class CompiledCNNUpdate(AutogradUpdate):
             return super().policy_step(mb, hps, optimizer)
         terms, g_logits, g_values = self._losses(mb, hps["entropy_coef"], hps["value_coef"])
         params = self._params()
-        grads = self._grads(params)
+        grads = self._member_grads(params)
         rule: Any = optimizer.rule
         norms = np.zeros(len(params[0]), dtype=_F)
         finite = np.zeros(len(params[0]), dtype=np.bool_)
@@ -512,6 +515,16 @@ class CompiledCNNUpdate(AutogradUpdate):
                              np.empty((n_act, n_units), _F), np.empty(n_units, _F),
                              np.empty(n_units, _F), np.empty((n, n_pixels), _F))
         return self._buffers
+
+    def _member_grads(self, params: tuple[np.ndarray, ...]
+                      ) -> tuple[np.ndarray, ...]:
+        """Gradient arrays for one member (``[1, ...]``): with the step fused, a member's
+        gradients are used up before the next member's are written, and one buffer that
+        stays in cache spares writing and reading back, per member, a gradient the size
+        of its weights."""
+        if self._member_bufs is None or self._member_bufs[0].shape[1:] != params[0].shape[1:]:
+            self._member_bufs = tuple(np.zeros((1, *p.shape[1:]), _F) for p in params)
+        return self._member_bufs
 
     def _grads(self, params: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
         """Gradient arrays, reused from update to update while the learners stay the same

@@ -211,17 +211,25 @@ def rmsprop_step(params, grads, sq_avgs, lr, max_norm, loss_ok, alpha, eps):
 @numba.njit(**_JIT)
 def rmsprop_member(params, grads, sq_avgs, s, lr, max_norm, loss_ok, alpha, eps):
     """:func:`rmsprop_step` of member s: ``(pre-clip norm, stepped to finite parameters)``."""
+    return rmsprop_member_from(params, grads, s, sq_avgs, s, lr, max_norm, loss_ok, alpha, eps)
+
+
+@numba.njit(**_JIT)
+def rmsprop_member_from(params, grads, gs, sq_avgs, s, lr, max_norm, loss_ok, alpha, eps):
+    """:func:`rmsprop_member` with member s's gradient at index ``gs`` of ``grads`` (a
+    caller that steps each member as soon as its gradient is computed keeps one member's
+    gradient, in cache, rather than every member's)."""
     a = _F(alpha)
     one_minus_a = _F(1.0) - a
     e = _F(eps)
-    norm, coef = _clip_coefficient(grads, s, max_norm)
+    norm, coef = _clip_coefficient(grads, gs, max_norm)
     if not (loss_ok and np.isfinite(norm)):
         return norm, False
     bad = 0
     a_v, b_v, e_v, lr_v, c_v = vsplat(a), vsplat(one_minus_a), vsplat(e), vsplat(lr), vsplat(coef)
     for k in range(len(params)):
         p = flat(params[k][s])
-        g = flat(grads[k][s])
+        g = flat(grads[k][gs])
         v = flat(sq_avgs[k][s])
         n_full = p.size - p.size % _LANES
         check = vsplat(0.0)
