@@ -217,3 +217,26 @@ def test_the_fused_rmsprop_step_is_the_optimizers_step():
     assert (t1 == t2).all()
     for a, b in [*zip(p1, p2, strict=True), *zip(s1, s2, strict=True)]:
         assert torch.equal(a, b)
+
+
+def test_values_of_any_rows_are_autograds():
+    """V of a batch of observations (the bootstrap of truncated episodes) by the compiled
+    pass, for as many rows as a whole rollout."""
+    agent = _agent()
+    obs, _ = _rollout(3)
+    rows = obs.transpose(0, 1).reshape(3, N, *obs.shape[3:])
+    fast = CompiledCNNUpdate(agent, None).values(rows)  # type: ignore[arg-type]
+    np.testing.assert_allclose(fast, agent.values(rows).detach(), rtol=1e-5, atol=2e-6)
+
+
+def test_adam_takes_the_unfused_step_with_the_compiled_gradients():
+    pytest.importorskip("minatar")
+    from study.trainer.population import Member, train_population
+
+    hp = cfg.resolve({"policy_optimizer": "adam", "policy_lr": 3e-4}, env="MinAtar/Breakout-v1")
+    kw = dict(total_steps=320, log_every=160)
+    fast = train_population("MinAtar/Breakout-v1", [Member(hp, 2)], **kw)[0]
+    with reference_path():
+        ref = train_population("MinAtar/Breakout-v1", [Member(hp, 2)], **kw)[0]
+    for k in ("policy_loss", "value_loss", "entropy", "grad_norm"):
+        np.testing.assert_allclose(fast.curve[k][0], ref.curve[k][0], rtol=1e-3, err_msg=k)
