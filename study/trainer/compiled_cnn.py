@@ -3,24 +3,23 @@
 The autograd reference (study.trainer.updates.AutogradUpdate) runs a CNN member by member
 through torch's convolutions and autograd, whose start-up costs dominate on MinAtar's small
 images (about a quarter of the machine's convolution peak). :class:`CompiledCNNUpdate` is
-its acceleration for the networks MinAtar studies use (``encoder = "minatar_cnn"`` or
-``"cnn"`` with one convolution and ``encoder units``, a shared trunk with no hidden layers
-after it, a discrete policy; A2C with one minibatch): every member's forward pass is one
-compiled loop, its backward pass hand-written, and the rollout's passes are the update's
-forward pass (A2C's weights do not change between them).
+its acceleration for the network MinAtar studies use (``encoder = "minatar_cnn"``: one
+convolution, then a dense layer, shared by the two heads with no hidden layers after it;
+a discrete policy; A2C with one minibatch): every member's forward pass is one compiled
+loop, its backward pass hand-written, the rollout's passes are the update's forward pass
+(A2C's weights do not change between them), and with RMSprop each member's step is taken
+right after its gradients, while they are in cache.
 
 How it is fast:
 
-* **Sparse convolution.** Observations are images of small integers (MinAtar's are 0/1
-  planes, most of them zero). The convolution adds, for every non-zero input cell, its
-  value times the kernel's weights into each output position the cell reaches: work in
-  proportion to the non-zero cells, not to the image. Its weight gradient is the same walk
-  over the same cells. Skipping a zero term changes no sum (``acc + 0 w == acc`` for finite
-  ``w``), so this is the dense convolution's arithmetic in another order.
-* **Register tiles** (study.trainer.compiled): the dense layer's three products (forward
-  ``h W``, the weight gradient ``h^T g``, the input gradient ``g W^T``) keep four rows by
-  64 columns of sums in registers over the whole inner loop, at about 110 GFLOP/s here.
-* **Heads** as 16-lane dot products (study.trainer.simd).
+* **Registers.** The convolution keeps eight output positions' 16 channels in registers
+  over its taps; its kernel gradient, eight taps' sums over the rollout's positions. The
+  dense layer's three products (forward ``h W``, the weight gradient ``h^T g``, the input
+  gradient ``g W^T``) are study.trainer.compiled's register tiles (four rows by 64
+  columns of sums over the whole inner loop, about 110 GFLOP/s here); the heads are
+  16-lane dot products (study.trainer.simd).
+* **Nothing allocated per update**: the rollout's activations, the backward pass's
+  buffers and, with the step fused, one member's gradients are kept and reused.
 
 Close to the reference, not bit-identical: sums run in other orders than torch's (oneDNN's
 convolutions, MKL's products); tests/test_compiled_cnn.py compares passes, gradients and
@@ -74,7 +73,9 @@ def _as3(arrays: Any) -> tuple[np.ndarray, ...]:
 # ``t = (c k + dy) k + dx`` within a window, sums
 #     z[p, o] = bias[o] + sum over taps t, in order, of xf[at[p] + tap_at[t]] taps[t, o]
 # with fused multiply-adds, 16 channels to a register. Eight positions' sums are kept in
-# registers at once (independent chains; one chain alone waits on each add).
+# registers at once (independent chains; one chain alone waits on each add). Offsets are
+# unsigned: numba checks a signed index for a negative value at every load, which cost a
+# third of the loop.
 
 
 @numba.njit(**JIT_OPTIONS)
@@ -194,13 +195,6 @@ def _relu(v):
 
 
 @numba.njit(**JIT_OPTIONS)
-def _blocks_t(src, dst):
-    """``dst = src.T`` (both C-contiguous, 2-D): 16 x 16 blocks in registers where both
-    sides are multiples of 16."""
-    _transpose_into(src, dst)
-
-
-@numba.njit(**JIT_OPTIONS)
 def _kernel_rows(w, out):
     """``out[(c k + dy) k + dx, o] = w[o, c, dy, dx]``: the kernel, one row per tap."""
     n_o, n_c, k, _ = w.shape
@@ -296,7 +290,7 @@ def forward(x, scale, params, h1, h2, logits, values, row0, scratch):
         hs = h1[s, rows]
         for r in range(n_rows):
             _conv(xf[r], at, tap_at, taps, bc[s], z)
-            _blocks_t(view(z, (n_pos, n_o)), view(hs[r], (n_o, n_pos)))
+            _transpose_into(view(z, (n_pos, n_o)), view(hs[r], (n_o, n_pos)))
         _tiles_fma(hs, wf[s], h2[s, rows])
         _bias_relu(h2[s, rows], bf[s, 0])
         _transpose_into(w_pi[s], w_pi_t)
@@ -353,7 +347,7 @@ def backward(x, scale, params, h1, h2, g_logits, g_values, grads, work, step):
             for i in range(g.shape[0]):
                 if not h[i] > 0:
                     g[i] = 0.0
-            _blocks_t(view(g, (n_o, n_pos)), view(gz[r], (n_pos, n_o)))
+            _transpose_into(view(g, (n_o, n_pos)), view(gz[r], (n_pos, n_o)))
             for p in range(n_pos):
                 for o in range(n_o):
                     dbc[gs, o] += gz[r, p * n_o + o]
