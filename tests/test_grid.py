@@ -271,6 +271,41 @@ def test_ctrl_c_keeps_finished_chunks_and_exits_130(tmp_path, spawn_cli):
     assert not [p for p in out.rglob(".tmp-*")]
 
 
+def test_an_aborting_shutdown_hides_lokys_race_and_nothing_else(monkeypatch):
+    """Ctrl-C: the driver's last line must be its own. loky's manager thread can fail on a
+    work item that the aborting shutdown removed (KeyError: its work id) and print after
+    it; that one error is silenced, any other thread error still reaches the hook that
+    reports it."""
+    import threading
+
+    from study.sweeps import executors
+
+    seen: list[str] = []
+    monkeypatch.setattr(threading, "excepthook",
+                        lambda args: seen.append(f"{type(args.thread).__name__}: "
+                                                 f"{args.exc_type.__name__}"))
+
+    def crash(exc: BaseException, name: str = "_ExecutorManagerThread") -> None:
+        thread_type = type(name, (threading.Thread,), {"run": lambda self: _raise(exc)})
+        t = thread_type()
+        t.start()
+        t.join()
+
+    crash(KeyError(7))
+    assert seen == ["_ExecutorManagerThread: KeyError"]  # shown before an abort
+    executors._quiet_loky_shutdown_race()
+    executors._quiet_loky_shutdown_race()  # (installed once)
+    crash(KeyError(7))
+    crash(RuntimeError("another"))
+    crash(KeyError(7), name="SomeOtherThread")
+    assert seen == ["_ExecutorManagerThread: KeyError", "_ExecutorManagerThread: RuntimeError",
+                    "SomeOtherThread: KeyError"]
+
+
+def _raise(exc: BaseException) -> None:
+    raise exc
+
+
 def test_env_change_is_refused_unless_fresh(tmp_path, capsys):
     small = SWEEP.replace("[3, 4]", "[3]").split("[grid]")[0]
     sweep = _write(tmp_path / "a.toml", small)

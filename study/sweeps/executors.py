@@ -228,8 +228,32 @@ class _Loky(Executor):
     def close(self, abort: bool) -> None:
         if self._poll is not None:
             self._poll.close()
+        if abort:
+            _quiet_loky_shutdown_race()
         with contextlib.suppress(Exception):
             self._pool.shutdown(wait=False, kill_workers=abort)
+
+
+def _quiet_loky_shutdown_race() -> None:
+    """Keep loky's manager thread from printing a traceback after an aborting shutdown.
+
+    ``shutdown(kill_workers=True)`` empties loky's table of pending work while its manager
+    thread may still be handing the next item to a worker: that thread then fails on the
+    missing item (``KeyError: <work id>``, in loky's ``add_call_item_to_queue``) and
+    prints the traceback after the driver's last line. The work was dropped on purpose, so
+    that one error is not shown; any other error of any thread still is."""
+    previous = threading.excepthook
+    if getattr(previous, "quiets_loky", False):
+        return
+
+    def hook(args: Any) -> None:
+        if (type(args.thread).__name__ == "_ExecutorManagerThread"
+                and args.exc_type is KeyError):
+            return
+        previous(args)
+
+    hook.quiets_loky = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
 
 
 class _DaskSink:
