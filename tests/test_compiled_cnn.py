@@ -68,13 +68,10 @@ def _minibatch(obs: torch.Tensor, seed: int = 1) -> Minibatch:
 
 
 def test_it_serves_the_minatar_network_and_only_where_it_reproduces_it():
-    hp = Structure.of(cfg.resolve({}, env="MinAtar/Breakout-v1")) if _has("minatar") else None
     agent = _agent()
     structure = Structure.of(cfg.resolve({"encoder": "minatar_cnn", "share_trunk": True,
                                           "policy_hidden_sizes": [], "value_hidden_sizes": []}))
     assert isinstance(make_update(agent, structure), CompiledCNNUpdate)
-    if hp is not None:  # MinAtar's own defaults pick it
-        assert hp.encoder == "minatar_cnn" and hp.share_trunk
     with reference_path():
         assert type(make_update(_agent(), structure)) is AutogradUpdate
     for overrides in ({"share_trunk": False}, {"algorithm": "ppo"}, {"n_minibatches": 2},
@@ -83,14 +80,6 @@ def test_it_serves_the_minatar_network_and_only_where_it_reproduces_it():
                                           "policy_hidden_sizes": [],
                                           "value_hidden_sizes": [], **overrides}))
         assert not isinstance(make_update(_agent(overrides), other), CompiledCNNUpdate), overrides
-
-
-def _has(module: str) -> bool:
-    try:
-        __import__(module)
-    except ImportError:
-        return False
-    return True
 
 
 @pytest.mark.parametrize("high", [1, 7])  # binary planes; small integers, scaled by 1/7
@@ -181,9 +170,11 @@ def test_minatar_training_is_bit_identical_on_the_compiled_path():
     with reference_path():
         ref = train_population("MinAtar/Breakout-v1", [Member(hp, 4)], **kw)[0]
     # The reference learns from the same first rollout: the first window's losses agree
-    # closely (later ones drift apart as soon as one sampled action differs).
+    # closely (later ones drift apart as soon as one sampled action differs) but not to the
+    # bit: the trainer took the compiled path (MinAtar's defaults), not autograd.
     for k in ("policy_loss", "value_loss", "entropy"):
         np.testing.assert_allclose(again.curve[k][0], ref.curve[k][0], rtol=1e-3, err_msg=k)
+    assert not np.array_equal(again.curve["policy_loss"], ref.curve["policy_loss"])
 
 
 def test_the_fused_rmsprop_step_is_the_optimizers_step():

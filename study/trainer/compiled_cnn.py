@@ -397,6 +397,7 @@ class CompiledCNNUpdate(AutogradUpdate):
         self._buffers: tuple[np.ndarray, ...] | None = None
         self._grad_arrays: tuple[np.ndarray, ...] | None = None
         self._member_bufs: tuple[np.ndarray, ...] | None = None
+        self._value_bufs: tuple[np.ndarray, ...] | None = None
 
     def _floats(self, n_rows: int) -> np.ndarray:
         """A buffer for ``n_rows`` images as float32."""
@@ -427,13 +428,15 @@ class CompiledCNNUpdate(AutogradUpdate):
         return torch.from_numpy(self._cache[2][:, t * n_envs:(t + 1) * n_envs])
 
     def values(self, obs: torch.Tensor) -> torch.Tensor:
-        """V of observations ``[S, B, ...]`` by the compiled pass."""
-        n_s, n_b = obs.shape[:2]
-        _, _, _, n_feat, n_units, n_act, _ = self._dims
-        cache = (np.empty((n_s, n_b, n_feat), _F), np.empty((n_s, n_b, n_units), _F),
-                 np.empty((n_s, n_b, n_act), _F), np.empty((n_s, n_b), _F))
-        self._forward(obs, cache, 0)
-        return torch.from_numpy(cache[3])
+        """V of observations ``[S, B, ...]`` by the compiled pass (its buffers kept per
+        shape: V(s_T) is asked for every update)."""
+        shape = (obs.shape[0], obs.shape[1])
+        if self._value_bufs is None or self._value_bufs[3].shape != shape:
+            _, _, _, n_feat, n_units, n_act, _ = self._dims
+            self._value_bufs = (np.empty((*shape, n_feat), _F), np.empty((*shape, n_units), _F),
+                                np.empty((*shape, n_act), _F), np.empty(shape, _F))
+        self._forward(obs, self._value_bufs, 0)
+        return torch.from_numpy(self._value_bufs[3].copy())
 
     def state_values(self, obs: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         return torch.cat([torch.from_numpy(self._cache[3]), self.values(last)], dim=1)

@@ -186,13 +186,6 @@ class BreakoutGames:
             _, key, position, *_ = game.random.get_state()
             self.key[g], self.pos[g] = key, position
 
-    def observe(self) -> np.ndarray:
-        """The current observations, ``[games, C, 10, 10]`` uint8."""
-        obs = np.empty((len(self.state), _CHANNELS, 10, 10), dtype=np.uint8)
-        for g in range(len(self.state)):
-            _observe(self.state[g], self.bricks[g], obs[g])
-        return obs
-
     def reset(self) -> np.ndarray:
         """Every game reset (continuing its random numbers); the observations."""
         obs = np.empty((len(self.state), _CHANNELS, 10, 10), dtype=np.uint8)
