@@ -177,6 +177,40 @@ def test_minatar_training_is_bit_identical_on_the_compiled_path():
     assert not np.array_equal(again.curve["policy_loss"], ref.curve["policy_loss"])
 
 
+def test_member_by_member_rollouts_are_the_step_by_step_rollouts(monkeypatch):
+    """compiled_cnn.play (each member's whole rollout, then the next member's) gives the
+    trainer's step-by-step rollouts to the bit, also after a member stopped learning (it
+    keeps playing action 0)."""
+    pytest.importorskip("minatar")
+    from study.trainer import compiled_cnn
+    from study.trainer.population import CURVE_COLUMNS, Member, train_population
+
+    hp = cfg.resolve({"policy_lr": 3e-3}, env="MinAtar/Breakout-v1")
+    members = [Member(hp, s) for s in (3, 4, 5)]
+
+    def prune_first(step, row):
+        return np.array([step == 320, False, False])
+
+    def train():
+        return train_population("MinAtar/Breakout-v1", members, total_steps=1280,
+                                log_every=320, on_log=prune_first)
+
+    played = []
+    play_rollout = CompiledCNNUpdate.play_rollout
+    monkeypatch.setattr(CompiledCNNUpdate, "play_rollout",
+                        lambda self, *a: played.append(1) or play_rollout(self, *a))
+    member_major = train()
+    assert len(played) == 1280 // 40  # every rollout (8 envs x 5 steps) played at once
+    monkeypatch.setattr(compiled_cnn, "rollout_player", lambda trainer: None)
+    step_major = train()
+    assert len(played) == 1280 // 40
+    assert [r.status for r in member_major] == ["pruned", "ok", "ok"]
+    for a, b in zip(member_major, step_major, strict=True):
+        assert a.status == b.status
+        for k in CURVE_COLUMNS:
+            np.testing.assert_array_equal(a.curve[k], b.curve[k], err_msg=k)
+
+
 def test_the_fused_rmsprop_step_is_the_optimizers_step():
     """policy_step takes each member's RMSprop step inside the backward loop: the same
     weights, optimizer state, norms and finiteness as the gradients and then

@@ -115,8 +115,11 @@ def test_curve_columns_and_log_points():
     np.testing.assert_allclose(r.curve["episode_return"][ok], r.curve["episode_length"][ok])
 
 
-def test_pruning_callback_stops_members():
-    hp = cfg.resolve({})
+@pytest.mark.parametrize("overrides", [{}, {"share_trunk": True}])
+def test_pruning_callback_stops_members(overrides):
+    # A shared trunk leaves the value optimizer without parameters: stopping a member must
+    # not trip over it.
+    hp = cfg.resolve(overrides)
     calls = []
 
     def on_log(step, row):

@@ -8,7 +8,9 @@ convolution, then a dense layer, shared by the two heads with no hidden layers a
 a discrete policy; A2C with one minibatch): every member's forward pass is one compiled
 loop, its backward pass hand-written, the rollout's passes are the update's forward pass
 (A2C's weights do not change between them), and with RMSprop each member's step is taken
-right after its gradients, while they are in cache.
+right after its gradients, while they are in cache. With MinAtar's Breakout compiled too
+(study.trainer.envs.minatar_breakout), :func:`play` runs each member's whole rollout, its
+passes, sampled actions and games' steps, before the next member's (:func:`rollout_player`).
 
 How it is fast:
 
@@ -18,6 +20,10 @@ How it is fast:
   gradient ``g W^T``) are study.trainer.compiled's register tiles (four rows by 64
   columns of sums over the whole inner loop, about 110 GFLOP/s here); the heads are
   16-lane dot products (study.trainer.simd).
+* **Member by member.** A member's dense layer is half a megabyte: a rollout played step
+  by step reads every member's again at every step, which at 64 members is the size of
+  the shared cache, and a pass then waits on memory (55 us against 30 to 40 with its
+  weights in cache). :func:`play` reads each member's weights once a rollout.
 * **Nothing allocated per update**: the rollout's activations, the backward pass's
   buffers and, with the step fused, one member's gradients are kept and reused.
 
@@ -30,8 +36,8 @@ in any population and on every re-run (tested).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numba
 import numpy as np
@@ -40,6 +46,9 @@ import torch
 from study.hyperparameters import Structure
 from study.trainer import kernels
 from study.trainer.compiled import _tiles_fma, _transpose_into
+from study.trainer.envs.base import Step
+from study.trainer.envs.minatar import MinAtarPopulation
+from study.trainer.envs.minatar_breakout import BreakoutGames, step_games
 from study.trainer.kernels import JIT_OPTIONS
 from study.trainer.networks import ActorCritic, accelerations_enabled
 from study.trainer.numba_cache import drop_stale_cache
@@ -48,7 +57,10 @@ from study.trainer.simd import LANES, vfma, vlane, vload, vsplat, vstore, vwhere
 from study.trainer.updates import AutogradUpdate, Minibatch, Terms, register_acceleration
 from study.trainer.views import view
 
-__all__ = ["CompiledCNNUpdate", "accepts"]
+if TYPE_CHECKING:
+    from study.trainer.population import _Trainer
+
+__all__ = ["CompiledCNNUpdate", "accepts", "rollout_player"]
 
 drop_stale_cache()
 
@@ -270,33 +282,38 @@ def _heads_backward(h2, gl, gv, w_pi_t, w_v, dw_pi_t, dw_v, db_pi, g2):
 
 # ----------------------------------------------------------------------- passes
 @numba.njit(**JIT_OPTIONS)
-def forward(x, scale, params, h1, h2, logits, values, row0, scratch):
-    """Every member's pass on its rows ``x`` ``[S, R, C, H, W]``: the convolution's ReLU
-    outputs into ``h1[s, row0 + r]`` (flattened channel, row, column, as torch), the dense
-    layer's into ``h2``, then ``logits`` and ``values`` (rows from ``row0`` too).
-    ``params``: (kernel, its bias, dense weight ``[S, F, U]``, bias, policy head ``[S, U,
-    A]``, bias, value head ``[S, U, 1]``, bias); ``scratch``: (taps ``[C k k O]``,
-    positions ``[P O]``, policy head transposed ``[A, U]``, value head ``[U]``, images
-    ``[R, C H W]``, :func:`_offsets`)."""
+def member_forward(x, scale, params, s, h1, h2, logits, values, scratch):
+    """Member s's pass on its rows ``x`` ``[R, C, H, W]``: the convolution's ReLU outputs
+    into ``h1`` ``[R, F]`` (flattened channel, row, column, as torch), the dense layer's
+    into ``h2``, then ``logits`` and ``values`` (see :func:`forward`)."""
     wc, bc, wf, bf, w_pi, b_pi, w_v, b_v = params
     taps, z, w_pi_t, w_v1, xf, at, tap_at = scratch
     n_o = wc.shape[1]
-    n_rows = x.shape[1]
     n_pos = at.shape[0]
+    _kernel_rows(wc[s], view(taps, (tap_at.shape[0], n_o)))
+    _as_float(x, scale, xf)
+    for r in range(x.shape[0]):
+        _conv(xf[r], at, tap_at, taps, bc[s], z)
+        _transpose_into(view(z, (n_pos, n_o)), view(h1[r], (n_o, n_pos)))
+    _tiles_fma(h1, wf[s], h2)
+    _bias_relu(h2, bf[s, 0])
+    _transpose_into(w_pi[s], w_pi_t)
+    w_v1[:] = w_v[s, :, 0]
+    _heads(h2, w_pi_t, b_pi[s, 0], w_v1, b_v[s, 0, 0], logits, values)
+
+
+@numba.njit(**JIT_OPTIONS)
+def forward(x, scale, params, h1, h2, logits, values, row0, scratch):
+    """Every member's pass (:func:`member_forward`) on its rows ``x`` ``[S, R, C, H, W]``,
+    into rows ``row0`` on of ``h1``, ``h2``, ``logits``, ``values``. ``params``: (kernel,
+    its bias, dense weight ``[S, F, U]``, bias, policy head ``[S, U, A]``, bias, value head
+    ``[S, U, 1]``, bias); ``scratch``: (taps ``[C k k O]``, positions ``[P O]``, policy
+    head transposed ``[A, U]``, value head ``[U]``, images ``[R, C H W]``,
+    :func:`_offsets`)."""
+    rows = slice(row0, row0 + x.shape[1])
     for s in range(x.shape[0]):
-        _kernel_rows(wc[s], view(taps, (tap_at.shape[0], n_o)))
-        _as_float(x[s], scale, xf)
-        rows = slice(row0, row0 + n_rows)
-        hs = h1[s, rows]
-        for r in range(n_rows):
-            _conv(xf[r], at, tap_at, taps, bc[s], z)
-            _transpose_into(view(z, (n_pos, n_o)), view(hs[r], (n_o, n_pos)))
-        _tiles_fma(hs, wf[s], h2[s, rows])
-        _bias_relu(h2[s, rows], bf[s, 0])
-        _transpose_into(w_pi[s], w_pi_t)
-        w_v1[:] = w_v[s, :, 0]
-        _heads(h2[s, rows], w_pi_t, b_pi[s, 0], w_v1, b_v[s, 0, 0], logits[s, rows],
-               values[s, rows])
+        member_forward(x[s], scale, params, s, h1[s, rows], h2[s, rows], logits[s, rows],
+                       values[s, rows], scratch)
 
 
 @numba.njit(**JIT_OPTIONS)
@@ -363,6 +380,42 @@ def backward(x, scale, params, h1, h2, g_logits, g_values, grads, work, step):
                 p3, g3, gs, sq3, s, lr[s], max_norm[s], loss_ok[s], alpha, eps)
 
 
+@numba.njit(**JIT_OPTIONS)
+def play(obs, scale, params, cache, scratch, member, draws, action_set, games, out):
+    """A rollout member by member, each member's steps while its weights are in cache:
+    for t < T, member s's pass on its observations (into ``cache``'s rows ``t E`` on, as
+    :func:`forward`), its actions sampled from ``draws`` ``[S, T, E]`` (as the trainer's
+    ``act``: ``kernels.sample_categorical``), its games' step; then its V(s_T). Members
+    that stopped learning (``member[s] < 0``) play action 0. ``obs``: ``[S, E, C, H, W]``;
+    ``games``: Breakout's arrays and sticky probability (``BreakoutGames``); ``out``:
+    (actions ``[T, S, E]``, next observations, final observations, rewards, ends, one
+    member's env actions)."""
+    h1, h2, logits, values, v_h1, v_h2, v_logits, v_last = cache
+    state, bricks, key, pos, sticky = games
+    actions, next_obs, final, rewards, dones, env_a = out
+    n_mem, n_steps, n_envs = draws.shape
+    for s in range(n_mem):
+        i = member[s]
+        lo, hi = s * n_envs, (s + 1) * n_envs
+        for t in range(n_steps):
+            x = obs[s] if t == 0 else next_obs[t - 1, s]
+            if i >= 0:
+                rows = slice(t * n_envs, (t + 1) * n_envs)
+                member_forward(x, scale, params, i, h1[i, rows], h2[i, rows], logits[i, rows],
+                               values[i, rows], scratch)
+                kernels.sample_categorical(logits[i:i + 1, rows], draws[s:s + 1, t],
+                                           actions[t, s:s + 1])
+            else:
+                actions[t, s] = 0
+            for e in range(n_envs):
+                env_a[e] = action_set[actions[t, s, e]]
+            step_games(state[lo:hi], bricks[lo:hi], key[lo:hi], pos[lo:hi], env_a, sticky,
+                       next_obs[t, s], final[t, s], rewards[t, s], dones[t, s])
+        if i >= 0:
+            member_forward(next_obs[n_steps - 1, s], scale, params, i, v_h1, v_h2, v_logits,
+                           v_last[i], scratch)
+
+
 # ----------------------------------------------------------------------- the update
 def accepts(agent: ActorCritic, hp: Structure) -> bool:
     """Networks and updates :class:`CompiledCNNUpdate` serves (see the module docstring)."""
@@ -398,6 +451,8 @@ class CompiledCNNUpdate(AutogradUpdate):
         self._grad_arrays: tuple[np.ndarray, ...] | None = None
         self._member_bufs: tuple[np.ndarray, ...] | None = None
         self._value_bufs: tuple[np.ndarray, ...] | None = None
+        self._play_bufs: tuple[np.ndarray, ...] | None = None
+        self._v_last: np.ndarray | None = None  # V(s_T), where :meth:`play_rollout` took it
 
     def _floats(self, n_rows: int) -> np.ndarray:
         """A buffer for ``n_rows`` images as float32."""
@@ -410,6 +465,7 @@ class CompiledCNNUpdate(AutogradUpdate):
 
     def begin_rollout(self, n_learners: int, n_steps: int, n_envs: int) -> None:
         super().begin_rollout(n_learners, n_steps, n_envs)
+        self._v_last = None
         n = n_steps * n_envs
         _, _, _, n_feat, n_units, n_act, _ = self._dims
         if not self._cache or self._cache[0].shape[:2] != (n_learners, n):
@@ -439,7 +495,32 @@ class CompiledCNNUpdate(AutogradUpdate):
         return torch.from_numpy(self._value_bufs[3].copy())
 
     def state_values(self, obs: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-        return torch.cat([torch.from_numpy(self._cache[3]), self.values(last)], dim=1)
+        """The rollout's values, then V(``last``), which :meth:`play_rollout` took already
+        where it played the rollout (the same pass on the same observations)."""
+        v_last = self.values(last) if self._v_last is None else torch.from_numpy(self._v_last)
+        return torch.cat([torch.from_numpy(self._cache[3]), v_last], dim=1)
+
+    def play_rollout(self, obs: np.ndarray, draws: np.ndarray, member: np.ndarray,
+                     games: BreakoutGames, action_set: np.ndarray) -> tuple[np.ndarray, ...]:
+        """A rollout by :func:`play`: its passes into the cache (as :meth:`rollout_pass`
+        for every t), V(s_T) kept for :meth:`state_values`; returns (actions, next
+        observations, final observations, rewards, ends), each ``[T, S, E, ...]``."""
+        n_mem, n_steps, n_envs = draws.shape
+        n_learners = self._cache[0].shape[0]
+        _, _, _, n_feat, n_units, n_act, _ = self._dims
+        if self._play_bufs is None or self._play_bufs[3].shape != (n_learners, n_envs):
+            self._play_bufs = (np.empty((n_envs, n_feat), _F), np.empty((n_envs, n_units), _F),
+                               np.empty((n_envs, n_act), _F), np.empty((n_learners, n_envs), _F))
+        shape = (n_steps, n_mem, n_envs)
+        nxt = np.empty((*shape, *obs.shape[2:]), np.uint8)  # fresh: the trainer keeps views
+        out = (np.empty(shape, np.int64), nxt, np.empty_like(nxt), np.empty(shape),
+               np.empty(shape, np.bool_), np.empty(n_envs, np.int64))
+        play(np.ascontiguousarray(obs), self.scale, self._params(),
+             (*self._cache, *self._play_bufs),
+             (*self._scratch, self._floats(n_envs), *self._offsets), member, draws, action_set,
+             (games.state, games.bricks, games.key, games.pos, games.sticky), out)
+        self._v_last = self._play_bufs[3]
+        return out[:5]
 
     def policy_gradients(self, mb: Minibatch, entropy_coef: torch.Tensor,
                          value_coef: torch.Tensor) -> tuple[Terms, list[torch.Tensor]]:
@@ -532,3 +613,30 @@ class CompiledCNNUpdate(AutogradUpdate):
 
 
 register_acceleration(accepts, CompiledCNNUpdate)
+
+Player = Callable[[Any, np.ndarray], Iterable[tuple[np.ndarray, Step]]]
+
+
+def rollout_player(trainer: _Trainer) -> Player | None:
+    """The trainer's rollouts by :func:`play`, where its updater is
+    :class:`CompiledCNNUpdate`, its games run compiled and its observations go to the
+    network as the games give them (no normalization); else None. The same bits as the
+    trainer's step-by-step ``play`` (the same passes, draws and games, in another order:
+    each member's weights are read once a rollout, not once a step; tested)."""
+    env, updater = trainer.env, trainer.updater
+    if not (isinstance(updater, CompiledCNNUpdate) and isinstance(env, MinAtarPopulation)
+            and env.compiled_games is not None and not trainer.normalizer.active):
+        return None
+    games, action_set = env.compiled_games, np.ascontiguousarray(env.action_set, np.int64)
+
+    def player(ro: Any, draws: np.ndarray) -> list[tuple[np.ndarray, Step]]:
+        member = np.full(trainer.n_mem, -1, np.int64)
+        member[trainer.alive] = np.arange(len(trainer.alive))
+        actions, nxt, final, rewards, ends = updater.play_rollout(trainer.obs, draws, member,
+                                                                  games, action_set)
+        no_truncation = np.zeros(rewards.shape[1:], np.bool_)
+        return [(actions[t], Step(obs=nxt[t], reward=rewards[t], terminated=ends[t],
+                                  truncated=no_truncation, final_obs=final[t]))
+                for t in range(len(actions))]
+
+    return player

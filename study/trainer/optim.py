@@ -214,4 +214,5 @@ class MemberOptimizer:
     def select(self, idx: torch.Tensor) -> None:
         """Keep only the members at ``idx`` (population compaction)."""
         self.state = [[s[idx] for s in st] for st in self.state]
-        self.t = self.t[idx.cpu().numpy()]
+        if self.t.size:  # (none without parameters: a shared trunk leaves the value one none)
+            self.t = self.t[idx.cpu().numpy()]

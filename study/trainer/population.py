@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,7 +43,7 @@ from study.hyperparameters import Hyperparameters, Structure
 from study.schema import CURVE_COLUMNS
 from study.schema import UPDATE_METRICS as _UPDATE_METRICS
 from study.trainer import compiled_a2c, compiled_value, kernels
-from study.trainer import compiled_cnn as _compiled_cnn  # noqa: F401  (registers its update)
+from study.trainer import compiled_cnn as _compiled_cnn  # (also registers its update)
 from study.trainer.alloc import keep_freed_memory
 from study.trainer.envs import Step, make_population_env
 from study.trainer.envs.memory import check_fits
@@ -462,6 +462,8 @@ class _Trainer:
         self.last_eval = np.full(n, np.nan)
         self.global_step = 0
         self.save_policies = False
+        self.player: Callable[[_Rollout, np.ndarray], Iterable[tuple[np.ndarray, Step]]] = \
+            self.play
         # The same updates as one compiled loop, where it reproduces them (same bits).
         self.compiled = (compiled_a2c.CompiledA2C.build(self) if compiled_a2c.accepts(self)
                          else None)
@@ -477,6 +479,8 @@ class _Trainer:
         or no member is learning."""
         self.save_policies = save_policies
         self.obs = self.observe(self.env.reset(), update=True)
+        # Each member's whole rollout at once where that gives the same bits (compiled games).
+        self.player = _compiled_cnn.rollout_player(self) or self.play
         self.next_log = schedule.log_every
         self.next_eval = schedule.eval_every if schedule.eval_every > 0 else math.inf
         update = 0
@@ -535,12 +539,7 @@ class _Trainer:
         else:
             draws = self.action_rng.normal((self.n_steps, self.n_envs, *self.act_shape))
         self.updater.begin_rollout(len(self.alive), self.n_steps, self.n_envs)
-        for t in range(self.n_steps):
-            out = self.updater.rollout_pass(self.to_torch(self.learning_rows(self.obs)), t)
-            actions = self.act(out, False, draws[:, t])
-            if self.ppo:
-                ro.logp.append(self.log_prob(out, actions))
-            step = self.env.step(self.env_actions(actions))
+        for t, (actions, step) in enumerate(self.player(ro, draws)):
             self.global_step += self.n_envs
             ro.obs[t], ro.actions[t] = self.obs, actions
             self.record_step(ro, t, step)
@@ -549,6 +548,17 @@ class _Trainer:
                 ro.final_obs[t] = self.observe(step.final_obs)
             self.obs = next_obs
         return ro
+
+    def play(self, ro: _Rollout, draws: np.ndarray) -> Iterator[tuple[np.ndarray, Step]]:
+        """The rollout's steps, one at a time (the caller moves ``self.obs`` on between
+        them): every learner's pass on the current observations, every member's actions
+        from this step's ``draws``, the environments' step."""
+        for t in range(self.n_steps):
+            out = self.updater.rollout_pass(self.to_torch(self.learning_rows(self.obs)), t)
+            actions = self.act(out, False, draws[:, t])
+            if self.ppo:
+                ro.logp.append(self.log_prob(out, actions))
+            yield actions, self.env.step(self.env_actions(actions))
 
     @torch.no_grad()
     def log_prob(self, out: torch.Tensor, actions: np.ndarray) -> torch.Tensor:

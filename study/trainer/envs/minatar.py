@@ -76,6 +76,11 @@ class MinAtarPopulation:
         h, w, c = first.state_shape()
         self._state = np.zeros((len(self.games), h, w, c), dtype=bool)
 
+    @property
+    def compiled_games(self) -> BreakoutGames | None:
+        """The games as compiled state (Breakout, from the first reset on), or None."""
+        return self._compiled
+
     def _obs(self, states: np.ndarray) -> np.ndarray:
         chw = np.ascontiguousarray(np.moveaxis(states, -1, 1), dtype=np.uint8)
         return chw.reshape(self.n_members, self.n_envs, *chw.shape[1:])

@@ -23,7 +23,7 @@ import numpy as np
 
 from study.trainer.kernels import JIT_OPTIONS
 
-__all__ = ["BreakoutGames"]
+__all__ = ["BreakoutGames", "step_games"]
 
 _N, _M = 624, 397
 _MATRIX_A, _UPPER, _LOWER = np.uint32(0x9908B0DF), np.uint32(0x80000000), np.uint32(0x7FFFFFFF)
@@ -141,9 +141,10 @@ def _observe(s, b, out):
 
 
 @numba.njit(**JIT_OPTIONS)
-def _step(state, bricks, key, pos, actions, sticky, obs, final, reward, done):
-    """One step of every game, in order: the sticky draw, the action, the observation it
-    ends in; a finished game is reset (its next observation then the reset's)."""
+def step_games(state, bricks, key, pos, actions, sticky, obs, final, reward, done):
+    """One step of every game (rows of the state arrays), in order: the sticky draw, the
+    action, the observation it ends in; a finished game is reset (its next observation
+    then the reset's)."""
     for g in range(state.shape[0]):
         s = state[g]
         a = actions[g]
@@ -198,7 +199,7 @@ class BreakoutGames:
         obs = np.empty((n, _CHANNELS, 10, 10), dtype=np.uint8)
         final = np.empty_like(obs)
         reward, done = np.empty(n), np.empty(n, dtype=np.bool_)
-        _step(self.state, self.bricks, self.key, self.pos,
+        step_games(self.state, self.bricks, self.key, self.pos,
               np.ascontiguousarray(actions, dtype=np.int64), self.sticky, obs, final, reward,
               done)
         return obs, final, reward, done
