@@ -366,3 +366,35 @@ def test_the_bias_added_in_the_activation_pass_rounds_as_a_pass_of_its_own(activ
     _activate(separate, ACTIVATIONS[activation], _NO_BIAS)
     assert np.array_equal(fused, separate)
     assert not np.array_equal(fused, out)
+
+
+def test_the_cache_stamp_covers_every_module_the_compiled_functions_call():
+    """numba checks a cached function against its own file only: a module whose compiled
+    functions the compiled modules import (the function itself, or the module) must be in
+    numba_cache's sources, or an edit there leaves its old code inside cached callers."""
+    import importlib
+    import inspect
+    from pathlib import Path
+
+    from numba.core.dispatcher import Dispatcher
+
+    from study.trainer import numba_cache
+
+    root = Path(numba_cache.__file__).parent
+
+    def has_compiled(module):
+        return any(isinstance(v, Dispatcher) and v.py_func.__module__ == module.__name__
+                   for v in vars(module).values())
+
+    called = set()
+    for name in ("compiled", "compiled_a2c", "compiled_cnn", "compiled_value", "kernels"):
+        for value in vars(importlib.import_module(f"study.trainer.{name}")).values():
+            if isinstance(value, Dispatcher):
+                called.add(Path(inspect.getfile(value.py_func)))
+            elif inspect.ismodule(value) and value.__name__.startswith("study.trainer.") \
+                    and has_compiled(value):
+                called.add(Path(value.__file__))
+    assert {"compiled_cnn.py", "envs/minatar_breakout.py"} <= {
+        p.relative_to(root).as_posix() for p in called}
+    missing = {p.relative_to(root).as_posix() for p in called} - set(numba_cache._SOURCES)
+    assert not missing

@@ -179,8 +179,8 @@ def test_minatar_training_is_bit_identical_on_the_compiled_path():
 
 def test_member_by_member_rollouts_are_the_step_by_step_rollouts(monkeypatch):
     """compiled_cnn.play (each member's whole rollout, then the next member's) gives the
-    trainer's step-by-step rollouts to the bit, also after a member stopped learning (it
-    keeps playing action 0)."""
+    trainer's step-by-step rollouts to the bit: curves, final returns and trained weights,
+    also after a member stopped learning."""
     pytest.importorskip("minatar")
     from study.trainer import compiled_cnn
     from study.trainer.population import CURVE_COLUMNS, Member, train_population
@@ -193,7 +193,7 @@ def test_member_by_member_rollouts_are_the_step_by_step_rollouts(monkeypatch):
 
     def train():
         return train_population("MinAtar/Breakout-v1", members, total_steps=1280,
-                                log_every=320, on_log=prune_first)
+                                log_every=320, on_log=prune_first, save_policies=True)
 
     played = []
     play_rollout = CompiledCNNUpdate.play_rollout
@@ -206,9 +206,32 @@ def test_member_by_member_rollouts_are_the_step_by_step_rollouts(monkeypatch):
     assert len(played) == 1280 // 40
     assert [r.status for r in member_major] == ["pruned", "ok", "ok"]
     for a, b in zip(member_major, step_major, strict=True):
-        assert a.status == b.status
+        assert (a.status, a.env_steps) == (b.status, b.env_steps)
+        np.testing.assert_array_equal(a.final_return, b.final_return)
         for k in CURVE_COLUMNS:
             np.testing.assert_array_equal(a.curve[k], b.curve[k], err_msg=k)
+        assert a.policy_state is not None and b.policy_state is not None
+        assert a.policy_state.keys() == b.policy_state.keys()
+        for k in a.policy_state:
+            np.testing.assert_array_equal(a.policy_state[k], b.policy_state[k], err_msg=k)
+
+
+@pytest.mark.parametrize("env_id,overrides,member_major", [
+    ("MinAtar/Breakout-v1", {}, True),
+    ("MinAtar/SpaceInvaders-v1", {}, False),  # its games are not compiled
+    ("MinAtar/Breakout-v1", {"share_trunk": False}, False),  # autograd's update
+    ("MinAtar/Breakout-v1", {"algorithm": "ppo"}, False),
+])
+def test_rollouts_run_member_by_member_where_they_reproduce_the_trainers(
+        env_id, overrides, member_major):
+    pytest.importorskip("minatar")
+    from study.trainer import compiled_cnn
+    from study.trainer.population import Member, _check_members, _Trainer
+
+    members = [Member(cfg.resolve(overrides, env=env_id), 0)]
+    trainer = _Trainer(env_id, members, _check_members(members), 40, "cpu")
+    trainer.obs = trainer.observe(trainer.env.reset(), update=True)
+    assert (compiled_cnn.rollout_player(trainer) is not None) == member_major
 
 
 def test_the_fused_rmsprop_step_is_the_optimizers_step():

@@ -60,7 +60,11 @@ from study.trainer.views import view
 if TYPE_CHECKING:
     from study.trainer.population import _Trainer
 
-__all__ = ["CompiledCNNUpdate", "accepts", "rollout_player"]
+__all__ = ["CompiledCNNUpdate", "Player", "accepts", "rollout_player"]
+
+#: A rollout's steps from the trainer's rollout and draws: (every member's actions, the
+#: environments' step), in order (``_Trainer.play``, or :func:`rollout_player`'s).
+Player = Callable[[Any, np.ndarray], Iterable[tuple[np.ndarray, Step]]]
 
 drop_stale_cache()
 
@@ -387,7 +391,9 @@ def play(obs, scale, params, cache, scratch, member, draws, action_set, games, o
     :func:`forward`), its actions sampled from ``draws`` ``[S, T, E]`` (as the trainer's
     ``act``: ``kernels.sample_categorical``), its games' step; then its V(s_T). Members
     that stopped learning (``member[s] < 0``) play action 0. ``obs``: ``[S, E, C, H, W]``;
-    ``games``: Breakout's arrays and sticky probability (``BreakoutGames``); ``out``:
+    ``cache``: the rollout's ``h1``, ``h2``, logits, values (as :func:`forward`'s), then one
+    member's ``h1``, ``h2``, logits for V(s_T) and V(s_T) ``[S', E]``; ``games``:
+    Breakout's arrays and sticky probability (``BreakoutGames``); ``out``:
     (actions ``[T, S, E]``, next observations, final observations, rewards, ends, one
     member's env actions)."""
     h1, h2, logits, values, v_h1, v_h2, v_logits, v_last = cache
@@ -429,8 +435,9 @@ def accepts(agent: ActorCritic, hp: Structure) -> bool:
 
 
 class CompiledCNNUpdate(AutogradUpdate):
-    """:func:`forward` for the rollout's passes and V(s_T), :func:`backward` for the
-    policy step (policy and value losses through the shared trunk)."""
+    """:func:`forward` for the rollout's passes and V(s_T) (or :func:`play`, through
+    :meth:`play_rollout`, for the whole rollout), :func:`backward` for the policy step
+    (policy and value losses through the shared trunk)."""
 
     def __init__(self, agent: ActorCritic, hp: Structure) -> None:
         super().__init__(agent, hp)
@@ -495,9 +502,14 @@ class CompiledCNNUpdate(AutogradUpdate):
         return torch.from_numpy(self._value_bufs[3].copy())
 
     def state_values(self, obs: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-        """The rollout's values, then V(``last``), which :meth:`play_rollout` took already
-        where it played the rollout (the same pass on the same observations)."""
-        v_last = self.values(last) if self._v_last is None else torch.from_numpy(self._v_last)
+        """The rollout's values, then V(``last``), the observations the rollout ended in:
+        :meth:`play_rollout` took it already where it played the rollout (the same pass on
+        the same observations)."""
+        if self._v_last is None:
+            v_last = self.values(last)
+        else:
+            assert tuple(last.shape[:2]) == self._v_last.shape, "not this rollout's end"
+            v_last = torch.from_numpy(self._v_last)
         return torch.cat([torch.from_numpy(self._cache[3]), v_last], dim=1)
 
     def play_rollout(self, obs: np.ndarray, draws: np.ndarray, member: np.ndarray,
@@ -614,8 +626,6 @@ class CompiledCNNUpdate(AutogradUpdate):
 
 register_acceleration(accepts, CompiledCNNUpdate)
 
-Player = Callable[[Any, np.ndarray], Iterable[tuple[np.ndarray, Step]]]
-
 
 def rollout_player(trainer: _Trainer) -> Player | None:
     """The trainer's rollouts by :func:`play`, where its updater is
@@ -625,7 +635,8 @@ def rollout_player(trainer: _Trainer) -> Player | None:
     each member's weights are read once a rollout, not once a step; tested)."""
     env, updater = trainer.env, trainer.updater
     if not (isinstance(updater, CompiledCNNUpdate) and isinstance(env, MinAtarPopulation)
-            and env.compiled_games is not None and not trainer.normalizer.active):
+            and env.compiled_games is not None and not trainer.normalizer.active
+            and trainer.obs.dtype == np.uint8 and not trainer.ppo):  # (PPO needs log pi)
         return None
     games, action_set = env.compiled_games, np.ascontiguousarray(env.action_set, np.int64)
 

@@ -10,7 +10,8 @@ __all__ = ["drop_stale_cache"]
 
 #: Sources whose functions the compiled loops call (or whose constants they freeze).
 _SOURCES = ("compiled_a2c.py", "compiled_cnn.py", "compiled_value.py", "compiled.py",
-            "kernels.py", "simd.py", "views.py", "rng.py", "updates.py", "envs/cartpole.py")
+            "kernels.py", "simd.py", "views.py", "rng.py", "updates.py", "envs/cartpole.py",
+            "envs/minatar_breakout.py")
 #: Cached functions that call into other modules.
 _PATTERNS = ("compiled.*.nb[ic]", "compiled_a2c.*.nb[ic]", "compiled_cnn.*.nb[ic]",
              "compiled_value.*.nb[ic]", "kernels.*.nb[ic]")

@@ -156,9 +156,9 @@ class MemberOptimizer:
         ones).
         """
         stepping = loss_finite if active is None else loss_finite & active
-        self.t += 1 if active is None else active.cpu().numpy().astype(np.int64)
         if not params:
             return torch.zeros_like(lr), loss_finite.clone()
+        self.t += 1 if active is None else active.cpu().numpy().astype(np.int64)
         norms, ok = self._step(params, grads, lr, max_norm, stepping)
         if active is not None:
             ok = ok | ~active
@@ -214,5 +214,5 @@ class MemberOptimizer:
     def select(self, idx: torch.Tensor) -> None:
         """Keep only the members at ``idx`` (population compaction)."""
         self.state = [[s[idx] for s in st] for st in self.state]
-        if self.t.size:  # (none without parameters: a shared trunk leaves the value one none)
-            self.t = self.t[idx.cpu().numpy()]
+        if self.t.size:  # (no per-member counts without parameters: a shared trunk's
+            self.t = self.t[idx.cpu().numpy()]  # value optimizer)

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -462,8 +462,7 @@ class _Trainer:
         self.last_eval = np.full(n, np.nan)
         self.global_step = 0
         self.save_policies = False
-        self.player: Callable[[_Rollout, np.ndarray], Iterable[tuple[np.ndarray, Step]]] = \
-            self.play
+        self.player: _compiled_cnn.Player = self.play
         # The same updates as one compiled loop, where it reproduces them (same bits).
         self.compiled = (compiled_a2c.CompiledA2C.build(self) if compiled_a2c.accepts(self)
                          else None)

@@ -200,6 +200,6 @@ class BreakoutGames:
         final = np.empty_like(obs)
         reward, done = np.empty(n), np.empty(n, dtype=np.bool_)
         step_games(self.state, self.bricks, self.key, self.pos,
-              np.ascontiguousarray(actions, dtype=np.int64), self.sticky, obs, final, reward,
-              done)
+                   np.ascontiguousarray(actions, dtype=np.int64), self.sticky, obs, final,
+                   reward, done)
         return obs, final, reward, done
