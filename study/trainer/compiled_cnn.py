@@ -52,7 +52,7 @@ from study.trainer.envs.minatar_breakout import BreakoutGames, step_games
 from study.trainer.kernels import JIT_OPTIONS
 from study.trainer.networks import ActorCritic, accelerations_enabled
 from study.trainer.numba_cache import drop_stale_cache
-from study.trainer.optim import MemberOptimizer
+from study.trainer.optim import MemberOptimizer, kernel_view
 from study.trainer.simd import LANES, vfma, vlane, vload, vsplat, vstore, vwhere_le
 from study.trainer.updates import AutogradUpdate, Minibatch, Terms, register_acceleration
 from study.trainer.views import view
@@ -79,8 +79,8 @@ def _f32(t: torch.Tensor) -> np.ndarray:
 
 
 def _as3(arrays: Any) -> tuple[np.ndarray, ...]:
-    """``[S, a, b]`` views (optim's layout for its kernels: ``[S, 1, n]`` unless 3-D)."""
-    return tuple(a if a.ndim == 3 else a.reshape(a.shape[0], 1, -1) for a in arrays)
+    """The optimizer kernels' ``[S, a, b]`` views of ``arrays``."""
+    return tuple(kernel_view(a) for a in arrays)
 
 
 # ----------------------------------------------------------------------- convolution

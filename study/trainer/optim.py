@@ -16,6 +16,12 @@ import torch
 from study.trainer import kernels
 
 
+def kernel_view(a: np.ndarray) -> np.ndarray:
+    """The kernels' ``[S, a, b]`` view of an ``[S, ...]`` array: itself if 3-D, else
+    ``[S, 1, n]``."""
+    return a if a.ndim == 3 else a.reshape(a.shape[0], 1, -1)
+
+
 def _arrays(tensors: Sequence[torch.Tensor], copy_ok: bool = False) -> tuple[np.ndarray, ...]:
     """Float32 ``[S, a, b]`` NumPy views of ``[S, ...]`` tensors, which the kernels update in
     place; only with ``copy_ok`` (gradients) may a non-contiguous tensor be copied."""
@@ -26,8 +32,7 @@ def _arrays(tensors: Sequence[torch.Tensor], copy_ok: bool = False) -> tuple[np.
             if not copy_ok:
                 raise ValueError("optimizer state and parameters must be contiguous")
             t = t.contiguous()
-        a = t.numpy()
-        out.append(a if a.ndim == 3 else a.reshape(a.shape[0], 1, -1))
+        out.append(kernel_view(t.numpy()))
     return tuple(out)
 
 
