@@ -398,3 +398,18 @@ def test_the_cache_stamp_covers_every_module_the_compiled_functions_call():
         p.relative_to(root).as_posix() for p in called}
     missing = {p.relative_to(root).as_posix() for p in called} - set(numba_cache._SOURCES)
     assert not missing
+
+
+def test_a_cold_or_stale_kernel_cache_is_announced(monkeypatch, tmp_path):
+    """The drivers say that the kernels compile (their first progress figures include it)
+    after an install (no cache) and after an upgrade (a stale cache, dropped then)."""
+    from study.trainer import numba_cache
+
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))
+    assert numba_cache.cold_cache()  # nothing cached yet
+    cached = tmp_path / "kernels.rmsprop_step-1.py311.nbi"
+    cached.write_bytes(b"")
+    assert not numba_cache.cold_cache()  # cached, from these sources
+    (tmp_path / "study-compiled.sources").write_text("the sources of another version")
+    assert numba_cache.cold_cache()  # stale: dropped, to compile again
+    assert not cached.exists()

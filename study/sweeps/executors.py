@@ -374,12 +374,13 @@ class _Dask(Executor):
 
 def announce_compilation() -> None:
     """Say on stderr that the numba kernels compile now, when their cache is cold (the
-    first run after an install), since the first progress figures include it."""
-    from study.trainer import kernels
+    first run after an install or an upgrade), since the first progress figures include
+    it."""
+    from study.trainer.numba_cache import cold_cache
 
-    if kernels.cold_cache():
-        print("compiling the numba kernels (once after an install; the first progress "
-              "figures include it)", file=sys.stderr, flush=True)
+    if cold_cache():
+        print("compiling the numba kernels (once after an install or upgrade; the first "
+              "progress figures include it)", file=sys.stderr, flush=True)
 
 
 class Bar:

@@ -15,7 +15,6 @@ after an install pays the compile time (a few seconds).
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numba
@@ -511,13 +510,3 @@ def advantage_stats_(adv, returns, values, normalize, explained_variance) -> Non
             std = np.sqrt(var_a / _F(n - 1))
             for j in range(n):
                 adv[s, j] = (adv[s, j] - mean_a) / (std + _F(1e-8))
-
-
-def cold_cache() -> bool:
-    """Whether the kernels have no on-disk compiled cache yet: the first run after an
-    install (or a change of numba or Python) compiles them, which takes a while and would
-    otherwise look like a stalled progress bar."""
-    from pathlib import Path
-
-    cache = Path(os.environ.get("NUMBA_CACHE_DIR") or Path(__file__).parent / "__pycache__")
-    return not any(cache.rglob("kernels.*.nbi"))

@@ -6,7 +6,7 @@ import hashlib
 import os
 from pathlib import Path
 
-__all__ = ["drop_stale_cache"]
+__all__ = ["cold_cache", "drop_stale_cache"]
 
 #: Sources whose functions the compiled loops call (or whose constants they freeze).
 _SOURCES = ("compiled_a2c.py", "compiled_cnn.py", "compiled_value.py", "compiled.py",
@@ -28,7 +28,7 @@ def drop_stale_cache() -> None:
     sources = [here / name for name in _SOURCES]
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in [*sources,
                                                               here.parent / "schema.py"]))
-    cache = Path(os.environ.get("NUMBA_CACHE_DIR") or here / "__pycache__")
+    cache = _cache_dir()
     stamp = cache / "study-compiled.sources"
     try:
         if stamp.exists() and stamp.read_text() == digest.hexdigest():
@@ -40,3 +40,16 @@ def drop_stale_cache() -> None:
         stamp.write_text(digest.hexdigest())
     except OSError:  # a read-only install: numba keeps its cache elsewhere, per file
         pass
+
+
+def cold_cache() -> bool:
+    """Whether the kernels compile on their next use: they have no on-disk cache yet (the
+    first run after an install) or it was stale and is dropped now (the first run after
+    an upgrade). Compiling takes a while and would otherwise look like a stalled progress
+    bar."""
+    drop_stale_cache()
+    return not any(_cache_dir().rglob("kernels.*.nbi"))
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("NUMBA_CACHE_DIR") or Path(__file__).parent / "__pycache__")
