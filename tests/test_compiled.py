@@ -371,7 +371,8 @@ def test_the_bias_added_in_the_activation_pass_rounds_as_a_pass_of_its_own(activ
 def test_the_cache_stamp_covers_every_module_the_compiled_functions_call():
     """numba checks a cached function against its own file only: a module whose compiled
     functions the compiled modules import (the function itself, or the module) must be in
-    numba_cache's sources, or an edit there leaves its old code inside cached callers."""
+    numba_cache's sources, and the callers' caches among those it drops, or an edit there
+    leaves its old code inside cached callers."""
     import importlib
     import inspect
     from pathlib import Path
@@ -387,17 +388,22 @@ def test_the_cache_stamp_covers_every_module_the_compiled_functions_call():
                    for v in vars(module).values())
 
     called = set()
-    for name in ("compiled", "compiled_a2c", "compiled_cnn", "compiled_value", "kernels"):
-        for value in vars(importlib.import_module(f"study.trainer.{name}")).values():
+    for name in ("compiled", "compiled_a2c", "compiled_cnn", "compiled_value", "kernels",
+                 "envs.minatar_compiled"):
+        module = importlib.import_module(f"study.trainer.{name}")
+        calls = set()
+        for value in vars(module).values():
             if isinstance(value, Dispatcher):
-                called.add(Path(inspect.getfile(value.py_func)))
+                calls.add(Path(inspect.getfile(value.py_func)))
             elif inspect.ismodule(value) and value.__name__.startswith("study.trainer.") \
                     and has_compiled(value):
-                called.add(Path(value.__file__))
-    assert {"compiled_cnn.py", "envs/minatar_breakout.py"} <= {
-        p.relative_to(root).as_posix() for p in called}
-    missing = {p.relative_to(root).as_posix() for p in called} - set(numba_cache._SOURCES)
-    assert not missing
+                calls.add(Path(value.__file__))
+        if calls - {Path(module.__file__)}:  # a caller of other modules: dropped when stale
+            assert f"{name.rsplit('.')[-1]}.*.nb[ic]" in numba_cache._PATTERNS
+        called |= calls
+    called_files = {p.relative_to(root).as_posix() for p in called}
+    assert {"envs/minatar_compiled.py", "envs/minatar_space_invaders.py"} <= called_files
+    assert not called_files - set(numba_cache._SOURCES)
 
 
 def test_a_cold_or_stale_kernel_cache_is_announced(monkeypatch, tmp_path):

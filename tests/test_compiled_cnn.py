@@ -177,7 +177,8 @@ def test_minatar_training_is_bit_identical_on_the_compiled_path():
     assert not np.array_equal(again.curve["policy_loss"], ref.curve["policy_loss"])
 
 
-def test_member_by_member_rollouts_are_the_step_by_step_rollouts(monkeypatch):
+@pytest.mark.parametrize("env_id", ["MinAtar/Breakout-v1", "MinAtar/SpaceInvaders-v1"])
+def test_member_by_member_rollouts_are_the_step_by_step_rollouts(monkeypatch, env_id):
     """compiled_cnn.play (each member's whole rollout, then the next member's) gives the
     trainer's step-by-step rollouts to the bit: curves, final returns and trained weights,
     also after a member stopped learning."""
@@ -185,14 +186,14 @@ def test_member_by_member_rollouts_are_the_step_by_step_rollouts(monkeypatch):
     from study.trainer import compiled_cnn
     from study.trainer.population import CURVE_COLUMNS, Member, train_population
 
-    hp = cfg.resolve({"policy_lr": 3e-3}, env="MinAtar/Breakout-v1")
+    hp = cfg.resolve({"policy_lr": 3e-3}, env=env_id)
     members = [Member(hp, s) for s in (3, 4, 5)]
 
     def prune_first(step, row):
         return np.array([step == 320, False, False])
 
     def train():
-        return train_population("MinAtar/Breakout-v1", members, total_steps=1280,
+        return train_population(env_id, members, total_steps=1280,
                                 log_every=320, on_log=prune_first, save_policies=True)
 
     played = []
@@ -218,7 +219,8 @@ def test_member_by_member_rollouts_are_the_step_by_step_rollouts(monkeypatch):
 
 @pytest.mark.parametrize("env_id,overrides,member_major", [
     ("MinAtar/Breakout-v1", {}, True),
-    ("MinAtar/SpaceInvaders-v1", {}, False),  # its games are not compiled
+    ("MinAtar/SpaceInvaders-v1", {}, True),
+    ("MinAtar/Asterix-v1", {}, False),  # its games are not compiled
     ("MinAtar/Breakout-v1", {"share_trunk": False}, False),  # autograd's update
     ("MinAtar/Breakout-v1", {"algorithm": "ppo"}, False),
 ])

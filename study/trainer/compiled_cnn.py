@@ -8,8 +8,8 @@ convolution, then a dense layer, shared by the two heads with no hidden layers a
 a discrete policy; A2C with one minibatch): every member's forward pass is one compiled
 loop, its backward pass hand-written, the rollout's passes are the update's forward pass
 (A2C's weights do not change between them), and with RMSprop each member's step is taken
-right after its gradients, while they are in cache. With MinAtar's Breakout compiled too
-(study.trainer.envs.minatar_breakout), :func:`play` runs each member's whole rollout, its
+right after its gradients, while they are in cache. With the MinAtar game compiled too
+(study.trainer.envs.minatar_compiled), :func:`play` runs each member's whole rollout, its
 passes, sampled actions and games' steps, before the next member's (:func:`rollout_player`).
 
 How it is fast:
@@ -48,7 +48,7 @@ from study.trainer import kernels
 from study.trainer.compiled import _tiles_fma, _transpose_into
 from study.trainer.envs.base import Step
 from study.trainer.envs.minatar import MinAtarPopulation
-from study.trainer.envs.minatar_breakout import BreakoutGames, step_games
+from study.trainer.envs.minatar_compiled import CompiledGames, step_games
 from study.trainer.kernels import JIT_OPTIONS
 from study.trainer.networks import ActorCritic, accelerations_enabled
 from study.trainer.numba_cache import drop_stale_cache
@@ -393,11 +393,12 @@ def play(obs, scale, params, cache, scratch, member, draws, action_set, games, o
     that stopped learning (``member[s] < 0``) play action 0. ``obs``: ``[S, E, C, H, W]``;
     ``cache``: the rollout's ``h1``, ``h2``, logits, values (as :func:`forward`'s), then one
     member's ``h1``, ``h2``, logits for V(s_T) and V(s_T) ``[S', E]``; ``games``:
-    Breakout's arrays and sticky probability (``BreakoutGames``); ``out``:
+    the compiled games' code, arrays and sticky probability (``CompiledGames.arrays``);
+    ``out``:
     (actions ``[T, S, E]``, next observations, final observations, rewards, ends, one
     member's env actions)."""
     h1, h2, logits, values, v_h1, v_h2, v_logits, v_last = cache
-    state, bricks, key, pos, sticky = games
+    game, state, maps, key, pos, sticky = games
     actions, next_obs, final, rewards, dones, env_a = out
     n_mem, n_steps, n_envs = draws.shape
     for s in range(n_mem):
@@ -415,8 +416,8 @@ def play(obs, scale, params, cache, scratch, member, draws, action_set, games, o
                 actions[t, s] = 0
             for e in range(n_envs):
                 env_a[e] = action_set[actions[t, s, e]]
-            step_games(state[lo:hi], bricks[lo:hi], key[lo:hi], pos[lo:hi], env_a, sticky,
-                       next_obs[t, s], final[t, s], rewards[t, s], dones[t, s])
+            step_games(game, state[lo:hi], maps[lo:hi], key[lo:hi], pos[lo:hi], env_a,
+                       sticky, next_obs[t, s], final[t, s], rewards[t, s], dones[t, s])
         if i >= 0:
             member_forward(next_obs[n_steps - 1, s], scale, params, i, v_h1, v_h2, v_logits,
                            v_last[i], scratch)
@@ -513,7 +514,7 @@ class CompiledCNNUpdate(AutogradUpdate):
         return torch.cat([torch.from_numpy(self._cache[3]), v_last], dim=1)
 
     def play_rollout(self, obs: np.ndarray, draws: np.ndarray, member: np.ndarray,
-                     games: BreakoutGames, action_set: np.ndarray) -> tuple[np.ndarray, ...]:
+                     games: CompiledGames, action_set: np.ndarray) -> tuple[np.ndarray, ...]:
         """A rollout by :func:`play`: its passes into the cache (as :meth:`rollout_pass`
         for every t), V(s_T) kept for :meth:`state_values`; returns (actions, next
         observations, final observations, rewards, ends), each ``[T, S, E, ...]``."""
@@ -530,7 +531,7 @@ class CompiledCNNUpdate(AutogradUpdate):
         play(np.ascontiguousarray(obs), self.scale, self._params(),
              (*self._cache, *self._play_bufs),
              (*self._scratch, self._floats(n_envs), *self._offsets), member, draws, action_set,
-             (games.state, games.bricks, games.key, games.pos, games.sticky), out)
+             games.arrays(), out)
         self._v_last = self._play_bufs[3]
         return out[:5]
 

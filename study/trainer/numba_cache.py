@@ -11,10 +11,11 @@ __all__ = ["cold_cache", "drop_stale_cache"]
 #: Sources whose functions the compiled loops call (or whose constants they freeze).
 _SOURCES = ("compiled_a2c.py", "compiled_cnn.py", "compiled_value.py", "compiled.py",
             "kernels.py", "simd.py", "views.py", "rng.py", "updates.py", "envs/cartpole.py",
-            "envs/minatar_breakout.py")
+            "envs/minatar_compiled.py", "envs/minatar_breakout.py",
+            "envs/minatar_space_invaders.py")
 #: Cached functions that call into other modules.
 _PATTERNS = ("compiled.*.nb[ic]", "compiled_a2c.*.nb[ic]", "compiled_cnn.*.nb[ic]",
-             "compiled_value.*.nb[ic]", "kernels.*.nb[ic]")
+             "compiled_value.*.nb[ic]", "kernels.*.nb[ic]", "minatar_compiled.*.nb[ic]")
 
 
 def drop_stale_cache() -> None:
@@ -33,8 +34,10 @@ def drop_stale_cache() -> None:
     try:
         if stamp.exists() and stamp.read_text() == digest.hexdigest():
             return
+        # (numba keeps each module's cache in its own __pycache__, envs/ too, or mirrors
+        # the package's folders under $NUMBA_CACHE_DIR)
         for pattern in _PATTERNS:
-            for path in cache.rglob(pattern):
+            for path in (cache if os.environ.get("NUMBA_CACHE_DIR") else here).rglob(pattern):
                 path.unlink(missing_ok=True)
         cache.mkdir(parents=True, exist_ok=True)
         stamp.write_text(digest.hexdigest())

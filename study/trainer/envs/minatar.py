@@ -6,9 +6,9 @@ which cost several times the game's own step. :class:`MinAtarPopulation` holds t
 ``minatar.Environment`` objects, seeds them the same way (the member's 32-bit instance
 seeds, once, at the first reset), maps actions through the same action set and transposes
 all observations at once: the same games, bit for bit (tests/test_networks.py compares it
-with the generic path). Breakout, after its games are seeded and reset, runs compiled
-(study.trainer.envs.minatar_breakout: the same game and random numbers, tested against the
-package).
+with the generic path). Breakout and Space Invaders, after their games are seeded and
+reset, run compiled (study.trainer.envs.minatar_compiled: the same games and random numbers,
+tested against the package).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 
 from study.trainer.envs.base import Step
 from study.trainer.envs.generic import instance_seed
-from study.trainer.envs.minatar_breakout import BreakoutGames
+from study.trainer.envs.minatar_compiled import COMPILED, CompiledGames
 from study.trainer.rng import STREAM_RESET
 
 __all__ = ["GAMES", "MinAtarPopulation", "minatar_spaces"]
@@ -72,13 +72,14 @@ class MinAtarPopulation:
         self.observation_space, self.action_space = minatar_spaces(env_id)
         self._seeds = [instance_seed(s, e, stream, 32) for s in seeds for e in range(num_envs)]
         self._seeded = False
-        self._compiled: BreakoutGames | None = None
+        self._compiled: CompiledGames | None = None
         h, w, c = first.state_shape()
         self._state = np.zeros((len(self.games), h, w, c), dtype=bool)
 
     @property
-    def compiled_games(self) -> BreakoutGames | None:
-        """The games as compiled state (Breakout, from the first reset on), or None."""
+    def compiled_games(self) -> CompiledGames | None:
+        """The games as compiled state (those of ``minatar_compiled.COMPILED``, from the
+        first reset on), or None."""
         return self._compiled
 
     def _obs(self, states: np.ndarray) -> np.ndarray:
@@ -94,8 +95,8 @@ class MinAtarPopulation:
             g.reset()
             self._state[i] = g.state()
         self._seeded = True
-        if self.game == "breakout":
-            self._compiled = BreakoutGames(self.games)
+        if self.game in COMPILED:
+            self._compiled = CompiledGames(self.game, self.games)
         return self._obs(self._state)
 
     def _obs_chw(self, obs: np.ndarray) -> np.ndarray:
