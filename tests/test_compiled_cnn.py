@@ -177,7 +177,8 @@ def test_minatar_training_is_bit_identical_on_the_compiled_path():
     assert not np.array_equal(again.curve["policy_loss"], ref.curve["policy_loss"])
 
 
-@pytest.mark.parametrize("env_id", ["MinAtar/Breakout-v1", "MinAtar/SpaceInvaders-v1"])
+@pytest.mark.parametrize("env_id", ["MinAtar/Breakout-v1", "MinAtar/SpaceInvaders-v1",
+                                    "MinAtar/Freeway-v1"])
 def test_member_by_member_rollouts_are_the_step_by_step_rollouts(monkeypatch, env_id):
     """compiled_cnn.play (each member's whole rollout, then the next member's) gives the
     trainer's step-by-step rollouts to the bit: curves, final returns and trained weights,

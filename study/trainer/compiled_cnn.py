@@ -394,9 +394,8 @@ def play(obs, scale, params, cache, scratch, member, draws, action_set, games, o
     ``cache``: the rollout's ``h1``, ``h2``, logits, values (as :func:`forward`'s), then one
     member's ``h1``, ``h2``, logits for V(s_T) and V(s_T) ``[S', E]``; ``games``:
     the compiled games' code, arrays and sticky probability (``CompiledGames.arrays``);
-    ``out``:
-    (actions ``[T, S, E]``, next observations, final observations, rewards, ends, one
-    member's env actions)."""
+    ``out``: (actions ``[T, S, E]``, next observations, final observations, rewards,
+    ends, one member's env actions)."""
     h1, h2, logits, values, v_h1, v_h2, v_logits, v_last = cache
     game, state, maps, key, pos, sticky = games
     actions, next_obs, final, rewards, dones, env_a = out

@@ -8,23 +8,21 @@ from pathlib import Path
 
 __all__ = ["cold_cache", "drop_stale_cache"]
 
-#: Sources whose functions the compiled loops call (or whose constants they freeze).
+#: Sources whose functions the compiled loops call (or whose constants they freeze); the
+#: cached functions of all of them are dropped together when any of them changed.
 _SOURCES = ("compiled_a2c.py", "compiled_cnn.py", "compiled_value.py", "compiled.py",
             "kernels.py", "simd.py", "views.py", "rng.py", "updates.py", "envs/cartpole.py",
             "envs/minatar_compiled.py", "envs/minatar_breakout.py",
-            "envs/minatar_space_invaders.py")
-#: Cached functions that call into other modules.
-_PATTERNS = ("compiled.*.nb[ic]", "compiled_a2c.*.nb[ic]", "compiled_cnn.*.nb[ic]",
-             "compiled_value.*.nb[ic]", "kernels.*.nb[ic]", "minatar_compiled.*.nb[ic]")
+            "envs/minatar_space_invaders.py", "envs/minatar_freeway.py", "envs/numpy_mt.py")
 
 
 def drop_stale_cache() -> None:
-    """Numba checks a cached function against its own file only, while the compiled loops
-    and passes call functions of (and freeze constants from) other modules: when any of
-    those files changed since the cache was written, drop the cached loops, passes, value
-    steps and kernels (which build on study.trainer.simd) so that they recompile, rather
-    than run old code. (Called when study.trainer.compiled_a2c or compiled_cnn is
-    imported, before any of their functions is compiled or loaded.)"""
+    """Numba checks a cached function against its own file only, while the compiled loops,
+    passes, kernels and games call functions of (and freeze constants from) other modules:
+    when any of :data:`_SOURCES` changed since the cache was written, drop the cached
+    functions of all of them so that they recompile, rather than run old code. (Called
+    when study.trainer.compiled_a2c, compiled_cnn or envs.minatar_compiled is imported,
+    before any of their functions is compiled or loaded, and by :func:`cold_cache`.)"""
     here = Path(__file__).parent
     sources = [here / name for name in _SOURCES]
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in [*sources,
@@ -34,10 +32,11 @@ def drop_stale_cache() -> None:
     try:
         if stamp.exists() and stamp.read_text() == digest.hexdigest():
             return
-        # (numba keeps each module's cache in its own __pycache__, envs/ too, or mirrors
-        # the package's folders under $NUMBA_CACHE_DIR)
-        for pattern in _PATTERNS:
-            for path in (cache if os.environ.get("NUMBA_CACHE_DIR") else here).rglob(pattern):
+        # (numba keeps each module's cache in its own __pycache__, envs/ too, or in
+        # folders of its own under $NUMBA_CACHE_DIR)
+        root = cache if os.environ.get("NUMBA_CACHE_DIR") else here
+        for name in _SOURCES:
+            for path in root.rglob(f"{Path(name).stem}.*.nb[ic]"):
                 path.unlink(missing_ok=True)
         cache.mkdir(parents=True, exist_ok=True)
         stamp.write_text(digest.hexdigest())

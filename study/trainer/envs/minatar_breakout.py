@@ -99,6 +99,6 @@ def take_over(env: Any, s: np.ndarray, maps: np.ndarray) -> None:
     """Copy a package game's state (``minatar.environments.breakout.Env``) into ``s``
     and ``maps``."""
     s[_TERMINAL] = env.terminal
-    s[2:9] = (env.ball_x, env.ball_y, env.ball_dir, env.pos, env.strike, env.last_x,
+    s[2:2 + N_INTS] = (env.ball_x, env.ball_y, env.ball_dir, env.pos, env.strike, env.last_x,
               env.last_y)
     maps[0] = env.brick_map != 0

@@ -7,9 +7,8 @@ the same rules (each game's module here, line for line with ``minatar/environmen
 same sticky actions (``minatar.Environment.act``: with probability 0.1 the previous action
 again; the previous action is kept across episodes) and the same random numbers: each
 game's ``numpy.random.RandomState`` (MT19937, one stream for the sticky draws and any draws
-of the game's own) is copied into arrays and advanced here exactly as numpy would
-(``random_sample``: two 32-bit outputs, ``(a >> 5, b >> 6)``; legacy ``randint(2)``: one
-output, masked to its lowest bit).
+of the game's own) is copied into arrays and advanced exactly as numpy would
+(study.trainer.envs.numpy_mt).
 
 A game's state is one row of integers (column 0: whether it ended; column 1: the last
 action; then the game's own) and a few 10 x 10 maps. tests/test_minatar_compiled.py plays
@@ -25,7 +24,9 @@ import numba
 import numpy as np
 
 from study.trainer.envs import minatar_breakout as breakout
+from study.trainer.envs import minatar_freeway as freeway
 from study.trainer.envs import minatar_space_invaders as space_invaders
+from study.trainer.envs.numpy_mt import KEY_WORDS, next32, uniform
 from study.trainer.kernels import JIT_OPTIONS
 from study.trainer.numba_cache import drop_stale_cache
 
@@ -34,49 +35,9 @@ __all__ = ["COMPILED", "CompiledGames", "step_games"]
 drop_stale_cache()  # (this module's compiled loops call the games' modules)
 
 #: The games that run compiled (minatar's names) and their codes in :func:`step_games`.
-COMPILED = {"breakout": 0, "space_invaders": 1}
-_MODULES = (breakout, space_invaders)
+COMPILED = {"breakout": 0, "space_invaders": 1, "freeway": 2}
+_MODULES = (breakout, space_invaders, freeway)
 _TERMINAL, _LAST_ACTION = 0, 1  # the state's first two columns, in every game
-
-_N, _M = 624, 397
-_MATRIX_A, _UPPER, _LOWER = np.uint32(0x9908B0DF), np.uint32(0x80000000), np.uint32(0x7FFFFFFF)
-
-
-# ----------------------------------------------------------------------- numpy's MT19937
-@numba.njit(**JIT_OPTIONS)
-def _twist(key):
-    """MT19937's next 624 words (numpy's ``mt19937_gen``)."""
-    for i in range(_N):
-        y = (key[i] & _UPPER) | (key[(i + 1) % _N] & _LOWER)
-        nxt = key[(i + _M) % _N] ^ (y >> np.uint32(1))
-        if y & np.uint32(1):
-            nxt ^= _MATRIX_A
-        key[i] = nxt
-
-
-@numba.njit(**JIT_OPTIONS)
-def next32(key, pos, g):
-    """Game g's next 32-bit output (numpy's ``mt19937_next``)."""
-    k = key[g]
-    if pos[g] >= _N:
-        _twist(k)
-        pos[g] = 0
-    y = k[pos[g]]
-    pos[g] += 1
-    y ^= y >> np.uint32(11)
-    y ^= (y << np.uint32(7)) & np.uint32(0x9D2C5680)
-    y ^= (y << np.uint32(15)) & np.uint32(0xEFC60000)
-    y ^= y >> np.uint32(18)
-    return y
-
-
-@numba.njit(**JIT_OPTIONS)
-def uniform(key, pos, g):
-    """``RandomState.rand()``: a double in [0, 1) from two outputs."""
-    a = np.float64(next32(key, pos, g) >> np.uint32(5))
-    b = np.float64(next32(key, pos, g) >> np.uint32(6))
-    return (a * 67108864.0 + b) / 9007199254740992.0
-
 
 # ----------------------------------------------------------------------- the games
 @numba.njit(**JIT_OPTIONS)
@@ -84,15 +45,19 @@ def _reset(game, s, maps, key, pos, g):
     """``Env.reset`` of game g (Breakout's ball side is ``RandomState.randint(2)``)."""
     if game == 0:
         breakout.reset(s, maps, next32(key, pos, g) & np.uint32(1))
-    else:
+    elif game == 1:
         space_invaders.reset(s, maps)
+    else:
+        freeway.reset(s, key, pos, g)
 
 
 @numba.njit(**JIT_OPTIONS)
-def _act(game, s, maps, a):
+def _act(game, s, maps, a, key, pos, g):
     if game == 0:
         return breakout.act(s, maps, a)
-    return space_invaders.act(s, maps, a)
+    if game == 1:
+        return space_invaders.act(s, maps, a)
+    return freeway.act(s, a, key, pos, g)
 
 
 @numba.njit(**JIT_OPTIONS)
@@ -100,8 +65,10 @@ def _observe(game, s, maps, out):
     """``Env.state()`` channels first: ``out[c, y, x]`` (uint8)."""
     if game == 0:
         breakout.observe(s, maps, out)
-    else:
+    elif game == 1:
         space_invaders.observe(s, maps, out)
+    else:
+        freeway.observe(s, out)
 
 
 @numba.njit(**JIT_OPTIONS)
@@ -115,7 +82,7 @@ def step_games(game, state, maps, key, pos, actions, sticky, obs, final, reward,
         if uniform(key, pos, g) < sticky:
             a = s[_LAST_ACTION]
         s[_LAST_ACTION] = a
-        reward[g] = _act(game, s, maps[g], a)
+        reward[g] = _act(game, s, maps[g], a, key, pos, g)
         done[g] = s[_TERMINAL] != 0
         _observe(game, s, maps[g], final[g])
         if done[g]:
@@ -145,9 +112,11 @@ class CompiledGames:
         self.sticky = float(games[0].sticky_action_prob)
         self.state = np.zeros((n, 2 + module.N_INTS), dtype=np.int64)
         self.maps = np.zeros((n, module.N_MAPS, 10, 10), dtype=np.uint8)
-        self.key = np.zeros((n, _N), dtype=np.uint32)
+        self.key = np.zeros((n, KEY_WORDS), dtype=np.uint32)
         self.pos = np.zeros(n, dtype=np.int64)
         for g, game in enumerate(games):
+            if game.env.random is not game.random:  # (Environment.seed makes them one)
+                raise ValueError("compiled MinAtar games must be seeded first")
             module.take_over(game.env, self.state[g], self.maps[g])
             self.state[g, _LAST_ACTION] = game.last_action
             _, key, position, *_ = game.random.get_state()

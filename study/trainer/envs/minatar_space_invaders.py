@@ -79,7 +79,8 @@ def _roll_columns(m, shift):
 @numba.njit(**JIT_OPTIONS)
 def _shoot(s, alien, enemy):
     """An enemy bullet from the alien nearest the cannon (``Env._nearest_alien``: columns
-    by distance, the lower index first on a tie; the column's lowest alien)."""
+    by distance, the lower index first on a tie; in it, the bottom-most alien, the highest
+    row)."""
     pos = s[_POS]
     for d in range(10):
         for i in (pos - d, pos + d):
@@ -162,7 +163,7 @@ def take_over(env: Any, s: np.ndarray, maps: np.ndarray) -> None:
     """Copy a package game's state (``minatar.environments.space_invaders.Env``) into ``s``
     and ``maps``."""
     s[_TERMINAL] = env.terminal
-    s[2:10] = (env.pos, env.alien_dir, env.enemy_move_interval, env.alien_move_timer,
+    s[2:2 + N_INTS] = (env.pos, env.alien_dir, env.enemy_move_interval, env.alien_move_timer,
                env.alien_shot_timer, env.ramp_index, env.shot_timer, env.ramping)
     for m, name in ((_ALIEN, "alien_map"), (_FRIENDLY, "f_bullet_map"),
                     (_ENEMY, "e_bullet_map")):
