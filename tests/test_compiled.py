@@ -388,7 +388,8 @@ def test_the_cache_stamp_covers_every_module_the_compiled_functions_call():
 
     called = set()
     for name in ("compiled", "compiled_a2c", "compiled_cnn", "compiled_value", "kernels",
-                 "envs.minatar_compiled", "envs.minatar_freeway", "envs.numpy_mt"):
+                 "envs.minatar_compiled", "envs.minatar_freeway", "envs.minatar_asterix",
+                 "envs.numpy_mt"):
         for value in vars(importlib.import_module(f"study.trainer.{name}")).values():
             if isinstance(value, Dispatcher):
                 called.add(Path(inspect.getfile(value.py_func)))

@@ -178,7 +178,7 @@ def test_minatar_training_is_bit_identical_on_the_compiled_path():
 
 
 @pytest.mark.parametrize("env_id", ["MinAtar/Breakout-v1", "MinAtar/SpaceInvaders-v1",
-                                    "MinAtar/Freeway-v1"])
+                                    "MinAtar/Freeway-v1", "MinAtar/Asterix-v1"])
 def test_member_by_member_rollouts_are_the_step_by_step_rollouts(monkeypatch, env_id):
     """compiled_cnn.play (each member's whole rollout, then the next member's) gives the
     trainer's step-by-step rollouts to the bit: curves, final returns and trained weights,
@@ -221,7 +221,8 @@ def test_member_by_member_rollouts_are_the_step_by_step_rollouts(monkeypatch, en
 @pytest.mark.parametrize("env_id,overrides,member_major", [
     ("MinAtar/Breakout-v1", {}, True),
     ("MinAtar/SpaceInvaders-v1", {}, True),
-    ("MinAtar/Asterix-v1", {}, False),  # its games are not compiled
+    ("MinAtar/Asterix-v1", {}, True),
+    ("MinAtar/Seaquest-v1", {}, False),  # its games are not compiled
     ("MinAtar/Breakout-v1", {"share_trunk": False}, False),  # autograd's update
     ("MinAtar/Breakout-v1", {"algorithm": "ppo"}, False),
 ])

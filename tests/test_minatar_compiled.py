@@ -28,11 +28,15 @@ def test_the_generator_is_numpys():
     rs = np.random.RandomState(12345)
     _, key, pos, *_ = rs.get_state()
     keys, positions = key[None].copy(), np.array([pos])
-    # rand(), randint(2) and Freeway's randint(1, 6), past a twist
-    expected = [rs.rand() if i % 3 == 1 else rs.randint(2) if i % 3 == 2 else rs.randint(1, 6)
+    # rand(), randint(2), Freeway's randint(1, 6) and Asterix's randint(n) over its free
+    # lanes (no draw for one), past a twist
+    lanes = [1 + i % 8 for i in range(3000)]
+    expected = [rs.rand() if i % 4 == 1 else rs.randint(2) if i % 4 == 2
+                else rs.randint(1, 6) if i % 4 == 3 else rs.randint(lanes[i])
                 for i in range(3000)]
-    got = [uniform(keys, positions, 0) if i % 3 == 1 else next32(keys, positions, 0) & 1
-           if i % 3 == 2 else randint(keys, positions, 0, 1, 6) for i in range(3000)]
+    got = [uniform(keys, positions, 0) if i % 4 == 1 else next32(keys, positions, 0) & 1
+           if i % 4 == 2 else randint(keys, positions, 0, 1, 6) if i % 4 == 3
+           else randint(keys, positions, 0, 0, lanes[i]) for i in range(3000)]
     assert got == expected
     assert np.array_equal(keys[0], rs.get_state()[1]) and positions[0] == rs.get_state()[2]
 
@@ -93,10 +97,16 @@ def _freeway_policy(reference, rng, t, ours):
     return np.where(rng.random(len(reference)) < 0.7, 1, rng.integers(0, 3, len(reference)))
 
 
+def _asterix_policy(reference, rng, t, ours):
+    """Random moves (n, l, u, r, d of the minimal set)."""
+    return rng.integers(0, 5, len(reference))
+
+
 @pytest.mark.parametrize("name,policy,min_ends,enough", [
     ("breakout", _breakout_policy, 100, 5),
     ("space_invaders", _space_invaders_policy, 100, 10),
     ("freeway", _freeway_policy, 32, 5),  # an episode is 2,500 steps
+    ("asterix", _asterix_policy, 100, 3),
 ])
 def test_long_random_play_is_the_packages_bit_for_bit(name, policy, min_ends, enough):
     seeds = list(range(100, 132))

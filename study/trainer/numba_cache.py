@@ -13,7 +13,8 @@ __all__ = ["cold_cache", "drop_stale_cache"]
 _SOURCES = ("compiled_a2c.py", "compiled_cnn.py", "compiled_value.py", "compiled.py",
             "kernels.py", "simd.py", "views.py", "rng.py", "updates.py", "envs/cartpole.py",
             "envs/minatar_compiled.py", "envs/minatar_breakout.py",
-            "envs/minatar_space_invaders.py", "envs/minatar_freeway.py", "envs/numpy_mt.py")
+            "envs/minatar_space_invaders.py", "envs/minatar_freeway.py",
+            "envs/minatar_asterix.py", "envs/numpy_mt.py")
 
 
 def drop_stale_cache() -> None:

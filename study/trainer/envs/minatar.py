@@ -6,8 +6,8 @@ which cost several times the game's own step. :class:`MinAtarPopulation` holds t
 ``minatar.Environment`` objects, seeds them the same way (the member's 32-bit instance
 seeds, once, at the first reset), maps actions through the same action set and transposes
 all observations at once: the same games, bit for bit (tests/test_networks.py compares it
-with the generic path). Breakout, Space Invaders and Freeway, after their games are seeded
-and reset, run compiled (study.trainer.envs.minatar_compiled: the same games and random
+with the generic path). Every game but Seaquest, after its games are seeded and reset,
+runs compiled (study.trainer.envs.minatar_compiled: the same games and random
 numbers, tested against the package).
 """
 

@@ -23,6 +23,7 @@ from typing import Any
 import numba
 import numpy as np
 
+from study.trainer.envs import minatar_asterix as asterix
 from study.trainer.envs import minatar_breakout as breakout
 from study.trainer.envs import minatar_freeway as freeway
 from study.trainer.envs import minatar_space_invaders as space_invaders
@@ -35,8 +36,8 @@ __all__ = ["COMPILED", "CompiledGames", "step_games"]
 drop_stale_cache()  # (this module's compiled loops call the games' modules)
 
 #: The games that run compiled (minatar's names) and their codes in :func:`step_games`.
-COMPILED = {"breakout": 0, "space_invaders": 1, "freeway": 2}
-_MODULES = (breakout, space_invaders, freeway)
+COMPILED = {"breakout": 0, "space_invaders": 1, "freeway": 2, "asterix": 3}
+_MODULES = (breakout, space_invaders, freeway, asterix)
 _TERMINAL, _LAST_ACTION = 0, 1  # the state's first two columns, in every game
 
 # ----------------------------------------------------------------------- the games
@@ -47,8 +48,10 @@ def _reset(game, s, maps, key, pos, g):
         breakout.reset(s, maps, next32(key, pos, g) & np.uint32(1))
     elif game == 1:
         space_invaders.reset(s, maps)
-    else:
+    elif game == 2:
         freeway.reset(s, key, pos, g)
+    else:
+        asterix.reset(s)
 
 
 @numba.njit(**JIT_OPTIONS)
@@ -57,7 +60,9 @@ def _act(game, s, maps, a, key, pos, g):
         return breakout.act(s, maps, a)
     if game == 1:
         return space_invaders.act(s, maps, a)
-    return freeway.act(s, a, key, pos, g)
+    if game == 2:
+        return freeway.act(s, a, key, pos, g)
+    return asterix.act(s, a, key, pos, g)
 
 
 @numba.njit(**JIT_OPTIONS)
@@ -67,8 +72,10 @@ def _observe(game, s, maps, out):
         breakout.observe(s, maps, out)
     elif game == 1:
         space_invaders.observe(s, maps, out)
-    else:
+    elif game == 2:
         freeway.observe(s, out)
+    else:
+        asterix.observe(s, out)
 
 
 @numba.njit(**JIT_OPTIONS)

@@ -58,7 +58,10 @@ def uniform(key, pos, g):
 def randint(key, pos, g, low, high):
     """Legacy ``RandomState.randint(low, high)`` (int64): ``low`` plus the first of
     32-bit outputs masked to the bits of ``high - 1 - low`` that is at most it (numpy's
-    masked rejection, ``buffered_bounded_masked_uint32``)."""
+    masked rejection, ``buffered_bounded_masked_uint32``); no draw when the range is one
+    number."""
+    if high - 1 == low:
+        return np.int64(low)
     rng = np.uint32(high - 1 - low)
     mask = rng
     for shift in (1, 2, 4, 8, 16):
